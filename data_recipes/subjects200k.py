@@ -1,0 +1,110 @@
+"""Subjects200K (`Yuanshi/Subjects200K` parquet) -> customized-generation shards.
+
+Each 1056 x 528 composite holds two 512 x 512 views of one subject (8 px margins): left (8, 8, 520, 520),
+right (528, 8, 1040, 520). Every kept row gives two samples, one per direction: the target is one half (its
+description is the prompt), the source (the subject reference) is the other half. The halves are cropped,
+so they are re-encoded: JPEG quality 95 with 4:4:4 chroma by default, or PNG (`--crop-format png`).
+
+    python -m data_recipes.subjects200k --input Subjects200K/data --output shards/subjects200k
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from data_recipes._common import (
+    RowContext,
+    Sample,
+    Skip,
+    clean_text,
+    decode_image,
+    encode_jpeg,
+    encode_png,
+    execute,
+    image_bytes,
+    make_parser,
+    resolve_inputs,
+)
+from data_recipes._sources import ParquetSource
+
+NAME = "subjects200k"
+COMPOSITE = (1056, 528)
+CROPS = ((8, 8, 520, 520), (528, 8, 1040, 520))  # left, right: (x0, y0, x1, y1), x1/y1 exclusive
+SCORES = ("compositeStructure", "objectConsistency", "imageQuality")
+COLUMNS = ("image", "collection", "quality_assessment", "description")
+
+
+class Subjects200KConverter:
+    def __init__(self, min_quality: int = 5, collections: Sequence[str] | None = None,
+                 crop_format: str = "jpg", jpeg_quality: int = 95, keep_invalid_descriptions: bool = False):
+        self.min_quality = min_quality
+        self.collections = set(collections) if collections else None
+        self.crop_format = crop_format
+        self.jpeg_quality = jpeg_quality
+        self.keep_invalid = keep_invalid_descriptions
+
+    def _encode(self, im) -> tuple[str, bytes]:
+        if self.crop_format == "png":
+            return "png", encode_png(im)
+        return "jpg", encode_jpeg(im, self.jpeg_quality)
+
+    def __call__(self, row: dict[str, Any], ctx: RowContext) -> Iterator[Sample]:
+        collection = row.get("collection")
+        if self.collections is not None and collection not in self.collections:
+            raise Skip("collection not selected")
+        quality = row.get("quality_assessment")
+        if self.min_quality > 0:
+            if not quality:
+                raise Skip("no quality assessment")
+            if any((quality.get(k) is None or quality[k] < self.min_quality) for k in SCORES):
+                raise Skip(f"quality < {self.min_quality}")
+        desc = row.get("description") or {}
+        texts = [clean_text(desc.get("description_0")), clean_text(desc.get("description_1"))]
+        if not all(texts):
+            raise Skip("missing description")
+        if desc.get("description_valid") is False and not self.keep_invalid:
+            raise Skip("description marked invalid")
+        composite = decode_image(image_bytes(row.get("image")))
+        if composite.size != COMPOSITE:
+            raise Skip("composite is not 1056 x 528")
+        halves = [self._encode(composite.crop(box)) for box in CROPS]
+        subject_id = f"{NAME}-{ctx.index:09d}"
+        for target in (0, 1):
+            source = 1 - target
+            (t_ext, t_bytes), (s_ext, s_bytes) = halves[target], halves[source]
+            record = {
+                "task": "customized", "prompt": texts[target], "caption": texts[target],
+                "width": 512, "height": 512, "dataset": NAME,
+                "subject": {"id": subject_id, "item": clean_text(desc.get("item")),
+                            "category": clean_text(desc.get("category")),
+                            "source_description": texts[source], "target_description": texts[target],
+                            "target_half": ("left", "right")[target], "collection": collection},
+            }
+            if quality:
+                record["quality"] = dict(quality)
+            yield Sample(ctx.key(target), record, {f"image.{t_ext}": t_bytes, f"source.{s_ext}": s_bytes})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser(NAME, __doc__.split("\n\n")[0], shard_size=500)
+    p.add_argument("--min-quality", type=int, default=5,
+                   help="keep rows whose three quality scores are all >= this (0 keeps unscored rows too)")
+    p.add_argument("--collections", nargs="*", default=None, help="e.g. collection_2 (default: all)")
+    p.add_argument("--crop-format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--keep-invalid-descriptions", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None):
+    args = build_parser().parse_args(argv)
+    source = ParquetSource(resolve_inputs(args.input, (".parquet",)), columns=COLUMNS)
+    convert = Subjects200KConverter(args.min_quality, args.collections, args.crop_format, args.jpeg_quality,
+                                    args.keep_invalid_descriptions)
+    return execute(args, NAME, source, convert)
+
+
+if __name__ == "__main__":
+    main()
