@@ -1,0 +1,236 @@
+"""CoLoGenTransformer: a diffusers FluxTransformer2DModel with a source stream and the PRW expert bank.
+
+Nothing of the diffusers forward is copied: the noisy stream is the model's own `forward`; the source stream calls
+the same diffusers blocks on the source tokens alone; the two meet only inside `PRWAttnProcessor` (attention
+processors and `joint_attention_kwargs` are diffusers' supported extension points).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import PRWAttnProcessor, PRWContext
+from .config import PRWConfig
+from .experts import ExpertBank
+from .router import NoisyTop1Router, Routing
+from .text_encoders import TextEmbeddings
+
+
+@dataclass
+class SourceState:
+    """The source stream's per-block keys/values and routing: independent of the denoising step (t = 0
+    modulation), so sampling computes it once per request (once per timestep bin with time-aware routing)."""
+
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    routing: dict[str, Routing]
+
+
+@dataclass
+class ConditionCache:
+    """Holds SourceStates of one request (one classifier-free-guidance branch), keyed by the timestep bins
+    that produced their routing, so a hit is exact."""
+
+    entries: dict[tuple, SourceState] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class CoLoGenOutput:
+    sample: torch.Tensor  # (B, N, C) velocity prediction for the noisy tokens
+    routing: dict[str, Routing]  # per PRW block, empty without source tokens or experts
+
+
+class CoLoGenTransformer(nn.Module):
+    def __init__(self, transformer: nn.Module, prw: PRWConfig | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.prw = prw or PRWConfig(num_experts=0)
+        self.num_active = 1 if self.prw.num_experts else 0
+        dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.block_names: list[str] = []
+        self.prw_block_names: list[str] = []
+        selected = {"both": ("double", "single"), "double": ("double",), "single": ("single",)}[self.prw.blocks]
+        for kind, block in self._named_blocks():
+            block.attn.set_processor(PRWAttnProcessor(kind))
+            self.block_names.append(kind)
+            if self.prw.num_experts and kind.split(".")[0] in selected:
+                # Registered on the diffusers attention module, as peft injects adapters: the keys read
+                # `transformer_blocks.3.attn.prw_experts.experts.1.to_k.lora_A.weight`.
+                block.attn.prw_experts = ExpertBank(dim, self.prw.num_experts, self.prw.rank, self.prw.alpha)
+                r = self.prw.router
+                block.attn.prw_router = (
+                    NoisyTop1Router(dim, self.prw.num_experts, r.temperature, r.noisy, r.timestep_bins,
+                                    r.granularity) if r.enabled else None)
+                self.prw_block_names.append(kind)
+        self.register_buffer("entry_offset", torch.zeros(max(self.prw.num_experts, 1)), persistent=True)
+        self.gradient_checkpointing = False
+
+    # ----------------------------------------------------------------------------------------------- structure
+    def _named_blocks(self):
+        for i, block in enumerate(self.transformer.transformer_blocks):
+            yield f"double.{i}", block
+        for i, block in enumerate(self.transformer.single_transformer_blocks):
+            yield f"single.{i}", block
+
+    def prw_modules(self) -> list[nn.Module]:
+        return [block.attn for name, block in self._named_blocks() if name in self.prw_block_names]
+
+    def expert_parameters(self, expert: int | None = None) -> list[nn.Parameter]:
+        out = []
+        for attn in self.prw_modules():
+            experts = attn.prw_experts.experts
+            for e in range(len(experts)) if expert is None else [expert]:
+                out.extend(experts[e].parameters())
+        return out
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for attn in self.prw_modules() if attn.prw_router is not None for p in attn.prw_router.parameters()]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        adapter = {id(p) for p in self.expert_parameters() + self.router_parameters()}
+        return [p for p in self.transformer.parameters() if id(p) not in adapter]
+
+    @property
+    def newest_expert(self) -> int:
+        return self.num_active - 1
+
+    def freeze_for_curriculum(self) -> None:
+        """Base frozen; only the newest expert and the routers train (the veterans are frozen)."""
+        for p in self.base_parameters():
+            p.requires_grad_(False)
+        for e in range(self.prw.num_experts):
+            for p in self.expert_parameters(e):
+                p.requires_grad_(e == self.newest_expert)
+        for p in self.router_parameters():
+            p.requires_grad_(True)
+
+    @torch.no_grad()
+    def activate_next_expert(self) -> int:
+        """Activate the next expert: copy (or zero) init from the previous one, router entry copied with a large
+        negative offset so the model's output is continuous; freezes the older experts. Returns its index."""
+        if self.num_active >= self.prw.num_experts:
+            raise RuntimeError(f"all {self.prw.num_experts} experts are already active (prw.num_experts)")
+        new = self.num_active
+        for attn in self.prw_modules():
+            attn.prw_experts.init_expert(new, self.prw.init)
+            if attn.prw_router is not None:
+                attn.prw_router.init_entry(new)
+        self.entry_offset.zero_()
+        self.entry_offset[new] = -self.prw.router.entry_offset
+        self.num_active = new + 1
+        self.freeze_for_curriculum()
+        return new
+
+    def set_entry_progress(self, fraction: float) -> None:
+        """Anneal the newest expert's entry offset: `fraction` 0 keeps it, 1 removes it."""
+        f = min(max(fraction, 0.0), 1.0)
+        self.entry_offset.zero_()
+        if self.num_active > 1:
+            self.entry_offset[self.newest_expert] = -self.prw.router.entry_offset * (1.0 - f)
+
+    def get_extra_state(self):
+        return {"num_active": self.num_active}
+
+    def set_extra_state(self, state) -> None:
+        self.num_active = int(state["num_active"])
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+        if enabled:
+            self.transformer.enable_gradient_checkpointing()
+        else:
+            self.transformer.disable_gradient_checkpointing()
+
+    # --------------------------------------------------------------------------------------------- computation
+    @property
+    def time_aware_routing(self) -> bool:
+        r = self.prw.router
+        return bool(self.prw_block_names) and r.enabled and r.timestep_bins > 0
+
+    def timestep_bin(self, timestep: torch.Tensor) -> torch.Tensor | None:
+        if not self.time_aware_routing:
+            return None
+        bins = self.prw.router.timestep_bins
+        return (timestep.float() * bins).long().clamp(0, bins - 1)
+
+    def _rope(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if ids.dim() == 2:
+            return self.transformer.pos_embed(ids)
+        b, n, _ = ids.shape
+        cos, sin = self.transformer.pos_embed(ids.reshape(b * n, 3))
+        return cos.reshape(b, n, -1), sin.reshape(b, n, -1)
+
+    def _source_block(self, block, name, hidden, temb, cos, sin, timestep_bin):
+        ctx = PRWContext(mode="source", num_active=self.num_active, entry_offset=self.entry_offset,
+                         timestep_bin=timestep_bin)
+        empty_text = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[2])
+        _, hidden = block(hidden_states=hidden, encoder_hidden_states=empty_text, temb=temb,
+                          image_rotary_emb=(cos, sin), joint_attention_kwargs={"prw": ctx})
+        key, value = ctx.kv[name]
+        r = ctx.routing.get(name)
+        return (hidden, key, value) + ((r.index, r.weight, r.probs) if r is not None else ())
+
+    def encode_source(self, source_tokens: torch.Tensor, source_ids: torch.Tensor, pooled: torch.Tensor,
+                      timestep: torch.Tensor, guidance: torch.Tensor | None = None) -> SourceState:
+        """Run the source stream: every block on the source tokens alone, modulated with temb(t = 0)."""
+        tf = self.transformer
+        hidden = tf.x_embedder(source_tokens.to(tf.x_embedder.weight.dtype))
+        zero = torch.zeros(hidden.shape[0], device=hidden.device, dtype=hidden.dtype)
+        pooled = pooled.to(hidden.dtype)
+        temb = (tf.time_text_embed(zero, pooled) if guidance is None
+                else tf.time_text_embed(zero, guidance.to(hidden.dtype) * 1000, pooled))
+        cos, sin = self._rope(source_ids)
+        tbin = self.timestep_bin(timestep)
+        state = SourceState({}, {})
+        for name, block in self._named_blocks():
+            args = (block, name, hidden, temb, cos, sin, tbin)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                out = checkpoint(self._source_block, *args, use_reentrant=False)
+            else:
+                out = self._source_block(*args)
+            hidden, key, value = out[:3]
+            state.kv[name] = (key, value)
+            if len(out) > 3:
+                state.routing[name] = Routing(*out[3:])
+        return state
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings, img_ids: torch.Tensor,
+                txt_ids: torch.Tensor, source_tokens: torch.Tensor | None = None,
+                source_ids: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+                cache: ConditionCache | None = None) -> CoLoGenOutput:
+        """Velocity prediction for the noisy `latents` (B, N, C) at `timestep` in [0, 1] (s of x_t = (1-s)x0 + s n).
+
+        `source_tokens` (B, Ns, C) are the packed condition latents with ids (Ns, 3) or per sample (B, Ns, 3).
+        With a `cache`, the source stream is computed once per routing key and reused.
+        """
+        source = None
+        if source_tokens is not None:
+            if cache is None:
+                source = self.encode_source(source_tokens, source_ids, text.pooled, timestep, guidance)
+            else:
+                tbin = self.timestep_bin(timestep)
+                key = tuple(tbin.tolist()) if tbin is not None else ()
+                source = cache.entries.get(key)
+                if source is None:
+                    cache.misses += 1
+                    source = cache.entries[key] = self.encode_source(
+                        source_tokens, source_ids, text.pooled, timestep, guidance)
+                else:
+                    cache.hits += 1
+        ctx = PRWContext(mode="main", kv=source.kv if source is not None else {})
+        dtype = self.transformer.x_embedder.weight.dtype
+        sample = self.transformer(
+            hidden_states=latents.to(dtype), encoder_hidden_states=text.tokens.to(dtype),
+            pooled_projections=text.pooled.to(dtype), timestep=timestep.to(dtype), img_ids=img_ids, txt_ids=txt_ids,
+            guidance=guidance, joint_attention_kwargs={"prw": ctx}, return_dict=False)[0]
+        return CoLoGenOutput(sample=sample, routing=source.routing if source is not None else {})

@@ -1,0 +1,71 @@
+"""FLUX's 2x2 latent packing and the RoPE position ids of target and source tokens."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+PositionScheme = Literal["aligned", "shifted", "scaled"]
+POSITION_SCHEMES: tuple[str, ...] = ("aligned", "shifted", "scaled")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C), the same channel order as diffusers' FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent grid {h}x{w} must be even to pack 2x2 patches")
+    return F.pixel_unshuffle(latents, 2).flatten(2).transpose(1, 2)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, 4C) -> (B, C, height, width); `height`/`width` are the latent grid size before packing."""
+    b, n, c4 = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(b, c4, height // 2, width // 2)
+    return F.pixel_shuffle(grid, 2)
+
+
+def grid_ids(rows: int, cols: int, axis0: float = 0.0, row_scale: float = 1.0, col_scale: float = 1.0,
+             col_offset: float = 0.0, device=None) -> torch.Tensor:
+    """(rows * cols, 3) ids `(axis0, row, col)` in raster order, as FLUX's _prepare_latent_image_ids."""
+    r = torch.arange(rows, device=device, dtype=torch.float32) * row_scale
+    c = torch.arange(cols, device=device, dtype=torch.float32) * col_scale + col_offset
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 0] = axis0
+    ids[..., 1] = r[:, None]
+    ids[..., 2] = c[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+def target_ids(rows: int, cols: int, device=None) -> torch.Tensor:
+    """Ids of the noisy target tokens on a packed grid of rows x cols."""
+    return grid_ids(rows, cols, device=device)
+
+
+def source_ids(scheme: str, rows: int, cols: int, target_rows: int, target_cols: int, device=None) -> torch.Tensor:
+    """Ids of the source (condition) tokens on a packed grid of rows x cols.
+
+    aligned: the target grid with axis0 = 1 (FLUX Kontext's convention for spatially aligned conditions).
+    shifted: axis0 = 1 and columns moved left by the condition width, off the target grid (OminiControl's
+             subject condition), so the model cannot confuse the reference with the target layout.
+    scaled:  a low-resolution condition spread over the target grid (row/col stride target/condition).
+    """
+    if scheme == "aligned":
+        if (rows, cols) != (target_rows, target_cols):
+            raise ValueError(
+                f"aligned source grid {rows}x{cols} differs from the target grid {target_rows}x{target_cols}; "
+                "use the 'scaled' position scheme for a condition of another size"
+            )
+        return grid_ids(rows, cols, axis0=1.0, device=device)
+    if scheme == "shifted":
+        return grid_ids(rows, cols, axis0=1.0, col_offset=-float(cols), device=device)
+    if scheme == "scaled":
+        return grid_ids(rows, cols, axis0=1.0, row_scale=target_rows / rows, col_scale=target_cols / cols,
+                        device=device)
+    raise ValueError(f"unknown source position scheme {scheme!r}; expected one of {POSITION_SCHEMES}")
+
+
+def text_ids(length: int, device=None) -> torch.Tensor:
+    """FLUX gives every text token the id (0, 0, 0)."""
+    return torch.zeros(length, 3, device=device)

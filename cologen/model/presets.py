@@ -1,0 +1,179 @@
+"""Presets: how to build the frozen backbone (transformer, text encoder, latent codec) of a run.
+
+`TinyPreset` is the default and runs anywhere: the same FluxTransformer2DModel class with a tiny config, the real
+pretrained MiniLM text encoder, and an exact pixel codec. `FluxDevPreset` loads FLUX.1-dev from a local folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from diffusers import FluxTransformer2DModel
+
+from .codecs import LatentCodec, PixelCodec, VAECodec
+from .text_encoders import FluxTextEncoder, MiniLMTextEncoder, TextEncoder
+
+TINY_BASE_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_base"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class Backbone:
+    transformer: FluxTransformer2DModel
+    text_encoder: TextEncoder | None  # None when text embeddings are read from precomputed shards
+    codec: LatentCodec
+    guidance_embeds: bool
+
+
+class Preset(ABC):
+    """Builds a Backbone. Subclasses are selected in configs with `class_path`."""
+
+    name: str
+
+    @abstractmethod
+    def build(self, load_text_encoder: bool = True) -> Backbone: ...
+
+
+def tiny_transformer_config(width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4,
+                            in_channels: int = 48, text_dim: int = 384, pooled_dim: int = 384) -> dict:
+    """A FLUX config scaled down; RoPE axes split the head dim like FLUX's (16, 56, 56) of 128."""
+    head_dim = width // heads
+    if head_dim * heads != width or head_dim % 8:
+        raise ValueError(f"width {width} must be heads ({heads}) x a head dim divisible by 8")
+    axis0 = head_dim // 4 if (head_dim // 4) % 2 == 0 else head_dim // 4 + 1
+    rest = head_dim - axis0
+    axes = (axis0, rest // 2 + (rest // 2) % 2, rest - (rest // 2 + (rest // 2) % 2))
+    return dict(patch_size=1, in_channels=in_channels, out_channels=None, num_layers=double_layers,
+                num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+                joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, guidance_embeds=False,
+                axes_dims_rope=axes)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TinyPreset(Preset):
+    """A ~2.3M-parameter FLUX for ShapeWorld at 32 x 32 on a CPU.
+
+    Args:
+        width, heads, double_layers, single_layers: the transformer's size.
+        codec_factor: pixel-unshuffle factor of the codec (2: 32 x 32 images -> 64 packed tokens).
+        text_max_length: MiniLM tokens per prompt.
+        base: folder with the pretrained tiny base (`model.safetensors` + `config.json` + `sha256`, written by
+            `make base`); 'builtin' is the one committed with the package; null starts from random weights.
+        seed: initialisation seed when starting from random weights.
+    """
+
+    name = "tiny"
+
+    def __init__(self, width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4,
+                 codec_factor: int = 2, text_max_length: int = 32, base: str | None = "builtin", seed: int = 0):
+        self.width, self.heads = width, heads
+        self.double_layers, self.single_layers = double_layers, single_layers
+        self.codec_factor = codec_factor
+        self.text_max_length = text_max_length
+        self.base = base
+        self.seed = seed
+
+    def transformer_config(self) -> dict:
+        return tiny_transformer_config(self.width, self.heads, self.double_layers, self.single_layers,
+                                       in_channels=3 * self.codec_factor ** 2 * 4)
+
+    def base_dir(self) -> Path | None:
+        if self.base is None:
+            return None
+        return TINY_BASE_DIR if self.base == "builtin" else Path(self.base)
+
+    def build(self, load_text_encoder: bool = True) -> Backbone:
+        base = self.base_dir()
+        if base is not None:
+            transformer = load_tiny_base(base, self.transformer_config())
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                transformer = FluxTransformer2DModel(**self.transformer_config())
+        text = MiniLMTextEncoder(max_length=self.text_max_length) if load_text_encoder else None
+        return Backbone(transformer, text, PixelCodec(self.codec_factor), guidance_embeds=False)
+
+
+def save_tiny_base(transformer: nn.Module, folder: Path, extra: dict | None = None) -> str:
+    """Write `model.safetensors`, `config.json` and its sha256 (checked on load) into `folder`."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float32).contiguous() for k, v in transformer.state_dict().items()
+             if ".prw_" not in k}
+    save_file(state, str(folder / "model.safetensors"))
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.config.items()
+              if not k.startswith("_")}
+    (folder / "config.json").write_text(json.dumps({"transformer": config, **(extra or {})}, indent=2) + "\n")
+    digest = file_sha256(folder / "model.safetensors")
+    (folder / "sha256").write_text(digest + "\n")
+    return digest
+
+
+def load_tiny_base(folder: Path, expected_config: dict) -> FluxTransformer2DModel:
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"tiny base weights {weights} are missing: run `make base` (or set preset "
+                                "base: null to start from random weights)")
+    config = json.loads((folder / "config.json").read_text())["transformer"]
+    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in expected_config.items()}
+    if {k: config.get(k) for k in want} != want:
+        raise ValueError(f"tiny base in {folder} was trained with another transformer config: {config} != {want}")
+    digest_file = folder / "sha256"
+    if digest_file.is_file() and digest_file.read_text().strip() != file_sha256(weights):
+        raise ValueError(f"{weights} does not match its recorded sha256 (corrupt or partially written)")
+    transformer = FluxTransformer2DModel(**expected_config)
+    transformer.load_state_dict(load_file(str(weights)))
+    return transformer
+
+
+class FluxDevPreset(Preset):
+    """FLUX.1-dev (or any FLUX.1 diffusers folder): transformer, VAE, CLIP and T5 from local files.
+
+    Args:
+        path: local diffusers-format FLUX.1 folder (model_index.json, transformer/, vae/, text_encoder*/,
+            tokenizer*/). Nothing is downloaded.
+        dtype: dtype of the frozen base ('bfloat16' recommended; experts and routers stay float32).
+        text_max_length: T5 tokens per prompt (FLUX.1-dev: 512).
+    """
+
+    name = "flux_dev"
+
+    def __init__(self, path: str, dtype: str = "bfloat16", text_max_length: int = 512):
+        self.path = path
+        self.dtype = dtype
+        self.text_max_length = text_max_length
+
+    def build(self, load_text_encoder: bool = True) -> Backbone:
+        root = Path(self.path)
+        if not (root / "transformer").is_dir():
+            raise FileNotFoundError(f"FLUX folder {root} has no transformer/: set preset.init_args.path to a "
+                                    "local diffusers-format FLUX.1 folder")
+        dtype = parse_dtype(self.dtype)
+        transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype)
+        text = (FluxTextEncoder.from_pretrained(root, dtype=dtype, max_length=self.text_max_length)
+                if load_text_encoder else None)
+        codec = VAECodec.from_pretrained(root, dtype=dtype)
+        return Backbone(transformer, text, codec, guidance_embeds=bool(transformer.config.guidance_embeds))
