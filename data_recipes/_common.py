@@ -110,9 +110,17 @@ def sniff_ext(data: bytes) -> str:
 
 
 def image_bytes(value: Any, what: str = "image") -> bytes:
-    """Bytes of a parquet image struct `{bytes, path}` (or raw bytes); Skip when missing."""
+    """Bytes of a parquet image struct `{bytes, path}` (or raw bytes); Skip when missing.
+
+    A struct without bytes whose `path` is an absolute path to a file is read from disk: that is how
+    the folder-based releases (MagicBrush test, DreamBench) are fed through the same converters.
+    """
     if isinstance(value, dict):
+        path = value.get("path")
         value = value.get("bytes")
+        if not value and path and os.path.isabs(path) and os.path.isfile(path):
+            with open(path, "rb") as f:
+                value = f.read()
     if not value:
         raise Skip(f"missing {what} bytes")
     return bytes(value)
@@ -525,17 +533,20 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def parse_minimums(items: Sequence[str] | None) -> dict[str, float]:
-    """`NAME=VALUE` pairs of `--min-score` into a dict."""
+def parse_minimums(items: Sequence[str] | None, allowed: Sequence[str]) -> dict[str, float]:
+    """`NAME=VALUE` pairs of `--min-score` into a dict; a one-line error for unknown names or bad values."""
     out: dict[str, float] = {}
     for item in items or []:
         name, sep, value = item.partition("=")
+        name = name.strip()
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
             sep = ""
         if not sep:
             fail(f"--min-score takes NAME=VALUE, got {item!r}")
+        if name not in allowed:
+            fail(f"--min-score: no score {name!r}; scores: {', '.join(allowed)}")
     return out
 
 

@@ -531,3 +531,30 @@ def t2i_tars(folder: Path, n_tars: int = 2, per_tar: int = 3, seed: int = 0, bad
                     tf.addfile(info, io.BytesIO(data))
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------- reading back
+
+def read_samples(folder: Path) -> list[dict[str, Any]]:
+    """Every sample of the `*.tar` shards in `folder` (sorted), as `{"__key__", "json": record, field: bytes}`.
+
+    A plain-tarfile reader for inspecting a recipe's output; training reads shards through webdataset.
+    """
+    samples: list[dict[str, Any]] = []
+    for path in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(path) as tf:
+            current: dict[str, Any] | None = None
+            for info in tf:
+                key, _, fld = info.name.partition(".")
+                if current is None or current["__key__"] != key:
+                    current = {"__key__": key, "__shard__": path.name}
+                    samples.append(current)
+                data = tf.extractfile(info).read()
+                current[fld] = json.loads(data) if fld == "json" else data
+    return samples
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Image bytes -> array (H, W[, C]) in the stored mode."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)
