@@ -125,7 +125,6 @@ class CoLoGenTransformer(nn.Module):
             attn.prw_experts.init_expert(new, self.prw.init)
             if attn.prw_router is not None:
                 attn.prw_router.init_entry(new)
-        self.entry_offset.zero_()
         self.entry_offset[new] = -self.prw.router.entry_offset
         self.num_active = new + 1
         self.freeze_for_curriculum()
@@ -134,7 +133,6 @@ class CoLoGenTransformer(nn.Module):
     def set_entry_progress(self, fraction: float) -> None:
         """Anneal the newest expert's entry offset: `fraction` 0 keeps it, 1 removes it."""
         f = min(max(fraction, 0.0), 1.0)
-        self.entry_offset.zero_()
         if self.num_active > 1:
             self.entry_offset[self.newest_expert] = -self.prw.router.entry_offset * (1.0 - f)
 

@@ -1,0 +1,111 @@
+"""The flow-matching LightningModule on the tiny preset and on a tiny saved FLUX pipeline."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cologen.model.config import PRWConfig
+from cologen.model.presets import FluxDevPreset, TinyPreset
+from cologen.module import CoLoGenModule
+from cologen.testing import save_tiny_flux_pipeline
+from cologen.training.config import FlowMatchingConfig, OptimConfig
+
+
+def synthetic_batch(b=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(b, 3, size, size, generator=g) * 2 - 1
+    return {"target": target, "source": target.flip(-1), "has_source": torch.ones(b, dtype=torch.bool),
+            "prompt": [f"a scene number {i}" for i in range(b)], "task": ["editing", "customized"] * (b // 2)}
+
+
+@pytest.fixture(scope="module")
+def tiny_random_preset():
+    return TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2)
+
+
+def fixed_step_loss(module, batch, seed=123):
+    gen = torch.Generator().manual_seed(seed)  # same noise and timesteps every step: a fixed regression target
+    return module.compute_losses(batch, train=False, generator=gen)["loss"]
+
+
+@pytest.mark.parametrize(("train_base", "ratio"), [(False, 0.85), (True, 0.5)])
+def test_a_few_dozen_steps_on_one_batch_reduce_the_loss(tiny_random_preset, train_base, ratio):
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=tiny_random_preset, prw=PRWConfig(num_experts=2, rank=8, alpha=16),
+                           optim=OptimConfig(lr=1e-2, base_lr=3e-3), train_base=train_base)
+    batch = synthetic_batch()
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.train()
+    first = float(fixed_step_loss(module, batch).detach())
+    for _ in range(40):
+        optimizer.zero_grad()
+        fixed_step_loss(module, batch).backward()
+        optimizer.step()
+    last = float(fixed_step_loss(module, batch).detach())
+    assert last < ratio * first, (first, last)
+
+
+def test_text_encoder_encodes_each_prompt_once(tiny_random_preset):
+    module = CoLoGenModule(preset=tiny_random_preset, prw=PRWConfig(num_experts=1, rank=4, alpha=8))
+    batch = synthetic_batch()
+    for _ in range(3):
+        module.compute_losses(batch, train=True)
+    enc = module.text_encoder
+    assert enc.cache_misses == 4 and enc.cache_hits == 8
+    emb = enc.encode(["a red square", "a blue circle"])
+    assert emb.tokens.shape == (2, 32, 384) and emb.pooled.shape == (2, 384)
+    torch.testing.assert_close(emb.pooled.norm(dim=-1), torch.ones(2))  # sentence-transformers normalization
+    # a real pretrained encoder: related prompts are closer than unrelated ones
+    e = enc.encode(["a red square", "a red box", "a quarterly financial report"]).pooled
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2])
+
+
+def test_dropout_zeroes_text_and_source(tiny_random_preset):
+    module = CoLoGenModule(preset=tiny_random_preset, prw=PRWConfig(num_experts=1, rank=4, alpha=8),
+                           flow=FlowMatchingConfig(text_dropout=1.0, source_dropout=1.0))
+    inputs = module.prepare(synthetic_batch(), train=True)
+    assert inputs["text"].tokens.abs().sum() == 0 and inputs["text"].pooled.abs().sum() == 0
+    assert inputs["source_tokens"].abs().sum() == 0
+    kept = module.prepare(synthetic_batch(), train=False)  # no dropout outside training
+    assert kept["text"].pooled.abs().sum() > 0 and kept["source_tokens"].abs().sum() > 0
+
+
+def test_checkpoint_holds_adapters_not_the_frozen_base(tiny_random_preset):
+    module = CoLoGenModule(preset=tiny_random_preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8))
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    keys = set(ckpt["state_dict"])
+    assert any(".prw_experts." in k for k in keys) and any(".prw_router." in k for k in keys)
+    assert not any(k.startswith(("text_encoder.", "codec.")) for k in keys)
+    assert not any(".prw_" not in k and k.endswith(".weight") for k in keys)
+    assert ckpt["cologen"]["num_active"] == 1
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])  # strict: the frozen keys are filled back in
+
+
+class ListData(L.LightningDataModule):
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self):
+        return DataLoader(self.batches, batch_size=None)
+
+
+def test_flux_dev_preset_loads_a_saved_pipeline_and_trains_one_step(tmp_path):
+    folder = save_tiny_flux_pipeline(tmp_path / "flux")
+    module = CoLoGenModule(preset=FluxDevPreset(str(folder), dtype="bfloat16", text_max_length=16),
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8))
+    # frozen base in bf16, experts and routers in fp32
+    assert module.model.transformer.x_embedder.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in module.model.expert_parameters() + module.model.router_parameters())
+    assert module.guidance_embeds and module.codec.downsample == 2 and module.codec.latent_channels == 16
+    before = [p.detach().clone() for p in module.model.expert_parameters(0)]
+    base_before = module.model.transformer.x_embedder.weight.detach().clone()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=ListData([synthetic_batch(b=2)]))
+    changed = [not torch.equal(a, p) for a, p in zip(before, module.model.expert_parameters(0))]
+    assert any(changed)
+    assert torch.equal(base_before, module.model.transformer.x_embedder.weight)
