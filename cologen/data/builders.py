@@ -1,0 +1,297 @@
+"""Task builders: one stored sample -> one training example (target, source, prompt, region, meta), on the fly.
+
+Every random choice (mask kind and shape, overlay kind and colour, control type, subject-pair direction,
+prompt template) is drawn here per sample, so each epoch sees new variants; kinds are dealt in exact
+proportions (`choice.StratifiedChooser`). The example is in the output frame (`geometry.py`); `meta` says
+what was chosen and where (boxes in the output frame), so metrics can score outputs exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cologen.data.choice import StratifiedChooser, normalized
+from cologen.data.control import CANNY_HIGH, CANNY_LOW, AnnotatorCache, canny, check_annotators
+from cologen.data.geometry import (
+    Frame,
+    box_of,
+    fill_polygons,
+    fit_frame,
+    map_box,
+    map_polygon,
+    output_size,
+    warp,
+)
+from cologen.data.masks import MASK_KINDS, irregular_mask, object_shaped_mask, random_mask
+from cologen.data.objects import FramedObject, framed_objects, object_mask
+from cologen.data.overlays import DEFAULT_OVERLAY_COLORS, OVERLAY_KINDS, box_thickness, draw_box, paint_mask
+from cologen.data.prompts import PromptTemplates, plural
+from cologen.data.records import BadSample, Sample
+from cologen.data.tasks import SCENE_TASKS, TASKS, check_task
+
+Example = dict[str, Any]
+
+
+@dataclass
+class BuilderConfig:
+    """How the builders turn stored samples into examples. Weights need not sum to one."""
+
+    # inpainting: the paper's proportions of random / object-shaped / irregular masks
+    mask_kinds: dict[str, float] = field(default_factory=lambda: {"random": 0.2, "object": 0.4, "irregular": 0.4})
+    random_mask_max_iou: float = 0.3
+    irregular_points: int = 20
+    object_mask_dilate: int = 1  # pixels, at most
+    mask_grey: int = 128  # the value the masked area is greyed to in the source
+    # grounding
+    overlay_kinds: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in OVERLAY_KINDS})
+    overlay_colors: dict[str, list[int]] = field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_OVERLAY_COLORS.items()})
+    overlay_mask_alpha: float = 1.0
+    random_expression: bool = True  # pick among the record's equivalent unique expressions
+    # control
+    control_types: dict[str, float] = field(default_factory=lambda: {"depth": 1.0, "seg": 1.0, "canny": 1.0})
+    canny_low: int = CANNY_LOW
+    canny_high: int = CANNY_HIGH
+    annotator_weights: dict[str, str] = field(default_factory=dict)  # {"hed": path, "lineart": path}
+    # customized: probability of using the pair the other way round (reference <-> target)
+    swap_subject_pairs: float = 0.5
+    prompt_templates: dict[str, list[str]] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name, weights, known in (("mask_kinds", self.mask_kinds, MASK_KINDS),
+                                     ("overlay_kinds", self.overlay_kinds, OVERLAY_KINDS)):
+            unknown = set(weights) - set(known)
+            if unknown:
+                raise ValueError(f"builder.{name}: unknown {sorted(unknown)}; known: {', '.join(known)}")
+            normalized(weights, f"builder.{name}")
+        normalized(self.control_types, "builder.control_types")
+        check_annotators([k for k, v in self.control_types.items() if v > 0], self.annotator_weights)
+        if not self.overlay_colors:
+            raise ValueError("builder.overlay_colors is empty")
+        for name, rgb in self.overlay_colors.items():
+            if len(rgb) != 3 or not all(0 <= int(c) <= 255 for c in rgb):
+                raise ValueError(f"builder.overlay_colors.{name}: expected [r, g, b] in 0..255, got {rgb}")
+        if not 0 <= self.swap_subject_pairs <= 1:
+            raise ValueError(f"builder.swap_subject_pairs must be in [0, 1], got {self.swap_subject_pairs}")
+        if not 0 < self.overlay_mask_alpha <= 1:
+            raise ValueError(f"builder.overlay_mask_alpha must be in (0, 1], got {self.overlay_mask_alpha}")
+        PromptTemplates(self.prompt_templates)
+
+
+# The stored members each task's builder reads (the target image always); nothing else is decoded.
+TASK_FIELDS: dict[str, frozenset[str]] = {
+    "inpainting": frozenset({"instances"}),
+    "grounding": frozenset({"instances"}),
+    "control": frozenset({"depth", "seg"}),
+    "customized": frozenset({"source", "mask", "source_mask"}),
+    "editing": frozenset({"source", "mask"}),
+    "t2i": frozenset(),
+    "reconstruct": frozenset(),
+}
+
+
+def _gray_to_rgb(m: np.ndarray) -> np.ndarray:
+    return np.repeat(m[..., None], 3, axis=2)
+
+
+class TaskBuilder:
+    """Builds examples of every task. `stratified=False` makes every choice independent of the previous
+    samples (validation uses it with a per-sample seed, so each example is fixed whatever the order)."""
+
+    def __init__(self, config: BuilderConfig | None = None, resolution: int = 32,
+                 buckets: list[tuple[int, int]] | None = None, stratified: bool = True):
+        self.cfg = config or BuilderConfig()
+        self.cfg.validate()
+        self.resolution, self.buckets = resolution, buckets
+        self.mask_kind = StratifiedChooser(self.cfg.mask_kinds, stratified=stratified)
+        self.overlay_kind = StratifiedChooser(self.cfg.overlay_kinds, stratified=stratified)
+        self.control_type = StratifiedChooser(self.cfg.control_types, stratified=stratified)
+        self.templates = PromptTemplates(self.cfg.prompt_templates)
+        self.annotators = AnnotatorCache(self.cfg.annotator_weights)
+        self.color_names = sorted(self.cfg.overlay_colors)
+
+    @staticmethod
+    def fields(task: str) -> frozenset[str]:
+        return TASK_FIELDS[check_task(task)]
+
+    def frame_for(self, width: int, height: int) -> Frame:
+        return fit_frame(width, height, *output_size(width, height, self.resolution, self.buckets))
+
+    def __call__(self, sample: Sample, task: str, rng: np.random.Generator) -> Example:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}")
+        if task not in SCENE_TASKS and sample.task != task:
+            raise BadSample("record", f"a {sample.task!r} record in the {task!r} stream", sample.key)
+        return getattr(self, f"_{task}")(sample, rng)
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _start(self, sample: Sample, task: str, image: np.ndarray | None = None) -> tuple[Frame, Example]:
+        image = sample.image if image is None else image
+        frame = self.frame_for(image.shape[1], image.shape[0])
+        ex: Example = {"key": sample.key, "task": task, "target": warp(image, frame), "source": None,
+                       "region": None, "prompt": "",
+                       "meta": {"record": sample.record, "build": {}, "frame": frame.as_dict()}}
+        return frame, ex
+
+    def _objects(self, sample: Sample, frame: Frame, ex: Example) -> list[FramedObject]:
+        inst = warp(sample.instances, frame, nearest=True) if sample.instances is not None else None
+        objs = framed_objects(sample.record, frame, inst)
+        ex["meta"]["build"]["object_boxes"] = {o.index: o.box for o in objs}
+        return objs
+
+    @staticmethod
+    def _caption(sample: Sample) -> str:
+        return sample.record.get("caption") or sample.record["prompt"]
+
+    # --- tasks -----------------------------------------------------------------------------------------
+
+    def _t2i(self, sample: Sample, rng: np.random.Generator) -> Example:
+        _, ex = self._start(sample, "t2i")
+        ex["prompt"] = self.templates.render("t2i", rng, {"caption": self._caption(sample)}, sample.key)
+        return ex
+
+    def _reconstruct(self, sample: Sample, rng: np.random.Generator) -> Example:
+        _, ex = self._start(sample, "reconstruct")
+        ex["source"] = ex["target"].copy()
+        ex["prompt"] = self.templates.render("reconstruct", rng, {"caption": self._caption(sample)}, sample.key)
+        return ex
+
+    def _inpainting(self, sample: Sample, rng: np.random.Generator) -> Example:
+        frame, ex = self._start(sample, "inpainting")
+        objs = self._objects(sample, frame, ex)
+        kind = self.mask_kind.draw(rng)
+        build = ex["meta"]["build"]
+        build["mask_kind"] = kind
+        w, h = frame.width, frame.height
+        if kind == "random":
+            mask, info = random_mask(rng, w, h, [o.mask for o in objs], self.cfg.random_mask_max_iou)
+            build.update(info)
+        else:
+            if not objs:
+                raise BadSample("build", f"a {kind} mask needs annotated objects; this sample has none", sample.key)
+            obj = objs[int(rng.integers(len(objs)))]
+            build["object_index"] = obj.index
+            if kind == "object":
+                mask = object_shaped_mask(rng, obj.mask, self.cfg.object_mask_dilate)
+            else:
+                mask, pts = irregular_mask(rng, obj.box, w, h, self.cfg.irregular_points)
+                build["points"] = pts.round(2).tolist()
+        build["mask_box"] = box_of(mask)
+        source = ex["target"].copy()
+        source[mask.astype(bool)] = self.cfg.mask_grey
+        ex.update(source=source, region=mask.astype(np.uint8))
+        ex["prompt"] = self.templates.render("inpainting", rng, {"caption": self._caption(sample)}, sample.key)
+        return ex
+
+    def _grounded_mask(self, sample: Sample, frame: Frame, index: int | None, polygon, box) -> np.ndarray:
+        inst = warp(sample.instances, frame, nearest=True) if sample.instances is not None else None
+        if index is not None and (inst is not None or sample.record.get("objects")):
+            m = object_mask(sample.record, index, frame, inst)
+            if m is not None and m.any():
+                return m
+        if polygon:
+            return fill_polygons([map_polygon(p, frame) for p in polygon], frame.width, frame.height)
+        m = np.zeros((frame.height, frame.width), np.uint8)
+        m[box[1]:box[3], box[0]:box[2]] = 1
+        return m
+
+    def _grounding(self, sample: Sample, rng: np.random.Generator) -> Example:
+        frame, ex = self._start(sample, "grounding")
+        g = sample.record.get("grounding")
+        if not isinstance(g, dict) or "expression" not in g:
+            raise BadSample("record", "grounding sample without a grounding block and expression", sample.key)
+        box = map_box(g["box"], frame)
+        if box is None:
+            raise BadSample("build", "the grounded object is cropped away", sample.key)
+        kind = self.overlay_kind.draw(rng)
+        color = self.color_names[int(rng.integers(len(self.color_names)))]
+        rgb = [int(c) for c in self.cfg.overlay_colors[color]]
+        exprs = g.get("expressions") or [g["expression"]]
+        expression = exprs[int(rng.integers(len(exprs)))] if self.cfg.random_expression else g["expression"]
+        cls = g.get("class") or "object"
+        index = g.get("object_index")
+        mask = self._grounded_mask(sample, frame, index, g.get("polygon"), box)
+        target, t = ex["target"].copy(), box_thickness(frame.width, frame.height)
+        build = ex["meta"]["build"]
+        build.update(overlay=kind, color=color, rgb=rgb, expression=expression, box=box, object_index=index,
+                     thickness=t)
+        if kind == "box":
+            draw_box(target, box, rgb, t)
+            region = mask
+        elif kind == "mask":
+            paint_mask(target, mask, rgb, self.cfg.overlay_mask_alpha)
+            region = mask
+        else:  # class_boxes: every instance of the class
+            stored = g.get("instances") or [g["box"]]
+            boxes = [b for b in (map_box(b, frame) for b in stored) if b is not None]
+            region = np.zeros_like(mask)
+            for b in boxes:
+                draw_box(target, b, rgb, t)
+            indices = g.get("instance_indices")
+            for j in indices if indices is not None else []:
+                m = self._grounded_mask(sample, frame, j, None, box)
+                region |= m
+            if indices is None:
+                for b in boxes:
+                    region[b[1]:b[3], b[0]:b[2]] = 1
+            build["boxes"] = boxes
+        ex.update(source=ex["target"], target=target, region=region.astype(np.uint8))
+        fields = {"expression": expression, "color": color, "class": cls,
+                  "class_plural": g.get("class_plural") or plural(cls)}
+        ex["prompt"] = self.templates.render(f"grounding/{kind}", rng, fields, sample.key)
+        return ex
+
+    def _control(self, sample: Sample, rng: np.random.Generator) -> Example:
+        frame, ex = self._start(sample, "control")
+        kind = self.control_type.draw(rng)
+        build = ex["meta"]["build"]
+        build["control_type"] = kind
+        if kind in ("depth", "seg"):
+            stored = getattr(sample, kind)
+            if stored is None:
+                raise BadSample("missing", f"control type {kind!r} needs {kind}.png", sample.key)
+            mapped = warp(stored, frame, nearest=kind == "seg")
+            source = _gray_to_rgb(mapped) if mapped.ndim == 2 else mapped
+        elif kind == "canny":
+            build["canny_thresholds"] = [self.cfg.canny_low, self.cfg.canny_high]
+            source = _gray_to_rgb(canny(ex["target"], self.cfg.canny_low, self.cfg.canny_high))
+        else:
+            source = _gray_to_rgb(self.annotators(kind, ex["target"]))
+        ex["source"] = np.ascontiguousarray(source)
+        ex["prompt"] = self.templates.render("control", rng, {"caption": self._caption(sample)}, sample.key)
+        return ex
+
+    def _customized(self, sample: Sample, rng: np.random.Generator) -> Example:
+        if sample.source is None:
+            raise BadSample("missing", "customized sample without source.png (the subject reference)", sample.key)
+        subject = sample.record.get("subject") or {}
+        swap = bool(subject.get("source_description")) and rng.random() < self.cfg.swap_subject_pairs
+        image, reference = (sample.source, sample.image) if swap else (sample.image, sample.source)
+        region = sample.source_mask if swap else sample.mask
+        frame, ex = self._start(sample, "customized", image)
+        ex["source"] = warp(reference, frame)  # refitted to the output size if the reference differs
+        if region is not None:
+            ex["region"] = (warp(region, frame, nearest=True) > 0).astype(np.uint8)
+        description = subject["source_description"] if swap else (
+            subject.get("target_description") or sample.record["prompt"])
+        ex["meta"]["build"].update(swapped=swap, subject_id=subject.get("id"), description=description)
+        ex["prompt"] = self.templates.render("customized", rng, {"description": description}, sample.key)
+        return ex
+
+    def _editing(self, sample: Sample, rng: np.random.Generator) -> Example:
+        if sample.source is None:
+            raise BadSample("missing", "editing sample without source.png (the image before the edit)", sample.key)
+        frame, ex = self._start(sample, "editing")
+        ex["source"] = warp(sample.source, frame)
+        if sample.mask is not None:
+            ex["region"] = (warp(sample.mask, frame, nearest=True) > 0).astype(np.uint8)
+        edit = sample.record.get("edit") or {}
+        instruction = edit.get("instruction") or sample.record["prompt"]
+        ex["meta"]["build"].update(operation=edit.get("operation"), region_box=box_of(ex["region"])
+                                   if ex["region"] is not None else None)
+        ex["prompt"] = self.templates.render("editing", rng, {"instruction": instruction}, sample.key)
+        return ex
