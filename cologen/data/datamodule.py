@@ -1,0 +1,256 @@
+"""`MixtureDataModule`: the streaming, task-mixing, DDP-safe data of every CoLoGen run.
+
+Training: one infinite webdataset stream per rank (`mixture.py`), resampled shards by default, seeded per
+(seed, rank, worker, epoch), shuffled before decoding, bad samples counted and skipped, batches assembled
+per worker, `batches_per_epoch` batches per epoch on every rank (so DDP ranks never wait on each other).
+`set_mixture` changes the task weights of the running loader; `state_dict` carries them across a resume.
+
+Validation: a list of per-task DataLoaders (in `val_tasks` order) over a fixed, non-resampled set of
+`val_samples_per_task` examples each; every batch also carries its `task` field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from cologen.data.builders import BuilderConfig
+from cologen.data.choice import normalized
+from cologen.data.collate import collate
+from cologen.data.geometry import make_buckets
+from cologen.data.mixture import MixtureDataset, MixtureLoader, MixtureState
+from cologen.data.shards import expand_shards
+from cologen.data.skips import SkipCounter
+from cologen.data.tasks import SCENE_TASKS, TASKS, check_task
+from cologen.data.validation import FixedTaskDataset
+
+log = logging.getLogger("cologen.data")
+ShardSpec = str | list[str]
+
+
+def _with_scene_fallback(shards: Mapping[str, ShardSpec]) -> dict[str, ShardSpec]:
+    """`t2i` and `reconstruct` read the inpainting scenes unless given shards of their own."""
+    out = {check_task(t): v for t, v in shards.items()}
+    for t in SCENE_TASKS:
+        if t not in out and "inpainting" in out:
+            out[t] = out["inpainting"]
+    return out
+
+
+class MixtureDataModule(L.LightningDataModule):
+    """Streaming mixture of CoLoGen tasks. See docs/data.md ("The DataModule") for every argument.
+
+    Args:
+        train_shards: per task, shard paths / brace patterns / globs / directories (or a list of them).
+            `t2i` and `reconstruct` fall back to the inpainting shards.
+        mixture: sampling weight per task (normalized; tasks absent or 0 are not drawn).
+        val_shards: per task, the validation shards (same forms; same fallback).
+        batch_size: examples per batch, assembled inside each worker.
+        num_workers: DataLoader workers per rank.
+        resolution: output side in pixels (32 for the tiny preset); with `aspect_buckets`, the bucket area.
+        aspect_buckets: FLUX preset: batch by aspect-ratio bucket instead of centre-cropping to a square.
+        bucket_multiple: bucket sides are multiples of this (16 = VAE 8 x 2x2 packing).
+        seed: base seed of every stream (combined with rank, worker and epoch).
+        batches_per_epoch: batches per epoch on every rank.
+        val_samples_per_task: size of each task's fixed validation set.
+        val_batch_size: defaults to `batch_size`.
+        val_tasks: tasks to validate (default: every task with validation shards).
+        builder: task builder options (mask proportions, overlay kinds and colours, control types,
+            annotator weight paths, prompt templates).
+        resampled: draw shards with replacement (the DDP-safe default); False splits shards by rank and
+            worker and needs at least ranks x workers shards per task.
+        shuffle_buffer: raw samples per task and worker in the shuffle buffer.
+        prefetch_factor: batches each worker keeps ready.
+        max_consecutive_skips: this many bad samples in a row in one worker raise instead of spinning.
+        rank, world_size: override the distributed rank (normally read from the trainer).
+    """
+
+    def __init__(
+        self,
+        train_shards: dict[str, ShardSpec],
+        mixture: dict[str, float],
+        val_shards: dict[str, ShardSpec] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        resolution: int = 32,
+        aspect_buckets: bool = False,
+        bucket_multiple: int = 16,
+        seed: int = 0,
+        batches_per_epoch: int = 1000,
+        val_samples_per_task: int = 64,
+        val_batch_size: int | None = None,
+        val_tasks: list[str] | None = None,
+        builder: BuilderConfig | None = None,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        prefetch_factor: int = 2,
+        max_consecutive_skips: int = 1000,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("resolution", resolution),
+                            ("batches_per_epoch", batches_per_epoch), ("val_samples_per_task", val_samples_per_task),
+                            ("prefetch_factor", prefetch_factor), ("bucket_multiple", bucket_multiple)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
+            raise ValueError(f"rank and world_size go together with 0 <= rank < world_size, got {rank}, {world_size}")
+        self.train_shards = _with_scene_fallback(train_shards)
+        self.val_shards = _with_scene_fallback(val_shards or {})
+        self.builder = builder or BuilderConfig()
+        self.builder.validate()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.resolution, self.seed = resolution, seed
+        self.buckets = make_buckets(resolution, bucket_multiple) if aspect_buckets else None
+        self.batches_per_epoch = batches_per_epoch
+        self.val_samples_per_task = val_samples_per_task
+        self.val_batch_size = val_batch_size or batch_size
+        self.val_tasks = [check_task(t) for t in val_tasks] if val_tasks is not None else [
+            t for t in TASKS if t in self.val_shards]
+        missing = [t for t in self.val_tasks if t not in self.val_shards]
+        if missing:
+            raise ValueError(f"val_tasks {missing} have no val_shards")
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self.prefetch_factor = prefetch_factor
+        self._rank, self._world_size = rank, world_size
+        # train tasks in canonical order; the shared state is created here so that set_mixture and
+        # load_state_dict work before, during and after iteration
+        tasks = [t for t in TASKS if t in self.train_shards]
+        self._check_mixture(mixture, tasks)
+        self._state = MixtureState(tasks, mixture)
+        self._skips = SkipCounter(slots=num_workers + 1, max_consecutive=max_consecutive_skips)
+        self._urls: dict[str, list[str]] | None = None
+        self._val_sets: dict[str, FixedTaskDataset] | None = None
+
+    # --- mixture ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_mixture(weights: Mapping[str, float], tasks: list[str]) -> None:
+        for t in weights:
+            check_task(t)
+        absent = [t for t, w in weights.items() if w > 0 and t not in tasks]
+        if absent:
+            raise ValueError(f"mixture: tasks {absent} have no train_shards (configured: {tasks})")
+        normalized(weights, "mixture")
+
+    def set_mixture(self, weights: Mapping[str, float]) -> None:
+        """Change the task weights, also of a running loader. Takes effect in every worker at its next
+        sample; the training step sees it after at most `mixture_latency_samples` already-queued samples,
+        and the ratios are exact from then on."""
+        self._check_mixture(weights, list(self._state.tasks))
+        self._state.set({t: w for t, w in weights.items() if w > 0})
+        log.info("data mixture set to %s", {t: round(w, 4) for t, w in self.mixture.items()})
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        """The current normalized weights of the tasks that are drawn."""
+        return self._state.weights
+
+    @property
+    def mixture_latency_samples(self) -> int:
+        """Samples that may still follow the old mixture after `set_mixture` returns: the batches the
+        workers have queued (prefetch_factor each), the one each is assembling, and one the trainer holds."""
+        queued = self.num_workers * (self.prefetch_factor + 1) if self.num_workers else 1
+        return (queued + 1) * self.batch_size
+
+    # --- bad samples -----------------------------------------------------------------------------------
+
+    @property
+    def bad_samples(self) -> dict[str, int]:
+        """Skipped samples so far (train and validation, all workers) per category, plus 'total'."""
+        counts = self._skips.by_category()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    @property
+    def bad_sample_count(self) -> int:
+        return self._skips.total()
+
+    # --- distributed -----------------------------------------------------------------------------------
+
+    def _dist(self) -> tuple[int, int]:
+        if self._rank is not None:
+            return self._rank, self._world_size
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _train_urls(self) -> dict[str, list[str]]:
+        if self._urls is None:
+            self._urls = {t: expand_shards(spec, f"train_shards.{t}") for t, spec in self.train_shards.items()
+                          if t in self._state.tasks}
+        return self._urls
+
+    def check_shards(self) -> None:
+        """Without resampling each rank x worker reads its own shards: refuse too few of them."""
+        if self.resampled:
+            return
+        rank, world = self._dist()
+        need = world * max(1, self.num_workers)
+        for t, urls in self._train_urls().items():
+            if len(urls) < need:
+                raise ValueError(f"train_shards.{t}: {len(urls)} shards for {world} ranks x {max(1, self.num_workers)} "
+                                 f"workers = {need} readers with resampled=False; add shards or set resampled=True")
+
+    # --- Lightning hooks -------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._train_urls()
+            self.check_shards()
+
+    def train_dataloader(self) -> MixtureLoader:
+        self.check_shards()
+        rank, world = self._dist()
+        dataset = MixtureDataset(
+            self._train_urls(), self._state, self._skips, builder=self.builder, resolution=self.resolution,
+            buckets=self.buckets, batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world,
+            resampled=self.resampled, shuffle_buffer=self.shuffle_buffer)
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0:
+            extra = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor}
+        return MixtureLoader(dataset, self.batches_per_epoch, num_workers=self.num_workers, **extra)
+
+    def val_datasets(self) -> dict[str, FixedTaskDataset]:
+        if self._val_sets is None:
+            self._val_sets = {
+                t: FixedTaskDataset(expand_shards(self.val_shards[t], f"val_shards.{t}"), t,
+                                    self.val_samples_per_task, self._skips, builder=self.builder,
+                                    resolution=self.resolution, buckets=self.buckets, seed=self.seed)
+                for t in self.val_tasks}
+        return self._val_sets
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per task of `val_tasks` (dataloader_idx i is val_tasks[i]); batches hold one task."""
+        return [DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+                for ds in self.val_datasets().values()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mixture": self.mixture, "epoch": self._state.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "mixture" in state_dict:
+            self.set_mixture(state_dict["mixture"])
+        if "epoch" in state_dict:
+            self._state.epoch = int(state_dict["epoch"])
+
+    def teardown(self, stage: str | None = None) -> None:
+        counts = self.bad_samples
+        if stage in (None, "fit"):
+            msg = f"data: {counts['total']} bad samples skipped" + (
+                f" ({', '.join(f'{k} {v}' for k, v in counts.items() if v and k != 'total')})" if counts["total"] else "")
+            rank, world = self._dist()
+            msg = f"[rank {rank}] {msg}" if world > 1 else msg
+            log.info(msg)
+            print(msg)
