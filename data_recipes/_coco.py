@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from data_recipes._common import Skip
@@ -120,18 +119,45 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     return flat.reshape((w, h)).T  # RLE runs go down columns (Fortran order)
 
 
+def polygon_mask(polygon: Sequence[float], width: int, height: int) -> np.ndarray:
+    """One flat polygon in continuous coordinates -> bool mask (H, W): a pixel is in when its centre is.
+
+    Even-odd scanline fill at pixel centres, half-open like the boxes ([x0, x1) along each row), so a
+    polygon and its box agree to the pixel; OpenCV's fill includes both edges and would grow it by one.
+    """
+    mask = np.zeros((height, width), bool)
+    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    if len(xy) < 3:
+        return mask
+    x0, y0 = xy[:, 0], xy[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    lo, hi = max(math.floor(y0.min()), 0), min(math.ceil(y0.max()), height)
+    if hi <= lo:
+        return mask
+    yc = np.arange(lo, hi, dtype=np.float64)[:, None] + 0.5
+    crosses = ((y0 <= yc) & (yc < y1)) | ((y1 <= yc) & (yc < y0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xs = x0 + (yc - y0) * (x1 - x0) / (y1 - y0)
+    rows, edges = np.nonzero(crosses)
+    # Each crossing toggles inside/outside from the first pixel whose centre is at or right of it.
+    cols = np.clip(np.ceil(xs[rows, edges] - 0.5), 0, width).astype(np.int64)
+    toggles = np.zeros((hi - lo, width + 1), np.int32)
+    np.add.at(toggles, (rows, cols), 1)
+    mask[lo:hi] = (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
+    return mask
+
+
 def segmentation_mask(segmentation: Any, width: int, height: int) -> np.ndarray:
-    """Any COCO segmentation (polygons or RLE) -> bool mask (H, W)."""
+    """Any COCO segmentation (polygon parts, united, or an RLE) -> bool mask (H, W)."""
     if isinstance(segmentation, dict) and "counts" in segmentation:
         mask = rle_to_mask(segmentation)
         if mask.shape != (height, width):
             raise Skip("RLE size differs from image")
         return mask
-    mask = np.zeros((height, width), np.uint8)
+    mask = np.zeros((height, width), bool)
     for poly in clean_polygons(segmentation, width, height):
-        pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2).round().astype(np.int32)
-        cv2.fillPoly(mask, [pts], 1)
-    return mask.astype(bool)
+        mask |= polygon_mask(poly, width, height)
+    return mask
 
 
 class CocoIndex:

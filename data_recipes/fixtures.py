@@ -379,10 +379,9 @@ def coco_like(root: Path, n_images: int = 3, seed: int = 0, folder: str = "train
             anns.append(ann)
     if not lvis and n_images:
         # An uncompressed RLE (column-major counts) covering rows 50..59 of columns 0..9 of image 0.
-        counts = []
-        for _col in range(10):
-            counts += [50, 10, h - 60]
-        counts.append(h * (w - 10))
+        counts = [50]
+        for col in range(10):  # runs alternate 0s and 1s and continue across columns
+            counts += [10, (h - 60) + (50 if col < 9 else h * (w - 10))]
         anns.append({"id": len(anns) + 1, "image_id": 100, "category_id": 62, "bbox": [0.0, 50.0, 10.0, 10.0],
                      "area": 100.0, "iscrowd": 1, "segmentation": {"size": [h, w], "counts": counts}})
     cats = [c | {"synonyms": [c["name"], c["name"] + "s"], "frequency": "f"} for c in COCO_CATEGORIES] \

@@ -107,7 +107,7 @@ class RefCocoAnnotations:
         ti = next(i for i, o in enumerate(objects) if o is target)
         ids = {"ref_id": row.get("ref_id"), "ann_id": row.get("ann_id"), "image_id": row.get("image_id")}
         record = {"task": "grounding", "prompt": expressions[0], "width": width, "height": height,
-                  "dataset": self.dataset, "split": row.get("split"), "objects": objects,
+                  "dataset": self.dataset, "origin": {"split": row.get("split")}, "objects": objects,
                   "grounding": grounding_block(expressions, cls, objects, ti, unique=True, **ids)}
         yield Sample(ctx.key(), record, {f"image.{ext}": data})
 

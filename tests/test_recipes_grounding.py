@@ -55,8 +55,11 @@ def test_rle_and_polygon_masks():
     flat = mask.T.reshape(-1)
     assert flat[:3].sum() == 0 and flat[3:5].all() and flat[5:12].sum() == 0 and flat[12:17].all()
     assert (mask == rle_to_mask({"size": [h, w], "counts": counts})).all()
+    # A polygon in continuous coordinates covers the pixels whose centres it contains: x 1..3, y 1..4.
     poly = segmentation_mask([[1, 1, 3, 1, 3, 4, 1, 4]], 4, 6)
-    assert poly[1:5, 1:4].all() and poly.sum() == 12
+    assert poly[1:4, 1:3].all() and poly.sum() == 6
+    half = segmentation_mask([[0.5, 0, 2.6, 0, 2.6, 1, 0.5, 1]], 4, 6)  # centres 0.5 and 1.5, 2.5 are in
+    assert half[0].tolist() == [True, True, True, False] and half.sum() == 3
 
 
 def _refcoco_inputs(tmp_path, bad=True):
