@@ -39,12 +39,17 @@ class CoLoGenModule(L.LightningModule):
         train_base: train the whole backbone (the tiny base pretraining of `make base`) instead of the experts.
         gradient_checkpointing: recompute each block's activations in the backward pass.
         load_text_encoder: False when batches carry precomputed text embeddings (`text_tokens`, `text_pooled`).
+        offload_text_encoder: keep the frozen text encoder in CPU memory and move it to the accelerator only while
+            it encodes prompts that are not cached yet (saves its GPU memory; precomputed embeddings save more).
+        attention_backend: a diffusers attention backend name ('native', 'flash', '_native_cudnn', ...);
+            null keeps diffusers' default (PyTorch SDPA, which picks flash / memory-efficient kernels itself).
     """
 
     def __init__(self, preset: Preset | None = None, prw: PRWConfig | None = None,
                  flow: FlowMatchingConfig | None = None, veteran: VeteranConfig | None = None,
                  optim: OptimConfig | None = None, positions: SourcePositionConfig | None = None,
-                 train_base: bool = False, gradient_checkpointing: bool = False, load_text_encoder: bool = True):
+                 train_base: bool = False, gradient_checkpointing: bool = False, load_text_encoder: bool = True,
+                 offload_text_encoder: bool = False, attention_backend: str | None = None):
         super().__init__()
         self.preset = preset or TinyPreset()
         self.prw_config = prw or PRWConfig()
@@ -57,7 +62,13 @@ class CoLoGenModule(L.LightningModule):
 
         backbone = self.preset.build(load_text_encoder=load_text_encoder)
         self.guidance_embeds = backbone.guidance_embeds
-        self.text_encoder = backbone.text_encoder
+        self.offload_text_encoder = offload_text_encoder
+        if offload_text_encoder:
+            # Not a registered submodule: Lightning's device placement and checkpoints leave it alone.
+            self._offloaded = [backbone.text_encoder]
+            self.text_encoder = None
+        else:
+            self.text_encoder = backbone.text_encoder
         self.codec = backbone.codec
         self.model = CoLoGenTransformer(backbone.transformer, self.prw_config)
         self.model.freeze_for_curriculum()
@@ -65,6 +76,8 @@ class CoLoGenModule(L.LightningModule):
             for p in self.model.base_parameters():
                 p.requires_grad_(True)
         self.model.enable_gradient_checkpointing(gradient_checkpointing)
+        if attention_backend is not None:
+            self.model.transformer.set_attention_backend(attention_backend)
         self.lr_schedule = WarmupSchedule(self.optim.warmup_steps, self.optim.schedule, self.optim.total_steps,
                                           self.optim.min_lr_ratio)
 
@@ -74,6 +87,9 @@ class CoLoGenModule(L.LightningModule):
         Dropped prompts get zero embeddings."""
         if "text_tokens" in batch:
             text = TextEmbeddings(batch["text_tokens"], batch["text_pooled"])
+        elif self.offload_text_encoder and self._offloaded[0] is not None:
+            encoder = self._offloaded[0]
+            text = encoder.encode_offloaded(list(batch["prompt"]), self.device)
         else:
             if self.text_encoder is None:
                 raise RuntimeError("batch has no precomputed text embeddings and the text encoder was not loaded "

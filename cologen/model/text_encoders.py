@@ -70,6 +70,20 @@ class TextEncoder(nn.Module, ABC):
                 self._cache.popitem(last=False)
         return TextEmbeddings(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
+    def encode_offloaded(self, prompts: list[str], device: torch.device) -> TextEmbeddings:
+        """Encode with the weights moved to `device` only while there are uncached prompts; they go back to the
+        CPU afterwards, so between encodings the encoder holds no accelerator memory."""
+        if all(p in self._cache for p in prompts):
+            return self.encode(prompts).to(device)
+        self.to(device)
+        try:
+            out = self.encode(prompts)
+        finally:
+            self.to("cpu")
+            for k, (tok, pooled) in list(self._cache.items()):
+                self._cache[k] = (tok.cpu(), pooled.cpu())
+        return out.to(device)
+
     def clear_cache(self) -> None:
         self._cache.clear()
 
