@@ -557,3 +557,19 @@ def decode(data: bytes) -> np.ndarray:
     """Image bytes -> array (H, W[, C]) in the stored mode."""
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im)
+
+
+def read_through_datamodule(folder: Path, task: str, n: int, resolution: int = 64,
+                            **builder: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """Read converted shards the way training does: (a validation batch of the first `n` samples, one
+    training batch of `n`, the DataModule's bad-sample counts). `builder` sets `BuilderConfig` fields,
+    e.g. `control_types={"depth": 1.0}` for depth-only shards."""
+    from cologen.data.builders import BuilderConfig
+    from cologen.data.datamodule import MixtureDataModule
+
+    dm = MixtureDataModule(train_shards={task: str(folder)}, mixture={task: 1.0}, val_shards={task: str(folder)},
+                           batch_size=n, num_workers=0, resolution=resolution, val_samples_per_task=n,
+                           batches_per_epoch=1, builder=BuilderConfig(**builder))
+    val = next(iter(dm.val_dataloader()[0]))
+    train = next(iter(dm.train_dataloader()))
+    return val, train, dm.bad_samples
