@@ -87,7 +87,7 @@ class MixtureDataModule(L.LightningDataModule):
         val_tasks: list[str] | None = None,
         builder: BuilderConfig | None = None,
         resampled: bool = True,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: int = 500,
         prefetch_factor: int = 2,
         max_consecutive_skips: int = 1000,
         rank: int | None = None,
