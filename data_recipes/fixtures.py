@@ -7,6 +7,7 @@ which and where. Images are drawn (gradients and boxes) so that crops, masks and
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
@@ -28,8 +29,11 @@ SUBJECTS_RIGHT = (528, 8, 1040, 520)
 
 
 def draw_image(width: int, height: int, seed: int, boxes: list[tuple[int, int, int, int]] | None = None,
-               color: tuple[int, int, int] | None = None) -> Image.Image:
-    """A smooth gradient with filled rectangles: cheap to encode, and boxes are visible in the pixels."""
+               color: tuple[int, int, int] | None = None, noise: float = 0.0) -> Image.Image:
+    """A smooth gradient with filled rectangles: cheap to encode, and boxes are visible in the pixels.
+
+    `noise` (grey-level std) adds photo-like texture, so encoded sizes and codec times come near real
+    photographs' (the benchmark uses it; tests leave it at 0 so that pixels can be checked exactly)."""
     rng = random.Random(seed)
     x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
     y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
@@ -40,7 +44,15 @@ def draw_image(width: int, height: int, seed: int, boxes: list[tuple[int, int, i
     for box in boxes or []:
         draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1],
                        fill=color or tuple(rng.randint(0, 255) for _ in range(3)))
+    if noise:
+        grain = np.roll(_grain(height, width, noise), (seed * 7) % height, axis=0)  # varied, drawn once
+        im = Image.fromarray((np.asarray(im, np.int16) + grain).clip(0, 255).astype(np.uint8))
     return im
+
+
+@functools.lru_cache(maxsize=8)
+def _grain(height: int, width: int, noise: float) -> np.ndarray:
+    return np.random.default_rng(0).normal(0.0, noise, (height, width, 3)).round().astype(np.int16)
 
 
 def encode(im: Image.Image, fmt: str = "jpg") -> bytes:
@@ -57,9 +69,11 @@ def image_cell(data: bytes | None, path: str | None = None) -> dict[str, Any]:
 
 
 def write_parquet(table: pa.Table, path: Path, row_group_size: int = 4) -> Path:
-    """Small row groups, so resuming mid-file and batch boundaries are exercised as on real shards."""
+    """Small row groups, so resuming mid-file and batch boundaries are exercised as on real shards.
+    No dictionary encoding: repeated images (benchmark fixtures) must take their full size, as unique
+    images do in the releases."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=row_group_size)
+    pq.write_table(table, path, row_group_size=row_group_size, use_dictionary=False)
     return path
 
 
@@ -76,23 +90,30 @@ SUBJECTS_SCHEMA = pa.schema([
 ])
 
 
-def subjects_composite(seed: int) -> Image.Image:
+def subjects_composite(seed: int, noise: float = 0.0) -> Image.Image:
     """Grey margins, a red-ish left view and a blue-ish right view, so each crop is recognisable."""
     im = Image.new("RGB", SUBJECTS_COMPOSITE, (128, 128, 128))
-    left = draw_image(512, 512, seed, [(100, 100, 300, 300)], color=(230, 30, 30))
-    right = draw_image(512, 512, seed + 1, [(200, 150, 400, 350)], color=(30, 30, 230))
+    left = draw_image(512, 512, seed, [(100, 100, 300, 300)], color=(230, 30, 30), noise=noise)
+    right = draw_image(512, 512, seed + 1, [(200, 150, 400, 350)], color=(30, 30, 230), noise=noise)
     im.paste(left, SUBJECTS_LEFT[:2])
     im.paste(right, SUBJECTS_RIGHT[:2])
     return im
 
 
-def subjects200k_table(n: int, seed: int = 0, bad: bool = False) -> pa.Table:
+@functools.lru_cache(maxsize=64)
+def _composite_jpeg(seed: int, noise: float) -> bytes:
+    return encode(subjects_composite(seed, noise))
+
+
+def subjects200k_table(n: int, seed: int = 0, bad: bool = False, noise: float = 0.0,
+                       distinct: int | None = None) -> pa.Table:
     """`n` good rows; with `bad`, 4 more at the end: missing image bytes, null quality struct,
-    a score below 5, and a composite of the wrong size."""
+    a score below 5, and a composite of the wrong size. `distinct` cycles that many images (fast, for
+    benchmarks); by default every row has its own."""
     rows = []
     for i in range(n):
         rows.append({
-            "image": image_cell(encode(subjects_composite(seed + 2 * i)), None),
+            "image": image_cell(_composite_jpeg(seed + 2 * (i % distinct if distinct else i), noise), None),
             "collection": "collection_2" if i % 2 else "collection_1",
             "quality_assessment": {"compositeStructure": 5, "objectConsistency": 5, "imageQuality": 5},
             "description": {"item": f"item {i}", "description_0": f"left scene {i}",
@@ -132,19 +153,21 @@ OMNIEDIT_TASKS = ("object_addition", "object_removal", "object_swap", "attribute
                   "background_swap", "environment", "style")
 
 
-def _edit_pair(i: int, seed: int, size: tuple[int, int]) -> tuple[bytes, bytes]:
+@functools.lru_cache(maxsize=64)
+def _edit_pair(i: int, seed: int, size: tuple[int, int], noise: float = 0.0) -> tuple[bytes, bytes]:
     w, h = size
-    src = draw_image(w, h, seed + i, [(w // 4, h // 4, w // 2, h // 2)], color=(200, 40, 40))
-    tgt = draw_image(w, h, seed + i, [(w // 4, h // 4, w // 2, h // 2)], color=(40, 200, 40))
+    src = draw_image(w, h, seed + i, [(w // 4, h // 4, w // 2, h // 2)], color=(200, 40, 40), noise=noise)
+    tgt = draw_image(w, h, seed + i, [(w // 4, h // 4, w // 2, h // 2)], color=(40, 200, 40), noise=noise)
     return encode(src), encode(tgt)
 
 
-def omniedit_table(n: int, seed: int = 0, bad: bool = False, size: tuple[int, int] = (64, 48)) -> pa.Table:
+def omniedit_table(n: int, seed: int = 0, bad: bool = False, size: tuple[int, int] = (64, 48),
+                   noise: float = 0.0, distinct: int | None = None) -> pa.Table:
     """`n` good rows (three phrasings each); with `bad`, 3 more at the end: missing source bytes, an empty
-    instruction list, a null o_score."""
+    instruction list, a null o_score. `distinct` cycles that many image pairs (see `subjects200k_table`)."""
     rows = []
     for i in range(n):
-        src, tgt = _edit_pair(i, seed, size)
+        src, tgt = _edit_pair(i % distinct if distinct else i, seed, size, noise)
         rows.append({
             "omni_edit_id": f"omni-{i}", "task": OMNIEDIT_TASKS[i % len(OMNIEDIT_TASKS)],
             "src_img": image_cell(src, f"{i}_src.jpg"), "edited_img": image_cell(tgt, f"{i}_tgt.jpg"),
