@@ -42,7 +42,9 @@ def check_shard(url: str, report: Report, builder: TaskBuilder | None, rng: np.r
 
     def on_error(exn: BaseException) -> bool:  # archive-level problems: no sample key of their own
         category, reason = categorize(exn)
-        report.bad.append((url, f"after {last_key[0]}", category, reason.split(" @ ")[0]))
+        where = f"after {last_key[0]}"
+        if not any(u == url and w == where and c == category for u, w, c, _ in report.bad):  # once per place
+            report.bad.append((url, where, category, reason.split(" @ ")[0].split(" <")[0]))
         return True
 
     report.shards += 1

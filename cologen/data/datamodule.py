@@ -188,8 +188,7 @@ class MixtureDataModule(L.LightningDataModule):
 
     def _train_urls(self) -> dict[str, list[str]]:
         if self._urls is None:
-            self._urls = {t: expand_shards(spec, f"train_shards.{t}") for t, spec in self.train_shards.items()
-                          if t in self._state.tasks}
+            self._urls = {t: expand_shards(self.train_shards[t], f"train_shards.{t}") for t in self._state.tasks}
         return self._urls
 
     def check_shards(self) -> None:
