@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from .curriculum.callback import CurriculumCallback
 from .module import CoLoGenModule
 
 
@@ -36,21 +38,35 @@ class RunDirConfigCallback(SaveConfigCallback):
                 print(f"[cologen] could not send the config to {type(logger).__name__}: {err}", file=sys.stderr)
 
 
+class CoLoGenCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The curriculum is a top-level config key (`curriculum.spec`), always attached to the trainer.
+        parser.add_lightning_class_args(CurriculumCallback, "curriculum")
+
+
 def _run_lightning_cli(args: list[str]) -> None:
+    # omegaconf+ resolves interpolations after all --config files are merged (a stage file can move
+    # trainer.default_root_dir and everything pointing at it follows); relative paths keep them valid under the
+    # subcommand (fit/validate/...) level.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` uploads later
-    LightningCLI(
+    CoLoGenCLI(
         CoLoGenModule,
         L.LightningDataModule,
         subclass_mode_data=True,
         save_config_callback=RunDirConfigCallback,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
         args=args,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "info":
+        from .commands.info import main as info_main
+
+        return info_main(args[1:])
     _run_lightning_cli(args)
 
 

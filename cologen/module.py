@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict
 
 import lightning as L
@@ -14,7 +15,7 @@ from .model.config import PRWConfig
 from .model.packing import pack_latents, source_ids, target_ids, text_ids
 from .model.presets import Preset, TinyPreset
 from .model.text_encoders import TextEmbeddings
-from .model.veteran import routing_entropy, veteran_loss
+from .model.veteran import expert_usage, routing_entropy, veteran_loss
 from .training.config import FlowMatchingConfig, OptimConfig, SourcePositionConfig, VeteranConfig
 from .training.schedule import WarmupSchedule
 
@@ -43,13 +44,16 @@ class CoLoGenModule(L.LightningModule):
             it encodes prompts that are not cached yet (saves its GPU memory; precomputed embeddings save more).
         attention_backend: a diffusers attention backend name ('native', 'flash', '_native_cudnn', ...);
             null keeps diffusers' default (PyTorch SDPA, which picks flash / memory-efficient kernels itself).
+        init_from: a checkpoint of an earlier stage: its experts, routers and active-expert count are loaded
+            (the optimizer starts fresh), e.g. `runs/tiny/stage1/last.ckpt` for stage 2.
     """
 
     def __init__(self, preset: Preset | None = None, prw: PRWConfig | None = None,
                  flow: FlowMatchingConfig | None = None, veteran: VeteranConfig | None = None,
                  optim: OptimConfig | None = None, positions: SourcePositionConfig | None = None,
                  train_base: bool = False, gradient_checkpointing: bool = False, load_text_encoder: bool = True,
-                 offload_text_encoder: bool = False, attention_backend: str | None = None):
+                 offload_text_encoder: bool = False, attention_backend: str | None = None,
+                 init_from: str | None = None):
         super().__init__()
         self.preset = preset or TinyPreset()
         self.prw_config = prw or PRWConfig()
@@ -78,6 +82,9 @@ class CoLoGenModule(L.LightningModule):
         self.model.enable_gradient_checkpointing(gradient_checkpointing)
         if attention_backend is not None:
             self.model.transformer.set_attention_backend(attention_backend)
+        if init_from is not None:
+            self.load_adapters(init_from)
+        self.last_routing: dict | None = None
         self.lr_schedule = WarmupSchedule(self.optim.warmup_steps, self.optim.schedule, self.optim.total_steps,
                                           self.optim.min_lr_ratio)
 
@@ -159,7 +166,8 @@ class CoLoGenModule(L.LightningModule):
         losses = {"loss_task": per_sample.mean(), "per_sample": per_sample}
         if out.routing:
             vet, usage = veteran_loss(out.routing, self.model.newest_expert, self.veteran.rho, self.veteran.alpha)
-            losses.update(loss_veteran=vet, usage_newest=usage, routing_entropy=routing_entropy(out.routing).detach())
+            losses.update(loss_veteran=vet, usage_newest=usage, routing_entropy=routing_entropy(out.routing).detach(),
+                          routing=out.routing)
             losses["loss"] = losses["loss_task"] + vet
         else:
             losses["loss"] = losses["loss_task"]
@@ -178,10 +186,26 @@ class CoLoGenModule(L.LightningModule):
             self.log(f"{stage}/loss_task/{task}", per_sample[idx].mean(), on_step=on_step, on_epoch=not on_step,
                      batch_size=len(idx), sync_dist=not on_step)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # The step's randomness (timesteps, noise, dropout, router noise) is a function of (seed, step, rank):
+        # a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed((seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % (2**63 - 1))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch, train=True)
         self._log_losses(losses, list(batch["task"]), "train")
+        if "routing" in losses and self.trainer is not None and self.global_step % self.trainer.log_every_n_steps == 0:
+            self._log_routing(losses["routing"])
         return losses["loss"]
+
+    def _log_routing(self, routing: dict) -> None:
+        """Expert usage per PRW block (fraction of samples/tokens routed to each expert), kept for `cologen info`."""
+        usage = expert_usage(routing, self.prw_config.num_experts).detach().cpu()
+        for e in range(self.model.num_active):
+            self.log(f"routing/usage_expert{e}", usage[:, e].mean(), on_step=True, on_epoch=False, batch_size=1)
+        self.last_routing = {"global_step": int(self.global_step), "blocks": list(routing),
+                             "usage": [[round(float(v), 4) for v in row] for row in usage]}
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         # A fixed generator per batch: the validation loss is comparable across evaluations.
@@ -218,6 +242,28 @@ class CoLoGenModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    def adapter_state_keys(self) -> list[str]:
+        """Experts, routers and the expert schedule: what a stage hands to the next."""
+        return [k for k in self.state_dict() if k.startswith("model.") and k not in self.frozen_state_keys()]
+
+    def load_adapters(self, path: str) -> None:
+        """Load the experts, routers and active-expert count of a checkpoint (not its optimizer or position)."""
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.init_from: checkpoint {path} does not exist (train the previous stage "
+                                    "first, e.g. `make stage1` before `make stage2`)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt["state_dict"]
+        wanted = self.adapter_state_keys()
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise ValueError(f"model.init_from: {path} lacks {len(missing)} adapter tensors (e.g. {missing[0]}); "
+                             "was it trained with the same preset and prw settings?")
+        self.load_state_dict({k: state[k] for k in wanted}, strict=False)
+        self.model.freeze_for_curriculum()
+
+
     def frozen_state_keys(self) -> set[str]:
         """State-dict keys restored from the preset rather than stored: the frozen base and the encoders."""
         if self.train_base:
@@ -230,7 +276,8 @@ class CoLoGenModule(L.LightningModule):
         frozen = self.frozen_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["cologen"] = {"preset": self.preset.name, "num_active": self.model.num_active,
-                                 "prw": asdict(self.prw_config)}
+                                 "prw": asdict(self.prw_config), "routing": self.last_routing,
+                                 "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen weights come from the preset, not the checkpoint; everything else must be present.

@@ -1,0 +1,168 @@
+"""CurriculumCallback: walks the curriculum's steps by optimizer step (not by epoch).
+
+At every boundary it activates the next expert (copy init by default; the veterans freeze), sets the veteran loss's
+rho and alpha, switches the data mixture, sets the step's learning rates (restarting the schedule if configured)
+and logs the event. Its position (step index, optimizer steps done in it) is saved in the checkpoint, so a run
+resumed from `last.ckpt` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from .spec import CurriculumSpec, CurriculumStep
+
+log = logging.getLogger("cologen.curriculum")
+
+
+class CurriculumCallback(Callback):
+    """Args:
+    spec: the curriculum (steps and the `run_steps` this run executes); no steps disables the callback
+        (plain training, e.g. the tiny base's pretraining).
+    """
+
+    def __init__(self, spec: CurriculumSpec | None = None):
+        self.spec = spec or CurriculumSpec()
+        self.index: int | None = None  # curriculum step in progress
+        self.done = 0  # optimizer steps done in it
+        self._resumed = False
+        self._last_global_step = -1
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @property
+    def enabled(self) -> bool:
+        return bool(self.spec.steps)
+
+    @property
+    def step(self) -> CurriculumStep:
+        return self.spec.steps[self.index]
+
+    def _end_of_run(self) -> int:
+        return self.spec.selected()[-1]
+
+    @staticmethod
+    def _datamodule(trainer: L.Trainer):
+        dm = getattr(trainer, "datamodule", None)
+        return dm if dm is not None and hasattr(dm, "set_mixture") else None
+
+    def _apply_settings(self, trainer: L.Trainer, module, restart_schedule: bool) -> None:
+        """Loss weights, mixture and learning rates of the current step (no expert activation)."""
+        step = self.step
+        module.veteran.rho, module.veteran.alpha = step.rho, step.alpha
+        dm = self._datamodule(trainer)
+        if dm is not None:
+            dm.set_mixture(step.mixture)
+        router_lr = step.router_lr if step.router_lr is not None else step.lr / 2
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            for i, group in enumerate(sched.optimizer.param_groups):
+                lr = {"experts": step.lr, "routers": router_lr}.get(group.get("name"))
+                if lr is None:
+                    continue
+                sched.base_lrs[i] = lr
+                group["initial_lr"] = lr
+            if restart_schedule and hasattr(module, "lr_schedule"):
+                module.lr_schedule.restart(trainer.global_step, total_steps=step.steps)
+            # put the new values into effect for the coming optimizer step
+            for i, group in enumerate(sched.optimizer.param_groups):
+                group["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](trainer.global_step)
+
+    def _enter(self, trainer: L.Trainer, module, index: int) -> None:
+        """Start curriculum step `index`: activate its expert, then apply its settings."""
+        self.index, self.done = index, 0
+        model = module.model
+        while model.num_active < index + 1:
+            model.activate_next_expert()
+        model.freeze_for_curriculum()
+        model.set_entry_progress(0.0 if index > 0 else 1.0)
+        if trainer.optimizers:
+            self._apply_settings(trainer, module, restart_schedule=self.step.reset_schedule)
+        self._log_event(trainer, module, "enter")
+
+    def _log_event(self, trainer: L.Trainer, module, event: str) -> None:
+        step = self.step
+        msg = (f"curriculum: {event} step {self.index} '{step.name}' (stage {step.stage}) at global step "
+               f"{trainer.global_step}: expert {module.model.newest_expert} trains, "
+               f"{module.model.newest_expert} veteran(s) frozen, mixture {step.mixture}, lr {step.lr}, "
+               f"rho {step.rho}, alpha {step.alpha}")
+        log.info(msg)
+        if trainer.is_global_zero:
+            print(f"[cologen] {msg}", flush=True)
+
+    # --------------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        dm = self._datamodule(trainer)
+        tasks = list(getattr(dm, "train_shards", {}) or {}) if dm is not None else None
+        self.spec.validate(pl_module.prw_config.num_experts, tasks)
+        total = self.spec.total_steps()
+        if trainer.max_steps in (-1, None):
+            trainer.fit_loop.epoch_loop.max_steps = total
+        elif trainer.max_steps != total:
+            raise ValueError(f"trainer.max_steps ({trainer.max_steps}) differs from the curriculum's total for "
+                             f"run_steps {self.spec.selected()} ({total}); leave trainer.max_steps unset")
+        if trainer.ckpt_path is None:
+            first = self.spec.selected()[0]
+            model = pl_module.model
+            if model.num_active not in (first, first + 1) and not (first == 0 and model.num_active == 1):
+                raise ValueError(
+                    f"curriculum starts at step {first} but the model has {model.num_active} active expert(s): "
+                    f"initialise it from the previous stage's checkpoint (model.init_from)")
+            # Activate before the strategy wraps the model, so the optimizer and DDP see the final flags.
+            self._enter(trainer, pl_module, first)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if not self.enabled:
+            return
+        if self._resumed:
+            # the model's experts and the optimizer/scheduler state come from the checkpoint
+            pl_module.veteran.rho, pl_module.veteran.alpha = self.step.rho, self.step.alpha
+            dm = self._datamodule(trainer)
+            if dm is not None:
+                dm.set_mixture(self.step.mixture)
+            self._log_event(trainer, pl_module, "resume")
+        else:
+            self._apply_settings(trainer, pl_module, restart_schedule=True)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if not self.enabled:
+            return
+        if self.done >= self.step.steps and self.index < self._end_of_run():
+            self._enter(trainer, pl_module, self.index + 1)
+        warmup = pl_module.prw_config.router.entry_warmup_steps
+        if self.index > 0:
+            pl_module.model.set_entry_progress(self.done / warmup if warmup > 0 else 1.0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.enabled:
+            return
+        if trainer.global_step != self._last_global_step:  # an optimizer step happened (gradient accumulation)
+            self._last_global_step = trainer.global_step
+            self.done += 1
+        pl_module.log("curriculum/step", float(self.index), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        # Frozen veterans must not move: drop any gradient a strategy may have materialized for them (DDP can
+        # write zeros into unused parameters, and AdamW would still apply its momentum).
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    p.grad = None
+
+    # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "done": self.done, "last_global_step": self._last_global_step,
+                "spec": asdict(self.spec)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("index") is None:
+            return
+        self.index, self.done = state_dict["index"], state_dict["done"]
+        self._last_global_step = state_dict.get("last_global_step", -1)
+        self._resumed = True

@@ -1,0 +1,81 @@
+"""The curriculum spec: an ordered list of steps, each one task (mixture) with its own expert, length and losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cologen.data.tasks import TASKS
+
+
+@dataclass
+class CurriculumStep:
+    """One curriculum step: trains one new expert (veterans frozen) on a data mixture.
+
+    name: a label for logs ('inpainting').
+    stage: the paper's stage (1 endogenous pre-training, 2 condition injection, 3 instruction-image alignment).
+    mixture: task -> weight; earlier tasks with a small weight are the optional replay share.
+    steps: length in optimizer steps.
+    lr / router_lr: learning rates of the new expert and of the routers (router_lr null: lr / 2).
+    rho / alpha: the veteran loss's target usage of the newest expert and its weight.
+    reset_schedule: restart the learning-rate warmup/schedule at the start of this step.
+    """
+
+    name: str
+    mixture: dict[str, float]
+    steps: int
+    stage: int = 1
+    lr: float = 1e-4
+    router_lr: float | None = None
+    rho: float = 0.8
+    alpha: float = 0.5
+    reset_schedule: bool = True
+
+
+@dataclass
+class CurriculumSpec:
+    """The whole curriculum and the part of it one run executes (`run_steps`: indices; null runs all)."""
+
+    steps: list[CurriculumStep] = field(default_factory=list)
+    run_steps: list[int] | None = None
+
+    def selected(self) -> list[int]:
+        return list(range(len(self.steps))) if self.run_steps is None else list(self.run_steps)
+
+    def validate(self, num_experts: int, available_tasks: list[str] | None = None) -> None:
+        """Fail with one line naming the field before training starts."""
+        if not self.steps:
+            raise ValueError("curriculum.steps is empty")
+        if len(self.steps) > num_experts:
+            raise ValueError(f"curriculum.steps has {len(self.steps)} steps but model.prw.num_experts is "
+                             f"{num_experts}: allocate one expert per step")
+        for i, step in enumerate(self.steps):
+            where = f"curriculum.steps[{i}] ({step.name})"
+            if step.steps <= 0:
+                raise ValueError(f"{where}.steps must be > 0, got {step.steps}")
+            if not step.mixture:
+                raise ValueError(f"{where}.mixture is empty")
+            for task, weight in step.mixture.items():
+                if task not in TASKS:
+                    raise ValueError(f"{where}.mixture has unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+                if weight < 0:
+                    raise ValueError(f"{where}.mixture[{task}] is negative ({weight})")
+                if available_tasks is not None and weight > 0 and task not in available_tasks:
+                    raise ValueError(f"{where}.mixture uses {task!r} but the data has no train_shards for it")
+            if sum(step.mixture.values()) <= 0:
+                raise ValueError(f"{where}.mixture weights must sum to a positive number")
+            if step.lr <= 0:
+                raise ValueError(f"{where}.lr must be > 0, got {step.lr}")
+            if not 0.0 <= step.rho <= 1.0:
+                raise ValueError(f"{where}.rho must be in [0, 1], got {step.rho}")
+            if step.alpha < 0:
+                raise ValueError(f"{where}.alpha must be >= 0, got {step.alpha}")
+        run = self.selected()
+        if not run:
+            raise ValueError("curriculum.run_steps is empty")
+        if any(not 0 <= i < len(self.steps) for i in run):
+            raise ValueError(f"curriculum.run_steps {run} must index curriculum.steps (0..{len(self.steps) - 1})")
+        if run != list(range(run[0], run[-1] + 1)):
+            raise ValueError(f"curriculum.run_steps {run} must be consecutive and increasing")
+
+    def total_steps(self) -> int:
+        return sum(self.steps[i].steps for i in self.selected())
