@@ -1,0 +1,155 @@
+"""ShapeWorld evaluation: every task scored against the exact ground truth of a synthetic scene.
+
+Samples are built examples, one task each: what ``cologen.data.builders.TaskBuilder`` returns
+(``task``, ``source``, ``target``, ``region``, ``meta`` with the build choices) works as is, and
+so does a plain dict with the keys below (these win over ``meta``). Scores are reported as
+``{task}/{metric}``, so one run over a mixed set gives every task's numbers.
+
+- all: ``task``, ``source`` (the condition image), ``image`` or ``target``, optional ``key``.
+- ``inpainting``: ``mask`` or ``region`` (the hole).
+- ``grounding``: ``overlay_rgb`` and ``box`` (one ``[x0, y0, x1, y1]``) or ``boxes`` (every
+  instance); from ``meta["build"]``: ``rgb``, ``box``, and ``boxes`` when ``overlay`` is
+  ``class_boxes``; for a ``mask`` overlay, the box of ``mask`` / ``region`` (the painted pixels).
+  Optional ``overlay_alpha`` (1 = opaque, the builders' default).
+- ``control``: ``source`` is the control map; optional ``condition_is_edges``.
+- ``customized``: ``reference`` (or ``source``) shows the subject; ``subject_mask`` its pixels in
+  the reference. Without it, a ``mask`` / ``region`` (the subject's pixels in the target, as the
+  builders give) crops the template from the target: the subject as it should appear. Named
+  items: ``named_colors`` (RGB) and optional ``named_shapes``; else the colours of the target
+  scene's objects in ``meta["record"]`` (``objects``, or ``subject.source_objects`` when the
+  builder swapped the pair; colours only: small objects are too few pixels for a shape).
+- ``editing``: ``mask`` or ``region`` (the edited region), joined with every pixel where source
+  and target differ (a resize blurs the edit across the stored mask's border).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cologen.eval.loop import Generate, Sample, run_protocol
+from cologen.metrics.images import to_mask, to_uint8_rgb
+from cologen.metrics.shapeworld import (
+    control_scores,
+    customized_scores,
+    editing_scores,
+    grounding_scores,
+    inpainting_scores,
+)
+
+TASKS = ("inpainting", "grounding", "control", "customized", "editing")
+
+
+def _first(sample: Sample, *names: str) -> Any:
+    for name in names:
+        if sample.get(name) is not None:
+            return sample[name]
+    return None
+
+
+def box_of_mask(mask: Any) -> list[int]:
+    """``[x0, y0, x1, y1]`` (exclusive) of a mask's pixels."""
+    region = np.asarray(mask)
+    ys, xs = np.nonzero(region.any(axis=2) if region.ndim == 3 else region)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def _build(sample: Sample) -> dict[str, Any]:
+    return (sample.get("meta") or {}).get("build") or {}
+
+
+def _grounding(sample: Sample, output: np.ndarray) -> dict[str, float]:
+    build = _build(sample)
+    rgb = _first(sample, "overlay_rgb")
+    rgb = build["rgb"] if rgb is None else rgb
+    gt = _first(sample, "boxes", "box")
+    region = _first(sample, "mask", "region")
+    if gt is None and build.get("overlay") == "mask" and region is not None:
+        gt = box_of_mask(region)  # the painted pixels are the ground truth of a mask overlay
+    if gt is None:
+        gt = build["boxes"] if build.get("overlay") == "class_boxes" else build["box"]
+    alpha = float(sample.get("overlay_alpha", 1.0))
+    return grounding_scores(output, rgb, gt, source=sample["source"], alpha=alpha)
+
+
+def _customized(sample: Sample, output: np.ndarray) -> dict[str, float]:
+    colours = sample.get("named_colors")
+    shapes = sample.get("named_shapes")
+    if colours is None:
+        record = (sample.get("meta") or {}).get("record") or {}
+        objects = record.get("objects") or []
+        if _build(sample).get("swapped"):  # the target is the record's source view
+            objects = (record.get("subject") or {}).get("source_objects") or []
+        colours, shapes = [o["rgb"] for o in objects if "rgb" in o], None
+    if sample.get("subject_mask") is not None:
+        reference, subject = _first(sample, "reference", "source"), sample["subject_mask"]
+    elif _first(sample, "mask", "region") is not None:
+        reference, subject = _first(sample, "image", "target"), _first(sample, "mask", "region")
+    else:
+        reference, subject = _first(sample, "reference", "source"), None
+    return customized_scores(output, reference, subject, named_colors_rgb=colours or (), named_shapes=shapes)
+
+
+def _editing(sample: Sample, output: np.ndarray) -> dict[str, float]:
+    source, target = sample["source"], _first(sample, "image", "target")
+    # Every pixel the edit changed belongs to the region, also those a resize blurred across the
+    # stored mask's border, so the target itself keeps everything outside the region.
+    region = (to_uint8_rgb(source) != to_uint8_rgb(target)).any(axis=2)
+    stored = _first(sample, "mask", "region")
+    if stored is not None:
+        region |= to_mask(stored, region.shape)
+    return editing_scores(output, source, target, region)
+
+
+def score_sample(sample: Sample, output: np.ndarray) -> dict[str, float]:
+    """One sample's ShapeWorld scores, keyed ``{task}/{metric}``."""
+    task = sample["task"]
+    target = _first(sample, "image", "target")
+    if task == "inpainting":
+        scores = inpainting_scores(output, target, _first(sample, "mask", "region"))
+    elif task == "grounding":
+        scores = _grounding(sample, output)
+    elif task == "control":
+        scores = control_scores(
+            output, target, sample["source"], condition_is_edges=sample.get("condition_is_edges")
+        )
+    elif task == "customized":
+        scores = _customized(sample, output)
+    elif task == "editing":
+        scores = _editing(sample, output)
+    else:
+        raise ValueError(f"unknown ShapeWorld task {task!r}: expected one of {TASKS}")
+    return {f"{task}/{k}": v for k, v in scores.items()}
+
+
+class ShapeWorldScorer:
+    def score(self, samples: list[Sample], outputs: list[np.ndarray]) -> list[dict[str, float]]:
+        return [score_sample(s, o) for s, o in zip(samples, outputs)]
+
+    def summary(self) -> dict[str, float]:
+        return {}
+
+
+def run_shapeworld(
+    samples: Iterable[Sample],
+    generate: Generate,
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    jsonl_path: str | Path | None = None,
+    output_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """Means of every ``{task}/{metric}`` over the samples of that task, plus ``num_samples``."""
+    return run_protocol(
+        samples,
+        generate,
+        ShapeWorldScorer(),
+        batch_size=batch_size,
+        limit=limit,
+        jsonl_path=jsonl_path,
+        output_dir=output_dir,
+        desc="shapeworld",
+    )
