@@ -65,7 +65,7 @@ def run_protocol(
     log = None
     if jsonl_path is not None:
         Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
-        log = open(jsonl_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+        log = open(jsonl_path, "w", encoding="utf-8")  # closed in the finally below
     total = limit if limit is not None else (len(samples) if hasattr(samples, "__len__") else None)  # type: ignore[arg-type]
     batch: list[Sample] = []
     outputs: list[np.ndarray] = []
