@@ -271,7 +271,7 @@ class Summary:
             f"rows skipped: {self.rows_skipped}",
         ]
         if self.skipped:
-            lines.append("skipped, by reason (rows, or samples dropped from kept rows):")
+            lines.append("skipped, by reason (whole rows, samples of a kept row, or parts such as a mask):")
             lines += [f"  {n:>8}  {r}" for r, n in self.skipped.items()]
         return "\n".join(lines)
 
@@ -418,6 +418,7 @@ def run(job: Job, workers: int = 1, progress: bool = True, desc: str = "converti
     summary = Summary(output=str(job.output))
     t0 = time.perf_counter()
     total = job.source.num_rows()
+    # A sample budget is shared by all shards, so a dry run (--max-samples) converts one shard at a time.
     if workers > 1 and total is not None and job.max_samples is None:
         _run_parallel(job, workers, total, summary, progress, desc)
     else:
@@ -482,7 +483,8 @@ def _run_parallel(job: Job, workers: int, total: int, summary: Summary, progress
 
 def make_parser(name: str, description: str, shard_size: int = 1000) -> argparse.ArgumentParser:
     """The arguments every recipe takes; recipes add their own."""
-    p = argparse.ArgumentParser(prog=f"python -m data_recipes.{name}", description=description)
+    p = argparse.ArgumentParser(prog=f"python -m data_recipes.{name}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="input file(s), folder(s) or glob(s)")
     p.add_argument("--output", required=True, type=Path, help="folder for the shards (created)")
     p.add_argument("--max-samples", type=int, default=None, help="stop after this many samples (a dry run)")
@@ -553,10 +555,10 @@ def parse_minimums(items: Sequence[str] | None, allowed: Sequence[str]) -> dict[
 def execute(args: argparse.Namespace, name: str, source: RowSource, convert: Convert) -> Summary:
     """Run a recipe from parsed common arguments, print the summary, and return it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.shard_size < 1 or args.workers < 1:
+        fail("--shard-size and --workers must be >= 1")
     job = Job(source=source, convert=convert, output=args.output, prefix=args.prefix or name,
               shard_size=args.shard_size, max_samples=args.max_samples, seed=args.seed, strict=args.strict)
-    if args.shard_size < 1:
-        fail("--shard-size must be >= 1")
     summary = run(job, workers=args.workers, progress=not args.quiet, desc=name)
     print(summary.text())
     return summary

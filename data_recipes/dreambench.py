@@ -100,7 +100,7 @@ class DreamBenchConverter:
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    p = make_parser(NAME, __doc__)
     p.add_argument("--unique-token", default="", help='identifier in the prompts, e.g. "sks" (default none)')
     p.add_argument("--reference-index", type=int, default=0, help="which image of a subject is the reference")
     args = p.parse_args(argv)

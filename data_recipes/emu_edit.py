@@ -22,7 +22,7 @@ COLUMNS = EditColumns(dataset=NAME, source="image", target=None, instruction="in
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    p = make_parser(NAME, __doc__)
     p.add_argument("--split", default="test", help="split name for the eval block")
     args = p.parse_args(argv)
     source = ParquetSource(resolve_inputs(args.input, (".parquet",)))

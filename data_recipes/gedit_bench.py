@@ -34,7 +34,7 @@ class GEditConverter(EditingConverter):
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    p = make_parser(NAME, __doc__)
     p.add_argument("--language", choices=("en", "cn"), default=None, help="default: both")
     p.add_argument("--split", default="test")
     args = p.parse_args(argv)

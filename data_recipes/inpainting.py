@@ -152,7 +152,7 @@ def load_captions(paths: Sequence[str]) -> dict[int, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    p = make_parser(NAME, __doc__)
     p.add_argument("--images", default=None, help="image folder of COCO-format annotations")
     p.add_argument("--captions", nargs="*", default=None, help="COCO captions JSON(s) for the prompts")
     p.add_argument("--dataset", default=None, help="name written in the records (default: from the input)")

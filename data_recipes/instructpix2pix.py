@@ -20,7 +20,7 @@ COLUMNS = EditColumns(dataset=NAME, source="original_image", target="edited_imag
 
 
 def main(argv: Sequence[str] | None = None):
-    args = make_parser(NAME, __doc__.split("\n\n")[0]).parse_args(argv)
+    args = make_parser(NAME, __doc__).parse_args(argv)
     source = ParquetSource(resolve_inputs(args.input, (".parquet",)))
     return execute(args, NAME, source, EditingConverter(COLUMNS))
 

@@ -90,7 +90,7 @@ class LvisConverter:
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0], shard_size=200)
+    p = make_parser(NAME, __doc__, shard_size=200)
     p.add_argument("--images", required=True, help="COCO image folder")
     p.add_argument("--max-instances", type=int, default=None, help="drop categories with more instances")
     p.add_argument("--max-categories", type=int, default=None,

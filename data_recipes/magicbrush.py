@@ -60,7 +60,7 @@ def find_test_dir(specs: Sequence[str]) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    p = make_parser(NAME, __doc__)
     p.add_argument("--eval", action="store_true", help="write benchmark shards (an eval block per record)")
     p.add_argument("--split", default=None, help="split name for the eval block (default: test / dev)")
     args = p.parse_args(argv)

@@ -84,7 +84,7 @@ class MultiGenConverter:
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    p = make_parser(NAME, __doc__)
     p.add_argument("--types", nargs="+", choices=EDGE_TYPES, default=list(EDGE_TYPES),
                    help="conditions of an image-only table, computed on the fly by the builders")
     p.add_argument("--dataset", default="multigen20m",

@@ -266,7 +266,8 @@ def run(pairs: Sequence[tuple[Path, Path]], precomputer: Precomputer, progress: 
 def main(argv: Sequence[str] | None = None) -> Stats:
     import argparse
 
-    p = argparse.ArgumentParser(prog=f"python -m data_recipes.{NAME}", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m data_recipes.{NAME}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="shard files, folders or globs")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--flux", required=True, help="local diffusers-format FLUX.1 folder")

@@ -152,7 +152,7 @@ class RefCocoEval:
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    p = make_parser(NAME, __doc__)
     p.add_argument("--dataset", choices=DATASETS, default="refcoco", help="name written in the records")
     p.add_argument("--images", default=None, help="COCO image folder (annotation tables only)")
     p.add_argument("--coco-instances", nargs="*", default=None,

@@ -88,7 +88,7 @@ class Subjects200KConverter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(NAME, __doc__.split("\n\n")[0], shard_size=500)
+    p = make_parser(NAME, __doc__, shard_size=500)
     p.add_argument("--min-quality", type=int, default=5,
                    help="keep rows whose three quality scores are all >= this (0 keeps unscored rows too)")
     p.add_argument("--collections", nargs="*", default=None, help="e.g. collection_2 (default: all)")

@@ -24,7 +24,7 @@ COLUMNS = EditColumns(dataset=NAME, source="source_image", target="edited_image"
 
 
 def main(argv: Sequence[str] | None = None):
-    p = make_parser(NAME, __doc__.split("\n\n")[0])
+    p = make_parser(NAME, __doc__)
     add_score_arguments(p, COLUMNS.scores)
     args = p.parse_args(argv)
     source = ParquetSource(resolve_inputs(args.input, (".parquet",)))
