@@ -7,7 +7,7 @@ since there is no ground truth, as `image` too (`eval.has_target` false). The pr
 with `--unique-token` (empty by default: "a backpack in the jungle") and the class noun; `eval.clip_prompt`
 is the text CLIP-T compares to (the template with the class noun only).
 
-    python -m data_recipes.dreambench --input dreambooth/dataset --output shards/eval/dreambench
+    python -m data_recipes.dreambench --input dreambooth/dataset --output data/eval/dreambench
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The set has no ground-truth edits: `image` is the image to edit and is stored as
 (`eval.has_target` false). `output_caption` is the caption (CLIP-T's text), `input_caption` the source
 caption; `task`, `idx`, `hash` and the split are kept in the `eval` block.
 
-    python -m data_recipes.emu_edit --input emu_edit_test_set/data/test-*.parquet --output shards/eval/emu_edit
+    python -m data_recipes.emu_edit --input emu_edit_test_set/data/test-*.parquet --output data/eval/emu_edit_test
 """
 
 from __future__ import annotations

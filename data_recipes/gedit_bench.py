@@ -4,7 +4,7 @@
 false); `instruction` is the prompt. `task_type`, `key`, `instruction_language` and `Intersection_exist` are
 kept under `edit`. `--language en` keeps the English instructions only (the benchmark has en and cn).
 
-    python -m data_recipes.gedit_bench --input GEdit-Bench/data --output shards/eval/gedit_bench --language en
+    python -m data_recipes.gedit_bench --input 'GEdit-Bench/data/*.parquet' --output data/eval/gedit_bench --language en
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ stores what they are drawn from.
   The prompt is a COCO caption (`--captions captions_train2017.json`, one drawn per image) or else a list of
   the classes in the image.
 
-    python -m data_recipes.inpainting --input text-to-image-2M/data_512_2M --output shards/inpainting_t2i
+    python -m data_recipes.inpainting --input text-to-image-2M/data_512_2M --output data/real/inpainting_t2i
     python -m data_recipes.inpainting --input coco/annotations/instances_train2017.json --images coco/train2017 \\
-        --captions coco/annotations/captions_train2017.json --output shards/inpainting_coco
+        --captions coco/annotations/captions_train2017.json --output data/real/inpainting_coco
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Source `original_image`, target `edited_image`, instruction `edit_prompt`; `edited_prompt` becomes the
 caption and `original_prompt` the source caption. The release carries no quality scores.
 
-    python -m data_recipes.instructpix2pix --input instructpix2pix-clip-filtered/data --output shards/ip2p
+    python -m data_recipes.instructpix2pix --input 'instructpix2pix-clip-filtered/data/train-*.parquet' \\
+        --output data/real/instructpix2pix
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the target of box and mask overlays, and `grounding.unique` says whether it is t
 `[x0, y0, x1, y1]` (exclusive) here; polygons are kept for mask overlays. LVIS v1 images carry `coco_url`
 and no `file_name`; `--images` is the COCO folder (with train2017/ and val2017/, or flat).
 
-    python -m data_recipes.lvis --input lvis_v1_train.json --images coco --output shards/lvis
+    python -m data_recipes.lvis --input lvis_v1_train.json --images coco --output data/real/lvis
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ region painted white) becomes `mask.png`. Multi-turn sessions give one sample pe
 The test archive is written as benchmark shards (an `eval` block, caption from `global_descriptions.json`);
 `--eval` does the same for a parquet split (e.g. dev).
 
-    python -m data_recipes.magicbrush --input MagicBrush/data/train-*.parquet --output shards/magicbrush
-    python -m data_recipes.magicbrush --input MagicBrush-test/test --output shards/eval/magicbrush_test
+    python -m data_recipes.magicbrush --input 'MagicBrush/data/train-*.parquet' --output data/real/magicbrush
+    python -m data_recipes.magicbrush --input MagicBrush-test/test --output data/eval/magicbrush_test
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ The kind of table is told by its columns:
 Images are copied through; maps are stored as PNG (copied when they already are single-channel / RGB PNGs).
 `--eval` writes benchmark shards (an `eval` block with the split and the condition).
 
-    python -m data_recipes.multigen --input MultiGen-20M_depth/data --output shards/multigen_depth
-    python -m data_recipes.multigen --input MultiGen-20M_depth_eval/data --eval --output shards/eval/multigen_depth
+    python -m data_recipes.multigen --input 'MultiGen-20M_depth/data/train-*.parquet' --output data/real/multigen_depth
+    python -m data_recipes.multigen --input 'MultiGen-20M_depth_eval/data/*.parquet' --eval \\
+        --output data/eval/multigen_depth_eval
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Source `src_img`, target `edited_img`, instruction: one phrasing of `edited_prom
 phrasings kept under `edit.instructions`). The scores `sc_score_1`, `sc_score_2`, `pq_score`, `o_score` are
 kept under `quality`; `--min-score o_score=8` and the like filter on them.
 
-    python -m data_recipes.omniedit --input OmniEdit-Filtered-1.2M/data --output shards/omniedit
+    python -m data_recipes.omniedit --input 'OmniEdit-Filtered-1.2M/data/train-*.parquet' --output data/real/omniedit
 """
 
 from __future__ import annotations

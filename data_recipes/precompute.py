@@ -1,6 +1,6 @@
 """Add cached FLUX text embeddings and VAE latents to existing shards, so training can skip the frozen encoders.
 
-    python -m data_recipes.precompute --input shards/omniedit --output shards/omniedit_flux512 \\
+    python -m data_recipes.precompute --input data/real/omniedit --output data/real_flux512/omniedit \\
         --flux /models/FLUX.1-dev --resolution 512 --device cuda
 
 Every input shard is copied to the output folder member for member (same bytes), with per sample:

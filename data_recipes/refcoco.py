@@ -13,9 +13,9 @@ Two inputs, told apart by their columns:
 Boxes become `[x0, y0, x1, y1]` (exclusive) once, here. The box is taken from `raw_anns` (COCO x, y, w, h)
 when present; the table's own `bbox` column is read as `--bbox-format` (default xywh).
 
-    python -m data_recipes.refcoco --input refcoco/data/train-*.parquet --images coco --dataset refcoco \\
-        --coco-instances coco/annotations/instances_train2014.json --output shards/refcoco
-    python -m data_recipes.refcoco --input RefCOCO/data/val-*.parquet --dataset refcoco --output shards/eval/refcoco_val
+    python -m data_recipes.refcoco --input 'refcoco/data/train-*.parquet' --images coco --dataset refcoco \\
+        --coco-instances coco/annotations/instances_train2014.json --output data/real/refcoco
+    python -m data_recipes.refcoco --input 'RefCOCO/data/val-*.parquet' --output data/eval/refcoco_val
 """
 
 from __future__ import annotations

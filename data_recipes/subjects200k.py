@@ -5,7 +5,7 @@ right (528, 8, 1040, 520). Every kept row gives two samples, one per direction: 
 description is the prompt), the source (the subject reference) is the other half. The halves are cropped,
 so they are re-encoded: JPEG quality 95 with 4:4:4 chroma by default, or PNG (`--crop-format png`).
 
-    python -m data_recipes.subjects200k --input Subjects200K/data --output shards/subjects200k
+    python -m data_recipes.subjects200k --input 'Subjects200K/data/train-*.parquet' --output data/real/subjects200k
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Source `source_image`, target `edited_image`, instruction `edit_prompt`, caption
 region-based split's `mask_image` becomes `mask.png` (the free-form split has a null-typed column). The
 similarity scores (`clip_sim_*`, `dinov2_sim`, `ssim`) are kept under `quality`; `--min-score` filters.
 
-    python -m data_recipes.ultraedit --input UltraEdit/data --output shards/ultraedit
+    python -m data_recipes.ultraedit --input 'UltraEdit/data/FreeForm-*.parquet' --output data/real/ultraedit
 """
 
 from __future__ import annotations
