@@ -183,11 +183,14 @@ def rgb_png(data: bytes) -> bytes:
     return encode_png(decode_image(data, "RGB"))
 
 
-def white_region_mask(data: bytes, size: tuple[int, int] | None = None, threshold: int = 250) -> bytes:
+def white_region_mask(data: bytes, size: tuple[int, int] | None = None, threshold: int = 250,
+                      painted_on: bytes | None = None) -> bytes:
     """A region painted white (all channels >= threshold) as a 0/255 single-channel PNG.
 
-    MagicBrush's `mask_img` is the source image with the edited region painted white; UltraEdit's region
-    masks are white on black. Both reduce to "white = region". Skip when the size disagrees or the mask is empty.
+    UltraEdit's region masks are white on black. MagicBrush's `mask_img` is the source image with the edited
+    region painted white: pass the source as `painted_on`, and pixels identical to it (white walls, sky)
+    are not taken for the region, unless the two images differ everywhere (then white alone decides).
+    Skip when the size disagrees or the mask is empty.
     """
     im = decode_image(data, "RGBA")
     if size is not None and im.size != tuple(size):
@@ -195,6 +198,12 @@ def white_region_mask(data: bytes, size: tuple[int, int] | None = None, threshol
     arr = np.asarray(im)
     # Transparent pixels are not part of a painted region.
     region = (arr[..., :3].min(axis=-1) >= threshold) & (arr[..., 3] > 0)
+    if painted_on is not None:
+        src = np.asarray(decode_image(painted_on, "RGB"))
+        if src.shape[:2] == region.shape:
+            changed = (src != arr[..., :3]).any(axis=-1)
+            if changed.mean() < 0.99:  # a painted copy, not a re-encoded one
+                region &= changed
     if not region.any():
         raise Skip("empty mask")
     return encode_png((region * 255).astype(np.uint8))

@@ -39,6 +39,7 @@ class EditColumns:
     scores: tuple[str, ...] = ()  # published quality scores, kept under "quality"
     extra: tuple[str, ...] = ()  # other columns kept under "edit" (task, ids, turn index)
     operation_column: str | None = None  # column whose value maps to edit.operation
+    mask_painted_on_source: bool = False  # the mask image is the source with the region painted white
 
 
 def pick_instruction(value: Any, ctx: RowContext) -> tuple[str, list[str]]:
@@ -80,7 +81,8 @@ class EditingConverter:
         files = {f"image.{t_ext}": tgt, f"source.{s_ext}": src}
         if c.mask and row.get(c.mask) is not None:
             try:
-                files["mask.png"] = white_region_mask(image_bytes(row[c.mask], "mask"), t_size)
+                files["mask.png"] = white_region_mask(image_bytes(row[c.mask], "mask"), t_size,
+                                                      painted_on=src if c.mask_painted_on_source else None)
             except Skip as s:  # the edit is still good without its mask
                 ctx.skip(f"mask dropped: {s.reason}")
         edit: dict[str, Any] = {"operation": "other", "instruction": instruction}

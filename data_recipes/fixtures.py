@@ -199,6 +199,7 @@ EDIT_BOX = (16, 12, 40, 30)  # the region every editing fixture changes (and mas
 def _masked_pair(i: int, seed: int, size: tuple[int, int]) -> tuple[Image.Image, Image.Image, Image.Image]:
     w, h = size
     src = draw_image(w, h, seed + i, [(4, 4, 12, 12)], color=(10, 10, 10))
+    ImageDraw.Draw(src).rectangle([44, 30, 51, 37], fill=(255, 255, 255))  # white already, not edited
     tgt = src.copy()
     ImageDraw.Draw(tgt).rectangle([EDIT_BOX[0], EDIT_BOX[1], EDIT_BOX[2] - 1, EDIT_BOX[3] - 1], fill=(0, 160, 0))
     mask = src.copy()  # MagicBrush: the source with the edited region painted white

@@ -23,7 +23,8 @@ from data_recipes._sources import ListSource, ParquetSource
 
 NAME = "magicbrush"
 COLUMNS = EditColumns(dataset=NAME, source="source_img", target="target_img", instruction="instruction",
-                      mask="mask_img", caption="target_caption", extra=("img_id", "turn_index"))
+                      mask="mask_img", caption="target_caption", extra=("img_id", "turn_index"),
+                      mask_painted_on_source=True)
 
 
 def _file(folder: Path, name: str) -> dict[str, Any]:
