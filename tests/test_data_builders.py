@@ -187,6 +187,7 @@ def test_resize_and_crop_maps_boxes_into_the_output_frame():
 def test_aspect_ratio_buckets():
     buckets = make_buckets(64, multiple=16)
     assert (64, 64) in buckets and all(w % 16 == 0 and h % 16 == 0 for w, h in buckets)
+    assert all((h, w) in buckets for w, h in buckets)
     ex = TaskBuilder(resolution=64, buckets=buckets)(_big_sample(128, 64), "t2i", np.random.default_rng(0))
     h, w = ex["target"].shape[:2]
     assert w > h and abs(w / h - 2.0) < 0.5
@@ -198,3 +199,23 @@ def test_prompt_templates_are_configurable(shapeworld_dir):
     assert ex["prompt"].startswith("fill in: a ")
     with pytest.raises(ValueError, match="unknown key 'paint'"):
         BuilderConfig(prompt_templates={"paint": ["x"]}).validate()
+
+
+def test_bucketed_batches_share_a_size_in_training_and_validation(tmp_path):
+    from cologen.data.datamodule import MixtureDataModule
+
+    with wds.TarWriter(str(tmp_path / "mixed.tar"), encoder=False, mtime=0) as sink:
+        for i in range(24):
+            w, h = [(64, 32), (32, 64), (48, 48)][i % 3]
+            img = np.full((h, w, 3), 40 * (i % 5), np.uint8)
+            rec = {"task": "inpainting", "prompt": f"scene {i}", "width": w, "height": h, "objects": []}
+            sink.write({"__key__": f"s{i:03d}", "json": json.dumps(rec).encode(),
+                        "image.png": cv2.imencode(".png", img)[1].tobytes()})
+    shards = {"inpainting": str(tmp_path / "mixed.tar")}
+    dm = MixtureDataModule(shards, {"t2i": 1.0}, shards, batch_size=4, num_workers=0, resolution=32,
+                           aspect_buckets=True, bucket_multiple=8, batches_per_epoch=12, val_tasks=["t2i"])
+    train_shapes = [tuple(b["target"].shape[2:]) for b in dm.train_dataloader()]
+    val_shapes = [tuple(b["target"].shape[2:]) for ld in dm.val_dataloader() for b in ld]
+    for shapes in (train_shapes, val_shapes):
+        assert set(shapes) == {(24, 48), (48, 24), (32, 32)}  # (H, W) buckets of ~32^2 pixels
+    assert sum(len(b["key"]) for ld in dm.val_dataloader() for b in ld) == 24

@@ -64,6 +64,7 @@ def test_validator_lists_every_malformed_sample_with_key_and_reason(shapeworld_d
     assert report.counts["inpainting"] >= 6 + 2  # the good samples, including those before the cut
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_skips_counts_and_keeps_going(shapeworld_dir, tmp_path, num_workers):
     urls = _bad_shards(shapeworld_dir, tmp_path)

@@ -102,7 +102,8 @@ def test_validation_sets_are_fixed_per_task(shapeworld_dir):
     runs = [[(b["task"], b["key"], b["prompt"], b["target"].sum().item()) for ld in loaders for b in ld]
             for _ in range(2)]
     assert runs[0] == runs[1]
-    assert [len(ld.dataset) for ld in loaders] == [10] * 7
+    assert [ld.dataset.num_examples for ld in loaders] == [10] * 7
+    assert [len(ld) for ld in loaders] == [3] * 7  # batches of 4, 4, 2
     for ld, task in zip(loaders, dm.val_tasks):
         keys = [k for b in ld for k in b["key"]]
         assert all(t == task for b in ld for t in b["task"])
@@ -110,3 +111,15 @@ def test_validation_sets_are_fixed_per_task(shapeworld_dir):
     other = MixtureDataModule(pats, {"inpainting": 1.0}, val, num_workers=0, val_samples_per_task=10,
                               val_batch_size=4)
     assert [b["prompt"] for ld in other.val_dataloader() for b in ld] == [r[2] for r in runs[0]]
+
+
+@pytest.mark.timeout(90)
+def test_workers_start_after_the_parent_used_opencv_threads(shapeworld_dir):
+    """OpenCV's thread pool does not survive fork: a worker must not reconfigure it (that deadlocked)."""
+    import cv2
+    import numpy as np
+
+    big = np.zeros((1500, 1500, 3), np.uint8)
+    cv2.GaussianBlur(cv2.resize(big, (1200, 1200)), (9, 9), 0)
+    dm = MixtureDataModule(shard_patterns(shapeworld_dir), {"control": 1.0}, num_workers=2, batches_per_epoch=3)
+    assert len(list(dm.train_dataloader())) == 3

@@ -44,3 +44,8 @@ def collate(examples: Sequence[Example]) -> dict[str, Any]:
         "region": torch.from_numpy(regions),
         "meta": [e["meta"] for e in examples],
     }
+
+
+def already_collated(batch: dict[str, Any]) -> dict[str, Any]:
+    """For loaders whose items are batches already: torch's default would walk every meta dict again."""
+    return batch

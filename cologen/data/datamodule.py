@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from cologen.data.builders import BuilderConfig
 from cologen.data.choice import normalized
-from cologen.data.collate import collate
+from cologen.data.collate import already_collated
 from cologen.data.geometry import make_buckets
 from cologen.data.mixture import MixtureDataset, MixtureLoader, MixtureState
 from cologen.data.shards import expand_shards
@@ -226,13 +226,14 @@ class MixtureDataModule(L.LightningDataModule):
             self._val_sets = {
                 t: FixedTaskDataset(expand_shards(self.val_shards[t], f"val_shards.{t}"), t,
                                     self.val_samples_per_task, self._skips, builder=self.builder,
-                                    resolution=self.resolution, buckets=self.buckets, seed=self.seed)
+                                    resolution=self.resolution, buckets=self.buckets, seed=self.seed,
+                                    batch_size=self.val_batch_size)
                 for t in self.val_tasks}
         return self._val_sets
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per task of `val_tasks` (dataloader_idx i is val_tasks[i]); batches hold one task."""
-        return [DataLoader(ds, batch_size=self.val_batch_size, shuffle=False, num_workers=0, collate_fn=collate)
+        return [DataLoader(ds, batch_size=None, shuffle=False, num_workers=0, collate_fn=already_collated)
                 for ds in self.val_datasets().values()]
 
     def state_dict(self) -> dict[str, Any]:

@@ -43,7 +43,7 @@ def make_buckets(resolution: int, multiple: int = 16, max_ratio: float = 2.0) ->
     for w in range(multiple, int(resolution * math.sqrt(max_ratio)) + multiple, multiple):
         h = max(multiple, int(round(area / w / multiple)) * multiple)
         if 1 / max_ratio <= w / h <= max_ratio:
-            out.add((w, h))
+            out.update({(w, h), (h, w)})  # landscape and portrait alike
     return sorted(out)
 
 

@@ -21,14 +21,13 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import webdataset as wds
 
 from cologen.data.builders import BuilderConfig, Example, TaskBuilder
 from cologen.data.choice import StratifiedChooser, normalized
-from cologen.data.collate import collate
+from cologen.data.collate import already_collated, collate
 from cologen.data.records import decode_sample
 from cologen.data.skips import SkipCounter
 from cologen.data.tasks import TASKS
@@ -188,15 +187,9 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
+        # No cv2.setNumThreads here: in a forked worker it deadlocks once the parent has used OpenCV's pool.
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if info is not None:
-            cv2.setNumThreads(1)  # one thread per worker: the workers are the parallelism
         return batches(self._examples(worker, num_workers), self.batch_size, bool(self.buckets))
-
-
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    """The workers already collate; the DataLoader's default would walk every meta dict again."""
-    return batch
 
 
 class MixtureLoader(wds.WebLoader):
@@ -205,7 +198,7 @@ class MixtureLoader(wds.WebLoader):
     so the workers' streams never repeat."""
 
     def __init__(self, dataset: MixtureDataset, batches_per_epoch: int, **kwargs: Any):
-        super().__init__(dataset, batch_size=None, shuffle=False, collate_fn=_as_is, **kwargs)
+        super().__init__(dataset, batch_size=None, shuffle=False, collate_fn=already_collated, **kwargs)
         self.state = dataset.state
         self.batches_per_epoch = batches_per_epoch
         self.with_epoch(batches_per_epoch)

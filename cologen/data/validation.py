@@ -3,6 +3,10 @@
 The first `n` samples of a task's validation shards (in shard order, no shuffling) are read once and kept
 as raw bytes; example `i` is rebuilt on demand with a generator seeded by (seed, task, i) and independent
 (non-stratified) choices, so every epoch, every rank and every run sees the very same examples.
+
+An item of the dataset is a whole collated batch: consecutive examples of one output size (with
+aspect-ratio buckets, examples of different buckets never share a batch). Its DataLoader uses
+`batch_size=None`, and under DDP Lightning's sampler hands whole batches to the ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import webdataset as wds
 
 from cologen.data.builders import BuilderConfig, Example, TaskBuilder
+from cologen.data.collate import collate
 from cologen.data.records import decode_sample
 from cologen.data.skips import SkipCounter
 from cologen.data.tasks import TASKS
@@ -22,32 +27,45 @@ from cologen.data.tasks import TASKS
 
 class FixedTaskDataset(torch.utils.data.Dataset):
     def __init__(self, urls: Sequence[str], task: str, n: int, skips: SkipCounter, *, builder: BuilderConfig,
-                 resolution: int, buckets: list[tuple[int, int]] | None, seed: int):
+                 resolution: int, buckets: list[tuple[int, int]] | None, seed: int, batch_size: int = 8):
         self.task, self.seed = task, seed
         self.builder = TaskBuilder(builder, resolution, buckets, stratified=False)
         fields = self.builder.fields(task)
         stream = wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None,
                                 handler=skips, empty_check=False)
         self.raw: list[dict[str, Any]] = []
+        sizes: list[tuple[int, int]] = []
         for raw in stream:
             if len(self.raw) >= n:
                 break
             try:  # keep only samples that build: a bad one is counted and replaced by the next
-                self.builder(decode_sample(raw, fields), task, self._rng(len(self.raw)))
+                ex = self.builder(decode_sample(raw, fields), task, self._rng(len(self.raw)))
             except Exception as exn:  # noqa: BLE001 - the handler decides (counts, or re-raises)
                 skips(exn)
                 continue
             skips.ok()
             self.raw.append(raw)
+            sizes.append(ex["target"].shape[:2])
         if not self.raw:
             raise ValueError(f"val_shards.{task}: no usable validation sample in {list(urls)[:3]}...")
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            by_size.setdefault(size, []).append(i)
+        self.batches = [idx[j:j + batch_size] for idx in by_size.values() for j in range(0, len(idx), batch_size)]
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, TASKS.index(self.task), index])
 
-    def __len__(self) -> int:
+    @property
+    def num_examples(self) -> int:
         return len(self.raw)
 
-    def __getitem__(self, index: int) -> Example:
+    def example(self, index: int) -> Example:
         raw = self.raw[index]
         return self.builder(decode_sample(raw, self.builder.fields(self.task)), self.task, self._rng(index))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return collate([self.example(i) for i in self.batches[index]])
