@@ -1,5 +1,5 @@
 """Shard lists from config: local paths, brace patterns (`train-{0000..0007}.tar`), globs, directories
-(every `*.tar` inside), lists of those, or `::`-joined strings; remote URLs pass through untouched."""
+(every `*.tar` inside, recursively), lists of those, or `::`-joined strings; remote URLs pass through untouched."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def expand_shards(spec: str | Sequence[str], what: str = "shards") -> list[str]:
                 if url.startswith(_REMOTE):
                     out.append(url)
                 elif os.path.isdir(url):
-                    found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                    found = sorted(glob.glob(os.path.join(url, "**", "*.tar"), recursive=True))
                     if not found:
                         raise ValueError(f"{what}: directory {url!r} holds no .tar shards")
                     out.extend(found)
