@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -16,6 +16,7 @@ from .model.packing import pack_latents, source_ids, target_ids, text_ids
 from .model.presets import Preset, TinyPreset
 from .model.text_encoders import TextEmbeddings
 from .model.veteran import expert_usage, routing_entropy, veteran_loss
+from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
 from .training.config import FlowMatchingConfig, OptimConfig, SourcePositionConfig, VeteranConfig
 from .training.schedule import WarmupSchedule
 
@@ -44,6 +45,7 @@ class CoLoGenModule(L.LightningModule):
             it encodes prompts that are not cached yet (saves its GPU memory; precomputed embeddings save more).
         attention_backend: a diffusers attention backend name ('native', 'flash', '_native_cudnn', ...);
             null keeps diffusers' default (PyTorch SDPA, which picks flash / memory-efficient kernels itself).
+        sampler: the sampler used by validation, `predict` and `generate`.
         init_from: a checkpoint of an earlier stage: its experts, routers and active-expert count are loaded
             (the optimizer starts fresh), e.g. `runs/tiny/stage1/last.ckpt` for stage 2.
     """
@@ -53,7 +55,7 @@ class CoLoGenModule(L.LightningModule):
                  optim: OptimConfig | None = None, positions: SourcePositionConfig | None = None,
                  train_base: bool = False, gradient_checkpointing: bool = False, load_text_encoder: bool = True,
                  offload_text_encoder: bool = False, attention_backend: str | None = None,
-                 init_from: str | None = None):
+                 sampler: SamplerConfig | None = None, init_from: str | None = None):
         super().__init__()
         self.preset = preset or TinyPreset()
         self.prw_config = prw or PRWConfig()
@@ -66,6 +68,9 @@ class CoLoGenModule(L.LightningModule):
 
         backbone = self.preset.build(load_text_encoder=load_text_encoder)
         self.guidance_embeds = backbone.guidance_embeds
+        self.sampler_config = sampler or SamplerConfig()
+        if backbone.scheduler_config is not None and sampler is None:
+            self.sampler_config.scheduler = dict(backbone.scheduler_config)
         self.offload_text_encoder = offload_text_encoder
         if offload_text_encoder:
             # Not a registered submodule: Lightning's device placement and checkpoints leave it alone.
@@ -153,6 +158,28 @@ class CoLoGenModule(L.LightningModule):
         return dict(latents=x_t, timestep=s, text=text, img_ids=target_ids(h // 2, w // 2, device=self.device),
                     txt_ids=text_ids(text.tokens.shape[1], device=self.device), source_tokens=source_tokens,
                     source_ids=sids, guidance=guidance, velocity=noise - x0)
+
+    # --------------------------------------------------------------------------------------------- sampling
+    def sampler(self, **overrides) -> FlowSampler:
+        config = replace(self.sampler_config, **overrides) if overrides else self.sampler_config
+        return FlowSampler(self.model, self.codec, self.positions, self.guidance_embeds, config)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sources: torch.Tensor | None = None, tasks: list[str] | None = None,
+                 height: int | None = None, width: int | None = None, seed: int | list[int] = 0,
+                 **sampler_overrides) -> tuple[torch.Tensor, SampleStats]:
+        """Images (B, 3, H, W) in [-1, 1] for `prompts` (and condition images `sources`), eval-mode routing."""
+        was_training = self.training
+        self.eval()
+        try:
+            text = self.encode_text({"prompt": prompts})
+            if height is None or width is None:
+                if sources is None:
+                    raise ValueError("generate needs height and width for text-to-image")
+                height, width = sources.shape[-2:]
+            return self.sampler(**sampler_overrides).sample(text, height, width, sources, tasks, seed)
+        finally:
+            self.train(was_training)
 
     # ------------------------------------------------------------------------------------------------- steps
     def forward(self, inputs: dict) -> CoLoGenOutput:

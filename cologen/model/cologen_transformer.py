@@ -161,6 +161,11 @@ class CoLoGenTransformer(nn.Module):
         bins = self.prw.router.timestep_bins
         return (timestep.float() * bins).long().clamp(0, bins - 1)
 
+    def cache_key(self, timestep: torch.Tensor) -> tuple:
+        """The routing inputs that vary over denoising: the timestep bins (none without time-aware routing)."""
+        tbin = self.timestep_bin(timestep)
+        return tuple(tbin.tolist()) if tbin is not None else ()
+
     def _rope(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if ids.dim() == 2:
             return self.transformer.pos_embed(ids)
@@ -216,8 +221,7 @@ class CoLoGenTransformer(nn.Module):
             if cache is None:
                 source = self.encode_source(source_tokens, source_ids, text.pooled, timestep, guidance)
             else:
-                tbin = self.timestep_bin(timestep)
-                key = tuple(tbin.tolist()) if tbin is not None else ()
+                key = self.cache_key(timestep)
                 source = cache.entries.get(key)
                 if source is None:
                     cache.misses += 1

@@ -36,6 +36,7 @@ class Backbone:
     text_encoder: TextEncoder | None  # None when text embeddings are read from precomputed shards
     codec: LatentCodec
     guidance_embeds: bool
+    scheduler_config: dict | None = None  # FlowMatchEulerDiscreteScheduler settings; None: FLUX.1's
 
 
 class Preset(ABC):
@@ -176,4 +177,8 @@ class FluxDevPreset(Preset):
         text = (FluxTextEncoder.from_pretrained(root, dtype=dtype, max_length=self.text_max_length)
                 if load_text_encoder else None)
         codec = VAECodec.from_pretrained(root, dtype=dtype)
-        return Backbone(transformer, text, codec, guidance_embeds=bool(transformer.config.guidance_embeds))
+        scheduler_file = root / "scheduler" / "scheduler_config.json"
+        scheduler = ({k: v for k, v in json.loads(scheduler_file.read_text()).items() if not k.startswith("_")}
+                     if scheduler_file.is_file() else None)
+        return Backbone(transformer, text, codec, guidance_embeds=bool(transformer.config.guidance_embeds),
+                        scheduler_config=scheduler)

@@ -1,0 +1,154 @@
+"""FLUX's Euler flow-matching sampler with the condition cache.
+
+The sigma schedule and the Euler step are diffusers' own (`FlowMatchEulerDiscreteScheduler` with FLUX's
+resolution-dependent shift, as `FluxPipeline` sets it up). The source stream is computed once per request (once per
+timestep bin with time-aware routing) and reused at every denoising step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+from cologen.model.codecs import LatentCodec
+from cologen.model.cologen_transformer import CoLoGenTransformer, ConditionCache
+from cologen.model.packing import pack_latents, source_ids, target_ids, text_ids, unpack_latents
+from cologen.model.text_encoders import TextEmbeddings
+from cologen.training.config import SourcePositionConfig
+
+# FLUX.1's scheduler settings (scheduler/scheduler_config.json of FLUX.1-dev)
+FLUX_SCHEDULER_CONFIG = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                             base_image_seq_len=256, max_image_seq_len=4096)
+
+
+@dataclass
+class SamplerConfig:
+    """steps: Euler steps (FLUX.1-dev: 28).
+    guidance: value of the guidance embedding of guidance-distilled backbones (FLUX.1-dev: 3.5); ignored otherwise.
+    cfg_scale: true classifier-free guidance on the prompt (1 = off); the unconditional branch has zero text
+        embeddings, as text dropout trains it.
+    image_cfg_scale: guidance on the source image (1 = off; InstructPix2Pix's formula), zero source latents.
+    use_cache: reuse the source stream across steps (exact; off only for comparisons).
+    scheduler: FlowMatchEulerDiscreteScheduler settings (a FLUX folder's scheduler config wins when loaded).
+    """
+
+    steps: int = 28
+    guidance: float = 3.5
+    cfg_scale: float = 1.0
+    image_cfg_scale: float = 1.0
+    use_cache: bool = True
+    scheduler: dict = field(default_factory=lambda: dict(FLUX_SCHEDULER_CONFIG))
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class SampleStats:
+    cache_hits: int = 0
+    cache_misses: int = 0
+    source_passes: int = 0  # source-stream computations (prefill included)
+
+    @property
+    def cache_hit_rate(self) -> float:
+        lookups = self.cache_hits + self.cache_misses
+        return self.cache_hits / lookups if lookups else 0.0
+
+
+class FlowSampler:
+    def __init__(self, model: CoLoGenTransformer, codec: LatentCodec, positions: SourcePositionConfig,
+                 guidance_embeds: bool, config: SamplerConfig | None = None):
+        self.model = model
+        self.codec = codec
+        self.positions = positions
+        self.guidance_embeds = guidance_embeds
+        self.config = config or SamplerConfig()
+
+    def _timesteps(self, num_tokens: int, device) -> tuple[FlowMatchEulerDiscreteScheduler, torch.Tensor]:
+        cfg = self.config
+        scheduler = FlowMatchEulerDiscreteScheduler(**cfg.scheduler)
+        sigmas = torch.linspace(1.0, 1.0 / cfg.steps, cfg.steps).tolist()
+        sc = scheduler.config
+        mu = calculate_shift(num_tokens, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                             sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+        return scheduler, scheduler.timesteps
+
+    @torch.no_grad()
+    def sample(self, text: TextEmbeddings, height: int, width: int, sources: torch.Tensor | None = None,
+               tasks: list[str] | None = None, seed: int | list[int] = 0) -> tuple[torch.Tensor, SampleStats]:
+        """Generate images (B, 3, height, width) in [-1, 1].
+
+        text: prompt embeddings (B, ...); sources: condition images (B, 3, Hs, Ws) in [-1, 1] or None
+        (text-to-image); tasks: per-sample task names (choose the source position scheme); seed: one seed for the
+        batch or one per sample (each sample's noise depends only on its own seed).
+        """
+        cfg, model, codec = self.config, self.model, self.codec
+        device = next(model.parameters()).device
+        b = len(text)
+        patch = codec.patch_pixels
+        if height % patch or width % patch:
+            raise ValueError(f"size {height}x{width} is not divisible by the patch size {patch}")
+        rows, cols = height // patch, width // patch
+        seeds = [seed] * b if isinstance(seed, int) else list(seed)
+        noise = torch.stack([
+            torch.randn(codec.latent_channels, 2 * rows, 2 * cols, generator=torch.Generator().manual_seed(s))
+            for s in seeds]).to(device)
+        latents = pack_latents(noise)
+
+        src_tokens = sids = None
+        if sources is not None:
+            src = codec.encode(sources.to(device)).float()
+            src_tokens = pack_latents(src)
+            tasks = tasks or ["editing"] * b
+            schemes = [self.positions.scheme(t) for t in tasks]
+            per = {s: source_ids(s, src.shape[2] // 2, src.shape[3] // 2, rows, cols, device=device) for s in schemes}
+            sids = per[schemes[0]] if len(per) == 1 else torch.stack([per[s] for s in schemes])
+
+        # Classifier-free guidance branches, batched into one forward: (text, source) kept or zeroed.
+        branches = [(True, True)]
+        if cfg.image_cfg_scale != 1.0 and src_tokens is not None:
+            branches += [(False, True), (False, False)]  # InstructPix2Pix: (I, 0) and (0, 0)
+        elif cfg.cfg_scale != 1.0:
+            branches += [(False, True)]
+        text_b = TextEmbeddings(
+            torch.cat([text.tokens.to(device) * float(keep_t) for keep_t, _ in branches]),
+            torch.cat([text.pooled.to(device) * float(keep_t) for keep_t, _ in branches]))
+        src_b = (torch.cat([src_tokens * float(keep_s) for _, keep_s in branches])
+                 if src_tokens is not None else None)
+        sids_b = sids if sids is None or sids.dim() == 2 else sids.repeat(len(branches), 1, 1)
+        nb = len(branches)
+        img_ids = target_ids(rows, cols, device=device)
+        txt_ids = text_ids(text_b.tokens.shape[1], device=device)
+        guidance = torch.full((b * nb,), cfg.guidance, device=device) if self.guidance_embeds else None
+
+        scheduler, timesteps = self._timesteps(latents.shape[1], device)
+        stats = SampleStats()
+        cache = ConditionCache() if (cfg.use_cache and src_b is not None) else None
+        if cache is not None:  # computed once per request, before the first step
+            t0 = (timesteps[0] / 1000).expand(b * nb)
+            cache.entries[model.cache_key(t0)] = model.encode_source(src_b, sids_b, text_b.pooled, t0, guidance)
+            stats.source_passes += 1
+        for t in timesteps:
+            s = (t / 1000).expand(b * nb).to(latents.dtype)
+            out = model(latents.repeat(nb, 1, 1), s, text_b, img_ids, txt_ids, src_b, sids_b, guidance, cache=cache)
+            v = out.sample.float().chunk(nb)
+            if nb == 1:
+                velocity = v[0]
+            elif nb == 2:
+                velocity = v[1] + cfg.cfg_scale * (v[0] - v[1])
+            else:
+                full, img_only, none = v
+                velocity = none + cfg.image_cfg_scale * (img_only - none) + cfg.cfg_scale * (full - img_only)
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if cache is not None:
+            stats.cache_hits, stats.cache_misses = cache.hits, cache.misses
+            stats.source_passes += cache.misses
+        elif src_b is not None:
+            stats.source_passes = len(timesteps)
+        images = codec.decode(unpack_latents(latents.float(), 2 * rows, 2 * cols))
+        return images.clamp(-1, 1), stats
