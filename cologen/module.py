@@ -241,6 +241,11 @@ class CoLoGenModule(L.LightningModule):
         self._log_losses(losses, list(batch["task"]), "val")
         return losses["loss"]
 
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        from .predict import predict_one
+
+        return predict_one(self, batch)
+
     # ------------------------------------------------------------------------------------------- optimization
     def configure_optimizers(self):
         o = self.optim

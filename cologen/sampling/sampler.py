@@ -52,6 +52,9 @@ class SampleStats:
     cache_hits: int = 0
     cache_misses: int = 0
     source_passes: int = 0  # source-stream computations (prefill included)
+    # per denoising step: (timestep in [0, 1], {PRW block: chosen expert per sample (B,) or token (B, N)}),
+    # for the conditional branch only
+    routing: list[tuple[float, dict[str, torch.Tensor]]] = field(default_factory=list)
 
     @property
     def cache_hit_rate(self) -> float:
@@ -136,6 +139,7 @@ class FlowSampler:
         for t in timesteps:
             s = (t / 1000).expand(b * nb).to(latents.dtype)
             out = model(latents.repeat(nb, 1, 1), s, text_b, img_ids, txt_ids, src_b, sids_b, guidance, cache=cache)
+            stats.routing.append((float(t) / 1000, {k: r.index[:b].cpu() for k, r in out.routing.items()}))
             v = out.sample.float().chunk(nb)
             if nb == 1:
                 velocity = v[0]
