@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         from .commands.info import main as info_main
 
         return info_main(args[1:])
+    if args and args[0] == "export":
+        from .commands.export import main as export_main
+
+        return export_main(args[1:])
     _run_lightning_cli(args)
 
 

@@ -47,6 +47,10 @@ class Preset(ABC):
     @abstractmethod
     def build(self, load_text_encoder: bool = True) -> Backbone: ...
 
+    @abstractmethod
+    def to_dict(self) -> dict:
+        """`name` and the constructor arguments (exported with a pipeline so it can rebuild the base)."""
+
 
 def tiny_transformer_config(width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4,
                             in_channels: int = 48, text_dim: int = 384, pooled_dim: int = 384) -> dict:
@@ -93,6 +97,11 @@ class TinyPreset(Preset):
         self.text_max_length = text_max_length
         self.base = base
         self.seed = seed
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "width": self.width, "heads": self.heads, "double_layers": self.double_layers,
+                "single_layers": self.single_layers, "codec_factor": self.codec_factor,
+                "text_max_length": self.text_max_length, "base": self.base, "seed": self.seed}
 
     def transformer_config(self) -> dict:
         return tiny_transformer_config(self.width, self.heads, self.double_layers, self.single_layers,
@@ -166,6 +175,9 @@ class FluxDevPreset(Preset):
         self.path = path
         self.dtype = dtype
         self.text_max_length = text_max_length
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "dtype": self.dtype, "text_max_length": self.text_max_length}
 
     def build(self, load_text_encoder: bool = True) -> Backbone:
         root = Path(self.path)

@@ -1,0 +1,51 @@
+"""`cologen export CKPT OUT`: write a CoLoGenPipeline folder (experts, routers, config, model card)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def export(checkpoint: str, out: str) -> Path:
+    from cologen.module import CoLoGenModule
+    from cologen.pipeline import CoLoGenPipeline
+
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    module = CoLoGenModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    module.eval()
+    meta = ckpt.get("cologen", {})
+    curriculum = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("CurriculumCallback")), None)
+    metadata = {
+        "source_checkpoint": str(checkpoint),
+        "global_step": ckpt.get("global_step"),
+        "routing": meta.get("routing"),
+        "metrics": meta.get("metrics"),
+        "curriculum": (curriculum or {}).get("spec"),
+        "curriculum_position": {"step": (curriculum or {}).get("index"), "done": (curriculum or {}).get("done")},
+    }
+    preset = module.preset.to_dict()
+    text_encoder = module.text_encoder
+    if text_encoder is None and getattr(module, "_offloaded", None):
+        text_encoder = module._offloaded[0]
+    pipe = CoLoGenPipeline(module.model, text_encoder, module.codec, preset, module.positions,
+                           module.sampler_config, module.guidance_embeds, metadata)
+    pipe.save_pretrained(out)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cologen export", description=__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"cologen export: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"exported to {path}")

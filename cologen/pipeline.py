@@ -1,0 +1,224 @@
+"""CoLoGenPipeline: a diffusers `DiffusionPipeline` that generates with a trained expert bank, without the training
+code's checkpoint.
+
+An exported folder holds only what training produced: the experts and routers (`prw_adapters.safetensors`), the
+settings needed to rebuild them (`cologen_config.json`), the scheduler config and a model card. The frozen base is
+loaded from its own folder (`base=`): the tiny base that ships with cologen, or a local FLUX.1 diffusers folder.
+
+Adapter tensor names are the diffusers module paths of the transformer, so they are stable across versions:
+
+    transformer_blocks.{i}.attn.prw_experts.experts.{e}.{to_k,to_v}.lora_{A,B}.weight
+    single_transformer_blocks.{i}.attn.prw_experts.experts.{e}.{to_k,to_v}.lora_{A,B}.weight
+    {transformer_blocks|single_transformer_blocks}.{i}.attn.prw_router.{gate.weight,gate.bias,noise.weight,
+        time_bias.weight}
+    prw.entry_offset
+
+Each expert is a standard LoRA pair on `to_k` / `to_v` (`lora_B @ lora_A`, scaled by alpha / rank), but it acts on
+the *source tokens only*, weighted by its router: a plain LoRA loaded into a stock FLUX pipeline
+(`load_lora_weights`) applies to every token and cannot reproduce it, so no such file is exported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from cologen.model.cologen_transformer import CoLoGenTransformer
+from cologen.model.config import PRWConfig, RouterConfig
+from cologen.model.presets import FluxDevPreset, TinyPreset
+from cologen.sampling.sampler import FlowSampler, SamplerConfig
+from cologen.training.config import SourcePositionConfig
+
+ADAPTER_FILE = "prw_adapters.safetensors"
+CONFIG_FILE = "cologen_config.json"
+FORMAT_VERSION = 1
+
+
+def adapter_state(model: CoLoGenTransformer) -> dict[str, torch.Tensor]:
+    """The expert bank and routers under their stable names."""
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.transformer.state_dict().items()
+             if ".prw_" in k}
+    state["prw.entry_offset"] = model.entry_offset.detach().float().cpu()
+    return state
+
+
+def prw_config_from_dict(d: dict[str, Any]) -> PRWConfig:
+    d = dict(d)
+    d["router"] = RouterConfig(**d.get("router", {}))
+    return PRWConfig(**d)
+
+
+def _image_tensor(image: Image.Image | torch.Tensor, width: int, height: int) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        return image.float()
+    import numpy as np
+
+    from cologen.data.geometry import fit_frame, warp
+
+    rgb = np.asarray(image.convert("RGB"))
+    rgb = warp(rgb, fit_frame(rgb.shape[1], rgb.shape[0], width, height))
+    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class CoLoGenPipeline(DiffusionPipeline):
+    """Generate for every CoLoGen task: `pipe(prompt, image=condition, task="editing")`."""
+
+    def __init__(self, model: CoLoGenTransformer, text_encoder, codec, preset: dict[str, Any],
+                 positions: SourcePositionConfig | None = None, sampler: SamplerConfig | None = None,
+                 guidance_embeds: bool = False, metadata: dict[str, Any] | None = None):
+        super().__init__()
+        self.register_modules(model=model, text_encoder=text_encoder, codec=codec)
+        self.preset = preset
+        self.positions = positions or SourcePositionConfig()
+        self.sampler_config = sampler or SamplerConfig()
+        self.guidance_embeds = guidance_embeds
+        self.metadata = metadata or {}
+
+    # ---------------------------------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        model: CoLoGenTransformer = self.model
+        save_file(adapter_state(model), str(out / ADAPTER_FILE),
+                  metadata={"format": "cologen-prw", "version": str(FORMAT_VERSION),
+                            "num_active": str(model.num_active)})
+        config = {
+            "format_version": FORMAT_VERSION,
+            "preset": self.preset,
+            "prw": asdict(model.prw),
+            "num_active": model.num_active,
+            "positions": asdict(self.positions),
+            "sampler": asdict(self.sampler_config),
+            "guidance_embeds": self.guidance_embeds,
+            "metadata": self.metadata,
+        }
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (out / "README.md").write_text(model_card(config))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, base: str | None = None,
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> CoLoGenPipeline:
+        """Load an exported folder; `base` is the frozen base's folder (tiny: a `make base` output, default the
+        one shipped with cologen; flux_dev: the local FLUX.1 diffusers folder)."""
+        folder = Path(pretrained_model_name_or_path)
+        if not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{folder} holds no {CONFIG_FILE}: export one with `cologen export CKPT OUT`")
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        preset_info = dict(config["preset"])
+        name = preset_info.pop("name")
+        if name == "tiny":
+            preset_info["base"] = base if base is not None else preset_info.get("base", "builtin")
+            preset = TinyPreset(**preset_info)
+        elif name == "flux_dev":
+            if base is None:
+                raise ValueError("base= must name the local FLUX.1 diffusers folder the experts were trained on")
+            preset = FluxDevPreset(path=base, dtype=preset_info.get("dtype", "bfloat16"),
+                                   text_max_length=preset_info.get("text_max_length", 512))
+        else:
+            raise ValueError(f"unknown preset {name!r} in {folder / CONFIG_FILE}")
+        backbone = preset.build()
+        model = CoLoGenTransformer(backbone.transformer, prw_config_from_dict(config["prw"]))
+        state = load_file(str(folder / ADAPTER_FILE))
+        with torch.no_grad():
+            model.entry_offset.copy_(state.pop("prw.entry_offset"))
+        missing, unexpected = model.transformer.load_state_dict(state, strict=False)
+        missing = [k for k in missing if ".prw_" in k]
+        if missing or unexpected:
+            raise ValueError(f"{folder / ADAPTER_FILE} does not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        model.num_active = int(config["num_active"])
+        model.eval()
+        pos = config.get("positions", {})
+        positions = SourcePositionConfig(**pos) if pos else None
+        pipe = cls(model, backbone.text_encoder, backbone.codec, config["preset"], positions,
+                   SamplerConfig(**config["sampler"]), bool(config["guidance_embeds"]), config.get("metadata"))
+        if torch_dtype is not None:
+            backbone.transformer.to(torch_dtype)
+        return pipe
+
+    # --------------------------------------------------------------------------------------------- calling
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], image: Image.Image | torch.Tensor | list | None = None,
+                 task: str | list[str] = "editing", height: int | None = None, width: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 cfg_scale: float | None = None, image_cfg_scale: float | None = None,
+                 seed: int | list[int] = 0, output_type: str = "pil") -> ImagePipelineOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        b = len(prompts)
+        tasks = [task] * b if isinstance(task, str) else list(task)
+        overrides = {k: v for k, v in (("steps", num_inference_steps), ("guidance", guidance_scale),
+                                       ("cfg_scale", cfg_scale), ("image_cfg_scale", image_cfg_scale))
+                     if v is not None}
+        config = SamplerConfig(**{**asdict(self.sampler_config), **overrides})
+        sources = None
+        if image is not None:
+            images = image if isinstance(image, list) else [image] * b
+            if height is None or width is None:
+                first = images[0]
+                width, height = (first.size if isinstance(first, Image.Image) else (first.shape[-1], first.shape[-2]))
+            sources = torch.stack([_image_tensor(im, width, height) for im in images])
+        elif height is None or width is None:
+            raise ValueError("text-to-image needs height and width")
+        device = next(self.model.parameters()).device
+        text = self.text_encoder.encode(prompts).to(device, torch.float32)
+        sampler = FlowSampler(self.model, self.codec, self.positions, self.guidance_embeds, config)
+        out, _ = sampler.sample(text, height, width, sources, tasks, seed)
+        if output_type == "pt":
+            return ImagePipelineOutput(images=out)
+        arr = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return ImagePipelineOutput(images=[Image.fromarray(a) for a in arr])
+
+
+def model_card(config: dict[str, Any]) -> str:
+    meta = config.get("metadata", {})
+    curriculum = meta.get("curriculum") or {}
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [cologen, flux, lora, mixture-of-experts, image-editing]",
+        "---",
+        "",
+        "# CoLoGen expert bank",
+        "",
+        f"Preset: `{config['preset'].get('name')}`; {config['num_active']} of {config['prw']['num_experts']} experts "
+        f"active (rank {config['prw']['rank']}, alpha {config['prw']['alpha']}, blocks: {config['prw']['blocks']}).",
+        "",
+        "```python",
+        "from cologen.pipeline import CoLoGenPipeline",
+        "pipe = CoLoGenPipeline.from_pretrained('THIS_FOLDER', base='BASE_FOLDER')",
+        "image = pipe('make the red square blue', image=source, task='editing').images[0]",
+        "```",
+        "",
+        "The experts act on the condition (source) tokens only and are chosen per block by a router; a plain LoRA in a "
+        "stock FLUX pipeline cannot reproduce them (see the cologen docs).",
+        "",
+        "## Curriculum",
+        "",
+    ]
+    steps = curriculum.get("steps") or []
+    if steps:
+        lines += ["| step | name | stage | mixture | steps | rho | alpha |", "|---|---|---|---|---|---|---|"]
+        for i, s in enumerate(steps):
+            lines.append(f"| {i} | {s['name']} | {s['stage']} | {s['mixture']} | {s['steps']} | {s['rho']} | "
+                         f"{s['alpha']} |")
+    else:
+        lines.append("(not recorded)")
+    lines += ["", "## Metrics", ""]
+    metrics = meta.get("metrics") or {}
+    lines += [f"- {k}: {v:.4g}" for k, v in sorted(metrics.items())] or ["(none recorded in the checkpoint)"]
+    lines += ["", "## Routing (expert usage per PRW block at the last logged step)", ""]
+    routing = meta.get("routing")
+    if routing:
+        for block, row in zip(routing["blocks"], routing["usage"]):
+            lines.append(f"- {block}: " + ", ".join(f"e{e} {u:.2f}" for e, u in enumerate(row) if u > 0))
+    else:
+        lines.append("(not recorded)")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,62 @@
+"""Export: a CoLoGenPipeline folder reproduces the training checkpoint's samples."""
+
+import json
+
+import lightning as L
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+
+from cologen.commands.export import export
+from cologen.model.config import PRWConfig
+from cologen.model.presets import TinyPreset
+from cologen.module import CoLoGenModule
+from cologen.pipeline import ADAPTER_FILE, CoLoGenPipeline
+from cologen.sampling.sampler import SamplerConfig
+
+
+def batch(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(b, 3, 32, 32, generator=g) * 2 - 1
+    return {"target": t, "source": t.flip(-2), "has_source": torch.ones(b, dtype=torch.bool),
+            "prompt": ["flip it", "turn it over"][:b], "task": ["editing", "customized"][:b]}
+
+
+class Data(L.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader([batch(seed=i) for i in range(4)], batch_size=None)
+
+
+def test_export_round_trip_reproduces_samples(tmp_path):
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2, seed=3),
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8), sampler=SamplerConfig(steps=4))
+    module.model.activate_next_expert()
+    module.model.set_entry_progress(1.0)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=Data())
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    src = batch()["source"]
+    prompts, tasks = ["flip it", "turn it over"], ["editing", "customized"]
+    expected, _ = module.generate(prompts, src, tasks, seed=[11, 12])
+
+    out = export(str(ckpt), str(tmp_path / "exported"))
+    files = {p.name for p in out.iterdir()}
+    assert {ADAPTER_FILE, "cologen_config.json", "README.md"} <= files
+    with safe_open(str(out / ADAPTER_FILE), "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata()["num_active"] == "2"
+    assert "transformer_blocks.0.attn.prw_experts.experts.1.to_k.lora_A.weight" in keys
+    assert "single_transformer_blocks.1.attn.prw_router.gate.weight" in keys
+    assert not any(".prw_" not in k and k != "prw.entry_offset" for k in keys)  # no base weights
+    config = json.loads((out / "cologen_config.json").read_text())
+    assert config["num_active"] == 2 and config["preset"]["name"] == "tiny"
+
+    pipe = CoLoGenPipeline.from_pretrained(out)
+    got = pipe(prompts, image=list(src), task=tasks, seed=[11, 12], output_type="pt").images
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    pil = pipe("flip it", image=src[0], task="editing", seed=11).images[0]
+    assert pil.size == (32, 32)
