@@ -1,7 +1,8 @@
 # cologen: every target sets itself up (virtual environment, data) on a fresh machine.
 #
-#   make stage1 / stage2 / stage3   the three curriculum stages on the tiny preset (PRESET=flux_dev for FLUX.1-dev)
+#   make stage1 / stage2 / stage3   the three curriculum stages (tiny preset; PRESET=flux_dev for FLUX.1-dev)
 #   make test                       the test suite
+#   make base                       retrain the tiny base model (about 45 min on 2 cores; a trained one is committed)
 #   make bench / bench-gpu          benchmarks (ratios against baselines run in the same process)
 #
 # GPU users: make install TORCH="torch==2.5.1" TORCH_INDEX=https://download.pytorch.org/whl/cu124
@@ -9,11 +10,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+COLOGEN := $(VENV)/bin/cologen
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+PRESET ?= tiny
+CFG := experiments/$(PRESET)
+RUNS := runs/$(PRESET)
+ARGS ?=
 
-.PHONY: install test lint bench
+.PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +35,29 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check cologen data_recipes tests benchmarks
+
+# ShapeWorld shards for the tiny preset (seconds; skipped when already there). flux_dev reads the shard folders
+# written by data_recipes (see docs/data.md).
+data: install
+ifeq ($(PRESET),tiny)
+	$(PY) -m data_recipes.shapeworld --out data/shapeworld --if-missing
+endif
+
+base: install
+	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 20000 --val 64 --tasks inpainting --seed 1 --if-missing
+	$(COLOGEN) fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/base.yaml $(ARGS)
+	$(PY) -m cologen.commands.save_base runs/tiny/base/last.ckpt cologen/assets/tiny_base
+
+stage1: data
+	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/stage1.yaml $(ARGS)
+
+stage2: data
+	@test -f $(RUNS)/stage1/last.ckpt || { echo "$(RUNS)/stage1/last.ckpt is missing: run 'make stage1$(if $(filter-out tiny,$(PRESET)), PRESET=$(PRESET))' first"; exit 1; }
+	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/stage2.yaml $(ARGS)
+
+stage3: data
+	@test -f $(RUNS)/stage2/last.ckpt || { echo "$(RUNS)/stage2/last.ckpt is missing: run 'make stage2$(if $(filter-out tiny,$(PRESET)), PRESET=$(PRESET))' first"; exit 1; }
+	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/stage3.yaml $(ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_model.py

@@ -747,12 +747,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-objects", type=int, help="objects per scene, at most (overrides the preset)")
     ap.add_argument("--tasks", nargs="+", choices=TASKS, help="only these tasks")
     ap.add_argument("--workers", type=int, help="processes (default: one per core)")
+    ap.add_argument("--if-missing", action="store_true",
+                    help="keep a complete dataset already there with the same settings (used by make targets)")
     args = ap.parse_args(argv)
     cfg = PRESETS[args.preset]
     overrides = {k: v for k, v in (("size", args.size), ("max_objects", args.max_objects),
                                    ("tasks", tuple(args.tasks) if args.tasks else None)) if v is not None}
     cfg = replace(cfg, **overrides)
-    manifest = generate(args.out, train=args.train, val=args.val, seed=args.seed, config=cfg, workers=args.workers)
+    make = ensure_shapeworld if args.if_missing else generate
+    manifest = make(args.out, train=args.train, val=args.val, seed=args.seed, config=cfg, workers=args.workers)
+    if args.if_missing:
+        print(f"ShapeWorld ready in {args.out} ({len(manifest['shards'])} tasks)")
+        return 0
     print(f"wrote {len(cfg.tasks)} tasks x ({args.train} train + {args.val} val) to {args.out} "
           f"in {manifest['seconds']} s")
     return 0

@@ -1,0 +1,37 @@
+"""`python -m cologen.commands.save_base CKPT OUT_DIR`: turn a `make base` checkpoint into the tiny base folder
+(`model.safetensors`, `config.json` with the transformer config and provenance, `sha256`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from cologen.model.presets import save_tiny_base
+
+
+def save_base(checkpoint: str, out_dir: str) -> str:
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    preset = ckpt["hyper_parameters"]["preset"]
+    prefix = "model.transformer."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix) and ".prw_" not in k}
+    transformer = FluxTransformer2DModel(**preset.transformer_config())
+    transformer.load_state_dict(state)
+    extra = {"provenance": {"checkpoint": str(checkpoint), "global_step": ckpt.get("global_step"),
+                            "tasks": "t2i + reconstruct on ShapeWorld (make base)"}}
+    return save_tiny_base(transformer, Path(out_dir), extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    digest = save_base(args.checkpoint, args.out_dir)
+    print(f"tiny base written to {args.out_dir} (sha256 {digest[:16]}...)")
+
+
+if __name__ == "__main__":
+    main()
