@@ -219,3 +219,34 @@ def test_bucketed_batches_share_a_size_in_training_and_validation(tmp_path):
     for shapes in (train_shapes, val_shapes):
         assert set(shapes) == {(24, 48), (48, 24), (32, 32)}  # (H, W) buckets of ~32^2 pixels
     assert sum(len(b["key"]) for ld in dm.val_dataloader() for b in ld) == 24
+
+
+def _polygon_sample(w=32, h=32):
+    """A grounding record with polygons and no instances.png (as RefCOCO converts): the mask comes from them."""
+    img = np.full((h, w, 3), 90, np.uint8)
+    rect, tri = [4, 6, 14, 6, 14, 17, 4, 17], [18.3, 5.2, 29.6, 5.2, 23.9, 26.8]
+    rec = {"task": "grounding", "prompt": "the square", "width": w, "height": h,
+           "objects": [{"class": "square", "box": [4, 6, 14, 17], "polygon": [rect]},
+                       {"class": "triangle", "box": [18, 5, 30, 27], "polygon": [tri]}],
+           "grounding": {"expression": "the square", "class": "square", "box": [4, 6, 14, 17],
+                         "polygon": [rect], "object_index": 0}}
+    raw = {"__key__": "poly", "json": json.dumps(rec).encode(), "image.png": cv2.imencode(".png", img)[1].tobytes()}
+    return decode_sample(raw)
+
+
+@pytest.mark.parametrize("resolution", [32, 48])
+def test_mask_overlay_from_polygons_stays_inside_the_box(resolution):
+    """Pixels are filled when their centre is inside the polygon, so a mask overlay never paints past the
+    record's exclusive box (cv2.fillPoly painted one more row and column)."""
+    s = _polygon_sample()
+    builder = TaskBuilder(BuilderConfig(overlay_kinds={"mask": 1.0}), resolution=resolution)
+    for index, box in ((0, [4, 6, 14, 17]), (1, [18, 5, 30, 27])):
+        g = s.record["grounding"]
+        g.update(object_index=index, box=box, polygon=s.record["objects"][index]["polygon"])
+        ex = builder(s, "grounding", np.random.default_rng(0))
+        painted = (ex["target"] != ex["source"]).any(-1)
+        ys, xs = np.nonzero(painted)
+        x0, y0, x1, y1 = ex["meta"]["build"]["box"]
+        assert painted.any() and xs.min() >= x0 and ys.min() >= y0 and xs.max() < x1 and ys.max() < y1
+        if index == 0 and resolution == 32:  # an axis-aligned rectangle fills its box exactly
+            assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box and painted.sum() == 10 * 11

@@ -101,9 +101,34 @@ def box_of(mask: np.ndarray) -> list[int] | None:
 
 
 def fill_polygons(polygons: Sequence[np.ndarray], width: int, height: int) -> np.ndarray:
-    """Rasterise polygons given in continuous coordinates (pixel i covers [i, i+1)) into a 0/1 mask."""
+    """Rasterise polygons given in continuous coordinates (pixel i covers [i, i+1)) into a 0/1 mask: a pixel
+    is filled when its centre is inside a polygon (even-odd rule; several polygons are united).
+
+    A scanline fill rather than cv2.fillPoly, which also paints the pixels its outline touches and so
+    spilled one row and column past the right and bottom edges (past the object's exclusive box)."""
     mask = np.zeros((height, width), np.uint8)
-    pts = [np.round((p - 0.5) * 16).astype(np.int32) for p in polygons if len(p) >= 3]
-    if pts:
-        cv2.fillPoly(mask, pts, 1, lineType=cv2.LINE_8, shift=4)
+    centres = np.arange(height, dtype=np.float64)[:, None] + 0.5
+    for poly in polygons:
+        p = np.asarray(poly, np.float64).reshape(-1, 2)
+        if len(p) < 3:
+            continue
+        (x0, y0), (x1, y1) = p.T, np.roll(p, -1, axis=0).T
+        crosses = (y0 <= centres) != (y1 <= centres)  # half-open in y: a vertex on a scanline counts once
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xs = np.where(crosses, x0 + (centres - y0) / (y1 - y0) * (x1 - x0), np.inf)
+        xs.sort(axis=1)
+        pairs = crosses.sum(1).max() // 2  # crossings per row are even; pair them left to right
+        if pairs == 0:
+            continue
+        starts, ends = xs[:, 0:2 * pairs:2], xs[:, 1:2 * pairs:2]
+        valid = np.isfinite(ends)
+        # pixel i is inside [a, b) when its centre i + 0.5 is: i in [ceil(a - 0.5), ceil(b - 0.5))
+        lo = np.clip(np.ceil(starts[valid] - 0.5), 0, width).astype(np.int64)
+        hi = np.clip(np.ceil(ends[valid] - 0.5), 0, width).astype(np.int64)
+        rows = np.nonzero(valid)[0]
+        diff = np.zeros((height, width + 1), np.int32)
+        keep = lo < hi
+        np.add.at(diff, (rows[keep], lo[keep]), 1)
+        np.add.at(diff, (rows[keep], hi[keep]), -1)
+        mask |= (np.cumsum(diff[:, :width], axis=1) > 0).astype(np.uint8)
     return mask

@@ -8,9 +8,9 @@ so does a plain dict with the keys below (these win over ``meta``). Scores are r
 - all: ``task``, ``source`` (the condition image), ``image`` or ``target``, optional ``key``.
 - ``inpainting``: ``mask`` or ``region`` (the hole).
 - ``grounding``: ``overlay_rgb`` and ``box`` (one ``[x0, y0, x1, y1]``) or ``boxes`` (every
-  instance); from ``meta["build"]``: ``rgb``, ``box``, and ``boxes`` when ``overlay`` is
-  ``class_boxes``; for a ``mask`` overlay, the box of ``mask`` / ``region`` (the painted pixels).
-  Optional ``overlay_alpha`` (1 = opaque, the builders' default).
+  instance); from ``meta["build"]``: ``rgb``, ``box`` (the record's box of the object, also for a
+  ``mask`` overlay, whose painted pixels lie inside it), and ``boxes`` when ``overlay`` is
+  ``class_boxes``. Optional ``overlay_alpha`` (1 = opaque, the builders' default).
 - ``control``: ``source`` is the control map; optional ``condition_is_edges``.
 - ``customized``: ``reference`` (or ``source``) shows the subject; ``subject_mask`` its pixels in
   the reference. Without it, a ``mask`` / ``region`` (the subject's pixels in the target, as the
@@ -50,13 +50,6 @@ def _first(sample: Sample, *names: str) -> Any:
     return None
 
 
-def box_of_mask(mask: Any) -> list[int]:
-    """``[x0, y0, x1, y1]`` (exclusive) of a mask's pixels."""
-    region = np.asarray(mask)
-    ys, xs = np.nonzero(region.any(axis=2) if region.ndim == 3 else region)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
 def _build(sample: Sample) -> dict[str, Any]:
     return (sample.get("meta") or {}).get("build") or {}
 
@@ -66,9 +59,6 @@ def _grounding(sample: Sample, output: np.ndarray) -> dict[str, float]:
     rgb = _first(sample, "overlay_rgb")
     rgb = build["rgb"] if rgb is None else rgb
     gt = _first(sample, "boxes", "box")
-    region = _first(sample, "mask", "region")
-    if gt is None and build.get("overlay") == "mask" and region is not None:
-        gt = box_of_mask(region)  # the painted pixels are the ground truth of a mask overlay
     if gt is None:
         gt = build["boxes"] if build.get("overlay") == "class_boxes" else build["box"]
     alpha = float(sample.get("overlay_alpha", 1.0))
