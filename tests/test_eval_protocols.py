@@ -132,6 +132,29 @@ def test_editing_magicbrush_and_emu_edit(models: dict[str, Path], tmp_path: Path
     assert len(read_jsonl(tmp_path / "mb.jsonl")) == 4
 
 
+def test_editing_skips_ground_truth_metrics_without_a_target(models: dict[str, Path], tmp_path: Path) -> None:
+    """Benchmarks without ground-truth edits store the source as ``image`` with ``eval.has_target: false``:
+    scoring it as a target would reward doing nothing."""
+    samples = []
+    for i in range(4):
+        src = picture(30 + i)
+        edited = np.asarray(src).copy()
+        edited[5:20, 5:20] = (0, 0, 255)
+        sample = {"key": f"e{i}", "source": src, "prompt": "make the corner blue"}
+        if i % 2:  # emu_edit / gedit_bench style: `image` is only the source again
+            sample |= {"image": src, "eval": {"benchmark": "emu_edit", "has_target": False}}
+        else:
+            sample |= {"image": Image.fromarray(edited), "eval": {"benchmark": "magicbrush", "has_target": True}}
+        samples.append(sample)
+    samples[3] = {k: v for k, v in samples[3].items() if k != "eval"} | {"meta": {"record": {"eval": {"has_target": False}}}}
+    kw = dict(clip_path=models["clip"], dino_path=models["dino"], device="cpu", batch_size=3)
+    out = run_editing(samples, lambda s: np.asarray(s["source"]), jsonl_path=tmp_path / "e.jsonl", **kw)
+    rows = {r["key"]: r for r in read_jsonl(tmp_path / "e.jsonl")}
+    assert all("l1_target" in rows[k] and "dino_target" in rows[k] for k in ("e0", "e2"))
+    assert not any(k.endswith("_target") for key in ("e1", "e3") for k in rows[key])
+    assert out["l1_target"] > 0  # the mean is over the two real targets only (returning the source is wrong)
+
+
 def control_samples(n: int = 3) -> list[dict]:
     out = []
     for i in range(n):

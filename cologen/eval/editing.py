@@ -8,7 +8,9 @@ the sample has one (MagicBrush): ``l1_target``, ``clip_i_target``, ``dino_target
 
 Sample keys: ``source`` (image to edit), ``prompt`` (the instruction, given to ``generate``),
 optional ``caption`` (target caption), ``source_caption``, ``image`` (ground-truth edited image),
-``key``. The output is resized (bicubic) to the source's size for L1 when they differ.
+``key``. A benchmark without ground-truth edits stores the source as ``image`` and says so with
+``eval: {has_target: false}`` in its record: such a sample (``eval`` at the top level, or in
+``record`` / ``meta["record"]``, or a plain ``has_target: False``) gets no ground-truth metrics. The output is resized (bicubic) to the source's size for L1 when they differ.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ from cologen.metrics.benchmark import clip_direction_score, clip_image_score, cl
 from cologen.metrics.images import resize, to_uint8_rgb
 from cologen.metrics.models import PathLike, load_clip, load_dino
 from cologen.metrics.pixel import l1
+
+
+def has_target(sample: Sample) -> bool:
+    """Whether ``image`` is a ground-truth edit (False when the record says ``eval.has_target: false``)."""
+    if sample.get("image") is None or sample.get("has_target") is False:
+        return False
+    records = (sample, sample.get("record") or {}, (sample.get("meta") or {}).get("record") or {})
+    return all((r.get("eval") or {}).get("has_target") is not False for r in records)
 
 
 def _same_size(output: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -61,7 +71,7 @@ class EditingScorer:
             )
             for i, v in zip(both, clip_dir):
                 rows[i]["clip_dir"] = float(v)
-        with_target = [i for i, s in enumerate(samples) if s.get("image") is not None]
+        with_target = [i for i, s in enumerate(samples) if has_target(s)]
         if with_target:
             targets = [to_uint8_rgb(samples[i]["image"]) for i in with_target]
             outs = [outputs[i] for i in with_target]
