@@ -61,3 +61,10 @@ stage3: data
 
 bench: install
 	$(PY) benchmarks/bench_model.py
+
+# Ablation baselines on the tiny preset, same step budget as the curriculum (docs/ablation in the README).
+cotrain: data
+	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/cotrain.yaml $(ARGS)
+
+no_pretrain: data
+	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/no_pretrain.yaml $(ARGS)

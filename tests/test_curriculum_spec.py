@@ -1,0 +1,71 @@
+"""The curriculum spec: the shipped configs are consistent, and invalid specs fail with one line naming the field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_spec(*files: str) -> CurriculumSpec:
+    merged: dict = {}
+    for f in files:
+        spec = yaml.safe_load((ROOT / f).read_text()).get("curriculum", {}).get("spec", {})
+        merged.update(spec)
+    steps = [CurriculumStep(**s) for s in merged.get("steps", [])]
+    return CurriculumSpec(steps=steps, run_steps=merged.get("run_steps"))
+
+
+def test_tiny_curriculum_and_stages_cover_the_five_steps_once():
+    full = load_spec("experiments/tiny/curriculum.yaml")
+    full.validate(num_experts=5)
+    assert [s.name for s in full.steps] == ["inpainting", "grounding", "control", "customized", "editing"]
+    assert [s.stage for s in full.steps] == [1, 1, 2, 3, 3]
+    assert (full.steps[0].rho, full.steps[0].alpha) == (1.0, 0.0)
+    assert all((s.rho, s.alpha) == (0.8, 0.5) for s in full.steps[1:])
+    covered = []
+    for stage in ("stage1", "stage2", "stage3"):
+        spec = load_spec("experiments/tiny/curriculum.yaml", f"experiments/tiny/{stage}.yaml")
+        spec.validate(num_experts=5)
+        covered += spec.selected()
+    assert covered == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("baseline", ["cotrain", "no_pretrain"])
+def test_ablation_baselines_have_the_curriculum_budget(baseline):
+    full = load_spec("experiments/tiny/curriculum.yaml")
+    spec = load_spec("experiments/tiny/curriculum.yaml", f"experiments/tiny/{baseline}.yaml")
+    spec.validate(num_experts=5)
+    assert spec.total_steps() == full.total_steps()
+
+
+def step(**kw):
+    base = dict(name="s", mixture={"inpainting": 1.0}, steps=10)
+    base.update(kw)
+    return CurriculumStep(**base)
+
+
+@pytest.mark.parametrize(("spec", "experts", "message"), [
+    (CurriculumSpec([step(mixture={"painting": 1.0})]), 5, r"curriculum\.steps\[0\] \(s\)\.mixture has unknown task 'painting'"),
+    (CurriculumSpec([step()] * 3), 2, r"curriculum\.steps has 3 steps but model\.prw\.num_experts is 2"),
+    (CurriculumSpec([step(), step(steps=0)]), 5, r"curriculum\.steps\[1\] \(s\)\.steps must be > 0"),
+    (CurriculumSpec([step(mixture={"inpainting": 0.0, "grounding": 0.0})]), 5,
+     r"curriculum\.steps\[0\] \(s\)\.mixture weights must sum to a positive number"),
+    (CurriculumSpec([step(mixture={"inpainting": -1.0})]), 5, r"mixture\[inpainting\] is negative"),
+    (CurriculumSpec([step(rho=1.5)]), 5, r"curriculum\.steps\[0\] \(s\)\.rho must be in \[0, 1\]"),
+    (CurriculumSpec([step(), step()], run_steps=[1, 0]), 5, r"run_steps \[1, 0\] must be consecutive"),
+    (CurriculumSpec([step()], run_steps=[3]), 5, r"run_steps \[3\] must index curriculum\.steps"),
+    (CurriculumSpec([]), 5, r"curriculum\.steps is empty"),
+])
+def test_invalid_specs_fail_with_one_line_naming_the_field(spec, experts, message):
+    with pytest.raises(ValueError, match=message) as err:
+        spec.validate(num_experts=experts)
+    assert "\n" not in str(err.value)
+
+
+def test_a_mixture_task_without_shards_is_refused():
+    with pytest.raises(ValueError, match=r"uses 'grounding' but the data has no train_shards"):
+        CurriculumSpec([step(mixture={"grounding": 1.0})]).validate(5, available_tasks=["inpainting"])
