@@ -52,6 +52,20 @@ class Preset(ABC):
         """`name` and the constructor arguments (exported with a pipeline so it can rebuild the base)."""
 
 
+def preset_from_hparams(value) -> Preset:
+    """A Preset from a checkpoint's hyper-parameters: the object itself, or LightningCLI's
+    `{class_path, init_args}` form."""
+    if isinstance(value, Preset):
+        return value
+    if isinstance(value, dict) and "class_path" in value:
+        import importlib
+
+        module, _, name = value["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**value.get("init_args", {}))
+    raise ValueError(f"cannot rebuild a preset from {value!r}")
+
+
 def tiny_transformer_config(width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4,
                             in_channels: int = 48, text_dim: int = 384, pooled_dim: int = 384) -> dict:
     """A FLUX config scaled down; RoPE axes split the head dim like FLUX's (16, 56, 56) of 128."""
