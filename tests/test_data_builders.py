@@ -250,3 +250,22 @@ def test_mask_overlay_from_polygons_stays_inside_the_box(resolution):
         assert painted.any() and xs.min() >= x0 and ys.min() >= y0 and xs.max() < x1 and ys.max() < y1
         if index == 0 and resolution == 32:  # an axis-aligned rectangle fills its box exactly
             assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == box and painted.sum() == 10 * 11
+
+
+def test_control_types_are_drawn_among_those_the_sample_supports(shapeworld_dir):
+    from dataclasses import replace
+
+    from cologen.data.records import BadSample
+
+    samples = _load(shapeworld_dir, "control") * 5
+    no_seg = [replace(s, seg=None) for s in samples]
+    examples = _build(no_seg, "control")  # depth, seg, canny configured: seg is never dealt, none skipped
+    counts = Counter(ex["meta"]["build"]["control_type"] for ex in examples)
+    assert set(counts) == {"depth", "canny"} and all(abs(counts[k] - 300) <= 1 for k in counts), counts
+    bare = [replace(s, seg=None, depth=None) for s in samples[:20]]
+    assert {ex["meta"]["build"]["control_type"] for ex in _build(bare, "control")} == {"canny"}
+    stored_only = TaskBuilder(BuilderConfig(control_types={"depth": 1.0, "seg": 2.0}))
+    with pytest.raises(BadSample, match=r"none of the control types \['depth', 'seg'\] fits this sample: "
+                                        r"depth needs depth.png and seg needs seg.png") as e:
+        stored_only(bare[0], "control", np.random.default_rng(0))
+    assert e.value.category == "missing"

@@ -96,3 +96,35 @@ def test_proportions_are_configurable(scenes):
     assert {builder(scenes[i], "inpainting", rng)["meta"]["build"]["mask_kind"] for i in range(20)} == {"random"}
     with pytest.raises(ValueError, match="builder.mask_kinds: unknown"):
         BuilderConfig(mask_kinds={"blob": 1.0}).validate()
+
+
+def _without_objects(s):
+    """The scene as a text-to-image shard stores it: image and caption, no objects, no instance map."""
+    from dataclasses import replace
+
+    return replace(s, record={k: v for k, v in s.record.items() if k != "objects"}, instances=None)
+
+
+def test_samples_without_objects_get_random_masks_and_the_rest_keep_the_proportions(scenes):
+    builder, rng = TaskBuilder(), np.random.default_rng(1)
+    samples = [_without_objects(s) if i % 10 < 3 else s for i, s in enumerate(scenes[i % len(scenes)]
+                                                                           for i in range(2000))]
+    examples = [builder(s, "inpainting", rng) for s in samples]  # none raises: nothing is skipped
+    bare = [ex["meta"]["build"] for s, ex in zip(samples, examples) if s.instances is None]
+    assert len(bare) == 600 and all(b["mask_kind"] == "random" and b["mask_fallback"] == "no objects" for b in bare)
+    assert all(ex["region"].any() for ex in examples)
+    counts = Counter(ex["meta"]["build"]["mask_kind"] for s, ex in zip(samples, examples) if s.instances is not None)
+    for kind, weight in {"random": 0.2, "object": 0.4, "irregular": 0.4}.items():
+        assert abs(counts[kind] / 1400 - weight) <= 0.02, counts
+
+
+def test_kinds_dealt_by_stream_index_are_exact_and_independent_of_order(scenes):
+    """The training stream passes each sample's slot: the kind is a function of the slot alone."""
+    builder = TaskBuilder(deal_seed=7)
+    kinds = [builder(scenes[i % len(scenes)], "inpainting", np.random.default_rng(i), index=i)["meta"]["build"]
+             ["mask_kind"] for i in range(1000)]
+    assert Counter(kinds) == {"random": 200, "object": 400, "irregular": 400}
+    again = TaskBuilder(deal_seed=7)
+    for i in (999, 3, 512):
+        assert again(scenes[i % len(scenes)], "inpainting", np.random.default_rng(i), index=i)["meta"]["build"][
+            "mask_kind"] == kinds[i]

@@ -2,19 +2,24 @@
 
 Every random choice (mask kind and shape, overlay kind and colour, control type, subject-pair direction,
 prompt template) is drawn here per sample, so each epoch sees new variants; kinds are dealt in exact
-proportions (`choice.StratifiedChooser`). The example is in the output frame (`geometry.py`); `meta` says
-what was chosen and where (boxes in the output frame), so metrics can score outputs exactly.
+proportions (`choice.StratifiedChooser`, or `choice.IndexedDealer` when the caller gives the sample's index
+in its stream, so that a stream can skip samples without replaying their choices). A sample is only dealt
+kinds it supports: control types whose map it has, object-based masks when it has objects. The example is
+in the output frame (`geometry.py`); `meta` says what was chosen and where (boxes in the output frame), so
+metrics can score outputs exactly.
 """
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cologen.data.choice import StratifiedChooser, normalized
-from cologen.data.control import CANNY_HIGH, CANNY_LOW, AnnotatorCache, canny, check_annotators
+from cologen.data.choice import IndexedDealer, StratifiedChooser, normalized
+from cologen.data.control import CANNY_HIGH, CANNY_LOW, STORED_TYPES, AnnotatorCache, canny, check_annotators
 from cologen.data.geometry import (
     Frame,
     box_of,
@@ -98,17 +103,23 @@ def _gray_to_rgb(m: np.ndarray) -> np.ndarray:
 
 
 class TaskBuilder:
-    """Builds examples of every task. `stratified=False` makes every choice independent of the previous
+    """Builds examples of every task.
+
+    Kinds (mask, overlay, control type) are dealt in exact proportions: by a `StratifiedChooser` per kind
+    (and per set of kinds a sample supports) drawing from the caller's generator, or, when the caller passes
+    `index` (the sample's position in its stream), by an `IndexedDealer` seeded by `deal_seed`, so that the
+    choice depends on the index alone. `stratified=False` makes every choice independent of the previous
     samples (validation uses it with a per-sample seed, so each example is fixed whatever the order)."""
 
     def __init__(self, config: BuilderConfig | None = None, resolution: int = 32,
-                 buckets: list[tuple[int, int]] | None = None, stratified: bool = True):
+                 buckets: list[tuple[int, int]] | None = None, stratified: bool = True, deal_seed: int = 0):
         self.cfg = config or BuilderConfig()
         self.cfg.validate()
         self.resolution, self.buckets = resolution, buckets
-        self.mask_kind = StratifiedChooser(self.cfg.mask_kinds, stratified=stratified)
-        self.overlay_kind = StratifiedChooser(self.cfg.overlay_kinds, stratified=stratified)
-        self.control_type = StratifiedChooser(self.cfg.control_types, stratified=stratified)
+        self.stratified, self.deal_seed = stratified, deal_seed
+        self._choosers: dict[tuple[str, tuple[str, ...]], StratifiedChooser] = {}
+        self._dealers: dict[tuple[str, tuple[str, ...]], IndexedDealer] = {}
+        self._index: int | None = None  # the current sample's index in its stream (see __call__)
         self.templates = PromptTemplates(self.cfg.prompt_templates)
         self.annotators = AnnotatorCache(self.cfg.annotator_weights)
         self.color_names = sorted(self.cfg.overlay_colors)
@@ -120,14 +131,28 @@ class TaskBuilder:
     def frame_for(self, width: int, height: int) -> Frame:
         return fit_frame(width, height, *output_size(width, height, self.resolution, self.buckets))
 
-    def __call__(self, sample: Sample, task: str, rng: np.random.Generator) -> Example:
+    def __call__(self, sample: Sample, task: str, rng: np.random.Generator, index: int | None = None) -> Example:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}")
         if task not in SCENE_TASKS and sample.task != task:
             raise BadSample("record", f"a {sample.task!r} record in the {task!r} stream", sample.key)
+        self._index = index
         return getattr(self, f"_{task}")(sample, rng)
 
     # --- helpers ---------------------------------------------------------------------------------------
+
+    def _choose(self, what: str, weights: Mapping[str, float], rng: np.random.Generator) -> str:
+        """One kind among `weights` (renormalized), dealt per (what, set of kinds) in exact proportions."""
+        key = (what, tuple(sorted(k for k, w in weights.items() if w > 0)))
+        if not self.stratified:
+            return StratifiedChooser(weights, stratified=False).draw(rng)
+        if self._index is None:
+            if key not in self._choosers:
+                self._choosers[key] = StratifiedChooser(weights)
+            return self._choosers[key].draw(rng)
+        if key not in self._dealers:
+            self._dealers[key] = IndexedDealer(weights, self.deal_seed ^ zlib.crc32(repr(key).encode()))
+        return self._dealers[key].at(self._index)
 
     def _start(self, sample: Sample, task: str, image: np.ndarray | None = None) -> tuple[Frame, Example]:
         image = sample.image if image is None else image
@@ -163,16 +188,18 @@ class TaskBuilder:
     def _inpainting(self, sample: Sample, rng: np.random.Generator) -> Example:
         frame, ex = self._start(sample, "inpainting")
         objs = self._objects(sample, frame, ex)
-        kind = self.mask_kind.draw(rng)
         build = ex["meta"]["build"]
+        if objs:
+            kind = self._choose("mask", self.cfg.mask_kinds, rng)
+        else:  # object and irregular masks are shaped on an object: without one, a random mask
+            kind = "random"
+            build["mask_fallback"] = "no objects"
         build["mask_kind"] = kind
         w, h = frame.width, frame.height
         if kind == "random":
             mask, info = random_mask(rng, w, h, [o.mask for o in objs], self.cfg.random_mask_max_iou)
             build.update(info)
         else:
-            if not objs:
-                raise BadSample("build", f"a {kind} mask needs annotated objects; this sample has none", sample.key)
             obj = objs[int(rng.integers(len(objs)))]
             build["object_index"] = obj.index
             if kind == "object":
@@ -207,7 +234,7 @@ class TaskBuilder:
         box = map_box(g["box"], frame)
         if box is None:
             raise BadSample("build", "the grounded object is cropped away", sample.key)
-        kind = self.overlay_kind.draw(rng)
+        kind = self._choose("overlay", self.cfg.overlay_kinds, rng)
         color = self.color_names[int(rng.integers(len(self.color_names)))]
         rgb = [int(c) for c in self.cfg.overlay_colors[color]]
         exprs = g.get("expressions") or [g["expression"]]
@@ -247,13 +274,16 @@ class TaskBuilder:
 
     def _control(self, sample: Sample, rng: np.random.Generator) -> Example:
         frame, ex = self._start(sample, "control")
-        kind = self.control_type.draw(rng)
+        configured = {k: w for k, w in self.cfg.control_types.items() if w > 0}
+        usable = {k: w for k, w in configured.items() if k not in STORED_TYPES or getattr(sample, k) is not None}
+        if not usable:
+            raise BadSample("missing", f"none of the control types {sorted(configured)} fits this sample: "
+                            f"{' and '.join(f'{k} needs {k}.png' for k in configured)}", sample.key)
+        kind = self._choose("control", usable, rng)
         build = ex["meta"]["build"]
         build["control_type"] = kind
-        if kind in ("depth", "seg"):
+        if kind in STORED_TYPES:
             stored = getattr(sample, kind)
-            if stored is None:
-                raise BadSample("missing", f"control type {kind!r} needs {kind}.png", sample.key)
             mapped = warp(stored, frame, nearest=kind == "seg")
             source = _gray_to_rgb(mapped) if mapped.ndim == 2 else mapped
         elif kind == "canny":

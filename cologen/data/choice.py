@@ -9,7 +9,7 @@ every name stays within one of weight x draws at each block boundary, yet the or
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -25,6 +25,17 @@ def normalized(weights: Mapping[str, float], what: str = "weights") -> dict[str,
     return {k: float(v) / total for k, v in weights.items()}
 
 
+def deal_counts(probs: Sequence[float], carry: Sequence[float], block: int) -> tuple[list[int], list[float]]:
+    """How many of each name the next block holds (quota = weight x block + the carried remainder, largest
+    remainders rounded up), and the remainders carried to the block after."""
+    quota = [w * block + c for w, c in zip(probs, carry)]
+    counts = [math.floor(q) for q in quota]
+    spare = block - sum(counts)
+    for i in sorted(range(len(quota)), key=lambda i: quota[i] - counts[i], reverse=True)[:max(spare, 0)]:
+        counts[i] += 1
+    return counts, [q - c for q, c in zip(quota, counts)]
+
+
 class StratifiedChooser:
     """Draws names in exact proportion to `weights` (see module docstring)."""
 
@@ -38,12 +49,7 @@ class StratifiedChooser:
         self._queue: list[str] = []
 
     def _refill(self, rng: np.random.Generator) -> None:
-        quota = [w * self.block + c for w, c in zip(self.probs, self._carry)]
-        counts = [math.floor(q) for q in quota]
-        spare = self.block - sum(counts)
-        for i in sorted(range(len(quota)), key=lambda i: quota[i] - counts[i], reverse=True)[:max(spare, 0)]:
-            counts[i] += 1
-        self._carry = [q - c for q, c in zip(quota, counts)]
+        counts, self._carry = deal_counts(self.probs, self._carry, self.block)
         queue = [name for name, c in zip(self.names, counts) for _ in range(c)]
         rng.shuffle(queue)
         self._queue = queue
@@ -54,3 +60,30 @@ class StratifiedChooser:
         if not self._queue:
             self._refill(rng)
         return self._queue.pop()
+
+
+class IndexedDealer:
+    """The deal of `StratifiedChooser` as a function of the draw's index: draw `i` depends only on (weights,
+    seed, i), never on which draws were made before, so a stream can jump ahead without replaying anything.
+    Block k's contents follow from the carried remainders of blocks 0..k-1 (arithmetic only) and its order
+    from a generator seeded by (seed, k)."""
+
+    def __init__(self, weights: Mapping[str, float], seed: int, block: int = 100):
+        p = normalized(weights)
+        self.names = [k for k, v in p.items() if v > 0]
+        self.probs = [p[k] for k in self.names]
+        self.seed, self.block = int(seed), block
+        self._k, self._carry, self._queue = -1, [0.0] * len(self.names), list[str]()
+
+    def at(self, index: int) -> str:
+        k = index // self.block
+        if k != self._k:
+            if k < self._k:  # going back: recompute the remainders from the start
+                self._k, self._carry = -1, [0.0] * len(self.names)
+            while self._k < k:
+                counts, self._carry = deal_counts(self.probs, self._carry, self.block)
+                self._k += 1
+            queue = [name for name, c in zip(self.names, counts) for _ in range(c)]
+            order = np.random.default_rng([self.seed, k]).permutation(len(queue))
+            self._queue = [queue[i] for i in order]
+        return self._queue[index % self.block]

@@ -11,6 +11,7 @@ import numpy as np
 from cologen.data.annotators import ANNOTATORS, Annotator
 
 CONTROL_TYPES: tuple[str, ...] = ("depth", "seg", "canny", "hed", "lineart")
+STORED_TYPES: tuple[str, ...] = ("depth", "seg")  # read from the sample (`depth.png`, `seg.png`); the rest are computed
 ANNOTATED_TYPES: tuple[str, ...] = ("hed", "lineart")
 # ControlNet's canny annotator and ControlNet++'s canny data use these thresholds.
 CANNY_LOW, CANNY_HIGH = 100, 200
