@@ -1,9 +1,12 @@
 """`MixtureDataModule`: the streaming, task-mixing, DDP-safe data of every CoLoGen run.
 
-Training: one infinite webdataset stream per rank (`mixture.py`), resampled shards by default, seeded per
-(seed, rank, worker, epoch), shuffled before decoding, bad samples counted and skipped, batches assembled
-per worker, `batches_per_epoch` batches per epoch on every rank (so DDP ranks never wait on each other).
-`set_mixture` changes the task weights of the running loader; `state_dict` carries them across a resume.
+Training: per rank, logical streams of batches (`stream.py`, one per worker), each a pure function of (seed,
+rank, epoch, position) and the mixture schedule: resampled shards by default, shuffled before decoding, bad
+samples counted and replaced, batches assembled per worker, `batches_per_epoch` batches per epoch on every
+rank (so DDP ranks never wait on each other). Attached to a trainer, the loader starts where the trainer's
+progress says (a resumed fit continues with exactly the batches an uninterrupted one would have drawn).
+`set_mixture_schedule` switches the mixture at exact batch indices; `set_mixture` switches the running
+loader's mixture as soon as possible; `state_dict` carries the schedule across a resume.
 
 Validation: a list of per-task DataLoaders (in `val_tasks` order) over a fixed, non-resampled set of
 `val_samples_per_task` examples each; every batch also carries its `task` field.
@@ -12,18 +15,19 @@ Validation: a list of per-task DataLoaders (in `val_tasks` order) over a fixed, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from cologen.data.builders import BuilderConfig
-from cologen.data.choice import normalized
 from cologen.data.collate import already_collated
 from cologen.data.geometry import make_buckets
-from cologen.data.mixture import MixtureDataset, MixtureLoader, MixtureState
+from cologen.data.mixture import MixtureDataset, MixtureLoader
+from cologen.data.schedule import MixtureState, Schedule, Weights, check_schedule, entry_at
 from cologen.data.shards import expand_shards
 from cologen.data.skips import SkipCounter
 from cologen.data.tasks import SCENE_TASKS, TASKS, check_task
@@ -48,14 +52,15 @@ class MixtureDataModule(L.LightningDataModule):
     Args:
         train_shards: per task, shard paths / brace patterns / globs / directories (or a list of them).
             `t2i` and `reconstruct` fall back to the inpainting shards.
-        mixture: sampling weight per task (normalized; tasks absent or 0 are not drawn).
+        mixture: sampling weight per task (normalized; tasks absent or 0 are not drawn): the schedule
+            `[(0, mixture)]` until `set_mixture_schedule` / `set_mixture` / a checkpoint says otherwise.
         val_shards: per task, the validation shards (same forms; same fallback).
         batch_size: examples per batch, assembled inside each worker.
         num_workers: DataLoader workers per rank.
         resolution: output side in pixels (32 for the tiny preset); with `aspect_buckets`, the bucket area.
         aspect_buckets: FLUX preset: batch by aspect-ratio bucket instead of centre-cropping to a square.
         bucket_multiple: bucket sides are multiples of this (16 = VAE 8 x 2x2 packing).
-        seed: base seed of every stream (combined with rank, worker and epoch).
+        seed: base seed of every stream (combined with rank, epoch and logical stream).
         batches_per_epoch: batches per epoch on every rank.
         val_samples_per_task: size of each task's fixed validation set.
         val_batch_size: defaults to `batch_size`.
@@ -121,45 +126,80 @@ class MixtureDataModule(L.LightningDataModule):
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.prefetch_factor = prefetch_factor
         self._rank, self._world_size = rank, world_size
-        # train tasks in canonical order; the shared state is created here so that set_mixture and
+        # train tasks in canonical order; the shared state is created here so that the mixture setters and
         # load_state_dict work before, during and after iteration
         tasks = [t for t in TASKS if t in self.train_shards]
-        self._check_mixture(mixture, tasks)
-        self._state = MixtureState(tasks, mixture)
+        self._tasks = tasks
+        self._state = MixtureState(tasks, self._checked_schedule([(0, mixture)], "mixture"))
+        self._explicit_schedule = False  # set in this process: wins over a checkpoint's schedule
+        self._pending: Weights | None = None  # set_mixture while no iterator runs: applies at the next start
+        self._loader: MixtureLoader | None = None
         self._skips = SkipCounter(slots=num_workers + 1, max_consecutive=max_consecutive_skips)
         self._urls: dict[str, list[str]] | None = None
         self._val_sets: dict[str, FixedTaskDataset] | None = None
 
     # --- mixture ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_mixture(weights: Mapping[str, float], tasks: list[str]) -> None:
-        for t in weights:
-            check_task(t)
-        absent = [t for t, w in weights.items() if w > 0 and t not in tasks]
-        if absent:
-            raise ValueError(f"mixture: tasks {absent} have no train_shards (configured: {tasks})")
-        normalized(weights, "mixture")
+    def _checked_schedule(self, schedule: Sequence[tuple[int, Mapping[str, float]]],
+                          what: str | None = None) -> Schedule:
+        for entry in schedule:
+            for t in entry[1] if isinstance(entry, (tuple, list)) and len(entry) == 2 else ():
+                check_task(t)
+        return check_schedule(schedule, self._tasks, what)
+
+    def set_mixture_schedule(self, schedule: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """Draw batch g (global index of this fit on this rank: epoch e, batch b -> e x batches_per_epoch + b)
+        with the weights of the last entry whose start <= g. Call it before the training iterator starts
+        (a callback's `setup` / `on_fit_start`); it replaces the whole schedule (and a checkpoint's, and a
+        pending `set_mixture`). The first entry must start at 0."""
+        checked = self._checked_schedule(schedule)
+        self._state.set_schedule(checked)
+        self._explicit_schedule, self._pending = True, None
+        if self._loader is not None and self._loader.active and self._loader.frontier > 0:
+            log.warning("set_mixture_schedule on a running loader: batches before %d may already be drawn with "
+                        "the previous schedule", self._loader.frontier)
+        log.info("data mixture schedule set: %s", [(g, {t: round(w, 4) for t, w in m.items()}) for g, m in checked])
+
+    @property
+    def mixture_schedule(self) -> Schedule:
+        return self._state.schedule()
 
     def set_mixture(self, weights: Mapping[str, float]) -> None:
-        """Change the task weights, also of a running loader. Takes effect in every worker at its next
-        sample; the training step sees it after at most `mixture_latency_samples` already-queued samples,
-        and the ratios are exact from then on."""
-        self._check_mixture(weights, list(self._state.tasks))
-        self._state.set({t: w for t, w in weights.items() if w > 0})
-        log.info("data mixture set to %s", {t: round(w, 4) for t, w in self.mixture.items()})
+        """Switch to `weights` from the next batch no worker has started, for the rest of the fit: the schedule
+        keeps its entries before that batch and ends with `(that batch, weights)`. On a running loader that is
+        `frontier` (at most `mixture_latency_batches` after the batch the training step holds); with no
+        iterator running, the start of the next one. Deterministic given when it is called, and recorded in the
+        schedule, so a checkpoint replays it; the curriculum's exact switches use `set_mixture_schedule`."""
+        p = self._checked_schedule([(0, weights)], "mixture")[0][1]
+        self._explicit_schedule = True
+        loader = self._loader
+        if loader is not None and loader.active:
+            self._truncate_schedule(loader.frontier, p)
+        else:
+            self._pending = p
+        log.info("data mixture set to %s", {t: round(w, 4) for t, w in p.items()})
+
+    def _truncate_schedule(self, start: int, weights: Weights) -> None:
+        kept = [(g, w) for g, w in self._state.schedule() if g < start]
+        self._state.set_schedule(kept + [(start, weights)] if kept else [(0, weights)])
 
     @property
     def mixture(self) -> dict[str, float]:
-        """The current normalized weights of the tasks that are drawn."""
-        return self._state.weights
+        """The normalized weights of the next batch to be drawn."""
+        if self._pending is not None:
+            return dict(self._pending)
+        return dict(entry_at(self._state.schedule(), self._loader.frontier if self._loader else 0)[1])
+
+    @property
+    def mixture_latency_batches(self) -> int:
+        """Batches the training step may still receive with the old weights after `set_mixture` returns on a
+        running loader: those the workers may have started (prefetch_factor each) and the one Lightning
+        prefetches."""
+        return self.num_workers * self.prefetch_factor + 1
 
     @property
     def mixture_latency_samples(self) -> int:
-        """Samples that may still follow the old mixture after `set_mixture` returns: the batches the
-        workers have queued (prefetch_factor each), the one each is assembling, and one the trainer holds."""
-        queued = self.num_workers * (self.prefetch_factor + 1) if self.num_workers else 1
-        return (queued + 1) * self.batch_size
+        return self.mixture_latency_batches * self.batch_size
 
     # --- bad samples -----------------------------------------------------------------------------------
 
@@ -209,17 +249,39 @@ class MixtureDataModule(L.LightningDataModule):
             self._train_urls()
             self.check_shards()
 
+    def train_position(self) -> int | None:
+        """The global batch index the trainer's training loop is at (None outside a fit): epochs done x
+        batches_per_epoch + batches processed in the current epoch. Lightning restores these counters before
+        it calls `iter()` on the train loader, and counts only batches that went through `training_step`,
+        so its one-batch prefetch does not shift this."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        epochs = trainer.fit_loop.epoch_progress.current
+        # between `processed` and the next `started` the batch counters still describe the finished epoch
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed if epochs.started > epochs.processed else 0
+        return epochs.processed * self.batches_per_epoch + batches
+
+    def _iterator_start(self, default: int) -> int:
+        """Where a new train iterator starts (the trainer's position, else `default`); applies a pending
+        `set_mixture` there."""
+        start = self.train_position()
+        start = default if start is None else start
+        if self._pending is not None:
+            self._truncate_schedule(start, self._pending)
+            self._pending = None
+        return start
+
     def train_dataloader(self) -> MixtureLoader:
         self.check_shards()
         rank, world = self._dist()
         dataset = MixtureDataset(
             self._train_urls(), self._state, self._skips, builder=self.builder, resolution=self.resolution,
             buckets=self.buckets, batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world,
-            resampled=self.resampled, shuffle_buffer=self.shuffle_buffer)
-        extra: dict[str, Any] = {}
-        if self.num_workers > 0:
-            extra = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor}
-        return MixtureLoader(dataset, self.batches_per_epoch, num_workers=self.num_workers, **extra)
+            resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, batches_per_epoch=self.batches_per_epoch)
+        self._loader = MixtureLoader(dataset, self.batches_per_epoch, self._iterator_start,
+                                     num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+        return self._loader
 
     def val_datasets(self) -> dict[str, FixedTaskDataset]:
         if self._val_sets is None:
@@ -237,13 +299,22 @@ class MixtureDataModule(L.LightningDataModule):
                 for ds in self.val_datasets().values()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mixture": self.mixture, "epoch": self._state.epoch}
+        """The schedule (with every `set_mixture` that took effect) and a `set_mixture` still waiting for the
+        next iterator; Lightning saves it in checkpoints."""
+        return {"schedule": [[g, w] for g, w in self._state.schedule()], "pending": self._pending,
+                "mixture": self.mixture}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "mixture" in state_dict:
-            self.set_mixture(state_dict["mixture"])
-        if "epoch" in state_dict:
-            self._state.epoch = int(state_dict["epoch"])
+        """The checkpoint's schedule, unless this process already set one (`set_mixture_schedule` /
+        `set_mixture`, e.g. in a callback's `setup`): the explicit one wins."""
+        if self._explicit_schedule:
+            return
+        if "schedule" in state_dict:
+            self._state.set_schedule(self._checked_schedule([(int(g), w) for g, w in state_dict["schedule"]]))
+            pending = state_dict.get("pending")
+            self._pending = self._checked_schedule([(0, pending)], "mixture")[0][1] if pending else None
+        elif "mixture" in state_dict:  # checkpoints from before schedules
+            self._state.set_schedule(self._checked_schedule([(0, state_dict["mixture"])], "mixture"))
 
     def teardown(self, stage: str | None = None) -> None:
         counts = self.bad_samples
