@@ -1,0 +1,129 @@
+"""The GPU benchmark's pieces on the CPU: the trainable-aware FLOP count equals what torch's FlopCounterMode counts
+op by op, the memory plan's switches move the counted bytes the right way, and `bench_gpu.py --tiny` runs the GPU
+code path end to end and prints every column."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cologen.bench.flops import Workload, flux_workload, training_step_flops
+from cologen.bench.flux import (
+    FLUX_DEV_TRANSFORMER,
+    TINY_TRANSFORMER,
+    build_cologen,
+    forward_loss,
+    make_inputs,
+)
+from cologen.bench.memory import activation_bytes, count_params
+from cologen.model.config import PRWConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 3, "num_attention_heads": 4,
+          "pooled_projection_dim": 24}
+
+
+@pytest.mark.parametrize("blocks", ["both", "double", "single"])
+def test_flop_count_matches_flop_counter_mode(blocks):
+    torch.manual_seed(0)
+    model = build_cologen(CONFIG, PRWConfig(num_experts=5, rank=4, alpha=8, blocks=blocks), dtype=torch.float32)
+    model.transformer.set_attention_backend("_native_math")  # attention as bmm ops the counter sees
+    inputs = make_inputs(CONFIG, batch=2, rows=4, cols=4, text_tokens=8)
+    with FlopCounterMode(display=False) as fwd:
+        loss = forward_loss(model, inputs)
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    count = training_step_flops(CONFIG, Workload(2, 16, 16, 8), rank=4, num_experts=5, prw_blocks=blocks,
+                                dense_attention_backward=False)
+    assert count.forward == fwd.get_total_flops()
+    assert count.backward == bwd.get_total_flops()
+    # the frozen base costs no weight gradients: the backward is well under twice the forward
+    assert count.backward < 1.5 * count.forward
+
+
+def test_flux_dev_flops_per_step():
+    work = flux_workload(512, 512, batch=1)
+    assert (work.noisy_tokens, work.source_tokens, work.text_tokens) == (1024, 1024, 512)
+    count = training_step_flops(FLUX_DEV_TRANSFORMER, work, rank=128, num_experts=5)
+    d = 3072
+    base = 57 * 24 * d * d * (1536 + 1024)  # every block, both streams
+    assert base < count.parts["blocks"][0] < 1.01 * base  # + the timestep modulation
+    attention = 57 * 4 * d * (1536 * 2560 + 1024 * 1024)
+    assert count.parts["attention"][0] == attention
+    assert count.parts["lora"][0] == 57 * 8 * d * 128 * 1024
+    batch4 = training_step_flops(FLUX_DEV_TRANSFORMER, flux_workload(512, 512, batch=4), rank=128, num_experts=5)
+    assert batch4.total == pytest.approx(4 * count.total)
+    assert 70e12 < count.total < 85e12  # ~77 TFLOP per sample
+
+
+def test_flux_dev_is_twelve_billion_parameters():
+    from diffusers import FluxTransformer2DModel
+
+    assert 11.8e9 < count_params(lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)) < 12.0e9
+
+
+def test_activation_plan_switches_move_memory_the_right_way():
+    model = build_cologen(CONFIG, PRWConfig(num_experts=5, rank=4, alpha=8), device="meta")
+    one = make_inputs(CONFIG, 1, 8, 8, 8, device="meta")
+    four = make_inputs(CONFIG, 4, 8, 8, 8, device="meta")
+    full = activation_bytes(model, one, checkpointing=False)
+    ckpt = activation_bytes(model, one, checkpointing=True)
+    math = activation_bytes(model, one, checkpointing=False, attention="math")
+    assert ckpt.total < 0.5 * full.total
+    assert ckpt.kv_stash > 0 and 0 < ckpt.recompute == max(full.per_block.values())
+    assert math.total > full.total  # the math kernel keeps the attention probabilities
+    # activations grow with the batch (RoPE tables and the stacked expert weights do not)
+    assert 3.5 * full.total < activation_bytes(model, four, checkpointing=False).total < 4 * full.total
+    # one entry per block and stream
+    assert {k.split(":")[0] for k in full.per_block if k != "outside"} == {"main", "source"}
+    assert len([k for k in full.per_block if k != "outside"]) == 2 * 5
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_table_knows_the_common_gpus():
+    bench = _load_bench()
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert bench.peak_tflops("NVIDIA H200") == 989
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert bench.peak_tflops("NVIDIA L40S") == 362
+    assert bench.peak_tflops("NVIDIA GeForce RTX 4090") == 165
+    assert bench.peak_tflops("Some Future GPU") is None
+
+
+@pytest.mark.timeout(240)
+def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpu.py", "--tiny", "--steps", "2", "--sampler-steps", "6",
+         "--peak-tflops", "0.5", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=220, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.split()[:2] == ["batch", "ckpt"])
+    assert header.split() == ["batch", "ckpt", "step_s", "tokens/s", "TFLOP/s", "MFU", "peak_mem_GB"]
+    rows = [line.split() for line in lines if re.match(r"^\s+[14]\s+(on|off)\s", line)]
+    assert sorted((r[0], r[1]) for r in rows) == [("1", "off"), ("1", "on"), ("4", "off"), ("4", "on")]
+    for r in rows:
+        assert len(r) == 7 and float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0
+        assert r[5].endswith("%") and r[6] == "n/a"  # no allocator statistics on the CPU
+    sampler = next(line for line in lines if "sampler 6 steps" in line)
+    assert "cache on" in sampler and "cache off" in sampler and "speedup" in sampler
+    assert any("goal MFU >= 40% at batch 4" in line for line in lines)
+    assert any("goal peak memory <= 40 GB" in line for line in lines)
+    results = json.loads(out.read_text())
+    assert len(results["rows"]) == 4 and results["sampler"]["speedup"] > 0
