@@ -90,6 +90,7 @@ def test_activation_plan_switches_move_memory_the_right_way():
 def _load_bench():
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
