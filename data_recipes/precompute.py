@@ -37,11 +37,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cologen.data.precomputed import ARRAY_KEYS, load_npy, stack_precomputed  # noqa: F401 - re-exported (recipes API)
 from data_recipes._common import fail, require_path, resolve_inputs
 
 NAME = "precompute"
-ARRAY_KEYS = {"t5": "text_tokens", "clip": "text_pooled", "latent": "target_latent",
-              "source_latent": "source_latent"}  # member name -> the training batch key it feeds
 WITH_SOURCE = ("editing", "customized")
 
 
@@ -61,23 +60,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array.astype(np.float16)), allow_pickle=False)
     return buf.getvalue()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def stack_precomputed(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Training-batch tensors (`text_tokens`, `text_pooled`, `target_latent`, `source_latent`) from samples
-    read with their `*.npy` members (`{"t5.npy": bytes, ...}`); a key is present when every sample has it."""
-    import torch
-
-    out = {}
-    for name, key in ARRAY_KEYS.items():
-        members = [s.get(f"{name}.npy") for s in samples]
-        if all(m is not None for m in members):
-            out[key] = torch.stack([torch.from_numpy(load_npy(m).astype(np.float32)) for m in members])
-    return out
 
 
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:

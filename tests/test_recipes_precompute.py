@@ -137,7 +137,10 @@ def test_precomputed_shards_train_one_step_without_text_encoders(flux, precomput
     assert bad["total"] == 0
     stored = {s["__key__"]: s for s in F.read_samples(out / "editing")}
     assert all(p == stored[k]["json"]["precomputed"]["prompt"] for k, p in zip(val["key"], val["prompt"]))
-    batch = dict(val) | precompute.stack_precomputed([stored[k] for k in val["key"]])
+    stacked = precompute.stack_precomputed([stored[k] for k in val["key"]])
+    assert set(stacked) == {"text_tokens", "text_pooled", "target_latent", "source_latent"}
+    assert all(torch.equal(val[k], v) for k, v in stacked.items())  # the DataModule puts them in its batches
+    batch = dict(val) | stacked
     assert batch["text_tokens"].shape == (4, MAX_LEN, 32) and batch["target_latent"].shape == (4, 16, RES // 2, RES // 2)
     batch.pop("meta")
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cologen.data.builders import Example
+
+if TYPE_CHECKING:
+    from cologen.data.precomputed import PrecomputedArrays
 
 
 def _to_unit(images: np.ndarray) -> torch.Tensor:
@@ -16,7 +19,8 @@ def _to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
 
 
-def collate(examples: Sequence[Example]) -> dict[str, Any]:
+def collate(examples: Sequence[Example], arrays: PrecomputedArrays | None = None) -> dict[str, Any]:
+    """The batch; with `arrays`, also the precomputed arrays every example carries (`precomputed.py`)."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
     h, w = examples[0]["target"].shape[:2]
@@ -34,7 +38,7 @@ def collate(examples: Sequence[Example]) -> dict[str, Any]:
             regions[i, 0] = e["region"] > 0
     source = _to_unit(sources)
     source[~torch.tensor(has_source)] = 0.0  # an absent source is zeros, not mid-grey
-    return {
+    batch = {
         "target": _to_unit(np.stack([e["target"] for e in examples])),
         "source": source,
         "has_source": torch.tensor(has_source, dtype=torch.bool),
@@ -44,6 +48,9 @@ def collate(examples: Sequence[Example]) -> dict[str, Any]:
         "region": torch.from_numpy(regions),
         "meta": [e["meta"] for e in examples],
     }
+    if arrays is not None:
+        batch.update(arrays.stack(examples))
+    return batch
 
 
 def already_collated(batch: dict[str, Any]) -> dict[str, Any]:

@@ -27,9 +27,10 @@ from cologen.data.builders import BuilderConfig
 from cologen.data.collate import already_collated
 from cologen.data.geometry import make_buckets
 from cologen.data.mixture import MixtureDataset, MixtureLoader
+from cologen.data.precomputed import COUNTS, PrecomputedArrays
 from cologen.data.schedule import MixtureState, Schedule, Weights, check_schedule, entry_at
 from cologen.data.shards import expand_shards
-from cologen.data.skips import SkipCounter
+from cologen.data.skips import SharedCounts, SkipCounter
 from cologen.data.tasks import SCENE_TASKS, TASKS, check_task
 from cologen.data.validation import FixedTaskDataset
 
@@ -73,6 +74,9 @@ class MixtureDataModule(L.LightningDataModule):
         prefetch_factor: batches each worker keeps ready.
         max_consecutive_skips: this many bad samples in a row in one worker raise instead of spinning.
         rank, world_size: override the distributed rank (normally read from the trainer).
+        use_precomputed: put the arrays of `data_recipes.precompute` shards into the batch (`text_tokens`,
+            `text_pooled`, `target_latent`, `source_latent`) where they match what was built (see
+            `cologen/data/precomputed.py`); `precomputed_counts` says how many were used and why not.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class MixtureDataModule(L.LightningDataModule):
         max_consecutive_skips: int = 1000,
         rank: int | None = None,
         world_size: int | None = None,
+        use_precomputed: bool = True,
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("resolution", resolution),
@@ -135,6 +140,8 @@ class MixtureDataModule(L.LightningDataModule):
         self._pending: Weights | None = None  # set_mixture while no iterator runs: applies at the next start
         self._loader: MixtureLoader | None = None
         self._skips = SkipCounter(slots=num_workers + 1, max_consecutive=max_consecutive_skips)
+        self.use_precomputed = use_precomputed
+        self._arrays = PrecomputedArrays(SharedCounts(COUNTS, slots=num_workers + 1)) if use_precomputed else None
         self._urls: dict[str, list[str]] | None = None
         self._val_sets: dict[str, FixedTaskDataset] | None = None
 
@@ -214,6 +221,13 @@ class MixtureDataModule(L.LightningDataModule):
     def bad_sample_count(self) -> int:
         return self._skips.total()
 
+    @property
+    def precomputed_counts(self) -> dict[str, int]:
+        """Samples that carried precomputed arrays, samples whose arrays were not used by reason (`prompt`,
+        `resolution`, `view`, `unreadable`), and batches that dropped an array not every sample had
+        (`mixed_batch`); train and validation, all workers. Empty with `use_precomputed=False`."""
+        return self._arrays.counts.totals() if self._arrays is not None else {}
+
     # --- distributed -----------------------------------------------------------------------------------
 
     def _dist(self) -> tuple[int, int]:
@@ -278,7 +292,8 @@ class MixtureDataModule(L.LightningDataModule):
         dataset = MixtureDataset(
             self._train_urls(), self._state, self._skips, builder=self.builder, resolution=self.resolution,
             buckets=self.buckets, batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world,
-            resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, batches_per_epoch=self.batches_per_epoch)
+            resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, batches_per_epoch=self.batches_per_epoch,
+            arrays=self._arrays)
         self._loader = MixtureLoader(dataset, self.batches_per_epoch, self._iterator_start,
                                      num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
         return self._loader
@@ -289,7 +304,7 @@ class MixtureDataModule(L.LightningDataModule):
                 t: FixedTaskDataset(expand_shards(self.val_shards[t], f"val_shards.{t}"), t,
                                     self.val_samples_per_task, self._skips, builder=self.builder,
                                     resolution=self.resolution, buckets=self.buckets, seed=self.seed,
-                                    batch_size=self.val_batch_size)
+                                    batch_size=self.val_batch_size, arrays=self._arrays)
                 for t in self.val_tasks}
         return self._val_sets
 

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 
 from cologen.data.builders import BuilderConfig
 from cologen.data.collate import already_collated
+from cologen.data.precomputed import PrecomputedArrays
 from cologen.data.schedule import MixtureState
 from cologen.data.skips import SkipCounter
-from cologen.data.stream import Finish, LogicalStream
+from cologen.data.stream import LogicalStream
 
 
 class MixtureDataset(torch.utils.data.IterableDataset):
@@ -32,10 +33,10 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     def __init__(self, shards: Mapping[str, Sequence[str]], state: MixtureState, skips: SkipCounter, *,
                  builder: BuilderConfig, resolution: int, buckets: list[tuple[int, int]] | None,
                  batch_size: int, seed: int, rank: int, world_size: int, resampled: bool,
-                 shuffle_buffer: int, batches_per_epoch: int, finish: Finish | None = None):
+                 shuffle_buffer: int, batches_per_epoch: int, arrays: PrecomputedArrays | None = None):
         super().__init__()
         self.shards = {t: list(u) for t, u in shards.items()}
-        self.state, self.skips, self.finish = state, skips, finish
+        self.state, self.skips, self.arrays = state, skips, arrays
         self.builder_config, self.resolution, self.buckets = builder, resolution, buckets
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.resampled, self.shuffle_buffer, self.batches_per_epoch = resampled, shuffle_buffer, batches_per_epoch
@@ -46,7 +47,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
             buckets=self.buckets, batch_size=self.batch_size, seed=self.seed, rank=self.rank,
             world_size=self.world_size, epoch=epoch, stream=stream, n_streams=n_streams,
             batches_per_epoch=self.batches_per_epoch, resampled=self.resampled,
-            shuffle_buffer=self.shuffle_buffer, finish=self.finish)
+            shuffle_buffer=self.shuffle_buffer, arrays=self.arrays)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()

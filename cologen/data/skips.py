@@ -74,3 +74,17 @@ class SkipCounter:
 
     def total(self) -> int:
         return int(self.counts.sum())
+
+
+class SharedCounts:
+    """Named event counters in shared memory, one row per DataLoader worker (row 0: the main process)."""
+
+    def __init__(self, names: tuple[str, ...], slots: int = 1):
+        self.names = names
+        self.counts = torch.zeros(max(1, slots), len(names), dtype=torch.int64).share_memory_()
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counts[SkipCounter._slot() % self.counts.shape[0], self.names.index(name)] += n
+
+    def totals(self) -> dict[str, int]:
+        return {k: int(v) for k, v in zip(self.names, self.counts.sum(0).tolist())}

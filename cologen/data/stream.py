@@ -29,6 +29,7 @@ import webdataset as wds
 from cologen.data.builders import BuilderConfig, Example, TaskBuilder
 from cologen.data.choice import IndexedDealer
 from cologen.data.collate import collate
+from cologen.data.precomputed import PrecomputedArrays
 from cologen.data.records import decode_sample
 from cologen.data.schedule import MixtureState, Schedule, entry_at
 from cologen.data.skips import SkipCounter
@@ -134,8 +135,10 @@ class LogicalStream:
     def __init__(self, shards: Mapping[str, Sequence[str]], state: MixtureState, skips: SkipCounter, *,
                  builder: BuilderConfig, resolution: int, buckets: list[tuple[int, int]] | None, batch_size: int,
                  seed: int, rank: int, world_size: int, epoch: int, stream: int, n_streams: int,
-                 batches_per_epoch: int, resampled: bool, shuffle_buffer: int, finish: Finish | None = None):
-        self.state, self.batch_size, self.bucketed = state, batch_size, bool(buckets)
+                 batches_per_epoch: int, resampled: bool, shuffle_buffer: int,
+                 arrays: PrecomputedArrays | None = None):
+        self.state, self.batch_size, self.bucketed, self.arrays = state, batch_size, bool(buckets), arrays
+        finish = arrays.attach if arrays is not None else None
         self.epoch, self.stream, self.n_streams, self.bpe = epoch, stream, n_streams, batches_per_epoch
         self.base = [seed, rank, epoch, stream]
         self.streams: dict[str, TaskStream] = {}
@@ -179,7 +182,7 @@ class LogicalStream:
             self.streams[t].skip(n)
         for m in itertools.count(m0):
             tasks = self.batch_tasks(self.state.schedule(), m)  # read per batch: set_mixture reaches us
-            yield collate([self.streams[t].next() for t in tasks])
+            yield collate([self.streams[t].next() for t in tasks], self.arrays)
 
     def _bucketed(self, m0: int) -> Iterator[dict[str, Any]]:
         """A batch is the first bucket (output size) to fill; examples left in other buckets wait for later
@@ -201,5 +204,5 @@ class LogicalStream:
             if len(group) == self.batch_size:
                 del pending[ex["target"].shape[:2]]
                 if m >= m0:
-                    yield collate(group)
+                    yield collate(group, self.arrays)
                 m += 1

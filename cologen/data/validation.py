@@ -20,6 +20,7 @@ import webdataset as wds
 
 from cologen.data.builders import BuilderConfig, Example, TaskBuilder
 from cologen.data.collate import collate
+from cologen.data.precomputed import PrecomputedArrays
 from cologen.data.records import decode_sample
 from cologen.data.skips import SkipCounter
 from cologen.data.tasks import TASKS
@@ -27,8 +28,9 @@ from cologen.data.tasks import TASKS
 
 class FixedTaskDataset(torch.utils.data.Dataset):
     def __init__(self, urls: Sequence[str], task: str, n: int, skips: SkipCounter, *, builder: BuilderConfig,
-                 resolution: int, buckets: list[tuple[int, int]] | None, seed: int, batch_size: int = 8):
-        self.task, self.seed = task, seed
+                 resolution: int, buckets: list[tuple[int, int]] | None, seed: int, batch_size: int = 8,
+                 arrays: PrecomputedArrays | None = None):
+        self.task, self.seed, self.arrays = task, seed, arrays
         self.builder = TaskBuilder(builder, resolution, buckets, stratified=False)
         fields = self.builder.fields(task)
         stream = wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None,
@@ -62,10 +64,11 @@ class FixedTaskDataset(torch.utils.data.Dataset):
 
     def example(self, index: int) -> Example:
         raw = self.raw[index]
-        return self.builder(decode_sample(raw, self.builder.fields(self.task)), self.task, self._rng(index))
+        ex = self.builder(decode_sample(raw, self.builder.fields(self.task)), self.task, self._rng(index))
+        return self.arrays.attach(ex, raw) if self.arrays is not None else ex
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return collate([self.example(i) for i in self.batches[index]])
+        return collate([self.example(i) for i in self.batches[index]], self.arrays)
