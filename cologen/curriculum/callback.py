@@ -55,8 +55,8 @@ class CurriculumCallback(Callback):
         step = self.step
         module.veteran.rho, module.veteran.alpha = step.rho, step.alpha
         dm = self._datamodule(trainer)
-        if dm is not None:
-            dm.set_mixture(step.mixture)
+        if dm is not None and not hasattr(dm, "set_mixture_schedule"):
+            dm.set_mixture(step.mixture)  # a datamodule without batch-exact schedules
         router_lr = step.router_lr if step.router_lr is not None else step.lr / 2
         for config in trainer.lr_scheduler_configs:
             sched = config.scheduler
@@ -71,6 +71,15 @@ class CurriculumCallback(Callback):
             # put the new values into effect for the coming optimizer step
             for i, group in enumerate(sched.optimizer.param_groups):
                 group["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](trainer.global_step)
+
+    def mixture_schedule(self, accumulate: int = 1) -> list[tuple[int, dict[str, float]]]:
+        """(first batch of this fit, mixture) per curriculum step of the run: the data switches at exactly the
+        optimizer step where the callback switches experts."""
+        schedule, start = [], 0
+        for i in self.spec.selected():
+            schedule.append((start * accumulate, dict(self.spec.steps[i].mixture)))
+            start += self.spec.steps[i].steps
+        return schedule
 
     def _enter(self, trainer: L.Trainer, module, index: int) -> None:
         """Start curriculum step `index`: activate its expert, then apply its settings."""
@@ -107,6 +116,8 @@ class CurriculumCallback(Callback):
         elif trainer.max_steps != total:
             raise ValueError(f"trainer.max_steps ({trainer.max_steps}) differs from the curriculum's total for "
                              f"run_steps {self.spec.selected()} ({total}); leave trainer.max_steps unset")
+        if dm is not None and hasattr(dm, "set_mixture_schedule"):
+            dm.set_mixture_schedule(self.mixture_schedule(trainer.accumulate_grad_batches))
         if trainer.ckpt_path is None:
             first = self.spec.selected()[0]
             model = pl_module.model
@@ -123,9 +134,6 @@ class CurriculumCallback(Callback):
         if self._resumed:
             # the model's experts and the optimizer/scheduler state come from the checkpoint
             pl_module.veteran.rho, pl_module.veteran.alpha = self.step.rho, self.step.alpha
-            dm = self._datamodule(trainer)
-            if dm is not None:
-                dm.set_mixture(self.step.mixture)
             self._log_event(trainer, pl_module, "resume")
         else:
             self._apply_settings(trainer, pl_module, restart_schedule=True)
