@@ -89,7 +89,7 @@ class SampleValidation(Callback):
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not isinstance(batch, Mapping) or "task" not in batch:
+        if not isinstance(batch, Mapping) or not {"task", "prompt", "target"} <= set(batch):
             return
         for probe in probes_from_batch(batch, self.probes_per_task):
             have = self.probes.setdefault(probe["task"], [])
@@ -105,8 +105,17 @@ class SampleValidation(Callback):
         self.validations += 1
         return self.validations % self.every_n_val == 0
 
+    @staticmethod
+    def _can_encode_prompts(pl_module) -> bool:
+        # generate() encodes prompts itself: runs on precomputed text embeddings only have no encoder for it
+        return getattr(pl_module, "text_encoder", None) is not None or getattr(pl_module, "offload_text_encoder", False)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._due(trainer) or not self.probes:
+            return
+        if not self._can_encode_prompts(pl_module):
+            warnings.warn("SampleValidation: the model has no text encoder (model.load_text_encoder: false), "
+                          "so it cannot sample; skipped", stacklevel=2)
             return
         if trainer.is_global_zero:
             with torch.random.fork_rng(devices=[]):  # sampling must not shift the training's random streams
