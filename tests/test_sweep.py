@@ -1,0 +1,109 @@
+"""The gate-temperature sweep: W&B's validation of the sweep file, the agent's command line, and one trial proposed
+by W&B's sweep engine run locally (offline W&B run) for a few steps on tiny data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cologen.sweep import agent_command, format_table, load_sweep, run_local, server_reachable, validate_sweep
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = REPO / "experiments" / "sweeps" / "gate_temperature.yaml"
+
+
+def test_sweep_file_passes_wandb_validation_and_proposes_the_grid():
+    import sweeps
+
+    config = load_sweep(SWEEP)
+    assert sweeps.schema_violations_from_proposed_config(config) == []
+    assert set(config["parameters"]) == {"model.prw.router.temperature", "model.veteran.rho"}
+    first = sweeps.next_run(config, [], validate=True)
+    assert first.config == {"model.prw.router.temperature": {"value": 0.5}, "model.veteran.rho": {"value": 0.6}}
+    with pytest.raises(ValueError, match="grud"):
+        validate_sweep({**config, "method": "grud"})
+    with pytest.raises(ValueError, match="metric.name"):
+        validate_sweep({k: v for k, v in config.items() if k != "metric"})
+
+
+def test_command_line_is_the_agents(tmp_path, monkeypatch):
+    """Our formatting against the agent's own `_command_run` (its subprocess replaced by a recorder)."""
+    from wandb import wandb_agent
+
+    config = load_sweep(SWEEP)
+    args = {"model.prw.router.temperature": {"value": 2.0}, "model.veteran.rho": {"value": 0.8}}
+    started: list[list[str]] = []
+
+    class Recorder:
+        def __init__(self, command=None, **kwargs):
+            started.append(command)
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Recorder)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    monkeypatch.setenv("WANDB_RUN_ID", "before")  # the agent sets it; monkeypatch restores it
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="sw1")
+    agent._sweep_command = list(config["command"])
+    agent._command_run({"args": args, "program": config["program"], "run_id": "abc123"})
+    json_file = str(tmp_path / "wandb" / "sweep-sw1" / "config-abc123.json")
+    assert started == [agent_command(config, args, json_file)]
+    assert started[0] == ["/usr/bin/env", "cologen", "fit", "--config", "experiments/tiny/curriculum.yaml",
+                          "--config", "experiments/tiny/stage1.yaml",
+                          "--config", "experiments/sweeps/gate_temperature_trial.yaml",
+                          "--model.prw.router.temperature=2.0", "--model.veteran.rho=0.8"]
+
+
+def test_no_server_without_an_api_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert server_reachable(timeout=0.5) is False
+
+
+@pytest.mark.timeout(240)
+def test_one_local_trial_runs_and_reports_its_metric(shapeworld_dir, tmp_path, monkeypatch, capsys):
+    """A trial exactly as the agent would start it, plus one more --config that shrinks it to 2 + 2 steps on the
+    tiny test data (the shortened curriculum keeps the grounding step's rho tied to model.veteran.rho)."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tasks = ("inpainting", "grounding")
+    shrink = {
+        "trainer": {"default_root_dir": str(tmp_path / "trial"), "val_check_interval": 4,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"preset": {"init_args": {"base": None, "width": 64, "heads": 2, "double_layers": 1,
+                                           "single_layers": 2}}},
+        "data": {"init_args": {
+            "train_shards": {t: str(shapeworld_dir / t / "train-*.tar") for t in tasks},
+            "val_shards": {t: str(shapeworld_dir / t / "val-*.tar") for t in tasks},
+            "batch_size": 4, "num_workers": 0, "val_samples_per_task": 4}},
+        "curriculum": {"spec": {"steps": [
+            {"name": "inpainting", "mixture": {"inpainting": 1.0}, "steps": 2, "rho": 1.0, "alpha": 0.0},
+            {"name": "grounding", "mixture": {"grounding": 1.0}, "steps": 2, "rho": "${model.veteran.rho}",
+             "alpha": 0.5}]}},
+    }
+    (tmp_path / "shrink.yaml").write_text(yaml.safe_dump(shrink))
+    config = load_sweep(SWEEP)
+    (trial,) = run_local(config, 1, tmp_path / "sweep", ["--config", str(tmp_path / "shrink.yaml")], cwd=REPO)
+
+    assert trial.returncode == 0
+    assert trial.command[:11] == agent_command(config, {k: {"value": v} for k, v in trial.params.items()},
+                                              str(tmp_path / "sweep" / f"{trial.run_id}.args.json"))
+    metric = trial.metric("val/loss_task")
+    assert math.isfinite(metric) and metric > 0
+    assert trial.summary["trainer/global_step"] == 4
+    # the sweep's values reached the model and the curriculum
+    resolved = yaml.safe_load((tmp_path / "trial" / "config.yaml").read_text())
+    assert resolved["model"]["prw"]["router"]["temperature"] == 0.5
+    assert resolved["curriculum"]["spec"]["steps"][1]["rho"] == 0.6
+    # an offline W&B run under the trial's run id, with the sweep's parameters in its config
+    assert list((tmp_path / "trial" / "wandb").glob(f"offline-run-*-{trial.run_id}"))
+    params = yaml.safe_load((tmp_path / "sweep" / f"{trial.run_id}.params.yaml").read_text())
+    assert params["model.veteran.rho"] == {"value": 0.6}
+    rows = (tmp_path / "sweep" / "trials.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["run_id", "model.prw.router.temperature", "model.veteran.rho", "val/loss_task",
+                                  "exit", "seconds"]
+    assert rows[1].startswith(trial.run_id) and json.loads(rows[1].split(",")[3]) == pytest.approx(metric, 1e-5)
+    assert trial.run_id in format_table([trial], config)
