@@ -130,7 +130,7 @@ def _fresh(dm: MixtureDataModule) -> MixtureDataModule:
 
 def _start_at(dm: MixtureDataModule, position: int):
     loader = dm.train_dataloader()
-    loader.start = lambda default: position  # what the trainer's progress says in a fit
+    loader.start = lambda: position  # what the trainer's progress says in a fit
     return loader
 
 

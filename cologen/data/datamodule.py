@@ -139,6 +139,7 @@ class MixtureDataModule(L.LightningDataModule):
         self._explicit_schedule = False  # set in this process: wins over a checkpoint's schedule
         self._pending: Weights | None = None  # set_mixture while no iterator runs: applies at the next start
         self._loader: MixtureLoader | None = None
+        self._next_epoch = 0  # outside a trainer, each new train iterator starts the next epoch
         self._skips = SkipCounter(slots=num_workers + 1, max_consecutive=max_consecutive_skips)
         self.use_precomputed = use_precomputed
         self._arrays = PrecomputedArrays(SharedCounts(COUNTS, slots=num_workers + 1)) if use_precomputed else None
@@ -276,11 +277,12 @@ class MixtureDataModule(L.LightningDataModule):
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed if epochs.started > epochs.processed else 0
         return epochs.processed * self.batches_per_epoch + batches
 
-    def _iterator_start(self, default: int) -> int:
-        """Where a new train iterator starts (the trainer's position, else `default`); applies a pending
-        `set_mixture` there."""
+    def _iterator_start(self) -> int:
+        """Where a new train iterator starts (the trainer's position, else the epoch after the previous
+        iterator's, whichever loader it came from); applies a pending `set_mixture` there."""
         start = self.train_position()
-        start = default if start is None else start
+        start = self._next_epoch * self.batches_per_epoch if start is None else start
+        self._next_epoch = start // self.batches_per_epoch + 1
         if self._pending is not None:
             self._truncate_schedule(start, self._pending)
             self._pending = None

@@ -58,24 +58,23 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 
 
 class MixtureLoader:
-    """`batches_per_epoch` batches per epoch (`len()`); `iter()` starts at the global batch index
-    `start(default)` returns (the trainer's position; outside a trainer, `default`: the epoch after the
-    previous `iter()`'s) and yields the rest of that epoch.
+    """`batches_per_epoch` batches per epoch (`len()`); `iter()` starts at the global batch index `start()`
+    returns (the DataModule's: the trainer's position, else the epoch after the previous iterator's; by
+    default the epoch after this loader's previous one) and yields the rest of that epoch.
 
     It tracks the batches handed out, so the DataModule knows the first batch no worker can have started yet
     (`frontier`), where `set_mixture` can switch the mixture exactly.
     """
 
     def __init__(self, dataset: MixtureDataset, batches_per_epoch: int,
-                 start: Callable[[int], int] = lambda default: default, num_workers: int = 0,
-                 prefetch_factor: int = 2):
+                 start: Callable[[], int] | None = None, num_workers: int = 0, prefetch_factor: int = 2):
         self._dataset, self.state = dataset, dataset.state  # not `.dataset`: Lightning would warn about len()
-        self.batches_per_epoch, self.start = batches_per_epoch, start
+        self.batches_per_epoch = batches_per_epoch
+        self.start = start or (lambda: self.epoch_end)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers else {}
         self.loader = DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=already_collated,
                                  num_workers=num_workers, **extra)
-        self._next_epoch = 0  # outside a trainer
         self._generation = 0
         self.received = 0  # global index of the next batch this loader hands out
         self.epoch_end = 0  # global index just past the current iterator's epoch
@@ -95,9 +94,8 @@ class MixtureLoader:
         return min(self.received + self.num_workers * self.prefetch_factor, self.epoch_end)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        start = self.start(self._next_epoch * self.batches_per_epoch)
+        start = self.start()
         epoch, b0 = divmod(start, self.batches_per_epoch)
-        self._next_epoch = epoch + 1
         self.state.set_start(epoch, b0)  # before iter(): the workers read it when they (re)start
         self._generation += 1
         self.received, self.epoch_end = start, (epoch + 1) * self.batches_per_epoch
