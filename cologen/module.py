@@ -210,8 +210,9 @@ class CoLoGenModule(L.LightningModule):
         per_sample = losses["per_sample"].detach()
         for task in sorted(set(tasks)):
             idx = [i for i, t in enumerate(tasks) if t == task]
+            # the task names the key, so no per-dataloader suffix (validation has one loader per task)
             self.log(f"{stage}/loss_task/{task}", per_sample[idx].mean(), on_step=on_step, on_epoch=not on_step,
-                     batch_size=len(idx), sync_dist=not on_step)
+                     batch_size=len(idx), sync_dist=not on_step, add_dataloader_idx=False)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # The step's randomness (timesteps, noise, dropout, router noise) is a function of (seed, step, rank):
