@@ -5,6 +5,7 @@ middle of a curriculum step ends with exactly the weights of the uninterrupted o
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import yaml
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from cologen.bench.flux import TINY_TRANSFORMER, build_cologen, forward_loss, make_inputs
 from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.module import CoLoGenModule
@@ -90,6 +92,32 @@ def test_blocks_and_expert_banks_are_units_routers_stay_replicated(flux, one_ran
     assert all(torch.equal(a, p.full_tensor()) for a, p in zip(veteran, model.expert_parameters(0)))
     assert all(torch.equal(a, p.full_tensor()) for a, p in zip(base_before, base[:8]))
     assert any(not torch.equal(a, p.full_tensor()) for a, p in zip(newest_before, model.expert_parameters(1)))
+
+
+@pytest.mark.parametrize(("checkpointing", "reshard_after_forward"), [(True, True), (False, True), (False, False)])
+def test_sharded_gradients_equal_the_unsharded_model(one_rank, checkpointing, reshard_after_forward):
+    """Each block runs twice per forward and the source keys/values leave it through the PRW context, not its
+    outputs: the gradients must still be exactly those of the unsharded model, with and without checkpointing."""
+    config = {**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 2}
+    torch.manual_seed(0)
+    reference = build_cologen(config, PRWConfig(num_experts=3, rank=4, alpha=8), dtype=torch.float32)
+    for attn in reference.prw_modules():  # non-zero up-projections, so every path carries gradient
+        for p in attn.prw_experts.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    reference.enable_gradient_checkpointing(checkpointing)
+    sharded = copy.deepcopy(reference)
+    shard_cologen(sharded, data_parallel_mesh("cpu", 1), reshard_after_forward=reshard_after_forward)
+    inputs = make_inputs(config, 2, 4, 4, 8)
+    reference.eval(), sharded.eval()  # deterministic routing
+    forward_loss(reference, inputs).backward()
+    for _ in range(2):  # the second step runs on weights resharded by the first
+        sharded.zero_grad()
+        forward_loss(sharded, inputs).backward()
+    expected = [p.grad for p in reference.parameters() if p.grad is not None]
+    got = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in sharded.parameters()
+           if p.grad is not None]
+    assert len(got) == len(expected) > 0
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
 def _config(root: Path, flux: Path, data: Path) -> Path:

@@ -50,6 +50,23 @@ def data_parallel_mesh(device_type: str, world_size: int, replicate_groups: int 
                             mesh_dim_names=("replicate", "shard"))
 
 
+def _unshard_before_source_kv_backward(name: str):
+    """FSDP gathers a unit's weights for the backward pass when the gradient reaches the unit's outputs. The source
+    pass's keys/values leave a block through the PRW context, not through its outputs, so their backward (through
+    `to_k` / `to_v`) could run on resharded weights; a gradient hook on them gathers the block first. (With
+    gradient checkpointing the recomputation gathers them anyway.)"""
+
+    def hook(block: nn.Module, args, kwargs, output) -> None:
+        ctx = (kwargs.get("joint_attention_kwargs") or {}).get("prw")
+        if ctx is None or ctx.mode != "source" or name not in ctx.kv:
+            return
+        for t in ctx.kv[name]:
+            if t.requires_grad:
+                t.register_hook(lambda grad: (block.unshard(), grad)[1])
+
+    return hook
+
+
 def replicated_parameters(model: CoLoGenTransformer, shard_adapters: bool = True) -> list[nn.Parameter]:
     """The parameters FSDP leaves alone (kept whole on every rank, gradients all-reduced by the strategy)."""
     return model.router_parameters() + ([] if shard_adapters else model.expert_parameters())
@@ -68,9 +85,10 @@ def shard_cologen(model: CoLoGenTransformer, mesh: DeviceMesh, reshard_after_for
     if shard_adapters:
         for attn in model.prw_modules():
             units.append(fully_shard(attn.prw_experts, mesh=mesh, reshard_after_forward=reshard_after_forward))
-    for _, block in model._named_blocks():
+    for name, block in model._named_blocks():
         units.append(fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward,
                                  ignored_params=ignored(block)))
+        block.register_forward_hook(_unshard_before_source_kv_backward(name), with_kwargs=True)
     units.append(fully_shard(model, mesh=mesh, ignored_params=ignored(model)))
     return units  # FSDP moved the shards to the mesh's device; the replicated parameters stay where they were
 
@@ -148,6 +166,9 @@ class CoLoGenFSDPStrategy(ModelParallelStrategy):
         cologen = getattr(module, "model", None)
         if not isinstance(cologen, CoLoGenTransformer):
             raise TypeError(f"{type(self).__name__} shards a CoLoGenModule (its `model` is a CoLoGenTransformer)")
+        if trainer.gradient_clip_val:
+            raise ValueError(f"{type(self).__name__} does not clip gradients (torch's clip_grad_norm_ cannot mix the "
+                             "sharded experts' and the replicated routers' gradients): unset trainer.gradient_clip_val")
         probe = nn.Linear(1, 1, dtype=torch.float32)
         if self.precision_plugin.convert_module(probe).weight.dtype != torch.float32:
             raise ValueError(f"{type(self).__name__}: use trainer.precision '32-true' (the preset sets the base's "
