@@ -215,6 +215,10 @@ def sampler_times(model, scale: Scale, steps: int, device: torch.device) -> dict
     return out
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -297,8 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_base = sum(p.numel() for p in model.base_parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_experts = sum(p.numel() for p in model.expert_parameters())
-    print(f"[bench-gpu] base {n_base / 1e6:,.1f}M params (bf16, frozen), experts {n_experts / 1e6:,.2f}M (fp32, "
-          f"{scale.prw.num_experts} x rank {scale.prw.rank}), trainable {n_train / 1e6:,.2f}M; {scale.resolution} px target + condition: "
+    print(f"[bench-gpu] base {_count(n_base)} params (bf16, frozen), experts {_count(n_experts)} (fp32, "
+          f"{scale.prw.num_experts} x rank {scale.prw.rank}), trainable {_count(n_train)}; {scale.resolution} px target + condition: "
           f"{scale.grid ** 2} noisy + {scale.grid ** 2} source + {scale.text_tokens} text tokens")
 
     rows = []
