@@ -19,7 +19,7 @@ CFG := experiments/$(PRESET)
 RUNS := runs/$(PRESET)
 ARGS ?=
 
-.PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench
+.PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench sweep
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,3 +68,7 @@ cotrain: data
 
 no_pretrain: data
 	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/no_pretrain.yaml $(ARGS)
+
+# W&B sweep over the router temperature and rho (local W&B sweep engine when no server is reachable).
+sweep: data
+	$(PY) -m cologen.sweep experiments/sweeps/gate_temperature.yaml $(SWEEP_ARGS)
