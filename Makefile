@@ -19,7 +19,7 @@ CFG := experiments/$(PRESET)
 RUNS := runs/$(PRESET)
 ARGS ?=
 
-.PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench sweep
+.PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench sweep bench-gpu
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,3 +72,7 @@ no_pretrain: data
 # W&B sweep over the router temperature and rho (local W&B sweep engine when no server is reachable).
 sweep: data
 	$(PY) -m cologen.sweep experiments/sweeps/gate_temperature.yaml $(SWEEP_ARGS)
+
+# GPU benchmark (FLUX.1-dev-sized model, PRW with 5 experts of rank 128); ARGS=--tiny runs the same code on the CPU.
+bench-gpu: install
+	$(PY) benchmarks/bench_gpu.py $(ARGS)

@@ -21,6 +21,16 @@ from .training.config import FlowMatchingConfig, OptimConfig, SourcePositionConf
 from .training.schedule import WarmupSchedule
 
 
+def set_attention_backend(transformer, backend: str) -> None:
+    """diffusers' `set_attention_backend` for this model's processors only: it also changes a process-wide default,
+    which would leak into every other model in the process, so that default is restored."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    transformer.set_attention_backend(backend)
+    _AttentionBackendRegistry.set_active_backend(previous)
+
+
 def flux_time_shift(s: torch.Tensor, seq_len: int, base_len: int = 256, max_len: int = 4096,
                     base_shift: float = 0.5, max_shift: float = 1.15) -> torch.Tensor:
     """FLUX's resolution-dependent shift of s (calculate_shift in diffusers' FluxPipeline)."""
@@ -86,7 +96,7 @@ class CoLoGenModule(L.LightningModule):
                 p.requires_grad_(True)
         self.model.enable_gradient_checkpointing(gradient_checkpointing)
         if attention_backend is not None:
-            self.model.transformer.set_attention_backend(attention_backend)
+            set_attention_backend(self.model.transformer, attention_backend)
         if init_from is not None:
             self.load_adapters(init_from)
         self.last_routing: dict | None = None
@@ -302,7 +312,7 @@ class CoLoGenModule(L.LightningModule):
         if self.train_base:
             return {k for k in self.state_dict() if k.startswith(("text_encoder.", "codec."))}
         base = {id(p) for p in self.model.base_parameters()}
-        named = dict(self.named_parameters())
+        named = dict(self.named_parameters(remove_duplicate=False))  # tied weights (T5's embeddings) too
         return {k for k, p in named.items() if id(p) in base or k.startswith(("text_encoder.", "codec."))}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

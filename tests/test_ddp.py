@@ -44,7 +44,7 @@ def _overlay(root: Path, data: Path) -> Path:
                   "prw": {"router": {"entry_warmup_steps": 1}}},
         "data": {"init_args": {
             "train_shards": {t: str(data / t / "train-*.tar") for t in ("inpainting", "grounding")},
-            "val_shards": {}, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 8}},
+            "val_shards": {}, "val_tasks": None, "batch_size": 2, "num_workers": 0, "shuffle_buffer": 8}},
         "curriculum": {"spec": {"steps": [
             {"name": "inpainting", "stage": 1, "mixture": {"inpainting": 1.0}, "steps": 2, "lr": 1e-2, "rho": 1.0,
              "alpha": 0.0},

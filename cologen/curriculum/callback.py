@@ -118,25 +118,26 @@ class CurriculumCallback(Callback):
                              f"run_steps {self.spec.selected()} ({total}); leave trainer.max_steps unset")
         if dm is not None and hasattr(dm, "set_mixture_schedule"):
             dm.set_mixture_schedule(self.mixture_schedule(trainer.accumulate_grad_batches))
-        if trainer.ckpt_path is None:
-            first = self.spec.selected()[0]
-            model = pl_module.model
-            if model.num_active not in (first, first + 1) and not (first == 0 and model.num_active == 1):
-                raise ValueError(
-                    f"curriculum starts at step {first} but the model has {model.num_active} active expert(s): "
-                    f"initialise it from the previous stage's checkpoint (model.init_from)")
-            # Activate before the strategy wraps the model, so the optimizer and DDP see the final flags.
-            self._enter(trainer, pl_module, first)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         if not self.enabled:
             return
         if self._resumed:
-            # the model's experts and the optimizer/scheduler state come from the checkpoint
+            # The experts' weights and count came from the checkpoint (the optimizer and scheduler state follow
+            # after this hook); re-derive which of them train.
+            pl_module.model.freeze_for_curriculum()
             pl_module.veteran.rho, pl_module.veteran.alpha = self.step.rho, self.step.alpha
             self._log_event(trainer, pl_module, "resume")
-        else:
-            self._apply_settings(trainer, pl_module, restart_schedule=True)
+            return
+        first = self.spec.selected()[0]
+        model = pl_module.model
+        if model.num_active not in (first, first + 1) and not (first == 0 and model.num_active == 1):
+            raise ValueError(
+                f"curriculum starts at step {first} but the model has {model.num_active} active expert(s): "
+                f"initialise it from the previous stage's checkpoint (model.init_from)")
+        # Activation after the strategy wrapped the model is fine: the optimizer holds every expert from the start
+        # and CurriculumDDPStrategy / the FSDP2 strategy register them all.
+        self._enter(trainer, pl_module, first)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if not self.enabled:
