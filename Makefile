@@ -18,6 +18,13 @@ PRESET ?= tiny
 CFG := experiments/$(PRESET)
 RUNS := runs/$(PRESET)
 ARGS ?=
+# flux_dev: the local FLUX.1-dev folder and a strategy config (ddp or fsdp; empty = one GPU)
+FLUX_PATH ?= models/FLUX.1-dev
+STRATEGY ?=
+# the configs of stage N: curriculum, the stage's data (flux_dev), the stage, the strategy, the FLUX path
+stage_configs = --config $(CFG)/curriculum.yaml $(if $(wildcard $(CFG)/data_stage$(1).yaml),--config $(CFG)/data_stage$(1).yaml) \
+	--config $(CFG)/stage$(1).yaml $(if $(STRATEGY),--config $(CFG)/$(STRATEGY).yaml) \
+	$(if $(filter flux_dev,$(PRESET)),--model.preset.init_args.path $(FLUX_PATH))
 
 .PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench sweep bench-gpu
 
@@ -49,15 +56,15 @@ base: install
 	$(PY) -m cologen.commands.save_base runs/tiny/base/last.ckpt cologen/assets/tiny_base
 
 stage1: data
-	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/stage1.yaml $(ARGS)
+	$(COLOGEN) fit $(call stage_configs,1) $(ARGS)
 
 stage2: data
 	@test -f $(RUNS)/stage1/last.ckpt || { echo "$(RUNS)/stage1/last.ckpt is missing: run 'make stage1$(if $(filter-out tiny,$(PRESET)), PRESET=$(PRESET))' first"; exit 1; }
-	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/stage2.yaml $(ARGS)
+	$(COLOGEN) fit $(call stage_configs,2) $(ARGS)
 
 stage3: data
 	@test -f $(RUNS)/stage2/last.ckpt || { echo "$(RUNS)/stage2/last.ckpt is missing: run 'make stage2$(if $(filter-out tiny,$(PRESET)), PRESET=$(PRESET))' first"; exit 1; }
-	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/stage3.yaml $(ARGS)
+	$(COLOGEN) fit $(call stage_configs,3) $(ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_model.py

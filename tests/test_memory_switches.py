@@ -50,7 +50,7 @@ def _loss(module, batch, seed=7):
 def _cli(flux, *configs: str) -> CoLoGenCLI:
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     args = []
-    for c in ("model.yaml", "data_stage1.yaml", *configs):
+    for c in ("curriculum.yaml", "data_stage1.yaml", *configs):
         args += ["--config", f"experiments/flux_dev/{c}"]
     args += ["--model.preset.init_args.path", str(flux), "--model.preset.init_args.text_max_length", "16",
              "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.logger", "false"]
