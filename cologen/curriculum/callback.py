@@ -89,6 +89,11 @@ class CurriculumCallback(Callback):
             model.activate_next_expert()
         model.freeze_for_curriculum()
         model.set_entry_progress(0.0 if index > 0 else 1.0)
+        # A veteran never trains again: drop its optimizer moments (on FLUX, 0.7 GB per rank-128 expert).
+        for optimizer in trainer.optimizers:
+            for e in range(model.newest_expert):
+                for p in model.expert_parameters(e):
+                    optimizer.state.pop(p, None)
         if trainer.optimizers:
             self._apply_settings(trainer, module, restart_schedule=self.step.reset_schedule)
         self._log_event(trainer, module, "enter")

@@ -60,22 +60,24 @@ class ExpertBank(nn.Module):
         tokens and the result is masked (dense over the active experts, documented as the slower option).
         """
         down, up_k, up_v = self._stacked()
-        x = hidden.to(down.dtype)
+        # Compute in the activations' dtype (bf16 on FLUX; the fp32 master weights are cast, as autocast would):
+        # fp32 copies of (B, N, D) activations would cost ~45 MB per block and sample.
+        dtype = hidden.dtype
+        down, up_k, up_v = down.to(dtype), up_k.to(dtype), up_v.to(dtype)
         r = self.rank
         if index.dim() == 1:
-            a = down[index]  # (B, 2r, D)
-            z = torch.bmm(x, a.transpose(1, 2))  # (B, N, 2r)
+            # the routing weight scales the rank-r intermediate, the smallest tensor on the path
+            z = torch.bmm(hidden, down[index].transpose(1, 2)) * (weight * self.scale).to(dtype)[:, None, None]
             dk = torch.bmm(z[..., :r], up_k[index].transpose(1, 2))
             dv = torch.bmm(z[..., r:], up_v[index].transpose(1, 2))
-            w = (weight * self.scale).to(dk.dtype)[:, None, None]
-            return dk * w, dv * w
-        dk = x.new_zeros(*x.shape[:2], up_k.shape[1])
+            return dk, dv
+        dk = hidden.new_zeros(*hidden.shape[:2], up_k.shape[1])
         dv = torch.zeros_like(dk)
         for e in range(num_active):
-            gate = ((index == e).to(x.dtype) * weight.to(x.dtype) * self.scale).unsqueeze(-1)
-            z = x @ down[e].T
-            dk = dk + gate * (z[..., :r] @ up_k[e].T)
-            dv = dv + gate * (z[..., r:] @ up_v[e].T)
+            gate = ((index == e).to(dtype) * weight.to(dtype) * self.scale).unsqueeze(-1)
+            z = (hidden @ down[e].T) * gate
+            dk = dk + z[..., :r] @ up_k[e].T
+            dv = dv + z[..., r:] @ up_v[e].T
         return dk, dv
 
     @torch.no_grad()
