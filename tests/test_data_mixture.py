@@ -123,3 +123,28 @@ def test_workers_start_after_the_parent_used_opencv_threads(shapeworld_dir):
     cv2.GaussianBlur(cv2.resize(big, (1200, 1200)), (9, 9), 0)
     dm = MixtureDataModule(shard_patterns(shapeworld_dir), {"control": 1.0}, num_workers=2, batches_per_epoch=3)
     assert len(list(dm.train_dataloader())) == 3
+
+
+@pytest.mark.timeout(60)
+def test_workers_stop_at_teardown_and_when_the_loader_is_dropped(shapeworld_dir):
+    """Persistent workers left to the cyclic garbage collector took 5 s each to stop (they never got the stop
+    signal): teardown stops them, and a dropped loader is not in a cycle, so they stop at once."""
+    import gc
+    import time
+
+    def started(dm):
+        loader = dm.train_dataloader()
+        it = iter(loader)
+        next(it)
+        return loader, it, list(loader.loader._iterator._workers)
+
+    dm = MixtureDataModule(shard_patterns(shapeworld_dir), {"inpainting": 1.0}, batch_size=2, num_workers=2,
+                           batches_per_epoch=3, shuffle_buffer=10)
+    loader, it, workers = started(dm)
+    dm.teardown("fit")
+    assert not any(w.is_alive() for w in workers)
+    loader, it, workers = started(dm)
+    t = time.perf_counter()
+    del dm, loader, it
+    gc.collect()
+    assert time.perf_counter() - t < 3 and not any(w.is_alive() for w in workers)

@@ -15,6 +15,7 @@ Validation: a list of per-task DataLoaders (in `val_tasks` order) over a fixed, 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -138,7 +139,9 @@ class MixtureDataModule(L.LightningDataModule):
         self._state = MixtureState(tasks, self._checked_schedule([(0, mixture)], "mixture"))
         self._explicit_schedule = False  # set in this process: wins over a checkpoint's schedule
         self._pending: Weights | None = None  # set_mixture while no iterator runs: applies at the next start
-        self._loader: MixtureLoader | None = None
+        # weak: the loader holds the DataModule (its start), and a cycle would leave the loader's workers to
+        # the cyclic garbage collector, whose shutdown of them stalls (5 s per worker)
+        self._loader_ref: weakref.ref[MixtureLoader] | None = None
         self._next_epoch = 0  # outside a trainer, each new train iterator starts the next epoch
         self._skips = SkipCounter(slots=num_workers + 1, max_consecutive=max_consecutive_skips)
         self.use_precomputed = use_precomputed
@@ -296,9 +299,17 @@ class MixtureDataModule(L.LightningDataModule):
             buckets=self.buckets, batch_size=self.batch_size, seed=self.seed, rank=rank, world_size=world,
             resampled=self.resampled, shuffle_buffer=self.shuffle_buffer, batches_per_epoch=self.batches_per_epoch,
             arrays=self._arrays)
-        self._loader = MixtureLoader(dataset, self.batches_per_epoch, self._iterator_start,
-                                     num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
-        return self._loader
+        if self._loader is not None:
+            self._loader.close()  # replaced (e.g. reload_dataloaders_every_n_epochs): stop its workers now
+        loader = MixtureLoader(dataset, self.batches_per_epoch, self._iterator_start,
+                               num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+        self._loader_ref = weakref.ref(loader)
+        return loader
+
+    @property
+    def _loader(self) -> MixtureLoader | None:
+        """The latest train loader, while someone holds it."""
+        return self._loader_ref() if self._loader_ref is not None else None
 
     def val_datasets(self) -> dict[str, FixedTaskDataset]:
         if self._val_sets is None:
@@ -334,6 +345,8 @@ class MixtureDataModule(L.LightningDataModule):
             self._state.set_schedule(self._checked_schedule([(0, state_dict["mixture"])], "mixture"))
 
     def teardown(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self._loader is not None:
+            self._loader.close()
         counts = self.bad_samples
         if stage in (None, "fit"):
             msg = f"data: {counts['total']} bad samples skipped" + (

@@ -101,6 +101,15 @@ class MixtureLoader:
         self.received, self.epoch_end = start, (epoch + 1) * self.batches_per_epoch
         return self._iterate(iter(self.loader), self._generation, self.batches_per_epoch - b0)
 
+    def close(self) -> None:
+        """Stop the workers now (a later `iter()` starts new ones). Left to garbage collection, persistent
+        workers of an object in a reference cycle (Lightning's trainer and DataModule are one) take 5 s each."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # what the DataLoader iterator's __del__ does; Lightning calls it the same way
+        self.loader._iterator = None
+        self.epoch_end = self.received
+
     def _iterate(self, it: Iterator[dict[str, Any]], generation: int, n: int) -> Iterator[dict[str, Any]]:
         for batch in itertools.islice(it, n):
             if generation == self._generation:  # an older iterator (Lightning's probe) counts for nothing
