@@ -94,12 +94,9 @@ class MixtureLoader:
         return min(self.received + self.num_workers * self.prefetch_factor, self.epoch_end)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        start = self.start()
-        epoch, b0 = divmod(start, self.batches_per_epoch)
-        self.state.set_start(epoch, b0)  # before iter(): the workers read it when they (re)start
-        self._generation += 1
-        self.received, self.epoch_end = start, (epoch + 1) * self.batches_per_epoch
-        return self._iterate(iter(self.loader), self._generation, self.batches_per_epoch - b0)
+        # Lazy: nothing starts before the first next(). Lightning probes the loader with an iter() it never
+        # advances; that must neither start (and fast-forward) workers nor apply a pending set_mixture.
+        return self._epoch()
 
     def close(self) -> None:
         """Stop the workers now (a later `iter()` starts new ones). Left to garbage collection, persistent
@@ -110,9 +107,15 @@ class MixtureLoader:
         self.loader._iterator = None
         self.epoch_end = self.received
 
-    def _iterate(self, it: Iterator[dict[str, Any]], generation: int, n: int) -> Iterator[dict[str, Any]]:
-        for batch in itertools.islice(it, n):
-            if generation == self._generation:  # an older iterator (Lightning's probe) counts for nothing
+    def _epoch(self) -> Iterator[dict[str, Any]]:
+        start = self.start()
+        epoch, b0 = divmod(start, self.batches_per_epoch)
+        self.state.set_start(epoch, b0)  # before iter(): the workers read it when they (re)start
+        self._generation += 1
+        generation = self._generation
+        self.received, self.epoch_end = start, (epoch + 1) * self.batches_per_epoch
+        for batch in itertools.islice(iter(self.loader), self.batches_per_epoch - b0):
+            if generation == self._generation:  # an abandoned iterator counts for nothing
                 self.received += 1
             yield batch
 
