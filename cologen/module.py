@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
 from .model.packing import pack_latents, source_ids, target_ids, text_ids
-from .model.presets import Preset, TinyPreset
+from .model.presets import Preset, TinyPreset, preset_from_hparams
 from .model.text_encoders import TextEmbeddings
 from .model.veteran import expert_usage, routing_entropy, veteran_loss
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
-from .training.config import FlowMatchingConfig, OptimConfig, SourcePositionConfig, VeteranConfig
+from .training.config import FlowMatchingConfig, OptimConfig, SourcePositionConfig, VeteranConfig, coerce
 from .training.schedule import WarmupSchedule
 
 
@@ -67,14 +67,23 @@ class CoLoGenModule(L.LightningModule):
                  offload_text_encoder: bool = False, attention_backend: str | None = None,
                  sampler: SamplerConfig | None = None, init_from: str | None = None):
         super().__init__()
-        self.preset = preset or TinyPreset()
-        self.prw_config = prw or PRWConfig()
-        self.flow = flow or FlowMatchingConfig()
-        self.veteran = veteran or VeteranConfig()
-        self.optim = optim or OptimConfig()
-        self.positions = positions or SourcePositionConfig()
+        # Configs arrive as objects (Python, LightningCLI) or as the plain dicts a checkpoint stores.
+        self.preset = preset_from_hparams(preset) or TinyPreset()
+        self.prw_config = coerce(PRWConfig, prw) or PRWConfig()
+        self.flow = coerce(FlowMatchingConfig, flow) or FlowMatchingConfig()
+        self.veteran = coerce(VeteranConfig, veteran) or VeteranConfig()
+        self.optim = coerce(OptimConfig, optim) or OptimConfig()
+        self.positions = coerce(SourcePositionConfig, positions) or SourcePositionConfig()
+        sampler = coerce(SamplerConfig, sampler)
         self.train_base = train_base
-        self.save_hyperparameters()
+        # Plain data only: checkpoints load with torch.load(weights_only=True) and loggers show readable values.
+        self.save_hyperparameters({
+            "preset": self.preset.to_hparams(), "prw": asdict(self.prw_config), "flow": asdict(self.flow),
+            "veteran": asdict(self.veteran), "optim": asdict(self.optim), "positions": asdict(self.positions),
+            "sampler": asdict(sampler) if sampler is not None else None, "train_base": train_base,
+            "gradient_checkpointing": gradient_checkpointing, "load_text_encoder": load_text_encoder,
+            "offload_text_encoder": offload_text_encoder, "attention_backend": attention_backend,
+            "init_from": init_from})
 
         backbone = self.preset.build(load_text_encoder=load_text_encoder)
         self.guidance_embeds = backbone.guidance_embeds
@@ -228,7 +237,9 @@ class CoLoGenModule(L.LightningModule):
         # The step's randomness (timesteps, noise, dropout, router noise) is a function of (seed, step, rank):
         # a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed((seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % (2**63 - 1))
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        micro = self.global_step * accumulate + batch_idx % accumulate  # distinct per accumulated micro-batch
+        torch.manual_seed((seed * 1_000_003 + micro * 7919 + self.global_rank) % (2**63 - 1))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch, train=True)

@@ -51,11 +51,16 @@ class Preset(ABC):
     def to_dict(self) -> dict:
         """`name` and the constructor arguments (exported with a pipeline so it can rebuild the base)."""
 
+    def to_hparams(self) -> dict:
+        """LightningCLI's `{class_path, init_args}` form: plain data in checkpoints, rebuilt by `preset_from_hparams`."""
+        args = {k: v for k, v in self.to_dict().items() if k != "name"}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
 
-def preset_from_hparams(value) -> Preset:
+
+def preset_from_hparams(value: Preset | dict | None) -> Preset | None:
     """A Preset from a checkpoint's hyper-parameters: the object itself, or LightningCLI's
     `{class_path, init_args}` form."""
-    if isinstance(value, Preset):
+    if value is None or isinstance(value, Preset):
         return value
     if isinstance(value, dict) and "class_path" in value:
         import importlib

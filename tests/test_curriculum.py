@@ -1,0 +1,133 @@
+"""The curriculum callback end to end: boundaries, exact resume, init from a previous stage, clear failures."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from cologen.curriculum.callback import CurriculumCallback
+from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
+from cologen.data.datamodule import MixtureDataModule
+from cologen.model.config import PRWConfig, RouterConfig
+from cologen.model.presets import TinyPreset
+from cologen.module import CoLoGenModule
+from cologen.training.checkpointing import RunCheckpoint
+
+STEPS = [("inpainting", 2), ("grounding", 3), ("control", 2)]  # 7 optimizer steps, boundaries after 2 and 5
+
+
+def spec(run_steps=None):
+    return CurriculumSpec(
+        steps=[CurriculumStep(name=t, mixture={t: 1.0}, steps=n, lr=1e-2, rho=1.0 if i == 0 else 0.8,
+                              alpha=0.0 if i == 0 else 0.5) for i, (t, n) in enumerate(STEPS)],
+        run_steps=run_steps)
+
+
+def make_module():
+    return CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                         prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=2)))
+
+
+def make_data(shapeworld_dir):
+    tasks = [t for t, _ in STEPS]
+    return MixtureDataModule(train_shards={t: str(shapeworld_dir / t / "train-*.tar") for t in tasks},
+                             mixture={"inpainting": 1.0}, batch_size=2, num_workers=0, batches_per_epoch=4,
+                             shuffle_buffer=8, seed=3)
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+class Recorder(Callback):
+    """After the curriculum callback's hooks: what trains, what data comes, and the veterans' weights."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        model = module.model
+        trainable = [e for e in range(model.prw.num_experts) if any(p.requires_grad for p in model.expert_parameters(e))]
+        self.rows.append({
+            "step": trainer.global_step, "tasks": set(batch["task"]), "trainable": trainable,
+            "routers": all(p.requires_grad for p in model.router_parameters()),
+            "base_frozen": not any(p.requires_grad for p in model.base_parameters()),
+            "experts": [torch.cat([p.detach().flatten() for p in model.expert_parameters(e)]).clone()
+                        for e in range(model.prw.num_experts)],
+            "rho_alpha": (module.veteran.rho, module.veteran.alpha)})
+
+
+def fit(tmp_path, shapeworld_dir, callbacks=(), ckpt_path=None, run_steps=None, module=None):
+    L.seed_everything(0)
+    module = module or make_module()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[CurriculumCallback(spec(run_steps)), *callbacks,
+                                   RunCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)])
+    trainer.fit(module, datamodule=make_data(shapeworld_dir), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def trainable_state(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if ".prw_" in k or k.endswith("entry_offset")}
+
+
+def test_boundaries_switch_experts_data_and_losses(tmp_path, shapeworld_dir):
+    rec = Recorder()
+    trainer, module = fit(tmp_path, shapeworld_dir, [rec])
+    assert trainer.global_step == 7 and module.model.num_active == 3
+    for row in rec.rows:
+        index = 0 if row["step"] < 2 else 1 if row["step"] < 5 else 2
+        # only the newest expert and the routers train; the base never does
+        assert row["trainable"] == [index] and row["routers"] and row["base_frozen"]
+        # the mixture in use is the spec's, switched at exactly the boundary step
+        assert row["tasks"] == {STEPS[index][0]}
+        assert row["rho_alpha"] == ((1.0, 0.0) if index == 0 else (0.8, 0.5))
+    # veterans are bit-identical from the moment they are frozen
+    for later in rec.rows[2:]:
+        assert torch.equal(later["experts"][0], rec.rows[2]["experts"][0])
+    for later in rec.rows[5:]:
+        assert torch.equal(later["experts"][1], rec.rows[5]["experts"][1])
+    assert not torch.equal(rec.rows[2]["experts"][0], rec.rows[0]["experts"][0])  # expert 0 did train
+    final = module.model.expert_parameters(1)
+    assert torch.equal(torch.cat([p.detach().flatten() for p in final]), rec.rows[5]["experts"][1])
+
+
+@pytest.mark.parametrize("stop", [3, 5])  # mid-step, and exactly at the boundary into the last step
+def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, shapeworld_dir, stop):
+    _, straight = fit(tmp_path / "straight", shapeworld_dir)
+    first, _ = fit(tmp_path / "resumed", shapeworld_dir, [StopAt(stop)])
+    assert first.global_step == stop
+    trainer, resumed = fit(tmp_path / "resumed", shapeworld_dir, ckpt_path=str(tmp_path / "resumed" / "last.ckpt"))
+    assert trainer.global_step == 7
+    a, b = trainable_state(straight), trainable_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_stage_starts_from_the_previous_stage_checkpoint(tmp_path, shapeworld_dir):
+    fit(tmp_path / "stage1", shapeworld_dir, run_steps=[0, 1])
+    ckpt = tmp_path / "stage1" / "last.ckpt"
+    stage2 = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                           prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=2)),
+                           init_from=str(ckpt))
+    assert stage2.model.num_active == 2
+    before = [p.detach().clone() for p in stage2.model.expert_parameters(1)]
+    trainer, module = fit(tmp_path / "stage2", shapeworld_dir, run_steps=[2], module=stage2)
+    assert trainer.global_step == 2 and module.model.num_active == 3
+    after = module.model.expert_parameters(1)
+    assert all(torch.equal(x, y) for x, y in zip(before, after))  # the veteran carried over, untouched
+
+
+def test_a_stage_without_the_previous_one_says_what_to_run(tmp_path, shapeworld_dir):
+    with pytest.raises(ValueError, match=r"curriculum starts at step 2 but the model has 1 active expert"):
+        fit(tmp_path, shapeworld_dir, run_steps=[2])
+    with pytest.raises(FileNotFoundError, match=r"make stage1"):
+        CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                      prw=PRWConfig(num_experts=3, rank=4, alpha=8), init_from=str(tmp_path / "missing.ckpt"))
