@@ -66,8 +66,8 @@ stage3: data
 	@test -f $(RUNS)/stage2/last.ckpt || { echo "$(RUNS)/stage2/last.ckpt is missing: run 'make stage2$(if $(filter-out tiny,$(PRESET)), PRESET=$(PRESET))' first"; exit 1; }
 	$(COLOGEN) fit $(call stage_configs,3) $(ARGS)
 
-bench: install
-	$(PY) benchmarks/bench_model.py
+bench: data
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 # Ablation baselines on the tiny preset, same step budget as the curriculum (docs/ablation in the README).
 cotrain: data
