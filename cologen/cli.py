@@ -11,12 +11,16 @@ import os
 import sys
 from pathlib import Path
 
-import lightning as L
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+# transformers warns at import time that its image processors fall back to PIL without torchvision (which cologen
+# does not need); that line would otherwise open every command's output.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from .curriculum.callback import CurriculumCallback
-from .module import CoLoGenModule
+import lightning as L  # noqa: E402
+from jsonargparse import set_parsing_settings  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+
+from .curriculum.callback import CurriculumCallback  # noqa: E402
+from .module import CoLoGenModule  # noqa: E402
 
 
 class RunDirConfigCallback(SaveConfigCallback):

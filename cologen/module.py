@@ -31,10 +31,11 @@ def set_attention_backend(transformer, backend: str) -> None:
     _AttentionBackendRegistry.set_active_backend(previous)
 
 
-def flux_time_shift(s: torch.Tensor, seq_len: int, base_len: int = 256, max_len: int = 4096,
-                    base_shift: float = 0.5, max_shift: float = 1.15) -> torch.Tensor:
-    """FLUX's resolution-dependent shift of s (calculate_shift in diffusers' FluxPipeline)."""
-    mu = base_shift + (max_shift - base_shift) * (seq_len - base_len) / (max_len - base_len)
+def flux_time_shift(s: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """FLUX's resolution-dependent shift of s, with mu from diffusers' FluxPipeline (FLUX.1 defaults)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    mu = calculate_shift(seq_len)
     return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
 
 

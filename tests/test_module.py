@@ -109,3 +109,14 @@ def test_flux_dev_preset_loads_a_saved_pipeline_and_trains_one_step(tmp_path):
     changed = [not torch.equal(a, p) for a, p in zip(before, module.model.expert_parameters(0))]
     assert any(changed)
     assert torch.equal(base_before, module.model.transformer.x_embedder.weight)
+
+
+def test_flux_resolution_shift_matches_flux_settings():
+    from cologen.module import flux_time_shift
+
+    s = torch.tensor([0.25, 0.5, 0.75])
+    # 256 tokens: mu = 0.5; 4096 tokens: mu = 1.15 (FLUX.1's base_shift / max_shift)
+    for tokens, mu in ((256, 0.5), (4096, 1.15)):
+        expected = torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / s - 1))
+        torch.testing.assert_close(flux_time_shift(s, tokens), expected)
+    assert (flux_time_shift(s, 4096) > s).all()  # larger images spend more time at high noise
