@@ -10,13 +10,20 @@ With no context (or no stash for this block) the processor computes exactly what
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .router import Routing
+
+# SDPA on CUDA without cuDNN's fused attention: on Hopper torch tries cuDNN first, and its backward fails on the
+# asymmetric main-pass shapes (1536 queries against 2560 keys): "mha_graph.execute(...).is_good()" on an H200 with
+# torch 2.11. Flash and memory-efficient attention run them; the math kernel stays as the last resort.
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -96,8 +103,9 @@ class PRWAttnProcessor:
             key = torch.cat([key, source_key.to(key.dtype)], dim=1)
             value = torch.cat([value, source_value.to(value.dtype)], dim=1)
 
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS) if query.is_cuda else nullcontext():
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                        backend=self._attention_backend, parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
