@@ -5,7 +5,7 @@
 #   make base                       retrain the tiny base model (about 45 min on 2 cores; a trained one is committed)
 #   make bench / bench-gpu          benchmarks (ratios against baselines run in the same process)
 #
-# GPU users: make install TORCH="torch==2.5.1" TORCH_INDEX=https://download.pytorch.org/whl/cu124
+# GPU users: make install TORCH="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128 (your CUDA version)
 
 PYTHON ?= python3
 VENV ?= .venv
