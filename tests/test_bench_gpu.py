@@ -138,3 +138,16 @@ def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp
     assert any("goal peak memory <= 40 GB" in line for line in lines)
     results = json.loads(out.read_text())
     assert len(results["rows"]) == 4 and results["sampler"]["speedup"] > 0
+
+
+def test_checkpointing_breakdown_runs_every_variant_on_the_cpu():
+    proc = subprocess.run([sys.executable, "benchmarks/bench_gpu_checkpointing.py", "--tiny", "--batch-sizes", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=220,
+                          env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines()[1:] if line.strip()]
+    names = [line[:28].strip() for line in rows]
+    assert names == ["none", "main pass", "source pass", "both", "both, no RNG preservation"]
+    for line in rows:
+        step_s, issue_s = (float(x) for x in line[28:].split()[1:3])
+        assert 0 < issue_s <= step_s + 1e-6  # issuing a step never takes longer than the step (CPU: equal)
