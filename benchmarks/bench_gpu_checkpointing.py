@@ -24,15 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cologen.model.cologen_transformer as cologen_transformer  # noqa: E402
-from cologen.bench.flux import (  # noqa: E402
-    FLUX_DEV_TRANSFORMER,
-    PAPER_PRW,
-    TINY_TRANSFORMER,
-    build_cologen,
-    forward_loss,
-    make_inputs,
-)
-from cologen.model.config import PRWConfig  # noqa: E402
+from benchmarks.bench_gpu import FLUX_DEV, TINY  # noqa: E402  (the same model and inputs as bench_gpu.py)
+from cologen.bench.flux import build_cologen, forward_loss, make_inputs  # noqa: E402
 
 # (name, checkpoint the source pass, checkpoint the main pass, preserve the RNG state in the source pass)
 VARIANTS = [("none", False, False, True), ("main pass", False, True, True), ("source pass", True, False, True),
@@ -48,9 +41,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU, or pass --tiny for the CPU mode")
     device = torch.device("cpu" if args.tiny else "cuda")
-    config, prw = (TINY_TRANSFORMER, PRWConfig(num_experts=5, rank=4, alpha=8)) if args.tiny \
-        else (FLUX_DEV_TRANSFORMER, PAPER_PRW)
-    grid, text_tokens = (4, 8) if args.tiny else (32, 512)
+    scale = TINY if args.tiny else FLUX_DEV
+    config, prw, grid, text_tokens = scale.config, scale.prw, scale.grid, scale.text_tokens
     steps = args.steps or (2 if args.tiny else 6)
     cuda = device.type == "cuda"
 

@@ -11,3 +11,22 @@ def shapeworld_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapeworld")
     generate(out, train=120, val=24, seed=0, config=ShapeWorldConfig(shard_size=30), workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def shapeworld_small(tmp_path_factory):
+    """A smaller ShapeWorld (inpainting and grounding; 2 train shards of 12, 4 val) for multi-process runs."""
+    from data_recipes.shapeworld import ShapeWorldConfig, generate
+
+    out = tmp_path_factory.mktemp("shapeworld_small")
+    generate(out, train=24, val=4, seed=0, config=ShapeWorldConfig(shard_size=12, tasks=("inpainting", "grounding")),
+             workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def flux(tmp_path_factory):
+    """A tiny randomly initialised FLUX.1 pipeline saved as a local diffusers folder (read-only for the tests)."""
+    from cologen.testing import save_tiny_flux_pipeline
+
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "flux")

@@ -14,17 +14,8 @@ import pytest
 import yaml
 
 from cologen.training.replicas import read_reports
-from data_recipes.shapeworld import ShapeWorldConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shapeworld(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapeworld")
-    generate(out, train=24, val=4, seed=0, config=ShapeWorldConfig(shard_size=12, tasks=("inpainting", "grounding")),
-             workers=1, progress=False)
-    return out
 
 
 def _overlay(root: Path, data: Path) -> Path:
@@ -57,10 +48,10 @@ def _overlay(root: Path, data: Path) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_two_cpu_processes_train_the_curriculum_in_lockstep(shapeworld, tmp_path):
+def test_two_cpu_processes_train_the_curriculum_in_lockstep(shapeworld_small, tmp_path):
     root = tmp_path / "run"
     cmd = [sys.executable, "-m", "cologen.cli", "fit", "--config", "experiments/tiny/curriculum.yaml",
-           "--config", str(_overlay(root, shapeworld))]
+           "--config", str(_overlay(root, shapeworld_small))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -24,25 +24,10 @@ from cologen.bench.flux import TINY_TRANSFORMER, build_cologen, forward_loss, ma
 from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.module import CoLoGenModule
-from cologen.testing import save_tiny_flux_pipeline
 from cologen.training.fsdp import data_parallel_mesh, shard_cologen
 from cologen.training.replicas import read_reports
-from data_recipes.shapeworld import ShapeWorldConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "flux")
-
-
-@pytest.fixture(scope="module")
-def shapeworld(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapeworld")
-    generate(out, train=24, val=4, seed=0, config=ShapeWorldConfig(shard_size=12, tasks=("inpainting", "grounding")),
-             workers=1, progress=False)
-    return out
 
 
 @pytest.fixture
@@ -165,9 +150,9 @@ def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory, flux, shapeworld):
+def fsdp_run(tmp_path_factory, flux, shapeworld_small):
     root = tmp_path_factory.mktemp("fsdp") / "run"
-    config = _config(root, flux, shapeworld)
+    config = _config(root, flux, shapeworld_small)
     proc = _torchrun(config)
     return root, config, proc
 
@@ -202,12 +187,12 @@ def test_two_cpu_processes_train_a_curriculum_in_lockstep(fsdp_run):
 
 
 @pytest.mark.timeout(450)
-def test_resume_in_the_middle_of_a_curriculum_step_replays_the_run(fsdp_run, flux, shapeworld, tmp_path):
+def test_resume_in_the_middle_of_a_curriculum_step_replays_the_run(fsdp_run, flux, shapeworld_small, tmp_path):
     root, _, _ = fsdp_run
     start = tmp_path / "step3.ckpt"  # curriculum step 1 with one of its two optimizer steps done
     shutil.copy(root / "step3.ckpt", start)
     again = tmp_path / "run"
-    proc = _torchrun(_config(again, flux, shapeworld), "--ckpt_path", str(start))
+    proc = _torchrun(_config(again, flux, shapeworld_small), "--ckpt_path", str(start))
     assert "curriculum: resume step 1 'grounding'" in proc.stdout
     resumed = read_reports(again / "replicas")
     assert resumed[0] == resumed[1]

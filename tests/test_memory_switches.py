@@ -18,17 +18,11 @@ from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.model.text_encoders import FluxTextEncoder, TextEncoder
 from cologen.module import CoLoGenModule
-from cologen.testing import save_tiny_flux_pipeline
 from cologen.training.config import OptimConfig
 from cologen.training.fsdp import CoLoGenFSDPStrategy
 from cologen.training.strategies import CurriculumDDPStrategy
 
 PRW = PRWConfig(num_experts=3, rank=4, alpha=8)
-
-
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "flux")
 
 
 def _module(flux, **kwargs) -> CoLoGenModule:

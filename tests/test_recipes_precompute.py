@@ -18,7 +18,6 @@ from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.model.text_encoders import FluxTextEncoder
 from cologen.module import CoLoGenModule
-from cologen.testing import save_tiny_flux_pipeline
 from data_recipes import fixtures as F
 from data_recipes import multigen, omniedit, precompute, refcoco, subjects200k
 
@@ -32,11 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "flux")
 
 
 @pytest.fixture(scope="module")
