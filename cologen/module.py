@@ -15,7 +15,7 @@ from .model.config import PRWConfig
 from .model.packing import pack_latents, source_ids, target_ids, text_ids
 from .model.presets import Preset, TinyPreset, preset_from_hparams
 from .model.text_encoders import TextEmbeddings
-from .model.veteran import expert_usage, routing_entropy, veteran_loss
+from .model.veteran import expert_usage, routing_entropy, task_routing_loss, veteran_loss
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
 from .training.config import FlowMatchingConfig, OptimConfig, SourcePositionConfig, VeteranConfig, coerce
 from .training.schedule import WarmupSchedule
@@ -110,6 +110,9 @@ class CoLoGenModule(L.LightningModule):
         if init_from is not None:
             self.load_adapters(init_from)
         self.last_routing: dict | None = None
+        # task -> expert of the curriculum step that introduced it (set by the curriculum; per-sample task routing
+        # and oracle routing read it)
+        self.task_experts: dict[str, int] = {}
         self.lr_schedule = WarmupSchedule(self.optim.warmup_steps, self.optim.schedule, self.optim.total_steps,
                                           self.optim.min_lr_ratio)
 
@@ -177,18 +180,40 @@ class CoLoGenModule(L.LightningModule):
         guidance = (torch.full((b,), self.flow.guidance, device=self.device) if self.guidance_embeds else None)
         return dict(latents=x_t, timestep=s, text=text, img_ids=target_ids(h // 2, w // 2, device=self.device),
                     txt_ids=text_ids(text.tokens.shape[1], device=self.device), source_tokens=source_tokens,
-                    source_ids=sids, guidance=guidance, velocity=noise - x0)
+                    source_ids=sids, guidance=guidance, velocity=noise - x0,
+                    token_weight=self.change_weights(x0, source_tokens, has_source))
+
+    def change_weights(self, x0: torch.Tensor, source_tokens: torch.Tensor | None,
+                       has_source: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, N) loss weights: `1 + flow.change_weight` on tokens whose target differs from the (unpacked, same
+        grid) source token, 1 elsewhere; None when the option is off or no sample has a source of the target's
+        size. Dropped sources (zeros) count as "everything changed": uniform weights."""
+        if not self.flow.change_weight or source_tokens is None or source_tokens.shape != x0.shape:
+            return None
+        changed = (x0 - source_tokens).abs().amax(-1) > 1e-3
+        if has_source is not None:
+            changed = changed & has_source.to(changed.device)[:, None]
+        return 1.0 + self.flow.change_weight * changed.float()
 
     # --------------------------------------------------------------------------------------------- sampling
     def sampler(self, **overrides) -> FlowSampler:
         config = replace(self.sampler_config, **overrides) if overrides else self.sampler_config
         return FlowSampler(self.model, self.codec, self.positions, self.guidance_embeds, config)
 
+    def own_experts(self, tasks: list[str]) -> torch.Tensor:
+        """(B,) the expert of each task's curriculum step (the newest expert for a task the curriculum has not
+        assigned), clamped to the active experts."""
+        newest = max(self.model.newest_expert, 0)
+        return torch.tensor([min(self.task_experts.get(t, newest), newest) for t in tasks], dtype=torch.long,
+                            device=self.device)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], sources: torch.Tensor | None = None, tasks: list[str] | None = None,
                  height: int | None = None, width: int | None = None, seed: int | list[int] = 0,
-                 **sampler_overrides) -> tuple[torch.Tensor, SampleStats]:
-        """Images (B, 3, H, W) in [-1, 1] for `prompts` (and condition images `sources`), eval-mode routing."""
+                 oracle_routing: bool = False, **sampler_overrides) -> tuple[torch.Tensor, SampleStats]:
+        """Images (B, 3, H, W) in [-1, 1] for `prompts` (and condition images `sources`), eval-mode routing.
+        `oracle_routing` sends every sample to its task's own expert (`own_experts`) instead of the routers'
+        choice (an evaluation of what the routers lose)."""
         was_training = self.training
         self.eval()
         try:
@@ -197,7 +222,12 @@ class CoLoGenModule(L.LightningModule):
                 if sources is None:
                     raise ValueError("generate needs height and width for text-to-image")
                 height, width = sources.shape[-2:]
-            return self.sampler(**sampler_overrides).sample(text, height, width, sources, tasks, seed)
+            experts = None
+            if oracle_routing:
+                if tasks is None:
+                    raise ValueError("oracle routing needs the tasks of the prompts")
+                experts = self.own_experts(tasks)
+            return self.sampler(**sampler_overrides).sample(text, height, width, sources, tasks, seed, experts)
         finally:
             self.train(was_training)
 
@@ -209,21 +239,32 @@ class CoLoGenModule(L.LightningModule):
     def compute_losses(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> dict:
         inputs = self.prepare(batch, train, generator)
         out = self(inputs)
-        per_sample = F.mse_loss(out.sample.float(), inputs["velocity"], reduction="none").mean(dim=(1, 2))
+        per_token = F.mse_loss(out.sample.float(), inputs["velocity"], reduction="none").mean(dim=2)
+        weight = inputs.get("token_weight")
+        if weight is None:
+            per_sample = per_token.mean(dim=1)
+        else:
+            per_sample = (per_token * weight).sum(dim=1) / weight.sum(dim=1)
         losses = {"loss_task": per_sample.mean(), "per_sample": per_sample}
+        losses["loss"] = losses["loss_task"]
         if out.routing:
             vet, usage = veteran_loss(out.routing, self.model.newest_expert, self.veteran.rho, self.veteran.alpha)
             losses.update(loss_veteran=vet, usage_newest=usage, routing_entropy=routing_entropy(out.routing).detach(),
                           routing=out.routing)
-            losses["loss"] = losses["loss_task"] + vet
-        else:
-            losses["loss"] = losses["loss_task"]
+            losses["loss"] = losses["loss"] + vet
+            if self.model.num_active > 1:
+                routed, own_share = task_routing_loss(out.routing, self.own_experts(list(batch["task"])))
+                losses["routing_own_expert"] = own_share
+                if self.veteran.task_weight > 0:
+                    losses["loss_routing"] = self.veteran.task_weight * routed
+                    losses["loss"] = losses["loss"] + losses["loss_routing"]
         return losses
 
     def _log_losses(self, losses: dict, tasks: list[str], stage: str) -> None:
         on_step = stage == "train"
         b = len(tasks)
-        for key in ("loss", "loss_task", "loss_veteran", "usage_newest", "routing_entropy"):
+        for key in ("loss", "loss_task", "loss_veteran", "loss_routing", "usage_newest", "routing_entropy",
+                    "routing_own_expert"):
             if key in losses:
                 self.log(f"{stage}/{key}", losses[key], on_step=on_step, on_epoch=not on_step, batch_size=b,
                          prog_bar=key == "loss", sync_dist=not on_step)
@@ -316,6 +357,7 @@ class CoLoGenModule(L.LightningModule):
             raise ValueError(f"model.init_from: {path} lacks {len(missing)} adapter tensors (e.g. {missing[0]}); "
                              "was it trained with the same preset and prw settings?")
         self.load_state_dict({k: state[k] for k in wanted}, strict=False)
+        self.task_experts = dict((ckpt.get("cologen") or {}).get("task_experts") or {})
         self.model.freeze_for_curriculum()
 
 
@@ -332,9 +374,11 @@ class CoLoGenModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["cologen"] = {"preset": self.preset.name, "num_active": self.model.num_active,
                                  "prw": asdict(self.prw_config), "routing": self.last_routing,
+                                 "task_experts": dict(self.task_experts),
                                  "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.task_experts = dict((checkpoint.get("cologen") or {}).get("task_experts") or {})
         # The frozen weights come from the preset, not the checkpoint; everything else must be present.
         current = self.state_dict()
         for k in self.frozen_state_keys():

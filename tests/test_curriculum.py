@@ -25,7 +25,7 @@ def spec(run_steps=None):
 
 def make_module():
     return CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
-                         prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=2)))
+                         prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=1)))
 
 
 def make_data(shapeworld_dir):
@@ -115,7 +115,7 @@ def test_a_stage_starts_from_the_previous_stage_checkpoint(tmp_path, shapeworld_
     fit(tmp_path / "stage1", shapeworld_dir, run_steps=[0, 1])
     ckpt = tmp_path / "stage1" / "last.ckpt"
     stage2 = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
-                           prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=2)),
+                           prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=1)),
                            init_from=str(ckpt))
     assert stage2.model.num_active == 2
     before = [p.detach().clone() for p in stage2.model.expert_parameters(1)]

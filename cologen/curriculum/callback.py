@@ -84,6 +84,7 @@ class CurriculumCallback(Callback):
     def _enter(self, trainer: L.Trainer, module, index: int) -> None:
         """Start curriculum step `index`: activate its expert, then apply its settings."""
         self.index, self.done = index, 0
+        module.task_experts = self.spec.task_experts(index)
         model = module.model
         while model.num_active < index + 1:
             model.activate_next_expert()
@@ -114,7 +115,7 @@ class CurriculumCallback(Callback):
             return
         dm = self._datamodule(trainer)
         tasks = list(getattr(dm, "train_shards", {}) or {}) if dm is not None else None
-        self.spec.validate(pl_module.prw_config.num_experts, tasks)
+        self.spec.validate(pl_module.prw_config.num_experts, tasks, pl_module.prw_config.router.entry_warmup_steps)
         total = self.spec.total_steps()
         if trainer.max_steps in (-1, None):
             trainer.fit_loop.epoch_loop.max_steps = total
@@ -132,6 +133,7 @@ class CurriculumCallback(Callback):
             # after this hook); re-derive which of them train.
             pl_module.model.freeze_for_curriculum()
             pl_module.veteran.rho, pl_module.veteran.alpha = self.step.rho, self.step.alpha
+            pl_module.task_experts = self.spec.task_experts(self.index)
             self._log_event(trainer, pl_module, "resume")
             return
         first = self.spec.selected()[0]

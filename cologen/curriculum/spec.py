@@ -41,8 +41,21 @@ class CurriculumSpec:
     def selected(self) -> list[int]:
         return list(range(len(self.steps))) if self.run_steps is None else list(self.run_steps)
 
-    def validate(self, num_experts: int, available_tasks: list[str] | None = None) -> None:
-        """Fail with one line naming the field before training starts."""
+    def task_experts(self, upto: int) -> dict[str, int]:
+        """Task -> expert for curriculum steps 0..upto: a task belongs to the expert of the first step that mixes
+        it in (a later step's replay of it stays with that expert)."""
+        owners: dict[str, int] = {}
+        for i in range(upto + 1):
+            for task, weight in self.steps[i].mixture.items():
+                if weight > 0:
+                    owners.setdefault(task, i)
+        return owners
+
+    def validate(self, num_experts: int, available_tasks: list[str] | None = None,
+                 entry_warmup_steps: int = 0) -> None:
+        """Fail with one line naming the field before training starts. A step after the first must be at least
+        twice `entry_warmup_steps` (the router's entry anneal) long, so its expert is routed for as long as the
+        anneal took."""
         if not self.steps:
             raise ValueError("curriculum.steps is empty")
         if len(self.steps) > num_experts:
@@ -52,6 +65,11 @@ class CurriculumSpec:
             where = f"curriculum.steps[{i}] ({step.name})"
             if step.steps <= 0:
                 raise ValueError(f"{where}.steps must be > 0, got {step.steps}")
+            if i > 0 and step.steps < 2 * entry_warmup_steps:
+                raise ValueError(f"{where}.steps ({step.steps}) must be >= 2 x prw.router.entry_warmup_steps "
+                                 f"({entry_warmup_steps}): the new expert's router entry anneals over the warm-up, "
+                                 "and the step must route to it for at least as long; lengthen the step or shorten "
+                                 "the warm-up")
             if not step.mixture:
                 raise ValueError(f"{where}.mixture is empty")
             for task, weight in step.mixture.items():

@@ -18,6 +18,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .experts import noisy_name
 from .router import Routing
 
 # SDPA on CUDA without cuDNN's fused attention: on Hopper torch tries cuDNN first, and its backward fails on the
@@ -34,7 +35,11 @@ class PRWContext:
     num_active: int = 1
     entry_offset: torch.Tensor | None = None
     timestep_bin: torch.Tensor | None = None
+    prompt: torch.Tensor | None = None  # pooled prompt embeddings (B, P), for routers with prompt input
+    forced: torch.Tensor | None = None  # (B,) expert per sample: oracle routing (evaluation)
+    text_len: int = 0  # main pass: text tokens in front of the noisy tokens of single-stream blocks
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # source pass: filled per PRW block; main pass: the source pass's decisions (noisy-stream experts follow them)
     routing: dict[str, Routing] = field(default_factory=dict)
 
 
@@ -54,7 +59,12 @@ def route(router, hidden_states: torch.Tensor, prw: PRWContext) -> Routing:
         b = hidden_states.shape[0]
         ones = hidden_states.new_ones(b, dtype=torch.float32)
         return Routing(torch.zeros(b, dtype=torch.long, device=hidden_states.device), ones, ones[:, None])
-    return router(hidden_states, prw.num_active, prw.entry_offset, prw.timestep_bin)
+    return router(hidden_states, prw.num_active, prw.entry_offset, prw.timestep_bin, prw.prompt, prw.forced)
+
+
+def _pad_front(delta: torch.Tensor, skip: int) -> torch.Tensor:
+    """`delta` for the last tokens of a sequence: zeros for the `skip` tokens in front (the text)."""
+    return torch.cat([delta.new_zeros(delta.shape[0], skip, delta.shape[2]), delta], 1) if skip else delta
 
 
 class PRWAttnProcessor:
@@ -73,12 +83,9 @@ class PRWAttnProcessor:
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
-        if source_pass and getattr(attn, "prw_experts", None) is not None:
-            routing = route(attn.prw_router, hidden_states, prw)
-            dk, dv = attn.prw_experts(hidden_states, routing.index, routing.weight, prw.num_active)
-            key = key + dk.to(key.dtype)
-            value = value + dv.to(value.dtype)
-            prw.routing[self.name] = routing
+        adapter = self._adapter(attn, hidden_states, encoder_hidden_states, prw)
+        if adapter is not None:
+            query, key, value = adapter.add_qkv(query, key, value)
 
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
@@ -111,6 +118,62 @@ class PRWAttnProcessor:
         if encoder_hidden_states is not None:
             n_text = encoder_hidden_states.shape[1]
             encoder_out, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
-            out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-            return out, attn.to_add_out(encoder_out.contiguous())
+            out = out.contiguous()
+            projected = attn.to_out[0](out)
+            if adapter is not None:
+                projected = adapter.add_out(projected, out)
+            return attn.to_out[1](projected), attn.to_add_out(encoder_out.contiguous())
+        if adapter is not None:  # single-stream block: the attention output goes on to the block's proj_out
+            out = adapter.add_out(out, out)
         return out
+
+    def _adapter(self, attn, hidden_states, encoder_hidden_states, prw: PRWContext | None) -> _RoutedAdapter | None:
+        """The routed expert of this block for this pass: source targets in the source pass (routing decided
+        here), noisy targets in the main pass (the source pass's decision); None when nothing adapts."""
+        bank = getattr(attn, "prw_experts", None)
+        if bank is None or prw is None:
+            return None
+        if prw.mode == "source":
+            routing = route(attn.prw_router, hidden_states, prw)
+            prw.routing[self.name] = routing
+            gate = bank.gate(hidden_states, routing.index) if bank.has_token_gate else None
+            return _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gate)
+        if bank.noisy_targets and self.name in prw.routing:
+            # single-stream blocks see text + noisy tokens; the experts adapt the noisy ones
+            skip = prw.text_len if encoder_hidden_states is None else 0
+            return _RoutedAdapter(bank, prw.routing[self.name], prw.num_active,
+                                  [noisy_name(t) for t in bank.noisy_targets], hidden_states, skip, None)
+        return None
+
+
+class _RoutedAdapter:
+    """The routed expert's LoRA deltas on one pass's tokens (all of them, or those after `skip` text tokens)."""
+
+    def __init__(self, bank, routing: Routing, num_active: int, names, hidden: torch.Tensor, skip: int,
+                 gate: torch.Tensor | None):
+        self.bank, self.routing, self.num_active = bank, routing, num_active
+        self.names, self.skip, self.gate = list(names), skip, gate
+        self.hidden = hidden[:, skip:] if skip else hidden
+
+    def _deltas(self, hidden: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        r = self.routing
+        return self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate)
+
+    def add_qkv(self, query, key, value):
+        names = [n for n in self.names if not n.endswith("to_out")]
+        if not names:
+            return query, key, value
+        out = {"to_q": query, "to_k": key, "to_v": value}
+        for name, delta in zip(names, self._deltas(self.hidden, names)):
+            which = name.removeprefix("noisy_")
+            out[which] = out[which] + _pad_front(delta, self.skip).to(out[which].dtype)
+        return out["to_q"], out["to_k"], out["to_v"]
+
+    def add_out(self, projected: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """`projected` + the expert's delta on the attention output `attn_out` (same tokens)."""
+        names = [n for n in self.names if n.endswith("to_out")]
+        if not names:
+            return projected
+        tokens = attn_out[:, self.skip:] if self.skip else attn_out
+        (delta,) = self._deltas(tokens, names)
+        return projected + _pad_front(delta, self.skip).to(projected.dtype)

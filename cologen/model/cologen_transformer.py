@@ -66,11 +66,14 @@ class CoLoGenTransformer(nn.Module):
             if self.prw.num_experts and kind.split(".")[0] in selected:
                 # Registered on the diffusers attention module, as peft injects adapters: the keys read
                 # `transformer_blocks.3.attn.prw_experts.experts.1.to_k.lora_A.weight`.
-                block.attn.prw_experts = ExpertBank(dim, self.prw.num_experts, self.prw.rank, self.prw.alpha)
+                block.attn.prw_experts = ExpertBank(dim, self.prw.num_experts, self.prw.rank, self.prw.alpha,
+                                                    self.prw.targets, self.prw.noisy_targets, self.prw.token_gate)
                 r = self.prw.router
+                prompt_dim = transformer.config.pooled_projection_dim if r.prompt_input else 0
                 block.attn.prw_router = (
                     NoisyTop1Router(dim, self.prw.num_experts, r.temperature, r.noisy, r.timestep_bins,
-                                    r.granularity) if r.enabled else None)
+                                    r.granularity, prompt_dim, r.normalize_input, r.weighting)
+                    if r.enabled else None)
                 self.prw_block_names.append(kind)
         self.register_buffer("entry_offset", torch.zeros(max(self.prw.num_experts, 1)), persistent=True)
         self.gradient_checkpointing = False
@@ -173,9 +176,9 @@ class CoLoGenTransformer(nn.Module):
         cos, sin = self.transformer.pos_embed(ids.reshape(b * n, 3))
         return cos.reshape(b, n, -1), sin.reshape(b, n, -1)
 
-    def _source_block(self, block, name, hidden, temb, cos, sin, timestep_bin):
+    def _source_block(self, block, name, hidden, temb, cos, sin, timestep_bin, prompt, forced):
         ctx = PRWContext(mode="source", num_active=self.num_active, entry_offset=self.entry_offset,
-                         timestep_bin=timestep_bin)
+                         timestep_bin=timestep_bin, prompt=prompt, forced=forced)
         empty_text = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[2])
         _, hidden = block(hidden_states=hidden, encoder_hidden_states=empty_text, temb=temb,
                           image_rotary_emb=(cos, sin), joint_attention_kwargs={"prw": ctx})
@@ -184,8 +187,12 @@ class CoLoGenTransformer(nn.Module):
         return (hidden, key, value) + ((r.index, r.weight, r.probs) if r is not None else ())
 
     def encode_source(self, source_tokens: torch.Tensor, source_ids: torch.Tensor, pooled: torch.Tensor,
-                      timestep: torch.Tensor, guidance: torch.Tensor | None = None) -> SourceState:
-        """Run the source stream: every block on the source tokens alone, modulated with temb(t = 0)."""
+                      timestep: torch.Tensor, guidance: torch.Tensor | None = None,
+                      experts: torch.Tensor | None = None) -> SourceState:
+        """Run the source stream: every block on the source tokens alone, modulated with temb(t = 0).
+
+        `pooled` is the pooled prompt embedding (for temb and for routers with prompt input); `experts` (B,)
+        forces each sample's expert in every PRW block (oracle routing, for evaluation)."""
         tf = self.transformer
         hidden = tf.x_embedder(source_tokens.to(tf.x_embedder.weight.dtype))
         zero = torch.zeros(hidden.shape[0], device=hidden.device, dtype=hidden.dtype)
@@ -195,8 +202,12 @@ class CoLoGenTransformer(nn.Module):
         cos, sin = self._rope(source_ids)
         tbin = self.timestep_bin(timestep)
         state = SourceState({}, {})
+        prompt = pooled.float() if self.prw.router.prompt_input else None
+        forced = experts.to(hidden.device).long() if experts is not None else None
+        if forced is not None and int(forced.max()) >= max(self.num_active, 1):
+            raise ValueError(f"forced expert {int(forced.max())} is not active ({self.num_active} active)")
         for name, block in self._named_blocks():
-            args = (block, name, hidden, temb, cos, sin, tbin)
+            args = (block, name, hidden, temb, cos, sin, tbin, prompt, forced)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 out = checkpoint(self._source_block, *args, use_reentrant=False)
             else:
@@ -210,26 +221,29 @@ class CoLoGenTransformer(nn.Module):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings, img_ids: torch.Tensor,
                 txt_ids: torch.Tensor, source_tokens: torch.Tensor | None = None,
                 source_ids: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                cache: ConditionCache | None = None) -> CoLoGenOutput:
+                cache: ConditionCache | None = None, experts: torch.Tensor | None = None) -> CoLoGenOutput:
         """Velocity prediction for the noisy `latents` (B, N, C) at `timestep` in [0, 1] (s of x_t = (1-s)x0 + s n).
 
         `source_tokens` (B, Ns, C) are the packed condition latents with ids (Ns, 3) or per sample (B, Ns, 3).
-        With a `cache`, the source stream is computed once per routing key and reused.
+        With a `cache`, the source stream is computed once per routing key and reused. `experts` (B,) forces each
+        sample's expert (oracle routing, for evaluation).
         """
         source = None
         if source_tokens is not None:
             if cache is None:
-                source = self.encode_source(source_tokens, source_ids, text.pooled, timestep, guidance)
+                source = self.encode_source(source_tokens, source_ids, text.pooled, timestep, guidance, experts)
             else:
                 key = self.cache_key(timestep)
                 source = cache.entries.get(key)
                 if source is None:
                     cache.misses += 1
                     source = cache.entries[key] = self.encode_source(
-                        source_tokens, source_ids, text.pooled, timestep, guidance)
+                        source_tokens, source_ids, text.pooled, timestep, guidance, experts)
                 else:
                     cache.hits += 1
-        ctx = PRWContext(mode="main", kv=source.kv if source is not None else {})
+        ctx = PRWContext(mode="main", kv=source.kv if source is not None else {},
+                         routing=source.routing if source is not None else {}, num_active=self.num_active,
+                         text_len=text.tokens.shape[1])
         dtype = self.transformer.x_embedder.weight.dtype
         sample = self.transformer(
             hidden_states=latents.to(dtype), encoder_hidden_states=text.tokens.to(dtype),

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .experts import NOISY_TARGETS, SOURCE_TARGETS
+from .router import WEIGHTINGS
+
 
 @dataclass
 class RouterConfig:
@@ -17,6 +20,12 @@ class RouterConfig:
     granularity: 'sample' routes each sample (mean-pooled source tokens), 'token' routes each source token.
     entry_offset: logit offset a newly activated expert starts with, so the old choice and its weight are kept
         (continuity at a curriculum boundary); the curriculum anneals it to 0 over `entry_warmup_steps`.
+    prompt_input: (ours) add the layer-normed pooled prompt embedding to the gate's input, so routing can tell
+        tasks apart by their instruction, not only by their source image.
+    normalize_input: (ours) layer-norm the pooled source features before the gate.
+    weighting: 'prob' scales the chosen expert by its softmax probability (the paper); 'straight_through' (ours)
+        by exactly 1 with the probability's gradient, so the output depends only on the choice (a copied
+        expert tying its original changes nothing: the entry anneal is then invisible).
     """
 
     enabled: bool = True
@@ -26,6 +35,15 @@ class RouterConfig:
     granularity: Literal["sample", "token"] = "sample"
     entry_offset: float = 20.0
     entry_warmup_steps: int = 100
+    prompt_input: bool = False
+    normalize_input: bool = False
+    weighting: Literal["prob", "straight_through"] = "prob"
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"prw.router.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.entry_warmup_steps < 0:
+            raise ValueError(f"prw.router.entry_warmup_steps must be >= 0, got {self.entry_warmup_steps}")
 
 
 @dataclass
@@ -36,6 +54,10 @@ class PRWConfig:
     rank / alpha: LoRA rank and alpha (paper: 128 / 256); the update is scaled by alpha / rank.
     blocks: which blocks carry experts ('both' double- and single-stream, 'double', 'single').
     init: a new expert starts as a copy of the previous one ('copy') or with a zero up-projection ('zero').
+    targets: source-stream projections each expert adapts (paper: to_k, to_v; ours: also to_q, to_out).
+    noisy_targets: (ours) noisy-stream projections each expert also adapts, with the same routing (empty: the
+        paper's experts act on the source tokens only).
+    token_gate: (ours) scale each expert's source deltas per token by a learned gate (needs sample routing).
     """
 
     num_experts: int = 5
@@ -43,6 +65,9 @@ class PRWConfig:
     alpha: float = 32.0
     blocks: Literal["both", "double", "single"] = "both"
     init: Literal["copy", "zero"] = "copy"
+    targets: list[str] = field(default_factory=lambda: ["to_k", "to_v"])
+    noisy_targets: list[str] = field(default_factory=list)
+    token_gate: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self):
@@ -54,3 +79,13 @@ class PRWConfig:
             raise ValueError(f"prw.blocks must be 'both', 'double' or 'single', got {self.blocks!r}")
         if self.init not in ("copy", "zero"):
             raise ValueError(f"prw.init must be 'copy' or 'zero', got {self.init!r}")
+        self.targets, self.noisy_targets = list(self.targets), list(self.noisy_targets)
+        for name, given, known in (("targets", self.targets, SOURCE_TARGETS),
+                                   ("noisy_targets", self.noisy_targets, NOISY_TARGETS)):
+            unknown = [t for t in given if t not in known]
+            if unknown or len(set(given)) != len(given):
+                raise ValueError(f"prw.{name} must be distinct names among {known}, got {given}")
+        if self.num_experts and not self.targets:
+            raise ValueError("prw.targets is empty: an expert needs at least one source projection")
+        if (self.noisy_targets or self.token_gate) and self.router.granularity != "sample":
+            raise ValueError("prw.noisy_targets and prw.token_gate need prw.router.granularity: sample")

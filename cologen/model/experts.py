@@ -1,16 +1,30 @@
-"""The PRW expert bank: LoRA experts on the key and value projections of the source tokens of one block.
+"""The PRW expert bank: LoRA experts on the attention projections of one block, one routed expert per sample.
+
+The paper's expert is a LoRA pair on the key and value projections of the source tokens (`to_k`, `to_v`). Two
+options add capacity where K/V cannot reach (both ours, off in the paper's settings):
+- `targets` adds source-stream projections (`to_q`, `to_out`: the source queries and the attention output, so
+  the source stream's own hidden states change and every later block's K/V with them);
+- `noisy_targets` gives each expert LoRA pairs on the noisy tokens' projections too (`noisy_to_q`, ...), applied
+  in the main pass with the same routing decision, so a task's expert also changes how the noisy tokens read the
+  prompt and the source;
+- `token_gate` scales an expert's source deltas per token by `2 * sigmoid(w . h + b)` (1 at init), so an expert
+  can leave tokens alone (the unmasked area of an inpainting source).
 
 All experts are allocated up front (one per curriculum step) so checkpoint and optimizer shapes never change; the
 router masks the inactive ones. Parameter names follow peft (`lora_A.weight`, `lora_B.weight`) so each expert is a
-standard LoRA pair on `to_k` / `to_v`.
+set of standard LoRA pairs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+
+SOURCE_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
+NOISY_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
 
 
 class LoRA(nn.Module):
@@ -24,73 +38,108 @@ class LoRA(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
 
-class KVExpert(nn.Module):
-    def __init__(self, dim: int, rank: int):
+def noisy_name(target: str) -> str:
+    return f"noisy_{target}"
+
+
+class Expert(nn.Module):
+    """One expert of one block: LoRA pairs named after the projections they adapt."""
+
+    def __init__(self, dim: int, rank: int, targets: Sequence[str] = ("to_k", "to_v"),
+                 noisy_targets: Sequence[str] = (), token_gate: bool = False):
         super().__init__()
-        self.to_k = LoRA(dim, dim, rank)
-        self.to_v = LoRA(dim, dim, rank)
+        for t in targets:
+            self.add_module(t, LoRA(dim, dim, rank))
+        for t in noisy_targets:
+            self.add_module(noisy_name(t), LoRA(dim, dim, rank))
+        self.token_gate = nn.Linear(dim, 1) if token_gate else None
+        if self.token_gate is not None:
+            nn.init.zeros_(self.token_gate.weight)
+            nn.init.zeros_(self.token_gate.bias)
 
 
 class ExpertBank(nn.Module):
-    """`num_experts` KV experts of one PRW block; computes the routed expert's K and V deltas."""
+    """`num_experts` experts of one PRW block; computes the routed expert's deltas for a set of projections."""
 
-    def __init__(self, dim: int, num_experts: int, rank: int, alpha: float):
+    def __init__(self, dim: int, num_experts: int, rank: int, alpha: float, targets: Sequence[str] = ("to_k", "to_v"),
+                 noisy_targets: Sequence[str] = (), token_gate: bool = False):
         super().__init__()
         self.rank = rank
         self.scale = alpha / rank
-        self.experts = nn.ModuleList(KVExpert(dim, rank) for _ in range(num_experts))
+        self.targets = tuple(targets)
+        self.noisy_targets = tuple(noisy_targets)
+        self.experts = nn.ModuleList(Expert(dim, rank, targets, noisy_targets, token_gate)
+                                     for _ in range(num_experts))
 
     @property
     def num_experts(self) -> int:
         return len(self.experts)
 
-    def _stacked(self):
+    @property
+    def has_token_gate(self) -> bool:
+        return self.experts[0].token_gate is not None
+
+    def _stacked(self, names: Sequence[str]):
         # Stacking costs one copy of E small matrices per call and keeps routing free of host syncs; every stacked
         # expert that requires grad takes part in autograd (zero grad when unselected), which DDP needs.
-        down = torch.stack([torch.cat([e.to_k.lora_A.weight, e.to_v.lora_A.weight], 0) for e in self.experts])
-        up_k = torch.stack([e.to_k.lora_B.weight for e in self.experts])
-        up_v = torch.stack([e.to_v.lora_B.weight for e in self.experts])
-        return down, up_k, up_v  # (E, 2r, D), (E, D, r), (E, D, r)
+        down = torch.stack([torch.cat([getattr(e, n).lora_A.weight for n in names], 0) for e in self.experts])
+        ups = [torch.stack([getattr(e, n).lora_B.weight for e in self.experts]) for n in names]
+        return down, ups  # (E, len(names) * r, D), [(E, D, r)] * len(names)
 
-    def forward(self, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
-                num_active: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V deltas for `hidden` (B, N, D).
+    def gate(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """Per-token gate (B, N, 1) of the routed expert for `hidden` (B, N, D) (sample routing); None without
+        token gates."""
+        if not self.has_token_gate:
+            return None
+        if index.dim() != 1:
+            raise ValueError("token gates need sample routing (prw.router.granularity: sample)")
+        w = torch.stack([e.token_gate.weight[0] for e in self.experts]).to(hidden.dtype)  # (E, D)
+        b = torch.stack([e.token_gate.bias[0] for e in self.experts]).to(hidden.dtype)  # (E,)
+        logits = torch.bmm(hidden, w[index].unsqueeze(-1)) + b[index][:, None, None]
+        return 2 * torch.sigmoid(logits)
+
+    def forward(self, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, num_active: int,
+                names: Sequence[str] = ("to_k", "to_v"), gate: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Deltas of the projections `names` (module names of the expert) for `hidden` (B, N, D).
 
         Sample routing: `index`, `weight` are (B,). Token routing: (B, N); then every active expert runs on all
         tokens and the result is masked (dense over the active experts, documented as the slower option).
+        `gate` (B, N, 1): per-token factors (`self.gate(...)`), sample routing only.
         """
-        down, up_k, up_v = self._stacked()
+        down, ups = self._stacked(names)
         # Compute in the activations' dtype (bf16 on FLUX; the fp32 master weights are cast, as autocast would):
         # fp32 copies of (B, N, D) activations would cost ~45 MB per block and sample.
         dtype = hidden.dtype
-        down, up_k, up_v = down.to(dtype), up_k.to(dtype), up_v.to(dtype)
+        down, ups = down.to(dtype), [u.to(dtype) for u in ups]
         r = self.rank
         if index.dim() == 1:
             # the routing weight scales the rank-r intermediate, the smallest tensor on the path
             z = torch.bmm(hidden, down[index].transpose(1, 2)) * (weight * self.scale).to(dtype)[:, None, None]
-            dk = torch.bmm(z[..., :r], up_k[index].transpose(1, 2))
-            dv = torch.bmm(z[..., r:], up_v[index].transpose(1, 2))
-            return dk, dv
-        dk = hidden.new_zeros(*hidden.shape[:2], up_k.shape[1])
-        dv = torch.zeros_like(dk)
+            if gate is not None:
+                z = z * gate.to(dtype)
+            return [torch.bmm(z[..., i * r:(i + 1) * r], up[index].transpose(1, 2)) for i, up in enumerate(ups)]
+        if gate is not None:
+            raise ValueError("token gates need sample routing (prw.router.granularity: sample)")
+        deltas = [hidden.new_zeros(*hidden.shape[:2], up.shape[1]) for up in ups]
         for e in range(num_active):
-            gate = ((index == e).to(dtype) * weight.to(dtype) * self.scale).unsqueeze(-1)
-            z = (hidden @ down[e].T) * gate
-            dk = dk + z[..., :r] @ up_k[e].T
-            dv = dv + z[..., r:] @ up_v[e].T
-        return dk, dv
+            routed = ((index == e).to(dtype) * weight.to(dtype) * self.scale).unsqueeze(-1)
+            z = (hidden @ down[e].T) * routed
+            deltas = [d + z[..., i * r:(i + 1) * r] @ up[e].T for i, (d, up) in enumerate(zip(deltas, ups))]
+        return deltas
 
     @torch.no_grad()
     def init_expert(self, new: int, mode: str = "copy") -> None:
-        """Initialise expert `new` as a copy of expert `new - 1` (mode 'copy') or with a zero up-projection."""
+        """Initialise expert `new` as a copy of expert `new - 1` (mode 'copy') or with zero up-projections."""
         src, dst = self.experts[new - 1], self.experts[new]
-        for name in ("to_k", "to_v"):
-            s, d = getattr(src, name), getattr(dst, name)
-            if mode == "copy":
-                d.lora_A.weight.copy_(s.lora_A.weight)
-                d.lora_B.weight.copy_(s.lora_B.weight)
-            elif mode == "zero":
-                nn.init.kaiming_uniform_(d.lora_A.weight, a=math.sqrt(5))
-                d.lora_B.weight.zero_()
-            else:
-                raise ValueError(f"unknown expert init {mode!r}; expected 'copy' or 'zero'")
+        if mode == "copy":
+            dst.load_state_dict(src.state_dict())
+        elif mode == "zero":
+            for module in dst.modules():
+                if isinstance(module, LoRA):
+                    nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
+                    module.lora_B.weight.zero_()
+            if dst.token_gate is not None:
+                dst.token_gate.weight.zero_()
+                dst.token_gate.bias.zero_()
+        else:
+            raise ValueError(f"unknown expert init {mode!r}; expected 'copy' or 'zero'")

@@ -1,4 +1,5 @@
-"""The Veteran Gate's routing supervision and routing statistics."""
+"""Routing supervision (the paper's Veteran Gate and this project's per-sample task routing) and routing
+statistics."""
 
 from __future__ import annotations
 
@@ -37,3 +38,19 @@ def expert_usage(routing: dict[str, Routing], num_experts: int) -> torch.Tensor:
     """(num_blocks, num_experts) fraction of samples (tokens) routed to each expert, blocks in routing order."""
     return torch.stack([torch.bincount(r.index.flatten(), minlength=num_experts)[:num_experts].float()
                         / r.index.numel() for r in routing.values()])
+
+
+def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample routing supervision (ours): mean over PRW blocks (and tokens) of `-log p[own expert]`, where
+    `own` (B,) is the expert of the curriculum step that learned each sample's task. Unlike the veteran loss,
+    which constrains only the batch-wide share of the newest expert (one fixed expert per block satisfies it), it
+    rewards routing that depends on the task. Returns (loss, share of decisions on the own expert)."""
+    losses, hits = [], []
+    for r in routing.values():
+        target = own.to(r.probs.device)
+        if r.probs.dim() == 3:
+            target = target[:, None].expand(r.probs.shape[:2])
+        p = r.probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        losses.append(-torch.log(p.float().clamp_min(1e-12)).mean())
+        hits.append((r.index == target).float().mean())
+    return torch.stack(losses).mean(), torch.stack(hits).mean().detach()

@@ -83,12 +83,14 @@ class FlowSampler:
 
     @torch.no_grad()
     def sample(self, text: TextEmbeddings, height: int, width: int, sources: torch.Tensor | None = None,
-               tasks: list[str] | None = None, seed: int | list[int] = 0) -> tuple[torch.Tensor, SampleStats]:
+               tasks: list[str] | None = None, seed: int | list[int] = 0,
+               experts: torch.Tensor | None = None) -> tuple[torch.Tensor, SampleStats]:
         """Generate images (B, 3, height, width) in [-1, 1].
 
         text: prompt embeddings (B, ...); sources: condition images (B, 3, Hs, Ws) in [-1, 1] or None
         (text-to-image); tasks: per-sample task names (choose the source position scheme); seed: one seed for the
-        batch or one per sample (each sample's noise depends only on its own seed).
+        batch or one per sample (each sample's noise depends only on its own seed); experts: (B,) forced expert per
+        sample in every PRW block (oracle routing, for evaluation; None: the routers decide).
         """
         cfg, model, codec = self.config, self.model, self.codec
         device = next(model.parameters()).device
@@ -125,6 +127,7 @@ class FlowSampler:
                  if src_tokens is not None else None)
         sids_b = sids if sids is None or sids.dim() == 2 else sids.repeat(len(branches), 1, 1)
         nb = len(branches)
+        experts_b = experts.repeat(nb) if experts is not None else None
         img_ids = target_ids(rows, cols, device=device)
         txt_ids = text_ids(text_b.tokens.shape[1], device=device)
         guidance = torch.full((b * nb,), cfg.guidance, device=device) if self.guidance_embeds else None
@@ -134,11 +137,13 @@ class FlowSampler:
         cache = ConditionCache() if (cfg.use_cache and src_b is not None) else None
         if cache is not None:  # computed once per request, before the first step
             t0 = (timesteps[0] / 1000).expand(b * nb)
-            cache.entries[model.cache_key(t0)] = model.encode_source(src_b, sids_b, text_b.pooled, t0, guidance)
+            cache.entries[model.cache_key(t0)] = model.encode_source(
+                src_b, sids_b, text_b.pooled, t0, guidance, experts_b)
             stats.source_passes += 1
         for t in timesteps:
             s = (t / 1000).expand(b * nb).to(latents.dtype)
-            out = model(latents.repeat(nb, 1, 1), s, text_b, img_ids, txt_ids, src_b, sids_b, guidance, cache=cache)
+            out = model(latents.repeat(nb, 1, 1), s, text_b, img_ids, txt_ids, src_b, sids_b, guidance, cache=cache,
+                        experts=experts_b)
             stats.routing.append((float(t) / 1000, {k: r.index[:b].cpu() for k, r in out.routing.items()}))
             v = out.sample.float().chunk(nb)
             if nb == 1:

@@ -39,6 +39,10 @@ class FlowMatchingConfig:
         (dropped text = zero embeddings, dropped source = zero latents; the sampler's unconditional branch uses
         the same), so classifier-free guidance works.
     guidance: value of the guidance embedding for guidance-distilled backbones (FLUX.1-dev: 1.0).
+    change_weight: (ours) extra loss weight of the noisy tokens whose target differs from the source token at the
+        same place (the hole of an inpainting source, a grounding overlay, an edit): per-token weight
+        `1 + change_weight` there, 1 elsewhere, normalized per sample. Where most of the image is a copy of the
+        source, the plain MSE spends nearly all its signal on copying. 0 is the plain objective (the paper).
     """
 
     logit_mean: float = 0.0
@@ -47,8 +51,11 @@ class FlowMatchingConfig:
     text_dropout: float = 0.1
     source_dropout: float = 0.1
     guidance: float = 1.0
+    change_weight: float = 0.0
 
     def __post_init__(self):
+        if self.change_weight < 0:
+            raise ValueError(f"flow.change_weight must be >= 0, got {self.change_weight}")
         for name in ("text_dropout", "source_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -59,12 +66,22 @@ class FlowMatchingConfig:
 
 @dataclass
 class VeteranConfig:
-    """L_veteran = alpha * |U - rho| (paper: rho 1 / alpha 0 at step 0, rho 0.8 / alpha 0.5 after)."""
+    """Routing supervision.
+
+    rho / alpha: the paper's veteran loss `alpha * |U - rho|` (rho 1 / alpha 0 at step 0, rho 0.8 / alpha 0.5
+        after); the curriculum sets them per step.
+    task_weight: (ours) weight of the per-sample task routing loss, `-log p[own expert]` averaged over the PRW
+        blocks, where a sample's own expert is the one of the curriculum step that introduced its task (replayed
+        samples go to their veterans); 0 turns it off (the paper).
+    """
 
     rho: float = 1.0
     alpha: float = 0.0
+    task_weight: float = 0.0
 
     def __post_init__(self):
+        if self.task_weight < 0:
+            raise ValueError(f"veteran.task_weight must be >= 0, got {self.task_weight}")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"veteran.rho must be in [0, 1], got {self.rho}")
         if self.alpha < 0:

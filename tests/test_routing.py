@@ -1,0 +1,221 @@
+"""Routing options beyond the paper's router: prompt input, straight-through weighting (an invisible entry anneal),
+per-sample task supervision, oracle routing, experts with more targets, token gates, and the curriculum's
+warm-up check."""
+
+import pytest
+import torch
+
+from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
+from cologen.model.cologen_transformer import CoLoGenTransformer
+from cologen.model.config import PRWConfig, RouterConfig
+from cologen.model.router import NoisyTop1Router
+from cologen.model.veteran import task_routing_loss, veteran_loss
+from tests.test_model_prw import make_inputs, make_source, make_transformer, randomize_experts, run
+
+FULL = dict(targets=["to_q", "to_k", "to_v", "to_out"], noisy_targets=["to_q", "to_k", "to_v", "to_out"],
+            token_gate=True)
+
+
+def model_with(router=None, **prw):
+    cfg = PRWConfig(num_experts=3, rank=4, alpha=8, router=router or RouterConfig(), **prw)
+    return CoLoGenTransformer(make_transformer(), cfg)
+
+
+# ----------------------------------------------------------------------------------------------- the router
+def test_prompt_input_lets_the_router_separate_identical_sources():
+    router = NoisyTop1Router(dim=8, num_experts=2, prompt_dim=4, timestep_bins=0).eval()
+    with torch.no_grad():
+        router.prompt_gate.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]) * 5)
+    hidden = torch.randn(1, 3, 8).expand(2, 3, 8)  # the same source twice
+    prompts = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]])
+    r = router(hidden, 2, torch.zeros(2), prompt=prompts)
+    assert r.index.tolist() == [0, 1]
+    # without the prompt both samples route alike
+    same = router(hidden, 2, torch.zeros(2))
+    assert same.index[0] == same.index[1]
+
+
+def test_normalized_router_input_ignores_the_scale_of_the_source_features():
+    router = NoisyTop1Router(dim=8, num_experts=3, normalize=True, timestep_bins=0).eval()
+    randomize = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.randn(3, 8, generator=randomize))
+    hidden = torch.randn(2, 5, 8, generator=randomize)
+    a, b = router(hidden, 3, torch.zeros(3)), router(hidden * 50, 3, torch.zeros(3))
+    torch.testing.assert_close(a.probs, b.probs, rtol=1e-4, atol=1e-5)
+
+
+def test_straight_through_weight_is_one_with_the_probability_gradient():
+    router = NoisyTop1Router(dim=8, num_experts=3, weighting="straight_through", timestep_bins=0).train()
+    with torch.no_grad():
+        router.gate.bias.copy_(torch.tensor([0.5, 0.0, -0.5]))
+    r = router(torch.randn(4, 5, 8), 3, torch.zeros(3))
+    assert torch.equal(r.weight, torch.ones(4))
+    r.weight.sum().backward()
+    assert router.gate.bias.grad.abs().sum() > 0  # the chosen expert's probability still trains the gate
+
+
+def test_forced_routing_picks_the_given_experts_at_weight_one():
+    router = NoisyTop1Router(dim=8, num_experts=3, timestep_bins=0).eval()
+    r = router(torch.randn(3, 5, 8), 3, torch.zeros(3), forced=torch.tensor([2, 0, 1]))
+    assert r.index.tolist() == [2, 0, 1] and torch.equal(r.weight, torch.ones(3))
+
+
+@pytest.mark.parametrize("weighting", ["straight_through", "prob"])
+def test_the_entry_anneal_changes_nothing_by_itself_with_straight_through_weights(weighting):
+    """A new expert is a copy of its predecessor with a copied router entry; annealing the entry offset from -20 to 0
+    makes the two tie. With straight-through weights the output does not move; with the paper's probability
+    weighting the tie halves the routed contribution, which is why this project's tiny preset uses the former."""
+    router = RouterConfig(weighting=weighting, timestep_bins=0, prompt_input=True)
+    model = model_with(router, **FULL).eval()
+    randomize_experts(model)
+    x, src = make_inputs(), make_source()
+    with torch.no_grad():
+        model.activate_next_expert()
+        model.set_entry_progress(1.0)
+        model.activate_next_expert()
+        before = run(model, x, src).sample
+        moved = []
+        for fraction in (0.25, 0.5, 0.75, 1.0):
+            model.set_entry_progress(fraction)
+            moved.append(float((run(model, x, src).sample - before).abs().max()))
+    if weighting == "straight_through":
+        assert max(moved) < 1e-5
+    else:
+        assert moved[-1] > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ task supervision
+def test_task_routing_loss_is_the_mean_negative_log_probability_of_the_own_expert():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    routing = {"b0": type("R", (), {"probs": probs, "index": probs.argmax(-1)})(),
+               "b1": type("R", (), {"probs": probs.flip(-1), "index": probs.flip(-1).argmax(-1)})()}
+    own = torch.tensor([0, 2])
+    loss, share = task_routing_loss(routing, own)
+    expected = -(torch.log(torch.tensor([0.7, 0.8])).mean() + torch.log(torch.tensor([0.1, 0.1])).mean()) / 2
+    torch.testing.assert_close(loss, expected)
+    assert float(share) == 0.5  # block b0 routes both right, b1 neither
+
+
+def test_task_supervision_trains_routing_that_depends_on_the_task():
+    """The paper's veteran loss is satisfied by one fixed expert per block; the per-sample task loss is not: a few
+    steps of it on the routers alone make two tasks with different prompts choose different experts."""
+    torch.manual_seed(0)
+    router = RouterConfig(prompt_input=True, normalize_input=True, timestep_bins=0)
+    model = model_with(router).train()
+    model.activate_next_expert()
+    model.set_entry_progress(1.0)
+    x, src = make_inputs(), make_source()
+    text = x["text"]
+    text.pooled[:2] += 3.0  # two "tasks": samples 0-1 and 2-3 differ in their prompt
+    own = torch.tensor([0, 0, 1, 1])
+    optimizer = torch.optim.Adam(model.router_parameters(), lr=0.05)
+    for _ in range(60):
+        out = run(model, x, src)
+        loss, _ = task_routing_loss(out.routing, own)
+        vet, _ = veteran_loss(out.routing, model.newest_expert, rho=0.5, alpha=0.5)
+        optimizer.zero_grad()
+        (loss + vet).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = run(model, x, src)
+    for r in out.routing.values():
+        assert r.index.tolist() == [0, 0, 1, 1]
+
+
+def test_spec_assigns_each_task_to_the_step_that_introduced_it():
+    spec = CurriculumSpec([
+        CurriculumStep("inpainting", {"inpainting": 1.0}, 10),
+        CurriculumStep("grounding", {"grounding": 0.75, "inpainting": 0.25}, 10),
+        CurriculumStep("control", {"control": 0.5, "grounding": 0.25, "inpainting": 0.25}, 10),
+    ])
+    assert spec.task_experts(0) == {"inpainting": 0}
+    assert spec.task_experts(2) == {"inpainting": 0, "grounding": 1, "control": 2}
+    cotrain = CurriculumSpec([CurriculumStep("all", {"inpainting": 1.0, "control": 1.0}, 10)])
+    assert cotrain.task_experts(0) == {"inpainting": 0, "control": 0}
+
+
+def test_a_step_shorter_than_its_warmup_needs_is_refused():
+    spec = CurriculumSpec([CurriculumStep("a", {"inpainting": 1.0}, 30), CurriculumStep("b", {"grounding": 1.0}, 40)])
+    spec.validate(num_experts=2, entry_warmup_steps=20)
+    with pytest.raises(ValueError, match=r"curriculum\.steps\[1\] \(b\)\.steps \(40\) must be >= 2 x "
+                                         r"prw\.router\.entry_warmup_steps \(50\)") as err:
+        spec.validate(num_experts=2, entry_warmup_steps=50)
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------- capacity options
+def test_more_targets_keep_the_base_output_until_they_train_and_then_change_it():
+    base = CoLoGenTransformer(make_transformer(), PRWConfig(num_experts=0)).eval()
+    model = model_with(**FULL).eval()
+    x, src = make_inputs(), make_source()
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, x, src).sample, run(base, x, src).sample, rtol=0, atol=1e-6)
+    keys = set(model.state_dict())
+    for name in ("to_q", "to_out", "noisy_to_q", "noisy_to_v", "noisy_to_out"):
+        assert f"transformer.transformer_blocks.0.attn.prw_experts.experts.1.{name}.lora_B.weight" in keys
+    assert "transformer.single_transformer_blocks.0.attn.prw_experts.experts.0.token_gate.weight" in keys
+    randomize_experts(model)
+    with torch.no_grad():
+        assert (run(model, x, src).sample - run(base, x, src).sample).abs().max() > 1e-4
+
+
+def test_noisy_targets_follow_the_source_routing_and_leave_text_to_image_alone():
+    with_noisy = model_with(noisy_targets=["to_q", "to_v", "to_out"]).eval()
+    source_only = model_with().eval()
+    with_noisy.activate_next_expert()
+    source_only.activate_next_expert()
+    randomize_experts(with_noisy)
+    source_only.load_state_dict(with_noisy.state_dict(), strict=False)  # the same source-stream experts
+    with torch.no_grad():
+        for attn in with_noisy.prw_modules():
+            for e, expert in enumerate(attn.prw_experts.experts):
+                if e != 1:  # only expert 1 acts on the noisy tokens
+                    for name in ("noisy_to_q", "noisy_to_v", "noisy_to_out"):
+                        getattr(expert, name).lora_B.weight.zero_()
+    x, src = make_inputs(), make_source()
+    with torch.no_grad():
+        # without a source there is no routing, so no expert acts on the noisy tokens
+        torch.testing.assert_close(run(with_noisy, x).sample, run(source_only, x).sample, rtol=0, atol=1e-6)
+        for e, differs in ((0, False), (1, True)):
+            forced = torch.full((4,), e)
+            gap = (run(with_noisy, x, src, experts=forced).sample
+                   - run(source_only, x, src, experts=forced).sample).abs().max()
+            assert (gap > 1e-4) == differs, (e, float(gap))
+
+
+def test_oracle_routing_overrides_the_routers():
+    model = model_with(router=RouterConfig(timestep_bins=0)).eval()
+    randomize_experts(model, scale=1.0)
+    model.activate_next_expert()
+    model.set_entry_progress(1.0)
+    with torch.no_grad():
+        out = run(model, make_inputs(), make_source(), experts=torch.tensor([1, 0, 1, 0]))
+    for r in out.routing.values():
+        assert r.index.tolist() == [1, 0, 1, 0]
+    with pytest.raises(ValueError, match="forced expert 2 is not active"):
+        run(model, make_inputs(), make_source(), experts=torch.tensor([2, 0, 0, 0]))
+
+
+def test_a_closed_token_gate_silences_the_expert_on_its_tokens():
+    model = model_with(token_gate=True).eval()
+    randomize_experts(model)
+    base = CoLoGenTransformer(make_transformer(), PRWConfig(num_experts=0)).eval()
+    with torch.no_grad():
+        for attn in model.prw_modules():
+            for expert in attn.prw_experts.experts:
+                expert.token_gate.weight.zero_()
+                expert.token_gate.bias.fill_(-50.0)  # 2 * sigmoid(-50) = 0
+    x, src = make_inputs(), make_source()
+    with torch.no_grad():
+        torch.testing.assert_close(run(model, x, src).sample, run(base, x, src).sample, rtol=0, atol=1e-6)
+
+
+def test_capacity_options_are_checked():
+    with pytest.raises(ValueError, match=r"prw\.targets must be distinct names"):
+        PRWConfig(targets=["to_k", "to_x"])
+    with pytest.raises(ValueError, match="need prw.router.granularity: sample"):
+        PRWConfig(noisy_targets=["to_q"], router=RouterConfig(granularity="token"))
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        RouterConfig(weighting="soft")
