@@ -35,7 +35,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: customized subjects at their named cell and size, backgrounds with their RGB
 MANIFEST = "shapeworld.json"
 TASKS = ("inpainting", "grounding", "control", "customized", "editing")
 SPLITS = ("train", "val")
@@ -95,9 +95,12 @@ class ShapeWorldConfig:
     num_subjects: int = 64  # size of the fixed subject pool of the customized task
     subject_shapes: tuple[str, ...] = ("circle", "square", "diamond", "triangle")
     subject_patterns: tuple[str, ...] = SUBJECT_PATTERNS
-    subject_diameter: tuple[float, float] = (0.45, 0.72)
+    # A subject's diameter per size word. Its centre is the centre of the cell the prompt names (clamped inside
+    # the image), so the prompt fixes where and how large the subject must be drawn.
+    subject_sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.34, "large": 0.46})
+    subject_cell_distance: int = 2  # Manhattan distance between the subject's cells in the two views, at least
     subject_seed: int = 1234  # the pool does not depend on the data seed
-    max_distractors: int = 2  # plain shapes next to a subject
+    max_distractors: int = 2  # plain shapes next to a subject, named with their position
     edit_operations: tuple[str, ...] = EDIT_OPERATIONS
     shard_size: int = 250
     tasks: tuple[str, ...] = TASKS
@@ -119,6 +122,10 @@ class ShapeWorldConfig:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if len(self.colors) < 2:
             raise ValueError("ShapeWorld needs at least two colours (recolour edits, two-colour subjects)")
+        if not 0 <= self.subject_cell_distance <= 4:
+            raise ValueError(f"subject_cell_distance must be in 0..4 (a 3 x 3 grid), got {self.subject_cell_distance}")
+        if len(self.background_colors) < 2:
+            raise ValueError("ShapeWorld needs at least two background colours (the customized views differ in it)")
 
 
 PRESETS: dict[str, ShapeWorldConfig] = {
@@ -228,12 +235,9 @@ class Background:
         return f"{self.texture} {self.color} background"
 
 
-def _background(rng: np.random.Generator, cfg: ShapeWorldConfig, avoid: tuple[str, str] | None = None) -> Background:
-    while True:
-        texture = _pick(rng, cfg.textures)
-        color = _pick(rng, cfg.background_colors)
-        if avoid is None or (texture, color) != avoid or len(cfg.textures) * len(cfg.background_colors) == 1:
-            break
+def _background(rng: np.random.Generator, cfg: ShapeWorldConfig, avoid_color: str | None = None) -> Background:
+    texture = _pick(rng, cfg.textures)
+    color = _pick(rng, [c for c in cfg.background_colors if c != avoid_color])
     s = cfg.size
     base = np.array(BACKGROUND_COLORS[color], np.float32) + rng.uniform(-8, 8, 3).astype(np.float32)
     y, x = _grid(s)
@@ -407,8 +411,8 @@ def _obj_record(o: Obj, inst: np.ndarray, index: int) -> dict[str, Any]:
     }
     if o.subject is not None:
         rec.update(subject_id=o.subject["id"], colors=list(o.subject["colors"]), pattern=o.subject["pattern"],
-                   rgb=list(COLORS[o.subject["colors"][0]]), color="-and-".join(o.subject["colors"]),
-                   shape=o.subject["shape"])
+                   rgb=list(COLORS[o.subject["colors"][0]]), rgbs=[list(COLORS[c]) for c in o.subject["colors"]],
+                   color="-and-".join(o.subject["colors"]), shape=o.subject["shape"])
     return rec
 
 
@@ -431,10 +435,14 @@ def _json(rec: dict[str, Any]) -> bytes:
     return json.dumps(rec, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def _background_record(bg: Background) -> dict[str, Any]:
+    return {"texture": bg.texture, "color": bg.color, "rgb": list(BACKGROUND_COLORS[bg.color])}
+
+
 def _base_record(task: str, prompt: str, cap: str, cfg: ShapeWorldConfig, bg: Background, split: str,
                  index: int) -> dict[str, Any]:
     return {"task": task, "prompt": prompt, "caption": cap, "width": cfg.size, "height": cfg.size,
-            "dataset": "shapeworld", "background": {"texture": bg.texture, "color": bg.color},
+            "dataset": "shapeworld", "background": _background_record(bg),
             "shapeworld": {"split": split, "index": index}}
 
 
@@ -493,14 +501,28 @@ def subject_pool(cfg: ShapeWorldConfig) -> list[dict[str, Any]]:
              "colors": [combos[j][2], combos[j][3]]} for k, j in enumerate(pick)]
 
 
-def _subject_scene(rng, cfg, subject, bg) -> tuple[list[Obj], Rendered, str]:
+def _cell_centre(cell: tuple[int, int], r: float, size: int) -> tuple[float, float]:
+    """Centre of a shape of radius r in the middle of a 3 x 3 cell (row, col), moved inside the image if needed."""
+    lo, hi = r, size - 1 - r
+    return tuple(float(np.clip((k + 0.5) * size / 3 - 0.5, lo, hi)) for k in (cell[1], cell[0]))  # (cx, cy)
+
+
+def _subject_cells(rng: np.random.Generator, cfg: ShapeWorldConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The subject's cells in the two views, at least `subject_cell_distance` apart (Manhattan), so that a copy of
+    one view puts the subject where the other view's prompt does not."""
+    cells = [(r, c) for r in range(3) for c in range(3)]
+    a = cells[int(rng.integers(len(cells)))]
+    far = [b for b in cells if abs(b[0] - a[0]) + abs(b[1] - a[1]) >= cfg.subject_cell_distance]
+    return a, far[int(rng.integers(len(far)))]
+
+
+def _subject_scene(rng, cfg, subject, bg, cell) -> tuple[list[Obj], Rendered, str]:
     s = cfg.size
     for _ in range(200):
-        diam = float(rng.uniform(*cfg.subject_diameter))
-        r = diam * s / 2
-        cx, cy = _place(rng, cfg, r)
-        main = Obj(subject["shape"], subject["colors"][0], "large" if diam >= 0.58 else "small", cx, cy, r, 1.0,
-                   subject=subject)
+        size_word = _pick(rng, list(cfg.subject_sizes))
+        r = cfg.subject_sizes[size_word] * s / 2
+        cx, cy = _cell_centre(cell, r, s)
+        main = Obj(subject["shape"], subject["colors"][0], size_word, cx, cy, r, 1.0, subject=subject)
         extra = [replace(_random_obj(rng, cfg, size="small"), depth=float(rng.uniform(0.35, 0.9)))
                  for _ in range(int(rng.integers(0, cfg.max_distractors + 1)))]
         objs = [main, *extra]
@@ -508,7 +530,8 @@ def _subject_scene(rng, cfg, subject, bg) -> tuple[list[Obj], Rendered, str]:
         if _visible_ok(rend, len(objs), cfg.min_visible):
             desc = f"the subject, {main.size}, {_position_word(cx, cy, s)}"
             if extra:
-                desc += ", with " + _join([_article(_name(o)) for o in sorted(extra, key=lambda o: o.cx)])
+                desc += ", with " + _join([f"{_article(f'{o.color} {o.cls}')} {_position_word(o.cx, o.cy, s)}"
+                                           for o in sorted(extra, key=lambda o: o.cx)])
             return objs, rend, f"{desc}, on {_article(bg.describe())}"
     raise RuntimeError("could not place a subject")
 
@@ -516,16 +539,17 @@ def _subject_scene(rng, cfg, subject, bg) -> tuple[list[Obj], Rendered, str]:
 def make_customized(rng, cfg, split, index, pool) -> dict[str, bytes]:
     subject = pool[index % len(pool)]  # every subject equally often
     bg_a = _background(rng, cfg)
-    bg_b = _background(rng, cfg, avoid=(bg_a.texture, bg_a.color))
-    objs_a, ra, desc_a = _subject_scene(rng, cfg, subject, bg_a)
-    objs_b, rb, desc_b = _subject_scene(rng, cfg, subject, bg_b)
+    bg_b = _background(rng, cfg, avoid_color=bg_a.color)  # a copy of one view has the other's background wrong
+    cell_a, cell_b = _subject_cells(rng, cfg)
+    objs_a, ra, desc_a = _subject_scene(rng, cfg, subject, bg_a, cell_a)
+    objs_b, rb, desc_b = _subject_scene(rng, cfg, subject, bg_b, cell_b)
     rec = _base_record("customized", desc_b, desc_b, cfg, bg_b, split, index)
     rec["objects"] = [_obj_record(o, rb.instances, i) for i, o in enumerate(objs_b)]
     rec["subject"] = {"id": subject["id"], "shape": subject["shape"], "pattern": subject["pattern"],
                       "colors": list(subject["colors"]), "source_description": desc_a,
                       "target_description": desc_b,
                       "source_objects": [_obj_record(o, ra.instances, i) for i, o in enumerate(objs_a)],
-                      "source_background": {"texture": bg_a.texture, "color": bg_a.color}}
+                      "source_background": _background_record(bg_a)}
     return {"json": _json(rec), "image.png": _png(rb.image), "source.png": _png(ra.image),
             "mask.png": _mask_png(rb.instances == 1), "source_mask.png": _mask_png(ra.instances == 1),
             "instances.png": _png(rb.instances)}

@@ -76,6 +76,32 @@ def test_customized_pairs_share_a_distinctive_subject(shapeworld_dir):
             assert {tuple(shapeworld.COLORS[c]) for c in sub["colors"]} <= pixels
 
 
+def test_customized_views_put_the_subject_where_their_prompt_says_and_far_apart(shapeworld_dir):
+    """The prompt fixes the target's layout (so a metric can tell a copy of the reference from the asked scene):
+    the subject is centred in the named cell (moved inside the image) at the named size, the two views' cells are
+    at least two apart and their background colours differ."""
+    cfg = ShapeWorldConfig()
+    words = {"at the top left": (0, 0), "at the top": (0, 1), "at the top right": (0, 2), "on the left": (1, 0),
+             "in the center": (1, 1), "on the right": (1, 2), "at the bottom left": (2, 0), "at the bottom": (2, 1),
+             "at the bottom right": (2, 2)}
+    for s in _samples(shapeworld_dir, "customized")[:60]:
+        sub = s.record["subject"]
+        cells = []
+        for desc, objs, bg in ((sub["target_description"], s.record["objects"], s.record["background"]),
+                               (sub["source_description"], sub["source_objects"], sub["source_background"])):
+            _, size_word, where = desc.split(", ")[:3]
+            assert where in words and size_word in cfg.subject_sizes
+            cell = words[where]
+            x0, y0, x1, y1 = objs[0]["box"]
+            r = cfg.subject_sizes[size_word] * cfg.size / 2
+            expected = [float(np.clip((k + 0.5) * cfg.size / 3 - 0.5, r, cfg.size - 1 - r)) for k in cell[::-1]]
+            assert abs((x0 + x1) / 2 - 0.5 - expected[0]) <= 1.0 and abs((y0 + y1) / 2 - 0.5 - expected[1]) <= 1.0
+            assert bg["rgb"] == list(shapeworld.BACKGROUND_COLORS[bg["color"]]) and objs[0]["rgbs"]
+            cells.append(cell)
+        assert abs(cells[0][0] - cells[1][0]) + abs(cells[0][1] - cells[1][1]) >= cfg.subject_cell_distance
+        assert s.record["background"]["color"] != sub["source_background"]["color"]
+
+
 def test_edits_change_exactly_the_edit_region(shapeworld_dir):
     ops = set()
     for s in _samples(shapeworld_dir, "editing"):

@@ -131,3 +131,26 @@ def test_builder_examples_from_generated_shards_score_perfect(shapeworld_dir: Pa
                 best = PSNR_CAP_DB if "psnr" in name else 1.0
                 assert value == pytest.approx(best, abs=1e-6), (resolution, name, value)
                 assert blank[name] < best - 0.3 * abs(best), (resolution, name, blank[name])
+
+
+def test_copying_the_reference_scores_near_zero_on_customized(shapeworld_dir: Path) -> None:
+    """ShapeWorld's customized prompts fix the target's layout (subject cell and size, background colour, the
+    other objects' cells) and the two views differ in all of them, so the base's shortcut, copying its source,
+    no longer scores well: subject NCC (the reference's subject found anywhere) rewards the copy, the layout
+    scores do not."""
+    import webdataset as wds
+
+    from cologen.data.builders import TaskBuilder
+    from cologen.data.records import decode_sample
+
+    builder = TaskBuilder(resolution=32, stratified=False)
+    urls = sorted(str(p) for p in (Path(shapeworld_dir) / "customized").glob("*.tar"))
+    stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
+    examples = [builder(decode_sample(raw), "customized", np.random.default_rng(i)) for i, raw in enumerate(stream)]
+    assert len(examples) >= 100 and all("subject_box" in ex["meta"]["build"] for ex in examples)
+    copy = run_shapeworld(examples, lambda ex: ex["source"])
+    assert copy["customized/subject_ncc"] > 0.8  # the old metric's reward for copying
+    assert copy["customized/subject_score"] < 0.1
+    assert copy["customized/prompt_fidelity"] < 0.25
+    perfect = run_shapeworld(examples, lambda ex: ex["target"])
+    assert perfect["customized/subject_score"] == 1.0 and perfect["customized/prompt_fidelity"] == 1.0

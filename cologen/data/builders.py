@@ -55,6 +55,7 @@ class BuilderConfig:
     overlay_colors: dict[str, list[int]] = field(
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_OVERLAY_COLORS.items()})
     overlay_mask_alpha: float = 1.0
+    box_thickness: int | None = None  # outline width in pixels; null: 1 px per 64 px of the shorter side, at least 1
     random_expression: bool = True  # pick among the record's equivalent unique expressions
     # control
     control_types: dict[str, float] = field(default_factory=lambda: {"depth": 1.0, "seg": 1.0, "canny": 1.0})
@@ -81,6 +82,8 @@ class BuilderConfig:
                 raise ValueError(f"builder.overlay_colors.{name}: expected [r, g, b] in 0..255, got {rgb}")
         if not 0 <= self.swap_subject_pairs <= 1:
             raise ValueError(f"builder.swap_subject_pairs must be in [0, 1], got {self.swap_subject_pairs}")
+        if self.box_thickness is not None and self.box_thickness < 1:
+            raise ValueError(f"builder.box_thickness must be >= 1 or null, got {self.box_thickness}")
         if not 0 < self.overlay_mask_alpha <= 1:
             raise ValueError(f"builder.overlay_mask_alpha must be in (0, 1], got {self.overlay_mask_alpha}")
         PromptTemplates(self.prompt_templates)
@@ -242,7 +245,8 @@ class TaskBuilder:
         cls = g.get("class") or "object"
         index = g.get("object_index")
         mask = self._grounded_mask(sample, frame, index, g.get("polygon"), box)
-        target, t = ex["target"].copy(), box_thickness(frame.width, frame.height)
+        target = ex["target"].copy()
+        t = self.cfg.box_thickness or box_thickness(frame.width, frame.height)
         build = ex["meta"]["build"]
         build.update(overlay=kind, color=color, rgb=rgb, expression=expression, box=box, object_index=index,
                      thickness=t)
@@ -308,9 +312,28 @@ class TaskBuilder:
             ex["region"] = (warp(region, frame, nearest=True) > 0).astype(np.uint8)
         description = subject["source_description"] if swap else (
             subject.get("target_description") or sample.record["prompt"])
-        ex["meta"]["build"].update(swapped=swap, subject_id=subject.get("id"), description=description)
+        ex["meta"]["build"].update(swapped=swap, subject_id=subject.get("id"), description=description,
+                                   **self._target_layout(sample.record, swap, frame))
         ex["prompt"] = self.templates.render("customized", rng, {"description": description}, sample.key)
         return ex
+
+    @staticmethod
+    def _target_layout(record: Mapping[str, Any], swap: bool, frame: Frame) -> dict[str, Any]:
+        """What the target view's prompt names, in the output frame, for placement-aware metrics: the subject's
+        box and colours, the other objects' colours and boxes, the background colour (records that carry them)."""
+        subject = record.get("subject") or {}
+        objects = (subject.get("source_objects") if swap else record.get("objects")) or []
+        background = (subject.get("source_background") if swap else record.get("background")) or {}
+        layout: dict[str, Any] = {}
+        main = [o for o in objects if o.get("subject_id")]
+        if main and main[0].get("rgbs") and main[0].get("box"):
+            layout["subject_box"] = map_box(main[0]["box"], frame)
+            layout["subject_rgbs"] = main[0]["rgbs"]
+            layout["others"] = [{"rgb": o["rgb"], "box": map_box(o["box"], frame)} for o in objects
+                                if not o.get("subject_id") and o.get("rgb") and o.get("box")]
+        if background.get("rgb"):
+            layout["background_rgb"] = list(background["rgb"])
+        return layout
 
     def _editing(self, sample: Sample, rng: np.random.Generator) -> Example:
         if sample.source is None:

@@ -34,6 +34,7 @@ from cologen.eval.loop import Generate, Sample, run_protocol
 from cologen.metrics.images import to_mask, to_uint8_rgb
 from cologen.metrics.shapeworld import (
     control_scores,
+    customized_layout_scores,
     customized_scores,
     editing_scores,
     grounding_scores,
@@ -66,6 +67,17 @@ def _grounding(sample: Sample, output: np.ndarray) -> dict[str, float]:
 
 
 def _customized(sample: Sample, output: np.ndarray) -> dict[str, float]:
+    build = _build(sample)
+    region = _first(sample, "mask", "region")
+    if build.get("subject_box") and region is not None and sample.get("named_colors") is None:
+        # the target's layout is known (ShapeWorld): placement-aware scores, where a copy of the reference
+        # scores near 0; subject_ncc (the reference's subject found anywhere) stays as a diagnostic
+        target = _first(sample, "image", "target")
+        others = [(o["rgb"], o["box"]) for o in build.get("others", []) if o.get("box")]
+        scores = customized_layout_scores(output, target, region, build["subject_rgbs"], build["subject_box"],
+                                          others, build.get("background_rgb"))
+        scores["subject_ncc"] = customized_scores(output, target, region)["subject_ncc"]
+        return scores
     colours = sample.get("named_colors")
     shapes = sample.get("named_shapes")
     if colours is None:

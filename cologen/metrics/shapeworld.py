@@ -335,6 +335,95 @@ def customized_scores(
     }
 
 
+def placed_subject_score(
+    output: ImageLike, target: ImageLike, subject_mask: MaskLike, *, tolerance: int = COLOR_TOLERANCE,
+    max_shift: int = 1,
+) -> float:
+    """Fraction of the target's subject pixels that ``output`` shows in the target's colour (every channel
+    within ``tolerance``), at the best shift of at most ``max_shift`` pixels: the subject, with its pattern,
+    drawn where and as large as the prompt asks. A copy of a reference that shows the subject elsewhere scores
+    near 0."""
+    out, tgt = to_uint8_rgb(output).astype(np.int16), to_uint8_rgb(target).astype(np.int16)
+    region = to_mask(subject_mask, out.shape[:2])
+    if not region.any():
+        return float("nan")
+    ys, xs = np.nonzero(region)
+    h, w = region.shape
+    best = 0.0
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            oy, ox = np.clip(ys + dy, 0, h - 1), np.clip(xs + dx, 0, w - 1)
+            close = np.abs(out[oy, ox] - tgt[ys, xs]).max(axis=1) <= tolerance
+            best = max(best, float(close.mean()))
+    return best
+
+
+def _grown(box: Box, margin: int, width: int, height: int) -> tuple[slice, slice]:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return slice(max(0, y0 - margin), min(height, y1 + margin)), slice(max(0, x0 - margin), min(width, x1 + margin))
+
+
+def scene_fidelity(
+    output: ImageLike,
+    items: Sequence[tuple[Sequence[RGB], Box]],
+    background_rgb: RGB | None = None,
+    background_mask: MaskLike | None = None,
+    *,
+    tolerance: int = COLOR_TOLERANCE,
+    margin: int = 2,
+    min_pixels: int = 4,
+    background_tolerance: int = 20,
+) -> float:
+    """Fraction of a prompt's named items that ``output`` shows where the prompt puts them. An item is
+    ``(colours, box)``: present when each of its colours covers at least ``min_pixels`` pixels of the box grown
+    by ``margin``. The background (``background_rgb`` over ``background_mask``, the pixels no object covers) is
+    one more item: present when the output's mean colour there is within ``background_tolerance`` of it per
+    channel (a mean, so textures average out). NaN if nothing is named."""
+    out = to_uint8_rgb(output)
+    h, w = out.shape[:2]
+    present, named = 0, 0
+    for colours, box in items:
+        named += 1
+        window = out[_grown(box, margin, w, h)]
+        present += all(int(color_mask(window, rgb, tolerance).sum()) >= min_pixels for rgb in colours)
+    if background_rgb is not None and background_mask is not None:
+        region = to_mask(background_mask, (h, w))
+        if region.any():
+            named += 1
+            mean = out[region].astype(np.float64).mean(axis=0)
+            present += bool(np.abs(mean - np.asarray(background_rgb, np.float64)).max() <= background_tolerance)
+    return present / named if named else float("nan")
+
+
+def customized_layout_scores(
+    output: ImageLike,
+    target: ImageLike,
+    subject_mask: MaskLike,
+    subject_rgbs: Sequence[RGB],
+    subject_box: Box,
+    others: Sequence[tuple[RGB, Box]] = (),
+    background_rgb: RGB | None = None,
+    *,
+    tolerance: int = COLOR_TOLERANCE,
+) -> dict[str, float]:
+    """Customized generation where the target's layout is known exactly (ShapeWorld), so that copying the
+    reference scores near 0. ``subject_score``: ``placed_subject_score``. ``prompt_fidelity``:
+    ``scene_fidelity`` over the subject (its colours in its box), every other named object (its colour in its
+    box) and the background colour (over the pixels outside every object's box)."""
+    out = to_uint8_rgb(output)
+    h, w = out.shape[:2]
+    items: list[tuple[Sequence[RGB], Box]] = [(list(subject_rgbs), subject_box)]
+    items += [([rgb], box) for rgb, box in others]
+    background = np.ones((h, w), bool)
+    for _, box in items:
+        background[_grown(box, 1, w, h)] = False
+    return {
+        "subject_score": placed_subject_score(out, target, subject_mask, tolerance=tolerance),
+        "prompt_fidelity": scene_fidelity(out, items, background_rgb, background if background_rgb is not None
+                                          else None, tolerance=tolerance),
+    }
+
+
 # ----------------------------------------------------------------------------- editing
 
 
