@@ -1,5 +1,5 @@
-"""`cologen fit | validate | test | predict --config experiments/...` (LightningCLI), plus `cologen info` and
-`cologen export`.
+"""`cologen fit | validate | test | predict --config experiments/...` (LightningCLI), plus `cologen info`,
+`cologen export` and `cologen eval`.
 
 Configs are YAML with omegaconf interpolation (`${trainer.default_root_dir}`); the resolved config of every run is
 written to its run directory (`trainer.default_root_dir`) as `config.yaml`.
@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         from .commands.export import main as export_main
 
         return export_main(args[1:])
+    if args and args[0] == "eval":
+        from .commands.evaluate import main as eval_main
+
+        return eval_main(args[1:])
     _run_lightning_cli(args)
 
 

@@ -132,7 +132,11 @@ def test_fit_logs_samples_routing_and_metrics_to_wandb_offline_and_files(shapewo
         out = run_dir / "validation" / "step000003"
         assert sorted(p.name for p in out.iterdir()) == sorted(
             ["inpainting.png", "grounding.png", "routing.png", "routing_usage.csv", "routing_usage.json",
-             "metrics.json"])
+             "metrics.json", "scores.jsonl"])
+        lines = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+        assert [(r["task"], r["index"], r["routing"]) for r in lines] == [
+            (t, i, "learned") for t in tasks for i in range(3)]
+        assert all("grounding/box_iou" in r for r in lines if r["task"] == "grounding")
         assert not (run_dir / "validation" / "step000000").exists()  # the sanity check does not sample
         assert Image.open(out / "grounding.png").size == (52 + 3 * 130 + 2, 3 * 130 + 2)  # 3 probes x 3 rows
 

@@ -1,11 +1,13 @@
 """SampleValidation: sample a fixed probe set per task at validation, write and log image grids, ShapeWorld
-metrics and the routing of the sampled images.
+metrics (per probe and as means), the same with oracle routing, and the routing of the sampled images.
 
 Probes are the first `probes_per_task` examples each task's validation loader yields (the validation set is
 fixed and rebuilt identically every time, so the probes are the same at every validation; under DDP they are
 rank zero's first batches). Every probe has its own noise seed (`seed + index`), so a probe's image depends only
 on the model. Files go to `{default_root_dir}/{subdir}/step{global_step:06d}/`:
-`{task}.png` (rows source | output | ground truth), `routing.png`, `routing_usage.csv/.json`, `metrics.json`.
+`{task}.png` (rows source | output | ground truth), `routing.png`, `routing_usage.csv/.json`, `metrics.json`
+(means, oracle means under `val_metrics_oracle/`, routing shares, the curriculum step) and `scores.jsonl` (one
+line per probe and routing mode, for confidence intervals).
 """
 
 from __future__ import annotations
@@ -25,34 +27,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cologen.eval.shapeworld import TASKS as SHAPEWORLD_TASKS
-from cologen.eval.shapeworld import score_sample
-from cologen.metrics.images import to_uint8_rgb
+from cologen.eval.probes import Probe, ProbeRun, own_expert_share, probes_from_batch, run_probes
 from cologen.metrics.shapeworld import aggregate
 
 from .grids import probe_grid
 from .media import log_image, log_table
 from .routing import RoutingCounts, count_routing, routing_figure, usage_rows, write_usage_tables
-
-Probe = dict[str, Any]
-
-
-def probes_from_batch(batch: Mapping[str, Any], limit: int) -> list[Probe]:
-    """Up to `limit` examples of a collated batch as standalone dicts (CPU copies; the batch can be freed)."""
-    out: list[Probe] = []
-    for i in range(min(limit, len(batch["task"]))):
-        region = batch["region"][i, 0].cpu().numpy() > 0 if "region" in batch else None
-        has_source = bool(batch["has_source"][i]) if "has_source" in batch else False
-        out.append({
-            "task": batch["task"][i], "prompt": batch["prompt"][i],
-            "key": batch["key"][i] if "key" in batch else str(i),
-            "target": batch["target"][i].detach().cpu().clone(),
-            "source": batch["source"][i].detach().cpu().clone() if has_source else None,
-            # collate stores an absent region as zeros; the scorers expect None then
-            "region": region if region is not None and region.any() else None,
-            "meta": batch["meta"][i] if "meta" in batch else {},
-        })
-    return out
 
 
 class SampleValidation(Callback):
@@ -65,11 +45,21 @@ class SampleValidation(Callback):
     subdir: folder under `trainer.default_root_dir` for the files.
     sampler: further sampler settings for these samples (cfg_scale, image_cfg_scale, ...).
     min_side: grid cells are upscaled (nearest) to at least this many pixels.
+    oracle: at the validation that closes the curriculum's last step, also sample every probe with oracle routing
+        (each task on its curriculum step's expert) and report those scores beside the routers' (what routing
+        loses; ShapeWorld metrics only).
+    scope: which tasks are sampled. 'all': every validated task at every validation. 'curriculum': at the end
+        of curriculum step k the tasks it introduced (their score right after their own step), and every
+        validated task at the end of the curriculum's last step (sampling costs as much as training on a CPU).
+        Without a curriculum, 'curriculum' samples every task.
+    grid_probes: probes shown in each task's grid (all are scored).
     """
 
     def __init__(self, probes_per_task: int = 8, steps: int | None = 28, seed: int = 0, every_n_val: int = 1,
                  metrics: bool = True, subdir: str = "validation", sampler: dict[str, Any] | None = None,
-                 min_side: int = 128):
+                 min_side: int = 128, oracle: bool = False, scope: str = "all", grid_probes: int = 16):
+        if scope not in ("all", "curriculum"):
+            raise ValueError(f"SampleValidation scope must be 'all' or 'curriculum', got {scope!r}")
         if probes_per_task < 1 or every_n_val < 1:
             raise ValueError(f"probes_per_task and every_n_val must be >= 1, got {probes_per_task}, {every_n_val}")
         self.probes_per_task, self.steps, self.seed = probes_per_task, steps, seed
@@ -78,6 +68,7 @@ class SampleValidation(Callback):
         if steps is not None:
             self.sampler_overrides["steps"] = steps
         self.min_side = min_side
+        self.oracle, self.scope, self.grid_probes = oracle, scope, grid_probes
         self.probes: dict[str, list[Probe]] = {}
         self.validations = 0
         self.last_dir: Path | None = None
@@ -122,35 +113,10 @@ class SampleValidation(Callback):
                 self._sample_and_report(trainer, pl_module)
         trainer.strategy.barrier("sample_validation")
 
-    def _generate(self, pl_module, probes: list[Probe]) -> tuple[list[torch.Tensor], list, int, int]:
-        """Outputs in probe order; probes with and without a source go in separate calls (seeds are per probe)."""
-        outputs: list[torch.Tensor | None] = [None] * len(probes)
-        routing: list = []
-        hits = misses = 0
-        for with_source in (True, False):
-            idx = [i for i, p in enumerate(probes) if (p["source"] is not None) == with_source]
-            if not idx:
-                continue
-            h, w = probes[idx[0]]["target"].shape[-2:]
-            sources = torch.stack([probes[i]["source"] for i in idx]) if with_source else None
-            images, stats = pl_module.generate([probes[i]["prompt"] for i in idx], sources,
-                                               [probes[i]["task"] for i in idx], height=h, width=w,
-                                               seed=[self.seed + i for i in idx], **self.sampler_overrides)
-            for j, i in enumerate(idx):
-                outputs[i] = images[j].float().cpu()
-            routing += stats.routing
-            hits, misses = hits + stats.cache_hits, misses + stats.cache_misses
-        return outputs, routing, hits, misses  # type: ignore[return-value]
-
-    def _score(self, task: str, probes: list[Probe], outputs: list[torch.Tensor]) -> dict[str, float]:
-        if not self.metrics or task not in SHAPEWORLD_TASKS:
+    def _score(self, run: ProbeRun, prefix: str) -> dict[str, float]:
+        if not self.metrics or not run.rows:
             return {}
-        try:
-            rows = [score_sample(p, to_uint8_rgb(o)) for p, o in zip(probes, outputs)]
-        except Exception as err:  # noqa: BLE001 - data without ShapeWorld ground truth must not stop training
-            warnings.warn(f"SampleValidation: no ShapeWorld metrics for {task}: {err!r}", stacklevel=2)
-            return {}
-        return {f"val_metrics/{k}": v for k, v in aggregate(rows).items() if math.isfinite(v)}
+        return {f"{prefix}/{k}": v for k, v in aggregate(run.rows).items() if math.isfinite(v)}
 
     def _sample_and_report(self, trainer: L.Trainer, pl_module) -> None:
         step = int(trainer.global_step)
@@ -159,30 +125,67 @@ class SampleValidation(Callback):
         bins = pl_module.prw_config.router.timestep_bins or 4
         experts = max(int(getattr(pl_module.model, "num_active", 1)), 1)
         scalars: dict[str, float] = {}
+        lines: list[dict[str, Any]] = []
         per_task: dict[str, RoutingCounts] = {}
         hits = misses = 0
-        bar = tqdm(self.probes.items(), desc="validation samples", leave=False,
-                   disable=trainer.progress_bar_callback is None)
+        curriculum = self._curriculum_position(trainer)
+        last_step = curriculum.get("curriculum_last", True)
+        tasks = self.probes
+        if self.scope == "curriculum" and not last_step:
+            own = {t for t, e in getattr(pl_module, "task_experts", {}).items()
+                   if e == curriculum.get("curriculum_step")}
+            tasks = {t: p for t, p in self.probes.items() if t in own}
+        bar = tqdm(tasks.items(), desc="validation samples", leave=False, disable=trainer.progress_bar_callback is None)
         for task, probes in bar:
             bar.set_postfix_str(task)
-            outputs, routing, h, m = self._generate(pl_module, probes)
-            hits, misses = hits + h, misses + m
-            grid = probe_grid([p["source"] for p in probes], outputs, [p["target"] for p in probes], self.min_side)
-            Image.fromarray(grid).save(out_dir / f"{task}.png")
-            log_image(trainer, f"val_samples/{task}", grid, step, caption="rows: source | output | ground truth")
-            scalars.update(self._score(task, probes, outputs))
-            counts = count_routing(routing, experts, bins)
-            if counts is not None:
-                per_task[task] = counts
+            modes = [False, True] if self.oracle and self.metrics and experts > 1 and last_step else [False]
+            for oracle in modes:
+                run = run_probes(pl_module, task, probes, seed=self.seed, oracle=oracle, **self.sampler_overrides)
+                prefix = "val_metrics_oracle" if oracle else "val_metrics"
+                scalars.update(self._score(run, prefix))
+                lines += [{"task": task, "key": p["key"], "index": i, "routing": "oracle" if oracle else "learned",
+                           **row} for i, (p, row) in enumerate(zip(probes, run.rows))]
+                if oracle:
+                    continue
+                hits, misses = hits + run.cache_hits, misses + run.cache_misses
+                shown = probes[:self.grid_probes]
+                grid = probe_grid([p["source"] for p in shown], run.outputs[:len(shown)],
+                                  [p["target"] for p in shown], self.min_side)
+                Image.fromarray(grid).save(out_dir / f"{task}.png")
+                log_image(trainer, f"val_samples/{task}", grid, step, caption="rows: source | output | ground truth")
+                counts = count_routing(run.routing, experts, bins)
+                if counts is not None:
+                    per_task[task] = counts
+                    own = pl_module.task_experts.get(task) if hasattr(pl_module, "task_experts") else None
+                    if own is not None:
+                        scalars[f"val_routing/{task}/own_expert"] = own_expert_share(run.routing, own)
         if hits + misses:
             scalars["sampler/cache_hit_rate"] = hits / (hits + misses)
         if per_task:
             self._report_routing(trainer, per_task, out_dir, step, scalars)
-        (out_dir / "metrics.json").write_text(json.dumps(scalars, indent=1, sort_keys=True) + "\n")
+        if getattr(pl_module, "task_experts", None):
+            curriculum["task_experts"] = dict(pl_module.task_experts)
+        (out_dir / "metrics.json").write_text(json.dumps({**scalars, **curriculum}, indent=1, sort_keys=True) + "\n")
+        with open(out_dir / "scores.jsonl", "w") as f:
+            for line in lines:
+                f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                    for k, v in line.items()}) + "\n")
         for name, value in scalars.items():
             pl_module.log(name, float(value), on_step=False, on_epoch=True, batch_size=1, rank_zero_only=True,
                           add_dataloader_idx=False)
         self.last_dir, self.last_metrics = out_dir, scalars
+
+    @staticmethod
+    def _curriculum_position(trainer: L.Trainer) -> dict[str, Any]:
+        """The curriculum step this validation closes (`curriculum_step`, `curriculum_name`, and whether it is the
+        curriculum's last step, `curriculum_last`), if any."""
+        for cb in trainer.callbacks:
+            index = getattr(cb, "index", None)
+            spec = getattr(cb, "spec", None)
+            if index is not None and spec is not None and getattr(spec, "steps", None):
+                return {"curriculum_step": int(index), "curriculum_name": spec.steps[index].name,
+                        "curriculum_last": index == len(spec.steps) - 1}
+        return {}
 
     def _report_routing(self, trainer: L.Trainer, per_task: dict[str, RoutingCounts], out_dir: Path, step: int,
                         scalars: dict[str, float]) -> None:

@@ -1,0 +1,96 @@
+"""Reading a run's validations back: per curriculum step, per task, per probe, with learned and oracle routing.
+
+`SampleValidation` writes `validation/step*/metrics.json` (with the curriculum step it closes) and `scores.jsonl`
+(one line per probe and routing mode). This module turns those files into the numbers the README, `make ablation`
+and the sweep report: each task's headline metrics right after its own curriculum step and at the end of the run,
+with the routers' choice and with oracle routing, as means with bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cologen.metrics.stats import Estimate, bootstrap_ci
+
+# The numbers each task is judged by (all higher is better), in the order tables show them.
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "inpainting": ("psnr_out", "psnr_in"),
+    "grounding": ("hit@0.5", "box_iou"),
+    "control": ("ssim", "psnr"),
+    "customized": ("subject_score", "prompt_fidelity"),
+    "editing": ("edit_success", "preservation"),
+}
+METRIC_LABELS: dict[str, str] = {
+    "psnr_out": "PSNR outside the mask (dB)", "psnr_in": "PSNR inside the mask (dB)", "hit@0.5": "hit@0.5",
+    "box_iou": "box IoU", "ssim": "SSIM", "psnr": "PSNR (dB)", "subject_score": "subject score",
+    "prompt_fidelity": "prompt fidelity", "edit_success": "success", "preservation": "preservation",
+}
+
+
+@dataclass
+class Validation:
+    """One validation of a run: where, after which curriculum step, and its per-probe score lines."""
+
+    path: Path
+    global_step: int
+    curriculum_step: int | None
+    metrics: dict
+    lines: list[dict]
+
+    def scores(self, task: str, metric: str, routing: str = "learned") -> list[float]:
+        key = f"{task}/{metric}"
+        return [float(line[key]) for line in self.lines
+                if line.get("task") == task and line.get("routing", "learned") == routing
+                and line.get(key) is not None and math.isfinite(float(line[key]))]
+
+
+def read_validations(run_dir: str | Path, subdir: str = "validation") -> list[Validation]:
+    """Every validation of a run folder (those with per-probe scores), in order of their global step."""
+    out = []
+    for d in sorted((Path(run_dir) / subdir).glob("step*")):
+        metrics_file, scores_file = d / "metrics.json", d / "scores.jsonl"
+        if not (metrics_file.is_file() and scores_file.is_file()):
+            continue
+        metrics = json.loads(metrics_file.read_text())
+        lines = [json.loads(line) for line in scores_file.read_text().splitlines() if line.strip()]
+        out.append(Validation(d, int(d.name.removeprefix("step")), metrics.get("curriculum_step"), metrics, lines))
+    return sorted(out, key=lambda v: v.global_step)
+
+
+def read_eval(folder: str | Path) -> Validation | None:
+    """A `cologen eval --out` folder as a Validation (e.g. the base alone); None if it is not there."""
+    scores_file = Path(folder) / "scores.jsonl"
+    if not scores_file.is_file():
+        return None
+    lines = [json.loads(line) for line in scores_file.read_text().splitlines() if line.strip()]
+    return Validation(Path(folder), 0, None, {}, lines)
+
+
+def task_experts(validations: Sequence[Validation]) -> dict[str, int]:
+    """Task -> the curriculum step (expert) that introduced it, as the run's last validation recorded it."""
+    for v in reversed(validations):
+        if v.metrics.get("task_experts"):
+            return {k: int(x) for k, x in v.metrics["task_experts"].items()}
+    return {}
+
+
+def after_own_step(validations: Sequence[Validation], task: str) -> Validation | None:
+    """The validation that closed the curriculum step which trained `task`'s expert (its last one, if several)."""
+    owner = task_experts(validations).get(task)
+    matching = [v for v in validations if owner is not None and v.curriculum_step == owner]
+    return matching[-1] if matching else None
+
+
+def estimate(runs: Sequence[Validation | None], task: str, metric: str, routing: str = "learned") -> Estimate:
+    """Mean and 95% interval of one metric over several runs (seeds): a two-level bootstrap (runs, probes)."""
+    return bootstrap_ci([v.scores(task, metric, routing) for v in runs if v is not None])
+
+
+def ratio(numerator: Estimate, denominator: Estimate) -> float:
+    if not (math.isfinite(numerator.mean) and math.isfinite(denominator.mean)) or denominator.mean <= 0:
+        return float("nan")
+    return numerator.mean / denominator.mean
