@@ -4,6 +4,7 @@
 #   make test                       the test suite
 #   make base                       retrain the tiny base model (about 45 min on 2 cores; a trained one is committed)
 #   make bench / bench-gpu          benchmarks (ratios against baselines run in the same process)
+#   make ablation / sweep / report  the tiny ablation, the gate-temperature sweep, the README's results tables
 #
 # GPU users: make install TORCH="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128 (your CUDA version)
 
@@ -26,7 +27,7 @@ stage_configs = --config $(CFG)/curriculum.yaml $(if $(wildcard $(CFG)/data_stag
 	--config $(CFG)/stage$(1).yaml $(if $(STRATEGY),--config $(CFG)/$(STRATEGY).yaml) \
 	$(if $(filter flux_dev,$(PRESET)),--model.preset.init_args.path $(FLUX_PATH))
 
-.PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench sweep bench-gpu
+.PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench sweep ablation report bench-gpu
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +52,7 @@ ifeq ($(PRESET),tiny)
 endif
 
 base: install
-	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 20000 --val 64 --tasks inpainting --seed 1 --if-missing
+	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 40000 --val 64 --tasks inpainting --seed 1 --if-missing
 	$(COLOGEN) fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/base.yaml $(ARGS)
 	$(PY) -m cologen.commands.save_base runs/tiny/base/last.ckpt cologen/assets/tiny_base
 
@@ -76,9 +77,22 @@ cotrain: data
 no_pretrain: data
 	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/no_pretrain.yaml $(ARGS)
 
-# W&B sweep over the router temperature and rho (local W&B sweep engine when no server is reachable).
+# W&B sweep over the router temperature and rho (local W&B sweep engine when no server is reachable): a table and
+# a plot of the control step's SSIM and the routing statistics per trial in runs/sweeps/gate_temperature/.
+SWEEP_REPORT := val_metrics/inpainting/psnr_out val_routing/control/expert1 val_routing/control/own_expert \
+	val_routing/inpainting/own_expert val/routing_entropy
 sweep: data
-	$(PY) -m cologen.sweep experiments/sweeps/gate_temperature.yaml $(SWEEP_ARGS)
+	$(PY) -m cologen.sweep experiments/sweeps/gate_temperature.yaml --report $(SWEEP_REPORT) $(SWEEP_ARGS)
+
+# The tiny ablation (docs/ablation.md): every variant x seed on the curriculum's budget; resumable, finished runs
+# are skipped. SEEDS="0" CONFIGS="curriculum cotrain" select a subset.
+ablation: data
+	$(PY) -m cologen.ablation experiments/ablation/tiny.yaml $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(if $(CONFIGS),--configs $(CONFIGS))
+
+# The README's results tables from the runs' files (make stage1 stage2 stage3, make ablation).
+report: data
+	$(PY) -m cologen.report
 
 # GPU benchmark (FLUX.1-dev-sized model, PRW with 5 experts of rank 128); ARGS=--tiny runs the same code on the CPU.
 bench-gpu: install

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -168,12 +168,18 @@ def run_trial(config: dict[str, Any], args: dict[str, dict[str, Any]], out_dir: 
 
 
 def run_local(config: dict[str, Any], trials: int | None, out_dir: Path, extra_args: list[str] | None = None,
-              cwd: Path | None = None) -> list[Trial]:
-    """Run up to `trials` trials proposed by W&B's sweep engine (grid: until the grid is exhausted)."""
+              cwd: Path | None = None, report: list[str] | None = None) -> list[Trial]:
+    """Run up to `trials` trials proposed by W&B's sweep engine (grid: until the grid is exhausted). The table
+    (`trials.csv`) and the plot (`trials.png`) are rewritten after every trial."""
     metric = config["metric"]["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    done: list[Trial] = []
-    runs: list = []
+    record = out_dir / "trials.jsonl"  # finished trials: a rerun resumes the sweep after them
+    done = [Trial(**json.loads(line)) for line in record.read_text().splitlines() if line.strip()] \
+        if record.is_file() else []
+    done = [t for t in done if t.returncode == 0]  # a failed trial is proposed again
+    runs: list = [_sweep_run(t, metric) for t in done]
+    if done:
+        print(f"[sweep] resuming: {len(done)} finished trial(s) in {record}", flush=True)
     sweeps = _sweeps()
     while trials is None or len(done) < trials:
         with warnings.catch_warnings():  # sweeps 0.2 uses pydantic-v1 style config keys
@@ -188,30 +194,72 @@ def run_local(config: dict[str, Any], trials: int | None, out_dir: Path, extra_a
               f"{metric} = {trial.metric(metric):.6g}", flush=True)
         done.append(trial)
         runs.append(_sweep_run(trial, metric))
-        write_table(done, config, out_dir / "trials.csv")  # after every trial: an interrupted sweep keeps its table
+        with open(record, "a") as f:
+            f.write(json.dumps(asdict(trial)) + "\n")
+        write_table(done, config, out_dir / "trials.csv", report)  # an interrupted sweep keeps its table
+        plot_trials(done, config, out_dir / "trials.png", report)
     return done
 
 
-def table_rows(done: list[Trial], config: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def table_rows(done: list[Trial], config: dict[str, Any], report: list[str] | None = None
+               ) -> tuple[list[str], list[list[str]]]:
+    """One row per trial, best first: its parameters, the sweep metric, the `report` summary keys (routing
+    statistics, other tasks' scores), exit code and seconds."""
     metric = config["metric"]["name"]
     params = list(config["parameters"])
-    header = ["run_id"] + params + [metric, "exit", "seconds"]
+    extra = [k for k in report or [] if k != metric]
+    header = ["run_id"] + params + [metric] + extra + ["exit", "seconds"]
     rows = [[t.run_id] + [str(t.params.get(p)) for p in params]
-            + [f"{t.metric(metric):.6g}", str(t.returncode), f"{t.seconds:.0f}"] for t in done]
+            + [f"{t.metric(k):.6g}" for k in [metric] + extra] + [str(t.returncode), f"{t.seconds:.0f}"]
+            for t in done]
     goal_max = config["metric"].get("goal", "minimize") == "maximize"
     rows.sort(key=lambda r: (math.isnan(float(r[len(params) + 1])),
                              float(r[len(params) + 1]) * (-1 if goal_max else 1)))
     return header, rows
 
 
-def write_table(done: list[Trial], config: dict[str, Any], path: Path) -> None:
-    header, rows = table_rows(done, config)
+def write_table(done: list[Trial], config: dict[str, Any], path: Path, report: list[str] | None = None) -> None:
+    header, rows = table_rows(done, config, report)
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([header] + rows)
 
 
-def format_table(done: list[Trial], config: dict[str, Any]) -> str:
-    header, rows = table_rows(done, config)
+def plot_trials(done: list[Trial], config: dict[str, Any], path: Path, report: list[str] | None = None) -> Path | None:
+    """The sweep metric (and each `report` key) against the first parameter, one line per value of the others:
+    e.g. a task's score and the newest expert's routing share against the gate temperature, per rho."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    params = list(config["parameters"])
+    finished = [t for t in done if t.returncode == 0]
+    if not params or not finished:
+        return None
+    x_name, group_names = params[0], params[1:]
+    keys = [config["metric"]["name"]] + [k for k in report or [] if k != config["metric"]["name"]]
+    fig = Figure(figsize=(4.2 * len(keys), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    groups: dict[tuple, list[Trial]] = {}
+    for t in finished:
+        groups.setdefault(tuple(t.params.get(g) for g in group_names), []).append(t)
+    for ax, key in zip(axes, keys):
+        for group, trials in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            trials = sorted(trials, key=lambda t: float(t.params[x_name]))
+            label = ", ".join(f"{g.split('.')[-1]}={v}" for g, v in zip(group_names, group)) or None
+            ax.plot([float(t.params[x_name]) for t in trials], [t.metric(key) for t in trials], "o-", label=label)
+        ax.set_xlabel(x_name.split(".")[-1])
+        ax.set_title(key, fontsize=8)
+        if all(float(t.params[x_name]) > 0 for t in finished):
+            ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    if group_names:
+        axes[0].legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def format_table(done: list[Trial], config: dict[str, Any], report: list[str] | None = None) -> str:
+    header, rows = table_rows(done, config, report)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header] + rows]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
@@ -230,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="run locally even if a W&B server is reachable")
     parser.add_argument("--project", default="cologen", help="W&B project of a server sweep")
     parser.add_argument("--out", default=None, help="folder of the local sweep's files (default runs/sweeps/NAME)")
+    parser.add_argument("--report", nargs="*", default=[], metavar="KEY",
+                        help="summary keys shown beside the metric in the table and the plot (routing statistics, "
+                        "other tasks' scores)")
     ns = parser.parse_args(argv)
     config = load_sweep(ns.sweep)
     if ns.trials is None and config["method"] != "grid":
@@ -240,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(ns.out or Path("runs/sweeps") / str(config.get("name") or Path(ns.sweep).stem))
     print(f"[sweep] running locally with W&B's sweep engine ({config['method']}); files in {out}")
-    done = run_local(config, ns.trials, out, extra)
-    print(format_table(done, config))
-    print(f"[sweep] table: {out / 'trials.csv'}; upload the offline runs with `wandb sync <run dir>/wandb/offline-run-*`")
+    done = run_local(config, ns.trials, out, extra, report=ns.report)
+    print(format_table(done, config, ns.report))
+    print(f"[sweep] table: {out / 'trials.csv'}, plot: {out / 'trials.png'}; upload the offline runs with "
+          "`wandb sync <run dir>/wandb/offline-run-*`")
     return 0 if done and all(t.returncode == 0 for t in done) else 1
 
 

@@ -219,3 +219,17 @@ def test_capacity_options_are_checked():
         PRWConfig(noisy_targets=["to_q"], router=RouterConfig(granularity="token"))
     with pytest.raises(ValueError, match="weighting must be one of"):
         RouterConfig(weighting="soft")
+
+
+def test_spec_switches_change_every_step_for_ablations():
+    spec = CurriculumSpec([
+        CurriculumStep("inpainting", {"inpainting": 1.0}, 10, rho=1.0, alpha=0.0),
+        CurriculumStep("grounding", {"grounding": 0.75, "inpainting": 0.25}, 10, alpha=0.5),
+        CurriculumStep("control", {"control": 0.5, "grounding": 0.25, "inpainting": 0.25}, 10, alpha=0.5),
+    ], veteran_alpha=0.0, replay=False)
+    resolved = spec.resolved()
+    assert [s.alpha for s in resolved.steps] == [0.0, 0.0, 0.0]
+    assert [s.mixture for s in resolved.steps] == [{"inpainting": 1.0}, {"grounding": 0.75}, {"control": 0.5}]
+    assert resolved.resolved() == resolved  # idempotent
+    plain = CurriculumSpec(spec.steps).resolved()
+    assert [s.alpha for s in plain.steps] == [0.0, 0.5, 0.5] and plain.steps[2].mixture == spec.steps[2].mixture

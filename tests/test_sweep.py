@@ -52,7 +52,6 @@ def test_command_line_is_the_agents(tmp_path, monkeypatch):
     json_file = str(tmp_path / "wandb" / "sweep-sw1" / "config-abc123.json")
     assert started == [agent_command(config, args, json_file)]
     assert started[0] == ["/usr/bin/env", "cologen", "fit", "--config", "experiments/tiny/curriculum.yaml",
-                          "--config", "experiments/tiny/stage1.yaml",
                           "--config", "experiments/sweeps/gate_temperature_trial.yaml",
                           "--model.prw.router.temperature=2.0", "--model.veteran.rho=0.8"]
 
@@ -64,46 +63,74 @@ def test_no_server_without_an_api_key(monkeypatch, tmp_path):
     assert server_reachable(timeout=0.5) is False
 
 
-@pytest.mark.timeout(240)
-def test_one_local_trial_runs_and_reports_its_metric(shapeworld_dir, tmp_path, monkeypatch, capsys):
-    """A trial exactly as the agent would start it, plus one more --config that shrinks it to 2 + 2 steps on the
-    tiny test data (the shortened curriculum keeps the grounding step's rho tied to model.veteran.rho)."""
+@pytest.mark.timeout(400)
+def test_local_trials_run_report_their_metric_and_routing_and_resume(shapeworld_dir, tmp_path, monkeypatch, capsys):
+    """Trials exactly as the agent would start them, plus one more --config that shrinks them to 2 + 2 steps on the
+    tiny test data (the shortened curriculum keeps the control step's rho tied to model.veteran.rho); the table
+    and the plot carry the metric and the routing statistics; a rerun resumes after the finished trials."""
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tasks = ("inpainting", "grounding")
+    tasks = ("inpainting", "control")
     shrink = {
-        "trainer": {"default_root_dir": str(tmp_path / "trial"), "val_check_interval": 4,
-                    "enable_progress_bar": False, "enable_model_summary": False},
+        "trainer": {"default_root_dir": str(tmp_path / "trial" / "${oc.env:WANDB_RUN_ID,manual}"),
+                    "val_check_interval": 2, "enable_progress_bar": False, "enable_model_summary": False},
         "model": {"preset": {"init_args": {"base": None, "width": 64, "heads": 2, "double_layers": 1,
-                                           "single_layers": 2}}},
+                                           "single_layers": 2}},
+                  "prw": {"rank": 4, "alpha": 8, "router": {"entry_warmup_steps": 1}}},
         "data": {"init_args": {
             "train_shards": {t: str(shapeworld_dir / t / "train-*.tar") for t in tasks},
             "val_shards": {t: str(shapeworld_dir / t / "val-*.tar") for t in tasks},
-            "batch_size": 4, "num_workers": 0, "val_samples_per_task": 4}},
+            "batch_size": 4, "num_workers": 0, "val_samples_per_task": 4, "val_batch_size": 4}},
         "curriculum": {"spec": {"steps": [
             {"name": "inpainting", "mixture": {"inpainting": 1.0}, "steps": 2, "rho": 1.0, "alpha": 0.0},
-            {"name": "grounding", "mixture": {"grounding": 1.0}, "steps": 2, "rho": "${model.veteran.rho}",
+            {"name": "control", "mixture": {"control": 1.0}, "steps": 2, "rho": "${model.veteran.rho}",
              "alpha": 0.5}]}},
     }
     (tmp_path / "shrink.yaml").write_text(yaml.safe_dump(shrink))
     config = load_sweep(SWEEP)
-    (trial,) = run_local(config, 1, tmp_path / "sweep", ["--config", str(tmp_path / "shrink.yaml")], cwd=REPO)
+    report = ["val_routing/control/expert1", "val/routing_entropy"]
+    out = tmp_path / "sweep"
+    (trial,) = run_local(config, 1, out, ["--config", str(tmp_path / "shrink.yaml")], cwd=REPO, report=report)
 
     assert trial.returncode == 0
-    assert trial.command[:11] == agent_command(config, {k: {"value": v} for k, v in trial.params.items()},
-                                              str(tmp_path / "sweep" / f"{trial.run_id}.args.json"))
-    metric = trial.metric("val/loss_task")
-    assert math.isfinite(metric) and metric > 0
+    assert trial.command[:9] == agent_command(config, {k: {"value": v} for k, v in trial.params.items()},
+                                             str(out / f"{trial.run_id}.args.json"))
+    metric = trial.metric("val_metrics/control/ssim")
+    assert math.isfinite(metric)
     assert trial.summary["trainer/global_step"] == 4
+    assert 0 <= trial.metric("val_routing/control/expert1") <= 1 and math.isfinite(trial.metric("val/routing_entropy"))
     # the sweep's values reached the model and the curriculum
-    resolved = yaml.safe_load((tmp_path / "trial" / "config.yaml").read_text())
+    resolved = yaml.safe_load((tmp_path / "trial" / trial.run_id / "config.yaml").read_text())
     assert resolved["model"]["prw"]["router"]["temperature"] == 0.5
     assert resolved["curriculum"]["spec"]["steps"][1]["rho"] == 0.6
     # an offline W&B run under the trial's run id, with the sweep's parameters in its config
-    assert list((tmp_path / "trial" / "wandb").glob(f"offline-run-*-{trial.run_id}"))
-    params = yaml.safe_load((tmp_path / "sweep" / f"{trial.run_id}.params.yaml").read_text())
+    assert list((tmp_path / "trial" / trial.run_id / "wandb").glob(f"offline-run-*-{trial.run_id}"))
+    params = yaml.safe_load((out / f"{trial.run_id}.params.yaml").read_text())
     assert params["model.veteran.rho"] == {"value": 0.6}
-    rows = (tmp_path / "sweep" / "trials.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["run_id", "model.prw.router.temperature", "model.veteran.rho", "val/loss_task",
-                                  "exit", "seconds"]
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["run_id", "model.prw.router.temperature", "model.veteran.rho",
+                                  "val_metrics/control/ssim", *report, "exit", "seconds"]
     assert rows[1].startswith(trial.run_id) and json.loads(rows[1].split(",")[3]) == pytest.approx(metric, 1e-5)
-    assert trial.run_id in format_table([trial], config)
+    assert trial.run_id in format_table([trial], config, report)
+    assert (out / "trials.png").stat().st_size > 0
+
+    # a rerun resumes: the finished trial is not run again, the next grid point is
+    done = run_local(config, 2, out, ["--config", str(tmp_path / "shrink.yaml")], cwd=REPO, report=report)
+    assert [t.run_id for t in done][0] == trial.run_id and len(done) == 2
+    assert done[1].params == {"model.prw.router.temperature": 0.5, "model.veteran.rho": 0.8}
+    assert len((out / "trials.csv").read_text().splitlines()) == 3
+
+
+def test_the_shipped_trial_is_long_enough_for_the_newest_expert_to_be_routed():
+    """The old 40-step trials ended before the 50-step entry anneal: the newest expert was chosen once in 1920
+    decisions and both rho values gave identical losses. The spec check now refuses such a trial."""
+    trial = yaml.safe_load((REPO / "experiments" / "sweeps" / "gate_temperature_trial.yaml").read_text())
+    tiny = yaml.safe_load((REPO / "experiments" / "tiny" / "curriculum.yaml").read_text())
+    warmup = tiny["model"]["prw"]["router"]["entry_warmup_steps"]
+    steps = trial["curriculum"]["spec"]["steps"]
+    assert all(s["steps"] >= 2 * warmup for s in steps[1:])
+    assert trial["trainer"]["callbacks"][1]["init_args"]["probes_per_task"] >= 32
+    from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
+
+    short = CurriculumSpec([CurriculumStep("a", {"inpainting": 1.0}, 40), CurriculumStep("b", {"control": 1.0}, 40)])
+    with pytest.raises(ValueError, match="entry_warmup_steps"):
+        short.validate(num_experts=5, entry_warmup_steps=warmup)

@@ -48,10 +48,12 @@ class SampleValidation(Callback):
     oracle: at the validation that closes the curriculum's last step, also sample every probe with oracle routing
         (each task on its curriculum step's expert) and report those scores beside the routers' (what routing
         loses; ShapeWorld metrics only).
-    scope: which tasks are sampled. 'all': every validated task at every validation. 'curriculum': at the end
-        of curriculum step k the tasks it introduced (their score right after their own step), and every
-        validated task at the end of the curriculum's last step (sampling costs as much as training on a CPU).
-        Without a curriculum, 'curriculum' samples every task.
+    scope: when and which tasks are sampled. 'all': every validated task at every (every_n_val-th) validation.
+        'curriculum': only at the validations that close a curriculum step (the validation loss is still logged at
+        every validation), there the tasks the step introduced (their score right after their own step), and
+        every validated task at the end of the curriculum's last step (sampling costs as much as training on a
+        CPU). Every curriculum boundary of the run must then fall on a validation (`trainer.val_check_interval`).
+        Without a curriculum, 'curriculum' samples every task at every validation.
     grid_probes: probes shown in each task's grid (all are scored).
     """
 
@@ -93,8 +95,28 @@ class SampleValidation(Callback):
             return False
         if trainer.state.fn != TrainerFn.FITTING:
             return True
+        if self.scope == "curriculum":
+            curriculum = _curriculum_callback(trainer)
+            if curriculum is not None:
+                return curriculum.done >= curriculum.step.steps  # the validation closing a curriculum step
         self.validations += 1
         return self.validations % self.every_n_val == 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.scope != "curriculum":
+            return
+        curriculum = _curriculum_callback(trainer, require_index=False)
+        interval = trainer.val_check_interval
+        if curriculum is None or not isinstance(interval, int):
+            return
+        ends, total = [], 0
+        for i in curriculum.spec.selected():
+            total += curriculum.spec.steps[i].steps
+            ends.append(total)
+        missed = [e for e in ends if e % interval]
+        if missed:
+            raise ValueError(f"SampleValidation(scope='curriculum') samples at the end of each curriculum step, but "
+                             f"steps {missed} of this run are not multiples of trainer.val_check_interval ({interval})")
 
     @staticmethod
     def _can_encode_prompts(pl_module) -> bool:
@@ -179,13 +201,11 @@ class SampleValidation(Callback):
     def _curriculum_position(trainer: L.Trainer) -> dict[str, Any]:
         """The curriculum step this validation closes (`curriculum_step`, `curriculum_name`, and whether it is the
         curriculum's last step, `curriculum_last`), if any."""
-        for cb in trainer.callbacks:
-            index = getattr(cb, "index", None)
-            spec = getattr(cb, "spec", None)
-            if index is not None and spec is not None and getattr(spec, "steps", None):
-                return {"curriculum_step": int(index), "curriculum_name": spec.steps[index].name,
-                        "curriculum_last": index == len(spec.steps) - 1}
-        return {}
+        cb = _curriculum_callback(trainer)
+        if cb is None:
+            return {}
+        return {"curriculum_step": int(cb.index), "curriculum_name": cb.step.name,
+                "curriculum_last": cb.index == len(cb.spec.steps) - 1}
 
     def _report_routing(self, trainer: L.Trainer, per_task: dict[str, RoutingCounts], out_dir: Path, step: int,
                         scalars: dict[str, float]) -> None:
@@ -198,3 +218,13 @@ class SampleValidation(Callback):
             for column, share in zip(columns[1:], row[1:]):
                 if share is not None:
                     scalars[f"val_routing/{row[0]}/{column}"] = float(share)
+
+
+def _curriculum_callback(trainer: L.Trainer, require_index: bool = True):
+    """The run's CurriculumCallback with a curriculum (in a step, unless `require_index` is False), else None."""
+    from cologen.curriculum.callback import CurriculumCallback
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, CurriculumCallback) and cb.enabled and (cb.index is not None or not require_index):
+            return cb
+    return None

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     if (args.checkpoint is None) == (not args.base):
         parser.error("give a checkpoint or --base (not both)")
     try:
+        probes = load_probes(args.data, args.tasks, args.probes, args.seed)  # before the model: fail fast
         module = load_module(args.checkpoint)
-        probes = load_probes(args.data, args.tasks, args.probes, args.seed)
     except (FileNotFoundError, ValueError) as err:
         print(f"cologen eval: {err}", file=sys.stderr)
         raise SystemExit(2) from None

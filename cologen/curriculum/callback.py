@@ -116,6 +116,7 @@ class CurriculumCallback(Callback):
         dm = self._datamodule(trainer)
         tasks = list(getattr(dm, "train_shards", {}) or {}) if dm is not None else None
         self.spec.validate(pl_module.prw_config.num_experts, tasks, pl_module.prw_config.router.entry_warmup_steps)
+        self.spec = self.spec.resolved()
         total = self.spec.total_steps()
         if trainer.max_steps in (-1, None):
             trainer.fit_loop.epoch_loop.max_steps = total

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cologen.data.tasks import TASKS
 
@@ -33,10 +33,30 @@ class CurriculumStep:
 
 @dataclass
 class CurriculumSpec:
-    """The whole curriculum and the part of it one run executes (`run_steps`: indices; null runs all)."""
+    """The whole curriculum and the part of it one run executes (`run_steps`: indices; null runs all).
+
+    Two switches change every step at once (for ablations, so they need no copy of the step list):
+    veteran_alpha: when set, the veteran loss weight of every step after the first.
+    replay: false trains each step only on the tasks it introduces (drops the replay shares of earlier tasks).
+    """
 
     steps: list[CurriculumStep] = field(default_factory=list)
     run_steps: list[int] | None = None
+    veteran_alpha: float | None = None
+    replay: bool = True
+
+    def resolved(self) -> CurriculumSpec:
+        """This spec with `veteran_alpha` and `replay` applied to its steps (and reset, so resolving is idempotent)."""
+        owners = self.task_experts(len(self.steps) - 1) if self.steps else {}
+        steps = []
+        for i, step in enumerate(self.steps):
+            changes = {}
+            if self.veteran_alpha is not None and i > 0:
+                changes["alpha"] = self.veteran_alpha
+            if not self.replay:
+                changes["mixture"] = {t: w for t, w in step.mixture.items() if owners.get(t) == i}
+            steps.append(replace(step, **changes))
+        return CurriculumSpec(steps, None if self.run_steps is None else list(self.run_steps))
 
     def selected(self) -> list[int]:
         return list(range(len(self.steps))) if self.run_steps is None else list(self.run_steps)
@@ -58,6 +78,8 @@ class CurriculumSpec:
         anneal took."""
         if not self.steps:
             raise ValueError("curriculum.steps is empty")
+        if self.veteran_alpha is not None and self.veteran_alpha < 0:
+            raise ValueError(f"curriculum.veteran_alpha must be >= 0, got {self.veteran_alpha}")
         if len(self.steps) > num_experts:
             raise ValueError(f"curriculum.steps has {len(self.steps)} steps but model.prw.num_experts is "
                              f"{num_experts}: allocate one expert per step")

@@ -1,0 +1,270 @@
+"""`python -m cologen.ablation ABLATION.yaml [--seeds 0 1] [--configs curriculum cotrain]`: `make ablation`.
+
+Trains every variant of the ablation file with every seed on the same step budget (each run is one `cologen fit`
+of the whole curriculum, validated with >= 64 probes per task after every curriculum step, with learned and oracle
+routing), then writes the table (`report`, markdown: mean ± 95% bootstrap interval per task metric, over probes and
+seeds, and the runtime), its numbers as JSON and a plot. Resumable: a finished run is skipped, an interrupted one
+continues from its `last.ckpt`; rerunning only re-aggregates. `--report-only` skips training.
+
+The ablation file:
+
+    configs: [experiments/tiny/curriculum.yaml]   # every run's configs, in order
+    args: [--curriculum.spec.run_steps, "null"]   # every run's extra arguments
+    seeds: [0, 1, 2]
+    out: runs/ablation                             # run folders: {out}/{variant}/seed{seed}
+    report: docs/ablation.md                       # also {stem}.json and {stem}.png
+    variants:                                      # name -> configs layered on top, a description
+      curriculum: {configs: [], description: ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cologen.eval.results import (
+    HEADLINE_METRICS,
+    METRIC_LABELS,
+    Validation,
+    after_own_step,
+    estimate,
+    ratio,
+    read_validations,
+)
+from cologen.metrics.stats import Estimate
+
+DONE = "done.json"
+
+
+@dataclass
+class Variant:
+    name: str
+    configs: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass
+class AblationSpec:
+    variants: list[Variant]
+    configs: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    out: str = "runs/ablation"
+    report: str = "docs/ablation.md"
+
+    @classmethod
+    def load(cls, path: str | Path) -> AblationSpec:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        variants = raw.pop("variants", None)
+        if not variants:
+            raise ValueError(f"{path}: no variants")
+        unknown = set(raw) - {"configs", "args", "seeds", "out", "report", "name"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        raw.pop("name", None)
+        spec = cls([Variant(name, **(v or {})) for name, v in variants.items()], **raw)
+        for v in spec.variants:
+            for c in spec.configs + v.configs:
+                if not Path(c).is_file():
+                    raise FileNotFoundError(f"{path}: variant {v.name}: config {c} does not exist")
+        return spec
+
+    def run_dir(self, variant: str, seed: int) -> Path:
+        return Path(self.out) / variant / f"seed{seed}"
+
+
+# ------------------------------------------------------------------------------------------------- running
+def run_command(spec: AblationSpec, variant: Variant, seed: int) -> list[str]:
+    run_dir = spec.run_dir(variant.name, seed)
+    cmd = [sys.executable, "-m", "cologen.cli", "fit"]
+    for c in spec.configs + variant.configs:
+        cmd += ["--config", c]
+    cmd += list(spec.args) + list(variant.args)
+    cmd += ["--seed_everything", str(seed), "--data.init_args.seed", str(seed),
+            "--trainer.default_root_dir", str(run_dir)]
+    if (run_dir / "last.ckpt").is_file():
+        cmd += ["--ckpt_path", str(run_dir / "last.ckpt")]
+    return cmd
+
+
+def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
+    """Train one (variant, seed) unless it is done; returns its done record (seconds, exit code)."""
+    run_dir = spec.run_dir(variant.name, seed)
+    done_file = run_dir / DONE
+    if done_file.is_file():
+        return json.loads(done_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timing = run_dir / "seconds.json"  # wall time over every attempt (a resumed run adds up)
+    spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+    cmd = run_command(spec, variant, seed)
+    print(f"[ablation] {variant.name} seed {seed}: {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    code = subprocess.call(cmd)
+    spent += time.monotonic() - start
+    timing.write_text(json.dumps({"seconds": spent}))
+    record = {"variant": variant.name, "seed": seed, "seconds": round(spent, 1), "returncode": code}
+    if code == 0:
+        done_file.write_text(json.dumps(record) + "\n")
+    else:
+        print(f"[ablation] {variant.name} seed {seed} failed (exit {code}); rerun to resume it", flush=True)
+    return record
+
+
+# --------------------------------------------------------------------------------------------- aggregating
+def _metrics() -> list[tuple[str, str]]:
+    return [(task, metric) for task, metrics in HEADLINE_METRICS.items() for metric in metrics]
+
+
+def aggregate(spec: AblationSpec) -> dict[str, Any]:
+    """Per variant: every headline metric at the end (learned and oracle routing) and right after its own step,
+    as mean and 95% interval over seeds and probes; the forgetting and routing ratios; the runtime."""
+    table: dict[str, Any] = {}
+    for v in spec.variants:
+        runs: list[list[Validation]] = []
+        seconds = []
+        for seed in spec.seeds:
+            done = spec.run_dir(v.name, seed) / DONE
+            if not done.is_file():
+                continue
+            validations = read_validations(spec.run_dir(v.name, seed))
+            if validations:
+                runs.append(validations)
+                seconds.append(json.loads(done.read_text())["seconds"])
+        if not runs:
+            continue
+        rows: dict[str, Any] = {}
+        for task, metric in _metrics():
+            final = estimate([r[-1] for r in runs], task, metric)
+            oracle = estimate([r[-1] for r in runs], task, metric, "oracle")
+            own = estimate([after_own_step(r, task) for r in runs], task, metric)
+            rows[f"{task}/{metric}"] = {"final": final.as_dict(), "oracle": oracle.as_dict(),
+                                        "after_own_step": own.as_dict(), "forgetting_ratio": ratio(final, own),
+                                        "routing_ratio": ratio(final, oracle)}
+        table[v.name] = {"description": v.description, "seeds": len(runs), "seconds": sum(seconds) / len(seconds),
+                         "metrics": rows}
+    return table
+
+
+def _est(d: dict) -> Estimate:
+    return Estimate(d["mean"], d["low"], d["high"], d["n"])
+
+
+def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
+    cols = _metrics()
+    lines = [
+        "# Ablation on the tiny preset",
+        "",
+        f"Generated by `{command}` from the run folders under `{spec.out}/` (do not edit by hand). Every variant "
+        "trains the same number of optimizer steps; each cell is the mean over seeds and probes (>= 64 per task) "
+        "at the end of the run, ± the half-width of a 95% two-level bootstrap interval (seeds, then probes). "
+        "Metric definitions: docs/metrics.md.",
+        "",
+        "| variant | seeds | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in cols) + " | minutes per run |",
+        "|---|---|" + "---|" * len(cols) + "---|",
+    ]
+    for name, row in table.items():
+        cells = [_est(row["metrics"][f"{t}/{m}"]["final"]).format(2) for t, m in cols]
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + f" | {row['seconds'] / 60:.1f} |")
+    lines += ["", "Forgetting (final score / score right after the task's own curriculum step) and routing "
+              "(score with the routers' choice / score with every task on its own expert), per task's first "
+              "metric:", "",
+              "| variant | " + " | ".join(f"{t} forgetting | {t} routing" for t in HEADLINE_METRICS) + " |",
+              "|---|" + "---|---|" * len(HEADLINE_METRICS)]
+    for name, row in table.items():
+        cells = []
+        for task, metrics in HEADLINE_METRICS.items():
+            m = row["metrics"][f"{task}/{metrics[0]}"]
+            cells += [_fmt_ratio(m["forgetting_ratio"]), _fmt_ratio(m["routing_ratio"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Variants:", ""]
+    lines += [f"- **{v.name}**: {v.description}" for v in spec.variants if v.name in table]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_ratio(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "n/a"
+
+
+def plot(table: dict[str, Any], path: Path) -> Path | None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not table:
+        return None
+    cols = _metrics()
+    names = list(table)
+    fig = Figure(figsize=(3.0 * 5, 2.6 * 2 + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 5, squeeze=False)
+    for k, (task, metric) in enumerate(cols):
+        ax = axes[k % 2][k // 2]
+        ests = [_est(table[n]["metrics"][f"{task}/{metric}"]["final"]) for n in names]
+        means = [e.mean if math.isfinite(e.mean) else 0.0 for e in ests]
+        err = [[max(e.mean - e.low, 0) if math.isfinite(e.low) else 0 for e in ests],
+               [max(e.high - e.mean, 0) if math.isfinite(e.high) else 0 for e in ests]]
+        ax.bar(range(len(names)), means, yerr=err, capsize=2, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+        ax.set_title(f"{task}: {METRIC_LABELS[metric]}", fontsize=8)
+        ax.tick_params(axis="y", labelsize=6)
+    fig.suptitle("tiny ablation: final scores, mean and 95% interval over seeds and probes", fontsize=9)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_report(spec: AblationSpec, command: str) -> dict[str, Any]:
+    table = aggregate(spec)
+    report = Path(spec.report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(markdown(table, spec, command))
+    report.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n")
+    plot(table, report.with_suffix(".png"))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cologen.ablation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ablation", help="the ablation file (experiments/ablation/tiny.yaml)")
+    parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds (default: the file's)")
+    parser.add_argument("--configs", nargs="*", help="only these variants (default: all)")
+    parser.add_argument("--report-only", action="store_true", help="aggregate the finished runs, train nothing")
+    ns = parser.parse_args(argv)
+    try:
+        spec = AblationSpec.load(ns.ablation)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ablation: {err}", file=sys.stderr)
+        return 2
+    names = [v.name for v in spec.variants]
+    unknown = [c for c in ns.configs or [] if c not in names]
+    if unknown:
+        print(f"ablation: unknown variants {unknown}; the file has {names}", file=sys.stderr)
+        return 2
+    variants = [v for v in spec.variants if not ns.configs or v.name in ns.configs]
+    seeds = ns.seeds if ns.seeds else spec.seeds
+    started = time.monotonic()
+    failed = []
+    if not ns.report_only:
+        for seed in seeds:  # seed-major: a partial ablation has every variant's first seed
+            for v in variants:
+                if run_one(spec, v, seed)["returncode"] != 0:
+                    failed.append((v.name, seed))
+    table = write_report(spec, f"make ablation (python -m cologen.ablation {ns.ablation})")
+    total = time.monotonic() - started
+    runs = sum(row["seeds"] for row in table.values())
+    print(f"[ablation] {runs} finished runs in the table; {spec.report} (+ .json, .png) written; this invocation "
+          f"took {total / 60:.1f} min", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

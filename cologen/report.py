@@ -1,0 +1,151 @@
+"""`python -m cologen.report` (`make report`): the README's results tables, generated from the files runs write.
+
+- the tiny curriculum table, from `runs/tiny/stage{1,2,3}/validation/*/scores.jsonl` (written by `make stage1 stage2
+  stage3`) and `runs/tiny/base_only/scores.jsonl` (`cologen eval --base`, run here when missing): every task's
+  headline metrics for the base alone, right after the task's own curriculum step, at the end of stage 3 with the
+  routers' choice and with oracle routing, as means with 95% bootstrap intervals over the probes, against the
+  goals;
+- the ablation table, from `docs/ablation.json` (`make ablation`).
+
+Each table replaces the block between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in the README and is also
+written to `docs/results.md`. Nothing in these tables is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from cologen.eval.results import (
+    HEADLINE_METRICS,
+    METRIC_LABELS,
+    after_own_step,
+    estimate,
+    ratio,
+    read_eval,
+    read_validations,
+)
+from cologen.metrics.stats import Estimate
+
+# The tiny demonstrator's goals (higher is better; issue 11 of this project): shown beside the measurements.
+GOALS: dict[str, float] = {
+    "inpainting/psnr_out": 35.0, "inpainting/psnr_in": 16.0, "grounding/hit@0.5": 0.5, "control/ssim": 0.5,
+    "customized/subject_score": 0.7, "customized/prompt_fidelity": 0.85, "editing/edit_success": 0.6,
+    "editing/preservation": 0.95,
+}
+FORGETTING_GOAL, ROUTING_GOAL = 0.9, 0.95
+
+
+def _fmt(e: Estimate | None, digits: int) -> str:
+    return e.format(digits) if e is not None else "n/a"
+
+
+def _digits(metric: str) -> int:
+    return 1 if metric.startswith("psnr") else 2
+
+
+def curriculum_table(stage_dirs: list[Path], base_dir: Path) -> tuple[str, dict]:
+    validations = sorted((v for d in stage_dirs for v in read_validations(d)),
+                         key=lambda v: (v.curriculum_step if v.curriculum_step is not None else -1, v.global_step))
+    if not validations:
+        raise FileNotFoundError(f"no validations with per-probe scores under {', '.join(map(str, stage_dirs))}: "
+                                "run `make stage1 stage2 stage3` first")
+    final = validations[-1]
+    base = read_eval(base_dir)
+    rows, numbers = [], {}
+    for task, metrics in HEADLINE_METRICS.items():
+        own = after_own_step(validations, task)
+        for metric in metrics:
+            b = estimate([base], task, metric) if base else None
+            o = estimate([own], task, metric) if own else None
+            f = estimate([final], task, metric)
+            orc = estimate([final], task, metric, "oracle")
+            goal = GOALS.get(f"{task}/{metric}")
+            forget, route = ratio(f, o) if o else float("nan"), ratio(f, orc)
+            d = _digits(metric)
+            rows.append(f"| {task} {METRIC_LABELS[metric]} | {_fmt(b, d)} | {_fmt(o, d)} | **{_fmt(f, d)}** | "
+                        f"{_fmt(orc, d)} | {goal if goal is not None else ''} | {_ratio(forget)} | {_ratio(route)} |")
+            numbers[f"{task}/{metric}"] = {"base_only": b.as_dict() if b else None,
+                                           "after_own_step": o.as_dict() if o else None, "final": f.as_dict(),
+                                           "oracle": orc.as_dict(), "goal": goal, "forgetting_ratio": forget,
+                                           "routing_ratio": route}
+    per_task = [len({line["index"] for line in final.lines if line["task"] == t}) for t in HEADLINE_METRICS]
+    header = [
+        f"Final checkpoint of `make stage3` ({final.path}), {min(per_task)} probes per task, 16 sampler steps; mean ± half-width of the 95% bootstrap interval over probes. \"after its own "
+        "step\": the validation that closed the curriculum step which trained the task's expert. \"oracle\": "
+        "every task routed to its own expert. Ratios: final / after its own step (forgetting, goal >= "
+        f"{FORGETTING_GOAL}) and final / oracle (routing, goal >= {ROUTING_GOAL}).",
+        "",
+        "| task metric | base only | after its own step | end of stage 3 | oracle routing | goal | forgetting | "
+        "routing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + rows) + "\n", numbers
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "n/a"
+
+
+def ablation_table(path: Path) -> str:
+    if not path.is_file():
+        return f"(no ablation results yet: run `make ablation`, which writes {path})\n"
+    table = json.loads(path.read_text())
+    cols = [(t, ms[0]) for t, ms in HEADLINE_METRICS.items()] + [("customized", "prompt_fidelity"),
+                                                                  ("editing", "preservation")]
+    lines = ["| variant | seeds | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in cols) + " | min per run |",
+             "|---|---|" + "---|" * len(cols) + "---|"]
+    for name, row in table.items():
+        cells = []
+        for t, m in cols:
+            d = row["metrics"][f"{t}/{m}"]["final"]
+            cells.append(Estimate(d["mean"], d["low"], d["high"], d["n"]).format(_digits(m)))
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + f" | {row['seconds'] / 60:.0f} |")
+    return (f"From `{path}` (`make ablation`; the full table with every metric, the forgetting and routing "
+            "ratios and the plot: docs/ablation.md).\n\n" + "\n".join(lines) + "\n")
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"the README has no <!-- results:{name} --> ... <!-- /results:{name} --> block")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cologen.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs/tiny", help="the tiny stages' run folders (default: %(default)s)")
+    parser.add_argument("--ablation", default="docs/ablation.json")
+    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--out", default="docs/results.md")
+    ns = parser.parse_args(argv)
+    runs = Path(ns.runs)
+    base_dir = runs / "base_only"
+    if read_eval(base_dir) is None:
+        print(f"[report] scoring the base alone into {base_dir} (cologen eval --base)", flush=True)
+        subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "--base", "--out", str(base_dir)])
+    try:
+        curriculum, numbers = curriculum_table([runs / f"stage{i}" for i in (1, 2, 3)], base_dir)
+    except FileNotFoundError as err:
+        print(f"report: {err}", file=sys.stderr)
+        return 2
+    ablation = ablation_table(Path(ns.ablation))
+    readme = Path(ns.readme)
+    text = replace_block(replace_block(readme.read_text(), "curriculum", curriculum), "ablation", ablation)
+    readme.write_text(text)
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# Results on the tiny preset\n\nGenerated by `make report` (do not edit by hand).\n\n"
+                   "## The curriculum (`make stage1 stage2 stage3`)\n\n" + curriculum + "\n## Ablation\n\n" + ablation)
+    out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n")
+    print(f"[report] {readme} and {out} updated", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""`make ablation` on a 2-step toy budget: the driver trains every (variant, seed), skips finished runs, resumes an
+interrupted one from its last.ckpt, and writes the table (markdown + JSON) and the plot; `cologen.report` turns
+runs into the README's tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cologen import ablation
+from cologen.eval.results import HEADLINE_METRICS
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = ("inpainting", "grounding")
+
+
+def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
+    """A toy version of the tiny curriculum: a small random model, the test data, a few steps, 3 probes."""
+    return {
+        "trainer": {"val_check_interval": 2, "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                "init_args": {"save_dir": "${trainer.default_root_dir}", "name": "logs"}}],
+                    "callbacks": [
+                        {"class_path": "cologen.training.checkpointing.RunCheckpoint",
+                         "init_args": {"dirpath": "${trainer.default_root_dir}", "save_last": True,
+                                       "every_n_train_steps": 1, "save_top_k": 1}},
+                        {"class_path": "cologen.callbacks.SampleValidation",
+                         "init_args": {"probes_per_task": 3, "steps": 2, "scope": "curriculum", "oracle": True}}]},
+        "model": {"preset": {"init_args": {"base": None, "width": 64, "heads": 2, "double_layers": 1,
+                                           "single_layers": 2}},
+                  "prw": {"rank": 4, "alpha": 8, "router": {"entry_warmup_steps": 1}}},
+        "data": {"init_args": {
+            "train_shards": {t: str(shapeworld_dir / t / "train-*.tar") for t in TASKS},
+            "val_shards": {t: str(shapeworld_dir / t / "val-*.tar") for t in TASKS}, "val_tasks": list(TASKS),
+            "batch_size": 4, "num_workers": 0, "val_samples_per_task": 3, "val_batch_size": 3}},
+        "curriculum": {"spec": {"steps": steps, "run_steps": None}},
+    }
+
+
+@pytest.fixture(scope="module")
+def toy_ablation(shapeworld_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    curriculum = [{"name": "inpainting", "mixture": {"inpainting": 1.0}, "steps": 2, "rho": 1.0, "alpha": 0.0},
+                  {"name": "grounding", "mixture": {"grounding": 0.75, "inpainting": 0.25}, "steps": 2}]
+    cotrain = [{"name": "cotrain", "mixture": {"inpainting": 1.0, "grounding": 1.0}, "steps": 4, "rho": 1.0,
+                "alpha": 0.0}]
+    (root / "shrink.yaml").write_text(yaml.safe_dump(shrink(shapeworld_dir, curriculum)))
+    (root / "shrink_cotrain.yaml").write_text(yaml.safe_dump({"curriculum": {"spec": {"steps": cotrain}}}))
+    spec = {
+        "configs": ["experiments/tiny/curriculum.yaml", str(root / "shrink.yaml")],
+        "seeds": [0, 1],
+        "out": str(root / "runs"),
+        "report": str(root / "docs" / "ablation.md"),
+        "variants": {
+            "curriculum": {"description": "the toy curriculum"},
+            "cotrain": {"configs": ["experiments/tiny/cotrain.yaml", str(root / "shrink_cotrain.yaml")],
+                        "description": "one expert, both tasks"},
+        },
+    }
+    (root / "ablation.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+@pytest.mark.timeout(600)
+def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = str(toy_ablation / "ablation.yaml")
+    assert ablation.main([config, "--seeds", "0"]) == 0
+    spec = ablation.AblationSpec.load(config)
+    for variant in ("curriculum", "cotrain"):
+        run = spec.run_dir(variant, 0)
+        assert json.loads((run / "done.json").read_text())["returncode"] == 0
+        assert (run / "last.ckpt").is_file()
+    assert not spec.run_dir("curriculum", 1).exists()  # --seeds selected seed 0 only
+
+    # the table, its numbers and the plot
+    report = toy_ablation / "docs" / "ablation.md"
+    text = report.read_text()
+    assert "| curriculum | 1 |" in text and "| cotrain | 1 |" in text and "do not edit by hand" in text
+    table = json.loads(report.with_suffix(".json").read_text())
+    cell = table["curriculum"]["metrics"]["inpainting/psnr_out"]
+    assert cell["final"]["n"] == 3 and cell["oracle"]["n"] == 3 and cell["after_own_step"]["n"] == 3
+    assert table["cotrain"]["metrics"]["grounding/hit@0.5"]["final"]["n"] == 3
+    assert set(table["curriculum"]["metrics"]) == {f"{t}/{m}" for t, ms in HEADLINE_METRICS.items() for m in ms}
+    assert report.with_suffix(".png").stat().st_size > 0
+
+    # finished runs are skipped: nothing is started again
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"a finished run was started again: {args}")
+
+    monkeypatch.setattr(subprocess, "call", no_training)
+    assert ablation.main([config, "--seeds", "0"]) == 0
+    monkeypatch.undo()
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+    # an interrupted run (no done.json yet, a last.ckpt) resumes from its checkpoint
+    run = spec.run_dir("cotrain", 0)
+    (run / "done.json").unlink()
+    variant = next(v for v in spec.variants if v.name == "cotrain")
+    command = ablation.run_command(spec, variant, 0)
+    assert command[-2:] == ["--ckpt_path", str(run / "last.ckpt")]
+    assert ablation.main([config, "--seeds", "0", "--configs", "cotrain"]) == 0
+    assert (run / "done.json").is_file()
+
+
+def test_ablation_file_errors_name_the_problem(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"variants": {"x": {"configs": ["missing.yaml"]}}}))
+    assert ablation.main([str(tmp_path / "a.yaml")]) == 2
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"variants": {"x": {}}, "seed": [1]}))
+    with pytest.raises(ValueError, match=r"unknown keys \['seed'\]"):
+        ablation.AblationSpec.load(tmp_path / "b.yaml")
+
+
+def test_the_shipped_ablation_file_has_the_asked_variants():
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    names = {v.name for v in spec.variants}
+    assert {"curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay"} <= names
+    assert len(spec.seeds) >= 3 and all(v.description for v in spec.variants)

@@ -1,0 +1,111 @@
+"""The README's results tables come from the runs' files: `cologen.report` reads validations (per-probe scores after
+each curriculum step, oracle routing at the end) and `cologen eval` output, and rewrites the marked README blocks;
+`cologen eval` scores a checkpoint or the base alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cologen import report
+from cologen.eval.results import HEADLINE_METRICS, read_validations
+from cologen.metrics.stats import bootstrap_ci
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_validation(folder: Path, step: int, task_experts: dict, scores: dict, oracle: dict | None = None):
+    """A validation folder as SampleValidation writes it: scores {task: {metric: [per probe]}}."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"curriculum_step": step, "task_experts": task_experts}))
+    lines = []
+    for routing, table in (("learned", scores), ("oracle", oracle or {})):
+        for task, metrics in table.items():
+            n = len(next(iter(metrics.values())))
+            for i in range(n):
+                lines.append({"task": task, "index": i, "routing": routing,
+                              **{f"{task}/{m}": v[i] for m, v in metrics.items()}})
+    (folder / "scores.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+
+def full(value: float, n: int = 4) -> dict:
+    return {m: [value + 0.01 * i for i in range(n)] for ms in HEADLINE_METRICS.values() for m in ms}
+
+
+def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
+    owners = {"inpainting": 0, "grounding": 1, "control": 2, "customized": 3, "editing": 4}
+    runs = tmp_path / "runs"
+    write_validation(runs / "stage1" / "validation" / "step000100", 0, {"inpainting": 0},
+                     {"inpainting": full(0.9)})
+    write_validation(runs / "stage1" / "validation" / "step000200", 1, {"inpainting": 0, "grounding": 1},
+                     {"grounding": full(0.6)})
+    write_validation(runs / "stage2" / "validation" / "step000100", 2, dict(list(owners.items())[:3]),
+                     {"control": full(0.5)})
+    write_validation(runs / "stage3" / "validation" / "step000100", 3, dict(list(owners.items())[:4]),
+                     {"customized": full(0.7)})
+    final_scores = {t: full(0.8) for t in owners}
+    write_validation(runs / "stage3" / "validation" / "step000200", 4, owners, final_scores,
+                     oracle={t: full(0.85) for t in owners})
+    base = runs / "base_only"
+    base.mkdir()
+    (base / "scores.jsonl").write_text("\n".join(json.dumps(
+        {"task": t, "index": i, "routing": "learned", **{f"{t}/{m}": 0.1 for m in ms}})
+        for t, ms in HEADLINE_METRICS.items() for i in range(3)) + "\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:curriculum -->\nold\n<!-- /results:curriculum -->\nmiddle\n"
+                      "<!-- results:ablation -->\nold\n<!-- /results:ablation -->\nend\n")
+    assert report.main(["--runs", str(runs), "--ablation", str(tmp_path / "none.json"), "--readme", str(readme),
+                        "--out", str(tmp_path / "docs" / "results.md")]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n") and "\nold\n" not in text
+    numbers = json.loads((tmp_path / "docs" / "results.json").read_text())
+    cell = numbers["inpainting/psnr_out"]
+    assert cell["base_only"]["mean"] == pytest.approx(0.1)
+    assert cell["after_own_step"]["mean"] == pytest.approx(0.915)  # step 0's validation: 0.9 + 0.015
+    assert cell["final"]["mean"] == pytest.approx(0.815) and cell["oracle"]["mean"] == pytest.approx(0.865)
+    assert cell["forgetting_ratio"] == pytest.approx(0.815 / 0.915)
+    assert numbers["grounding/hit@0.5"]["after_own_step"]["mean"] == pytest.approx(0.615)
+    row = next(line for line in text.splitlines() if line.startswith("| inpainting PSNR outside"))
+    assert row.startswith("| inpainting PSNR outside the mask (dB) | 0.1 ± 0.0 | 0.9 ± ") and "| 35.0 |" in row
+    assert "no ablation results yet" in text
+    assert len(read_validations(runs / "stage3")) == 2
+
+
+def test_report_without_runs_says_what_to_run(tmp_path, capsys):
+    base = tmp_path / "runs" / "base_only"
+    base.mkdir(parents=True)
+    (base / "scores.jsonl").write_text(json.dumps({"task": "inpainting", "index": 0, "inpainting/psnr_out": 1}) + "\n")
+    assert report.main(["--runs", str(tmp_path / "runs"), "--readme", str(tmp_path / "README.md")]) == 2
+    assert "make stage1 stage2 stage3" in capsys.readouterr().err
+
+
+def test_two_level_bootstrap_covers_seeds_and_probes():
+    one = bootstrap_ci([[1.0, 2.0, 3.0, 4.0]])
+    assert one.mean == 2.5 and one.low < 2.5 < one.high and one.n == 4
+    spread = bootstrap_ci([[1.0, 1.1, 0.9], [3.0, 3.1, 2.9]])  # two seeds far apart: a wide interval
+    tight = bootstrap_ci([[2.0, 2.1, 1.9], [2.0, 2.1, 1.9]])
+    assert spread.mean == pytest.approx(2.0) and (spread.high - spread.low) > 5 * (tight.high - tight.low)
+    assert bootstrap_ci([[float("nan")]]).n == 0
+
+
+@pytest.mark.timeout(300)
+def test_cologen_eval_scores_the_base_and_names_missing_data(shapeworld_dir, tmp_path):
+    out = tmp_path / "eval"
+    done = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "--base", "--data", str(shapeworld_dir),
+                           "--tasks", "inpainting", "customized", "--probes", "3", "--steps", "2", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [(line["task"], line["index"]) for line in lines] == [(t, i) for t in ("inpainting", "customized")
+                                                                 for i in range(3)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"learned/inpainting/psnr_out", "learned/customized/subject_score"} <= set(metrics)
+    assert "learned/inpainting/psnr_out" in done.stdout
+    missing = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "--base", "--data", str(tmp_path / "no")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0 and "make data" in missing.stderr
