@@ -54,7 +54,7 @@ def test_text_encoder_encodes_each_prompt_once(tiny_random_preset):
     enc = module.text_encoder
     assert enc.cache_misses == 4 and enc.cache_hits == 8
     emb = enc.encode(["a red square", "a blue circle"])
-    assert emb.tokens.shape == (2, 32, 384) and emb.pooled.shape == (2, 384)
+    assert emb.tokens.shape == (2, 48, 384) and emb.pooled.shape == (2, 384)
     torch.testing.assert_close(emb.pooled.norm(dim=-1), torch.ones(2))  # sentence-transformers normalization
     # a real pretrained encoder: related prompts are closer than unrelated ones
     e = enc.encode(["a red square", "a red box", "a quarterly financial report"]).pooled

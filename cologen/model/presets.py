@@ -100,27 +100,32 @@ class TinyPreset(Preset):
     Args:
         width, heads, double_layers, single_layers: the transformer's size.
         codec_factor: pixel-unshuffle factor of the codec (2: 32 x 32 images -> 64 packed tokens).
-        text_max_length: MiniLM tokens per prompt.
+        text_max_length: MiniLM tokens per prompt (48 holds every ShapeWorld caption; the base was trained with it).
         base: folder with the pretrained tiny base (`model.safetensors` + `config.json` + `sha256`, written by
             `make base`); 'builtin' is the one committed with the package; null starts from random weights.
         seed: initialisation seed when starting from random weights.
+        text_cache_size: prompts whose embeddings the text encoder keeps (~35 KB each: a ShapeWorld prompt has
+            ~22 tokens), so MiniLM encodes each once; the base's pretraining sees 40,000 captions and keeps them all.
     """
 
     name = "tiny"
 
     def __init__(self, width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4,
-                 codec_factor: int = 2, text_max_length: int = 32, base: str | None = "builtin", seed: int = 0):
+                 codec_factor: int = 2, text_max_length: int = 48, base: str | None = "builtin", seed: int = 0,
+                 text_cache_size: int = 16384):
         self.width, self.heads = width, heads
         self.double_layers, self.single_layers = double_layers, single_layers
         self.codec_factor = codec_factor
         self.text_max_length = text_max_length
         self.base = base
         self.seed = seed
+        self.text_cache_size = text_cache_size
 
     def to_dict(self) -> dict:
         return {"name": self.name, "width": self.width, "heads": self.heads, "double_layers": self.double_layers,
                 "single_layers": self.single_layers, "codec_factor": self.codec_factor,
-                "text_max_length": self.text_max_length, "base": self.base, "seed": self.seed}
+                "text_max_length": self.text_max_length, "base": self.base, "seed": self.seed,
+                "text_cache_size": self.text_cache_size}
 
     def transformer_config(self) -> dict:
         return tiny_transformer_config(self.width, self.heads, self.double_layers, self.single_layers,
@@ -139,7 +144,8 @@ class TinyPreset(Preset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 transformer = FluxTransformer2DModel(**self.transformer_config())
-        text = MiniLMTextEncoder(max_length=self.text_max_length) if load_text_encoder else None
+        text = (MiniLMTextEncoder(max_length=self.text_max_length, cache_size=self.text_cache_size)
+                if load_text_encoder else None)
         return Backbone(transformer, text, PixelCodec(self.codec_factor), guidance_embeds=False)
 
 

