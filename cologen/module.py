@@ -370,11 +370,15 @@ class CoLoGenModule(L.LightningModule):
         return {k for k, p in named.items() if id(p) in base or k.startswith(("text_encoder.", "codec."))}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint is self-contained: `init_from` only seeds a fresh stage, so loading this checkpoint must not
+        # read that file again (a relative path would resolve elsewhere, or to another file). Kept as provenance.
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "init_from": None}
         frozen = self.frozen_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["cologen"] = {"preset": self.preset.name, "num_active": self.model.num_active,
                                  "prw": asdict(self.prw_config), "routing": self.last_routing,
-                                 "task_experts": dict(self.task_experts),
+                                 "task_experts": dict(self.task_experts), "init_from": self.hparams.get("init_from"),
                                  "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
