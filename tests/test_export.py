@@ -8,7 +8,9 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from cologen.commands.export import export
-from cologen.model.config import PRWConfig
+import pytest
+
+from cologen.model.config import PRWConfig, RouterConfig
 from cologen.model.presets import TinyPreset
 from cologen.module import CoLoGenModule
 from cologen.pipeline import ADAPTER_FILE, CoLoGenPipeline
@@ -27,10 +29,21 @@ class Data(L.LightningDataModule):
         return DataLoader([batch(seed=i) for i in range(4)], batch_size=None)
 
 
-def test_export_round_trip_reproduces_samples(tmp_path):
+# the paper's experts, and this project's tiny options (every projection of both streams, token gates, prompt input)
+OPTIONS = {
+    "paper": {},
+    "tiny": dict(targets=["to_q", "to_k", "to_v", "to_out"], noisy_targets=["to_q", "to_k", "to_v", "to_out"],
+                 token_gate=True, router=RouterConfig(prompt_input=True, normalize_input=True,
+                                                      weighting="straight_through")),
+}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_export_round_trip_reproduces_samples(tmp_path, options):
     torch.manual_seed(0)
     module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2, seed=3),
-                           prw=PRWConfig(num_experts=2, rank=4, alpha=8), sampler=SamplerConfig(steps=4))
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8, **OPTIONS[options]),
+                           sampler=SamplerConfig(steps=4))
     module.model.activate_next_expert()
     module.model.set_entry_progress(1.0)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -51,6 +64,10 @@ def test_export_round_trip_reproduces_samples(tmp_path):
         assert f.metadata()["num_active"] == "2"
     assert "transformer_blocks.0.attn.prw_experts.experts.1.to_k.lora_A.weight" in keys
     assert "single_transformer_blocks.1.attn.prw_router.gate.weight" in keys
+    if options == "tiny":
+        assert {"transformer_blocks.0.attn.prw_experts.experts.1.noisy_to_out.lora_B.weight",
+                "single_transformer_blocks.0.attn.prw_experts.experts.0.token_gate.weight",
+                "transformer_blocks.0.attn.prw_router.prompt_gate.weight"} <= keys
     assert not any(".prw_" not in k and k != "prw.entry_offset" for k in keys)  # no base weights
     config = json.loads((out / "cologen_config.json").read_text())
     assert config["num_active"] == 2 and config["preset"]["name"] == "tiny"
