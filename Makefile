@@ -52,7 +52,7 @@ ifeq ($(PRESET),tiny)
 endif
 
 base: install
-	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 40000 --val 64 --tasks inpainting --seed 1 --if-missing
+	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 20000 --val 64 --tasks inpainting --seed 1 --if-missing
 	$(COLOGEN) fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/base.yaml $(ARGS)
 	$(PY) -m cologen.commands.save_base runs/tiny/base/last.ckpt cologen/assets/tiny_base
 

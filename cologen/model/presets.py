@@ -105,7 +105,7 @@ class TinyPreset(Preset):
             `make base`); 'builtin' is the one committed with the package; null starts from random weights.
         seed: initialisation seed when starting from random weights.
         text_cache_size: prompts whose embeddings the text encoder keeps (~35 KB each: a ShapeWorld prompt has
-            ~22 tokens), so MiniLM encodes each once; the base's pretraining sees 40,000 captions and keeps them all.
+            ~22 tokens), so MiniLM encodes each once; the base's pretraining sees 20,000 captions and keeps them all.
     """
 
     name = "tiny"
