@@ -110,6 +110,7 @@ class CoLoGenModule(L.LightningModule):
         if init_from is not None:
             self.load_adapters(init_from)
         self.last_routing: dict | None = None
+        self.checkpoint_step: int | None = None
         # task -> expert of the curriculum step that introduced it (set by the curriculum; per-sample task routing
         # and oracle routing read it)
         self.task_experts: dict[str, int] = {}
@@ -346,15 +347,21 @@ class CoLoGenModule(L.LightningModule):
         """Load the experts, routers and active-expert count of a checkpoint (not its optimizer or position)."""
         from pathlib import Path
 
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"model.init_from: checkpoint {path} does not exist (train the previous stage "
-                                    "first, e.g. `make stage1` before `make stage2`)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        from . import checkpoints
+        from .errors import MissingInput, UsageError
+
+        if not Path(path).exists():
+            raise MissingInput(f"model.init_from: checkpoint {path} does not exist (train the previous stage "
+                               "first, e.g. `make stage1` before `make stage2`)")
+        try:
+            ckpt = checkpoints.load(path)
+        except checkpoints.NotACheckpoint as err:
+            raise UsageError(f"model.init_from: {err}") from None
         state = ckpt["state_dict"]
         wanted = self.adapter_state_keys()
         missing = [k for k in wanted if k not in state]
         if missing:
-            raise ValueError(f"model.init_from: {path} lacks {len(missing)} adapter tensors (e.g. {missing[0]}); "
+            raise UsageError(f"model.init_from: {path} lacks {len(missing)} adapter tensors (e.g. {missing[0]}); "
                              "was it trained with the same preset and prw settings?")
         self.load_state_dict({k: state[k] for k in wanted}, strict=False)
         self.task_experts = dict((ckpt.get("cologen") or {}).get("task_experts") or {})
@@ -383,6 +390,8 @@ class CoLoGenModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.task_experts = dict((checkpoint.get("cologen") or {}).get("task_experts") or {})
+        # the training step these weights are from (`cologen validate` names its samples after it)
+        self.checkpoint_step = checkpoint.get("global_step")
         # The frozen weights come from the preset, not the checkpoint; everything else must be present.
         current = self.state_dict()
         for k in self.frozen_state_keys():

@@ -17,7 +17,9 @@ import math
 import sys
 from pathlib import Path
 
+from cologen import checkpoints
 from cologen.data.tasks import CURRICULUM_TASKS
+from cologen.errors import MissingInput, UsageError
 
 DEFAULT_DATA = "data/shapeworld"
 
@@ -28,8 +30,7 @@ def load_module(checkpoint: str | None):
 
     if checkpoint is None:
         return CoLoGenModule()
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    checkpoints.verify(checkpoint)
     return CoLoGenModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
 
 
@@ -42,7 +43,7 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
     root = Path(data)
     missing = [t for t in tasks if not list((root / t).glob("val-*.tar"))]
     if missing:
-        raise FileNotFoundError(f"no validation shards for {missing} under {root}: run `make data` (ShapeWorld) or "
+        raise MissingInput(f"no validation shards for {missing} under {root}: run `make data` (ShapeWorld) or "
                                 "pass --data")
     shards = {t: str(root / t / "val-*.tar") for t in tasks}
     dm = MixtureDataModule(train_shards=shards, val_shards=shards, mixture={tasks[0]: 1.0}, num_workers=0,
@@ -103,9 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     if (args.checkpoint is None) == (not args.base):
         parser.error("give a checkpoint or --base (not both)")
     try:
-        probes = load_probes(args.data, args.tasks, args.probes, args.seed)  # before the model: fail fast
+        if args.checkpoint is not None:
+            checkpoints.check(args.checkpoint)  # both checks before the model is built: fail fast
+        probes = load_probes(args.data, args.tasks, args.probes, args.seed)
         module = load_module(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
+    except UsageError as err:
         print(f"cologen eval: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle)
