@@ -137,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation", default="docs/ablation.json")
     parser.add_argument("--readme", default="README.md")
     parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--config", default="experiments/tiny/curriculum.yaml",
+                        help="the curriculum's config: the base is scored on its validation probes")
     ns = parser.parse_args(argv)
     runs = Path(ns.runs)
     base_dir = runs / "base_only"
     if read_eval(base_dir) is None:
         print(f"[report] scoring the base alone into {base_dir} (cologen eval --base)", flush=True)
-        subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "--base", "--out", str(base_dir)])
+        subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "--base", "--config", ns.config,
+                               "--out", str(base_dir)])
     try:
         curriculum, numbers = curriculum_table([runs / f"stage{i}" for i in (1, 2, 3)], base_dir)
     except FileNotFoundError as err:
