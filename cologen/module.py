@@ -182,18 +182,22 @@ class CoLoGenModule(L.LightningModule):
         return dict(latents=x_t, timestep=s, text=text, img_ids=target_ids(h // 2, w // 2, device=self.device),
                     txt_ids=text_ids(text.tokens.shape[1], device=self.device), source_tokens=source_tokens,
                     source_ids=sids, guidance=guidance, velocity=noise - x0,
-                    token_weight=self.change_weights(x0, source_tokens, has_source))
+                    token_weight=self.change_weights(x0, source_tokens, has_source, list(batch["task"])))
 
     def change_weights(self, x0: torch.Tensor, source_tokens: torch.Tensor | None,
-                       has_source: torch.Tensor | None) -> torch.Tensor | None:
+                       has_source: torch.Tensor | None, tasks: list[str] | None = None) -> torch.Tensor | None:
         """(B, N) loss weights: `1 + flow.change_weight` on tokens whose target differs from the (unpacked, same
-        grid) source token, 1 elsewhere; None when the option is off or no sample has a source of the target's
-        size. Dropped sources (zeros) count as "everything changed": uniform weights."""
+        grid) source token, 1 elsewhere, for samples of `flow.change_weight_tasks` (all when None); None when the
+        option is off or no sample has a source of the target's size. Dropped sources (zeros) count as "everything
+        changed": uniform weights."""
         if not self.flow.change_weight or source_tokens is None or source_tokens.shape != x0.shape:
             return None
         changed = (x0 - source_tokens).abs().amax(-1) > 1e-3
         if has_source is not None:
             changed = changed & has_source.to(changed.device)[:, None]
+        if self.flow.change_weight_tasks is not None and tasks is not None:
+            weighted = torch.tensor([t in self.flow.change_weight_tasks for t in tasks], device=changed.device)
+            changed = changed & weighted[:, None]
         return 1.0 + self.flow.change_weight * changed.float()
 
     # --------------------------------------------------------------------------------------------- sampling
