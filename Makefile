@@ -2,7 +2,7 @@
 #
 #   make stage1 / stage2 / stage3   the three curriculum stages (tiny preset; PRESET=flux_dev for FLUX.1-dev)
 #   make test                       the test suite
-#   make base                       retrain the tiny base model (about 45 min on 2 cores; a trained one is committed)
+#   make base                       retrain the tiny base model (about 1.8 h on 2 cores; a trained one is committed)
 #   make bench / bench-gpu          benchmarks (ratios against baselines run in the same process)
 #   make bench-docs                 the docs' CPU benchmark figures from make bench's results file
 #   make ablation / sweep / report  the tiny ablation, the gate-temperature sweep, the README's results tables
