@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import random
 import sys
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from cologen.data.manifest import ShardWriter
 
 log = logging.getLogger("data_recipes")
 
@@ -325,40 +326,24 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class _ShardWriter:
-    """Writes one shard to a temp name; `close()` renames it (or removes it when it holds no sample).
-
-    Plain `tarfile` in the layout webdataset reads (`{key}.{field}` members, a sample's members adjacent);
-    importing webdataset would pull in torch, seconds of start-up for a converter. Member times are fixed,
-    so re-converting the same rows gives byte-identical shards.
-    """
+    """One output shard (`ShardWriter`: a temp name renamed when complete, the manifest beside it, fixed member
+    metadata, so re-converting the same rows gives byte-identical shards) plus its conversion counts."""
 
     def __init__(self, job: Job, index: int):
         self.job = job
         self.index = index
-        self.final = job.output / f"{job.shard_name(index)}.tar"
-        self.tmp = self.final.with_name(self.final.name + ".tmp")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
+        self.sink = ShardWriter(job.output / f"{job.shard_name(index)}.tar")
         start = index * job.shard_size
         self.stats = ShardStats(shard=job.shard_name(index), rows=(start, start))
         self.counter: Counter = Counter()
         self.t0 = time.perf_counter()
 
     def write(self, sample: Sample) -> None:
-        for name, data in sample.members():
-            info = tarfile.TarInfo(f"{sample.key}.{name}")
-            info.size = len(data)
-            info.mode = 0o444
-            info.mtime = 0
-            self.tar.addfile(info, io.BytesIO(data))
+        self.sink.write(sample.key, sample.members())
         self.stats.samples += 1
 
     def close(self, complete: bool) -> ShardStats:
-        self.tar.close()
-        if self.stats.samples:
-            os.replace(self.tmp, self.final)
-        else:
-            self.tmp.unlink()
-            self.final.unlink(missing_ok=True)
+        self.sink.close()  # an empty shard is not kept
         self.stats.skipped = dict(self.counter.most_common())
         self.stats.complete = complete
         self.stats.seconds = round(time.perf_counter() - self.t0, 3)

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from cologen.data.builders import BuilderConfig, Example, TaskBuilder
 from cologen.data.collate import collate
 from cologen.data.precomputed import PrecomputedArrays
+from cologen.data.reader import ShardReader
 from cologen.data.records import decode_sample
 from cologen.data.skips import SkipCounter
 from cologen.data.tasks import TASKS
@@ -33,8 +33,7 @@ class FixedTaskDataset(torch.utils.data.Dataset):
         self.task, self.seed, self.arrays = task, seed, arrays
         self.builder = TaskBuilder(builder, resolution, buckets, stratified=False)
         fields = self.builder.fields(task)
-        stream = wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                handler=skips, empty_check=False)
+        stream = ShardReader(skips)({"url": u} for u in urls)  # in shard order; a repeated key is read once
         self.raw: list[dict[str, Any]] = []
         sizes: list[tuple[int, int]] = []
         for raw in stream:
