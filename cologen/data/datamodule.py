@@ -34,7 +34,7 @@ from cologen.data.schedule import MixtureState, Schedule, Weights, check_schedul
 from cologen.data.shards import expand_shards
 from cologen.data.skips import SharedCounts, SkipCounter
 from cologen.data.tasks import SCENE_TASKS, TASKS, check_task
-from cologen.data.validation import FixedTaskDataset
+from cologen.data.validation import FixedTaskDataset, RankShare
 
 log = logging.getLogger("cologen.data")
 ShardSpec = str | list[str]
@@ -335,8 +335,11 @@ class MixtureDataModule(L.LightningDataModule):
         return self._val_sets
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per task of `val_tasks` (dataloader_idx i is val_tasks[i]); batches hold one task."""
-        return [DataLoader(ds, batch_size=None, shuffle=False, num_workers=0, collate_fn=already_collated)
+        """One loader per task of `val_tasks` (dataloader_idx i is val_tasks[i]); batches hold one task. Under DDP
+        each batch goes to one rank, and shorter ranks run padding batches (`valid` False) that metrics drop."""
+        rank, world = self._dist()
+        return [DataLoader(ds, batch_size=None, shuffle=False, num_workers=0, collate_fn=already_collated,
+                           sampler=RankShare(len(ds), rank, world) if world > 1 else None)
                 for ds in self.val_datasets().values()]
 
     def state_dict(self) -> dict[str, Any]:
