@@ -2,9 +2,11 @@
 #
 #   make stage1 / stage2 / stage3   the three curriculum stages (tiny preset; PRESET=flux_dev for FLUX.1-dev)
 #   make test                       the test suite
-#   make base                       retrain the tiny base model (about 45 min on 2 cores; a trained one is committed)
+#   make base                       retrain the tiny base model (about 1.8 h on 2 cores; a trained one is committed)
 #   make bench / bench-gpu          benchmarks (ratios against baselines run in the same process)
+#   make bench-docs                 the docs' CPU benchmark figures from make bench's results file
 #   make ablation / sweep / report  the tiny ablation, the gate-temperature sweep, the README's results tables
+#   make examples                   the README's figure of the predict examples (CKPT=... picks the checkpoint)
 #
 # GPU users: make install TORCH="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128 (your CUDA version)
 
@@ -27,7 +29,7 @@ stage_configs = --config $(CFG)/curriculum.yaml $(if $(wildcard $(CFG)/data_stag
 	--config $(CFG)/stage$(1).yaml $(if $(STRATEGY),--config $(CFG)/$(STRATEGY).yaml) \
 	$(if $(filter flux_dev,$(PRESET)),--model.preset.init_args.path $(FLUX_PATH))
 
-.PHONY: install test lint data base stage1 stage2 stage3 cotrain no_pretrain bench sweep ablation report bench-gpu
+.PHONY: install test lint data check-flux base stage1 stage2 stage3 cotrain no_pretrain bench bench-docs sweep ablation report bench-gpu examples
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,23 +54,35 @@ ifeq ($(PRESET),tiny)
 endif
 
 base: install
-	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 40000 --val 64 --tasks inpainting --seed 1 --if-missing
+	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 20000 --val 64 --tasks inpainting --seed 1 --if-missing
 	$(COLOGEN) fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/base.yaml $(ARGS)
 	$(PY) -m cologen.commands.save_base runs/tiny/base/last.ckpt cologen/assets/tiny_base
 
-stage1: data
+# flux_dev: a FLUX_PATH that is not a FLUX.1 folder is refused before anything starts (one line, no traceback)
+FLUX_FOLDER := model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/
+check-flux:
+ifeq ($(PRESET),flux_dev)
+	$(if $(wildcard $(FLUX_PATH)/model_index.json),,$(error FLUX_PATH=$(FLUX_PATH) is not a FLUX.1 diffusers folder: set FLUX_PATH=/path/to/FLUX.1-dev, a folder with $(FLUX_FOLDER)))
+endif
+
+stage1: check-flux data
 	$(COLOGEN) fit $(call stage_configs,1) $(ARGS)
 
-stage2: data
+stage2: check-flux data
 	@test -f $(RUNS)/stage1/last.ckpt || { echo "$(RUNS)/stage1/last.ckpt is missing: run 'make stage1$(if $(filter-out tiny,$(PRESET)), PRESET=$(PRESET))' first"; exit 1; }
 	$(COLOGEN) fit $(call stage_configs,2) $(ARGS)
 
-stage3: data
+stage3: check-flux data
 	@test -f $(RUNS)/stage2/last.ckpt || { echo "$(RUNS)/stage2/last.ckpt is missing: run 'make stage2$(if $(filter-out tiny,$(PRESET)), PRESET=$(PRESET))' first"; exit 1; }
 	$(COLOGEN) fit $(call stage_configs,3) $(ARGS)
 
 bench: data
 	$(PY) benchmarks/run_all.py $(ARGS)
+
+# The README's, docs/data.md's and docs/logging.md's CPU figures from `make bench`'s results file (committed as
+# docs/results/bench_cpu.json).
+bench-docs: install
+	$(PY) benchmarks/docs.py --results runs/bench/results.json
 
 # Ablation baselines on the tiny preset, same step budget as the curriculum (docs/ablation in the README).
 cotrain: data
@@ -93,6 +107,12 @@ ablation: data
 # The README's results tables from the runs' files (make stage1 stage2 stage3, make ablation).
 report: data
 	$(PY) -m cologen.report
+
+# examples/results.png: examples/requests.jsonl through `cologen predict` with CKPT (default: stage 3's last.ckpt when
+# there is one, else the committed base alone), shown in the README.
+CKPT ?= $(wildcard runs/tiny/stage3/last.ckpt)
+examples: install
+	$(PY) examples/make_examples.py figure $(if $(CKPT),--ckpt $(CKPT))
 
 # GPU benchmark (FLUX.1-dev-sized model, PRW with 5 experts of rank 128); ARGS=--tiny runs the same code on the CPU.
 bench-gpu: install

@@ -1,23 +1,25 @@
 """`make bench`: every CPU benchmark of the project, each a ratio against a baseline measured in the same process.
 
 1. training step: backbone / one always-on LoRA / PRW (5 experts + router), tiny and wide configs (goal PRW/LoRA <= 1.10)
-2. data: loader throughput (2 workers) over the tiny model's training consumption (goal >= 5x), and the shard
-   manifest check's share of the loader's throughput (goal < 5%)
+2. data: loader throughput (2 workers) over what training of the configured tiny model consumes (goal >= 5x), and
+   the shard manifest check's share of the loader's throughput (goal < 5%)
 3. sampler: 28 steps with and without the condition cache (goal >= 1.8x on the wide config)
 4. recipes: conversion rows/s for subjects200k and omniedit on fixtures
+5. validation: one task's sampling validation (the tiny curriculum's probes and steps) against one training step
 
-Results are printed and written to `runs/bench/results.json`.
+Results (with the date, the machine and its load) are written to `runs/bench/results.json`; a verdict per row
+(met / NOT MET / no goal) ends the printout. `make bench-docs` copies the results into `docs/results/bench_cpu.json`
+and rewrites the tables of the README, docs/data.md and docs/logging.md from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,50 +27,42 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_loader, bench_model, bench_recipes, bench_sampler  # noqa: E402
+from benchmarks import bench_loader, bench_model, bench_recipes, bench_sampler, bench_validation  # noqa: E402
+from benchmarks.goals import print_verdicts  # noqa: E402
 
 
-def training_consumption(data_dir: str, steps: int = 20, batch_size: int = 8) -> dict:
-    """Samples per second the tiny preset's real training step consumes (text encoding cached, as in training)."""
-    from cologen.data.datamodule import MixtureDataModule
-    from cologen.model.presets import TINY_BASE_DIR, TinyPreset
-    from cologen.module import CoLoGenModule
-    from data_recipes.shapeworld import shard_patterns
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
-    base = "builtin" if (TINY_BASE_DIR / "model.safetensors").is_file() else None
-    module = CoLoGenModule(preset=TinyPreset(base=base)).train()
-    optimizer = module.configure_optimizers()["optimizer"]
-    tasks = ["inpainting", "grounding", "control", "customized", "editing"]
-    dm = MixtureDataModule(train_shards={t: p for t, p in shard_patterns(data_dir).items() if t in tasks},
-                           mixture={t: 1.0 for t in tasks}, batch_size=batch_size, num_workers=0,
-                           batches_per_epoch=steps + 5)
-    batches = list(iter(dm.train_dataloader()))
-    times = []
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        loss = module.compute_losses(batch, train=True)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if i >= 5:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
-    return {"step_s": step, "samples_per_s": batch_size / step}
+
+def machine() -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_at_start": [round(x, 2) for x in load] if load else None}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data/shapeworld")
     parser.add_argument("--out", default="runs/bench/results.json")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["model", "data", "sampler", "recipes"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["model", "data", "sampler", "recipes", "validation"])
     args = parser.parse_args(argv)
-    results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                                 "torch": torch.__version__, "threads": torch.get_num_threads()}}
+    results: dict = {"machine": machine()}
+    train_step_s = None
     if "model" not in args.skip:
         results["model"] = bench_model.main([])
     if "data" not in args.skip:
         loader = bench_loader.loader_throughput(args.data, num_workers=2)
-        train = training_consumption(args.data)
+        train_step_s = bench_validation.training_step_s(args.data)
+        train = {"step_s": train_step_s, "samples_per_s": 8 / train_step_s}
         ratio = loader["samples_per_s"] / train["samples_per_s"]
         manifests = bench_loader.manifest_check_cost(args.data, repeats=3, num_workers=2)
         results["data"] = {"loader": loader, "training": train, "ratio": ratio, "manifest_check": manifests}
@@ -86,6 +80,14 @@ def main(argv=None) -> dict:
         for name, r in rec.items():
             print(f"[recipes/{name}] {r['rows_per_s']:.0f} rows/s on fixtures (about "
                   f"{r['full_release_hours_one_process']} h for the full release in one process)")
+    if "validation" not in args.skip:
+        train_step_s = train_step_s or bench_validation.training_step_s(args.data)
+        results["validation"] = v = bench_validation.validation_cost(args.data, bench_validation.TASKS, train_step_s)
+        print(f"[validation] one task's sampling ({v['probes']} probes, {v['steps']} steps): "
+              f"{v['seconds_per_task']} s vs a training step of {train_step_s:.3f} s")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in load] if load else None
+    print_verdicts(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")

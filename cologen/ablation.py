@@ -188,6 +188,11 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Variants:", ""]
     lines += [f"- **{v.name}**: {v.description}" for v in spec.variants if v.name in table]
+    pending = [f"{v.name} ({len(spec.seeds) - table.get(v.name, {}).get('seeds', 0)} of {len(spec.seeds)} seeds)"
+               for v in spec.variants if table.get(v.name, {}).get("seeds", 0) < len(spec.seeds)]
+    if pending:
+        lines += ["", f"Not finished yet (rerun `{command}` to train them; finished runs are kept): "
+                  + ", ".join(pending) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,26 +1,66 @@
-"""`cologen fit | validate | test | predict --config experiments/...` (LightningCLI), plus `cologen info`,
-`cologen export` and `cologen eval`.
+"""The `cologen` command: LightningCLI's `fit | validate | test | predict --config experiments/...`, plus `info`,
+`export` and `eval` (`cologen --help` lists them all).
 
 Configs are YAML with omegaconf interpolation (`${trainer.default_root_dir}`); the resolved config of every run is
-written to its run directory (`trainer.default_root_dir`) as `config.yaml`.
+written to its run directory (`trainer.default_root_dir`) as `config.yaml`. Mistakes the user fixes (a config key,
+a missing data folder, a file that is not a checkpoint) end the command with one line naming the fix and status 2,
+before anything (run folder, W&B run) is created.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
-# transformers warns at import time that its image processors fall back to PIL without torchvision (which cologen
-# does not need); that line would otherwise open every command's output.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from .quiet import quiet_known_messages
+
+quiet_known_messages()  # before Lightning and transformers are imported
 
 import lightning as L  # noqa: E402
 from jsonargparse import set_parsing_settings  # noqa: E402
+from lightning.pytorch.callbacks import ProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
+from . import checkpoints  # noqa: E402
+from .callbacks.progress import RunProgressBar  # noqa: E402
+from .config_errors import explain  # noqa: E402
 from .curriculum.callback import CurriculumCallback  # noqa: E402
+from .errors import UsageError  # noqa: E402
 from .module import CoLoGenModule  # noqa: E402
+
+# name -> (module with main(argv) for commands outside LightningCLI, one-line summary)
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "fit": (None, "train: a curriculum stage (`make stage1`) or any config; resume with --ckpt_path"),
+    "validate": (None, "validation losses, samples and metrics of a checkpoint, into <run>/validate/<checkpoint>/"),
+    "test": (None, "Lightning's test loop over the config's test data, into <run>/test/<checkpoint>/"),
+    "predict": (None, "generate images for a JSONL of requests (experiments/tiny/predict.yaml)"),
+    "info": ("cologen.commands.info", "JSON summary of a checkpoint (preset, curriculum position, experts)"),
+    "export": ("cologen.commands.export", "write a CoLoGenPipeline folder (experts and routers as safetensors)"),
+    "eval": ("cologen.commands.evaluate", "score a checkpoint on ShapeWorld probes, with confidence intervals"),
+}
+LIGHTNING_COMMANDS = tuple(name for name, (module, _) in COMMANDS.items() if module is None)
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: cologen COMMAND [options]    (cologen COMMAND --help: that command's options)", "",
+             "CoLoGen: LoRA experts, a router and a curriculum on a FLUX transformer.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "examples:", "  cologen fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/stage1.yaml",
+              "  cologen info runs/tiny/stage1/last.ckpt"]
+    return "\n".join(lines)
+
+
+class RunFinished(Exception):
+    """Resuming a run that has nothing left to do: said in one line, exit status 0."""
+
+
+class RequestsFailed(Exception):
+    """`cologen predict` ran, but some requests failed: said in one line, exit status 1."""
 
 
 class RunDirConfigCallback(SaveConfigCallback):
@@ -31,7 +71,8 @@ class RunDirConfigCallback(SaveConfigCallback):
         super().__init__(*args, **kwargs)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        run_dir = Path(trainer.default_root_dir)
+        run_dir = Path(getattr(trainer.datamodule, "output_dir", None) or trainer.default_root_dir) \
+            if stage == "predict" else Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True,
                          multifile=False)
@@ -42,44 +83,127 @@ class RunDirConfigCallback(SaveConfigCallback):
                 print(f"[cologen] could not send the config to {type(logger).__name__}: {err}", file=sys.stderr)
 
 
+def _given(argv: list[str], option: str) -> bool:
+    return any(a == option or a.startswith(option + "=") for a in argv)
+
+
 class CoLoGenCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The curriculum is a top-level config key (`curriculum.spec`), always attached to the trainer.
         parser.add_lightning_class_args(CurriculumCallback, "curriculum")
 
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's parsing, with a config error said in one line, the checkpoint checked before Lightning
+        reads its hyper-parameters, and `validate` / `test` moved into a folder of their own."""
+        argv = list(sys.argv[1:] if args is None else args)
+        sub = argv[0] if argv and argv[0] in self.subcommands() else None
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise UsageError(explain(str(err), argv, self._parser(sub) if sub else parser)) from None
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt:
+            checkpoints.check(ckpt)
+        if sub in ("validate", "test") and not _given(argv, "--trainer.default_root_dir"):
+            # its own folder (config.yaml, loggers, samples), named after the checkpoint: never the training run's
+            root = Path(self.config[sub].trainer.default_root_dir or ".")
+            folder = root / sub / (Path(ckpt).stem if ckpt else "no_checkpoint")
+            saved = sys.argv
+            sys.argv = [saved[0] if saved else "cologen", *argv, "--trainer.default_root_dir", str(folder)]
+            try:
+                super().parse_arguments(parser, None)
+            finally:
+                sys.argv = saved
 
-def _run_lightning_cli(args: list[str]) -> None:
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        if sub != "fit":
+            return
+        config = self.config[sub]
+        spec = config.get("curriculum", {}).get("spec") if config.get("curriculum") else None
+        if spec is not None and getattr(spec, "steps", None) and config.trainer.get("max_epochs") is None:
+            config.trainer.max_epochs = -1  # the curriculum ends the run (max_steps), not an epoch count
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        self._preflight()  # before the trainer (and its loggers, run folder) exist
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RunProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _preflight(self) -> None:
+        """What can be checked before anything is created: a resumed run that has nothing left to do (said, exit
+        0), and the data the command reads (every shard pattern matches files)."""
+        sub = self.subcommand
+        if sub == "fit":
+            ckpt = self._get(self.config_init, "ckpt_path")
+            curriculum = self._get(self.config_init, "curriculum")
+            if ckpt and isinstance(curriculum, CurriculumCallback):
+                done = curriculum.resume_status(checkpoints.curriculum_state(checkpoints.check(ckpt)), ckpt)
+                if done:
+                    raise RunFinished(done)
+        locate = getattr(self.datamodule, "locate_shards", None)
+        if sub in ("fit", "validate", "test") and callable(locate):
+            locate(sub)
+
+    def after_predict(self) -> None:
+        from .predict import PredictionWriter
+
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, PredictionWriter) and cb.failed:
+                raise RequestsFailed(f"{cb.failed} of {cb.total} request(s) failed; their lines in {cb.results_path} "
+                                     "say why")
+
+
+def _run_lightning_cli() -> None:
     # omegaconf+ resolves interpolations after all --config files are merged (a stage file can move
     # trainer.default_root_dir and everything pointing at it follows); relative paths keep them valid under the
     # subcommand (fit/validate/...) level.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` uploads later
+    no_exit = {"exit_on_error": False}  # errors come back as exceptions and are said in one line
     CoLoGenCLI(
         CoLoGenModule,
         L.LightningDataModule,
         subclass_mode_data=True,
         save_config_callback=RunDirConfigCallback,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
-        args=args,
-    )
+        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False, **no_exit,
+                       **{name: dict(no_exit) for name in LIGHTNING_COMMANDS}},
+    )  # it parses sys.argv (main sets it for a call from Python)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "info":
-        from .commands.info import main as info_main
-
-        return info_main(args[1:])
-    if args and args[0] == "export":
-        from .commands.export import main as export_main
-
-        return export_main(args[1:])
-    if args and args[0] == "eval":
-        from .commands.evaluate import main as eval_main
-
-        return eval_main(args[1:])
-    _run_lightning_cli(args)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if args else sys.stderr)
+        raise SystemExit(0 if args else 2)
+    name = args[0]
+    if name not in COMMANDS and not name.startswith("-"):
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"cologen: unknown command {name!r} ({hint}commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        raise SystemExit(2)
+    module = COMMANDS.get(name, (None, ""))[0]
+    if module is not None:
+        return importlib.import_module(module).main(args[1:])
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "cologen", *args]  # LightningCLI warns when given args beside sys.argv
+    try:
+        _run_lightning_cli()
+    except UsageError as err:
+        print(f"cologen {name}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RunFinished as done:
+        print(f"cologen {name}: {done}")
+    except RequestsFailed as failed:
+        print(f"cologen {name}: {failed}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ class CoLoGenModule(L.LightningModule):
         if init_from is not None:
             self.load_adapters(init_from)
         self.last_routing: dict | None = None
+        self.checkpoint_step: int | None = None
         # task -> expert of the curriculum step that introduced it (set by the curriculum; per-sample task routing
         # and oracle routing read it)
         self.task_experts: dict[str, int] = {}
@@ -181,18 +182,22 @@ class CoLoGenModule(L.LightningModule):
         return dict(latents=x_t, timestep=s, text=text, img_ids=target_ids(h // 2, w // 2, device=self.device),
                     txt_ids=text_ids(text.tokens.shape[1], device=self.device), source_tokens=source_tokens,
                     source_ids=sids, guidance=guidance, velocity=noise - x0,
-                    token_weight=self.change_weights(x0, source_tokens, has_source))
+                    token_weight=self.change_weights(x0, source_tokens, has_source, list(batch["task"])))
 
     def change_weights(self, x0: torch.Tensor, source_tokens: torch.Tensor | None,
-                       has_source: torch.Tensor | None) -> torch.Tensor | None:
+                       has_source: torch.Tensor | None, tasks: list[str] | None = None) -> torch.Tensor | None:
         """(B, N) loss weights: `1 + flow.change_weight` on tokens whose target differs from the (unpacked, same
-        grid) source token, 1 elsewhere; None when the option is off or no sample has a source of the target's
-        size. Dropped sources (zeros) count as "everything changed": uniform weights."""
+        grid) source token, 1 elsewhere, for samples of `flow.change_weight_tasks` (all when None); None when the
+        option is off or no sample has a source of the target's size. Dropped sources (zeros) count as "everything
+        changed": uniform weights."""
         if not self.flow.change_weight or source_tokens is None or source_tokens.shape != x0.shape:
             return None
         changed = (x0 - source_tokens).abs().amax(-1) > 1e-3
         if has_source is not None:
             changed = changed & has_source.to(changed.device)[:, None]
+        if self.flow.change_weight_tasks is not None and tasks is not None:
+            weighted = torch.tensor([t in self.flow.change_weight_tasks for t in tasks], device=changed.device)
+            changed = changed & weighted[:, None]
         return 1.0 + self.flow.change_weight * changed.float()
 
     # --------------------------------------------------------------------------------------------- sampling
@@ -353,15 +358,21 @@ class CoLoGenModule(L.LightningModule):
         """Load the experts, routers and active-expert count of a checkpoint (not its optimizer or position)."""
         from pathlib import Path
 
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"model.init_from: checkpoint {path} does not exist (train the previous stage "
-                                    "first, e.g. `make stage1` before `make stage2`)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        from . import checkpoints
+        from .errors import MissingInput, UsageError
+
+        if not Path(path).exists():
+            raise MissingInput(f"model.init_from: checkpoint {path} does not exist (train the previous stage "
+                               "first, e.g. `make stage1` before `make stage2`)")
+        try:
+            ckpt = checkpoints.load(path)
+        except checkpoints.NotACheckpoint as err:
+            raise UsageError(f"model.init_from: {err}") from None
         state = ckpt["state_dict"]
         wanted = self.adapter_state_keys()
         missing = [k for k in wanted if k not in state]
         if missing:
-            raise ValueError(f"model.init_from: {path} lacks {len(missing)} adapter tensors (e.g. {missing[0]}); "
+            raise UsageError(f"model.init_from: {path} lacks {len(missing)} adapter tensors (e.g. {missing[0]}); "
                              "was it trained with the same preset and prw settings?")
         self.load_state_dict({k: state[k] for k in wanted}, strict=False)
         self.task_experts = dict((ckpt.get("cologen") or {}).get("task_experts") or {})
@@ -390,6 +401,8 @@ class CoLoGenModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.task_experts = dict((checkpoint.get("cologen") or {}).get("task_experts") or {})
+        # the training step these weights are from (`cologen validate` names its samples after it)
+        self.checkpoint_step = checkpoint.get("global_step")
         # The frozen weights come from the preset, not the checkpoint; everything else must be present.
         current = self.state_dict()
         for k in self.frozen_state_keys():

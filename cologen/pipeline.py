@@ -31,6 +31,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cologen.errors import UsageError
+from cologen.inputs import ImageInput, check_task, condition_tensor, image_size
 from cologen.model.cologen_transformer import CoLoGenTransformer
 from cologen.model.config import PRWConfig, RouterConfig
 from cologen.model.presets import FluxDevPreset, TinyPreset
@@ -40,6 +42,7 @@ from cologen.training.config import SourcePositionConfig
 ADAPTER_FILE = "prw_adapters.safetensors"
 CONFIG_FILE = "cologen_config.json"
 FORMAT_VERSION = 1
+PRESETS = {"tiny": TinyPreset, "flux_dev": FluxDevPreset}
 
 
 def adapter_state(model: CoLoGenTransformer) -> dict[str, torch.Tensor]:
@@ -56,27 +59,18 @@ def prw_config_from_dict(d: dict[str, Any]) -> PRWConfig:
     return PRWConfig(**d)
 
 
-def _image_tensor(image: Image.Image | torch.Tensor, width: int, height: int) -> torch.Tensor:
-    if isinstance(image, torch.Tensor):
-        return image.float()
-    import numpy as np
-
-    from cologen.data.geometry import fit_frame, warp
-
-    rgb = np.asarray(image.convert("RGB"))
-    rgb = warp(rgb, fit_frame(rgb.shape[1], rgb.shape[0], width, height))
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
-
-
 class CoLoGenPipeline(DiffusionPipeline):
     """Generate for every CoLoGen task: `pipe(prompt, image=condition, task="editing")`."""
 
     def __init__(self, model: CoLoGenTransformer, text_encoder, codec, preset: dict[str, Any],
                  positions: SourcePositionConfig | None = None, sampler: SamplerConfig | None = None,
-                 guidance_embeds: bool = False, metadata: dict[str, Any] | None = None):
+                 guidance_embeds: bool = False, metadata: dict[str, Any] | None = None,
+                 sample_size: int | None = None):
         super().__init__()
         self.register_modules(model=model, text_encoder=text_encoder, codec=codec)
         self.preset = preset
+        # the default side of text-to-image outputs: the preset's (tiny 32, FLUX.1-dev 1024)
+        self.sample_size = sample_size or PRESETS[preset["name"]].sample_size
         self.positions = positions or SourcePositionConfig()
         self.sampler_config = sampler or SamplerConfig()
         self.guidance_embeds = guidance_embeds
@@ -98,6 +92,7 @@ class CoLoGenPipeline(DiffusionPipeline):
             "positions": asdict(self.positions),
             "sampler": asdict(self.sampler_config),
             "guidance_embeds": self.guidance_embeds,
+            "sample_size": self.sample_size,
             "metadata": self.metadata,
         }
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -139,38 +134,61 @@ class CoLoGenPipeline(DiffusionPipeline):
         pos = config.get("positions", {})
         positions = SourcePositionConfig(**pos) if pos else None
         pipe = cls(model, backbone.text_encoder, backbone.codec, config["preset"], positions,
-                   SamplerConfig(**config["sampler"]), bool(config["guidance_embeds"]), config.get("metadata"))
+                   SamplerConfig(**config["sampler"]), bool(config["guidance_embeds"]), config.get("metadata"),
+                   config.get("sample_size"))
         if torch_dtype is not None:
             backbone.transformer.to(torch_dtype)
         return pipe
 
     # --------------------------------------------------------------------------------------------- calling
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], image: Image.Image | torch.Tensor | list | None = None,
-                 task: str | list[str] = "editing", height: int | None = None, width: int | None = None,
+    def __call__(self, prompt: str | list[str], image: ImageInput | list[ImageInput] | None = None,
+                 task: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  cfg_scale: float | None = None, image_cfg_scale: float | None = None,
-                 seed: int | list[int] = 0, output_type: str = "pil") -> ImagePipelineOutput:
+                 seed: int | list[int] = 0, output_type: str = "pil", progress: bool = True) -> ImagePipelineOutput:
+        """Generate one image per prompt.
+
+        image: the condition image(s): a path, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor in
+            [-1, 1]; one for all prompts or one per prompt. None: text-to-image.
+        task: the task of each prompt (inpainting, grounding, control, customized, editing; t2i without an image);
+            required with an image, t2i without one.
+        height, width: output size; default the condition image's size, else the model's sample size.
+        progress: a progress bar over the denoising steps (`set_progress_bar_config` styles it, as in diffusers).
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
-        tasks = [task] * b if isinstance(task, str) else list(task)
+        if task is None and image is not None:
+            raise UsageError("task= is required with an image (inpainting, grounding, control, customized or "
+                             "editing)")
+        tasks = [task or "t2i"] * b if task is None or isinstance(task, str) else list(task)
+        if len(tasks) != b:
+            raise UsageError(f"task: {len(tasks)} tasks for {b} prompts")
+        tasks = [check_task(t) for t in tasks]
+        images = None if image is None else (list(image) if isinstance(image, list) else [image] * b)
+        if images is not None and len(images) != b:
+            raise UsageError(f"image: {len(images)} images for {b} prompts")
+        if images is None and any(t != "t2i" for t in tasks):
+            raise UsageError(f"image: task {next(t for t in tasks if t != 't2i')} needs a condition image")
+        if images is not None and "t2i" in tasks:
+            raise UsageError("task: t2i takes no image (give the image's task, or no image)")
+        if height is None or width is None:
+            w, h = image_size(images[0]) if images is not None else (self.sample_size, self.sample_size)
+            width, height = width or w, height or h
         overrides = {k: v for k, v in (("steps", num_inference_steps), ("guidance", guidance_scale),
                                        ("cfg_scale", cfg_scale), ("image_cfg_scale", image_cfg_scale))
                      if v is not None}
         config = SamplerConfig(**{**asdict(self.sampler_config), **overrides})
-        sources = None
-        if image is not None:
-            images = image if isinstance(image, list) else [image] * b
-            if height is None or width is None:
-                first = images[0]
-                width, height = (first.size if isinstance(first, Image.Image) else (first.shape[-1], first.shape[-2]))
-            sources = torch.stack([_image_tensor(im, width, height) for im in images])
-        elif height is None or width is None:
-            raise ValueError("text-to-image needs height and width")
+        sources = (torch.stack([condition_tensor(im, width, height) for im in images])
+                   if images is not None else None)
         device = next(self.model.parameters()).device
         text = self.text_encoder.encode(prompts).to(device, torch.float32)
         sampler = FlowSampler(self.model, self.codec, self.positions, self.guidance_embeds, config)
-        out, _ = sampler.sample(text, height, width, sources, tasks, seed)
+        if progress:
+            with self.progress_bar(total=config.steps) as bar:
+                out, _ = sampler.sample(text, height, width, sources, tasks, seed, on_step=lambda n: bar.update())
+        else:
+            out, _ = sampler.sample(text, height, width, sources, tasks, seed)
         if output_type == "pt":
             return ImagePipelineOutput(images=out)
         arr = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -194,7 +212,7 @@ def model_card(config: dict[str, Any]) -> str:
         "```python",
         "from cologen.pipeline import CoLoGenPipeline",
         "pipe = CoLoGenPipeline.from_pretrained('THIS_FOLDER', base='BASE_FOLDER')",
-        "image = pipe('make the red square blue', image=source, task='editing').images[0]",
+        "image = pipe('make the red square blue', image='source.png', task='editing').images[0]",
         "```",
         "",
         "The experts act on the condition (source) tokens only and are chosen per block by a router; a plain LoRA in a "

@@ -6,15 +6,24 @@ One request per line:
      "mask": null, "seed": 0, "steps": 28, "width": 512, "height": 512}
 
 `task` is one of the five tasks or `t2i`; `source` (an image path, relative to the JSONL file) is required except
-for `t2i`; `mask` (white = region) turns a full image into the inpainting source (the masked area greyed as in
-training); `control: "canny"` computes the canny map of `source`. Optional: `cfg_scale`, `image_cfg_scale`,
-`guidance`. Images are written next to `results.jsonl` in the output folder; a bad line (missing file, unknown task,
-a size not divisible by the patch size) gets an error line there and the rest still run.
+for `t2i`; `mask` (inpainting only; white = the region to fill) turns a full image into the inpainting source (the
+masked area greyed as in training); `control: "canny"` (control only) computes the canny map of `source`.
+Optional: `seed` (>= 0), `steps` (>= 1), `width` / `height` (multiples of the model's patch size; default: the
+model's sample size), `cfg_scale`, `image_cfg_scale`, `guidance`.
+
+Images and `results.jsonl` go to `data.output_dir` (default: `<requests stem>_outputs/` next to the requests file).
+The outputs of an earlier run there are replaced, never mixed in. A bad request (a field of the wrong type or
+value, a missing file, a line that is not JSON, a failed generation) gets its own error line naming the field, in
+`results.jsonl` and on stderr; the other requests still run, and the command exits with status 1 saying how many
+failed.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +37,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cologen.data.control import canny
-from cologen.data.geometry import fit_frame, warp
-from cologen.data.tasks import TASKS
+from cologen.errors import MissingInput, UsageError, one_line
+from cologen.inputs import GENERATION_TASKS, check_task, fit, read_rgb, to_tensor
 
-PREDICT_TASKS = ("inpainting", "grounding", "control", "customized", "editing", "t2i")
+PREDICT_TASKS = GENERATION_TASKS
 MASK_GREY = 128  # the builders' default: the masked area of an inpainting source
+FIELDS = ("id", "task", "prompt", "instruction", "source", "mask", "control", "seed", "steps", "width", "height",
+          "cfg_scale", "image_cfg_scale", "guidance")
+RESULTS = "results.jsonl"
 
 
-class BadRequest(ValueError):
+class BadRequest(UsageError):
     pass
 
 
@@ -53,46 +65,78 @@ class Request:
     source: torch.Tensor | None = None  # (3, H, W) in [-1, 1]
 
 
-def load_rgb(path: Path, width: int, height: int) -> np.ndarray:
-    if not path.is_file():
-        raise BadRequest(f"file not found: {path}")
+def _int(raw: dict[str, Any], name: str, default: int | None, minimum: int, multiple: int = 1) -> int | None:
+    value = raw.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple:
+        need = f"an integer >= {minimum}" + (f" and a multiple of {multiple} (the model's patch size)"
+                                             if multiple > 1 else "")
+        raise BadRequest(f"{name}: expected {need}, got {value!r}")
+    return value
+
+
+def _number(raw: dict[str, Any], name: str) -> float:
+    value = raw[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{name}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _image(base: Path, raw: dict[str, Any], name: str) -> np.ndarray:
+    value = raw[name]
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{name}: expected an image path (relative to the requests file), got {value!r}")
     try:
-        img = np.asarray(Image.open(path).convert("RGB"))
-    except Exception as err:
-        raise BadRequest(f"cannot read image {path}: {err}") from None
-    return warp(img, fit_frame(img.shape[1], img.shape[0], width, height))
+        return read_rgb(base / value, name)
+    except (MissingInput, UsageError) as err:
+        raise BadRequest(str(err)) from None
 
 
-def to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def parse_request(raw: dict[str, Any], line: int, base: Path, patch: int, default_size: int) -> Request:
+def parse_request(raw: Any, line: int, base: Path, patch: int, default_size: int) -> Request:
+    """A checked request; a BadRequest naming the first bad field."""
     if not isinstance(raw, dict):
-        raise BadRequest("a request must be a JSON object")
-    task = raw.get("task")
-    if task not in PREDICT_TASKS:
-        raise BadRequest(f"unknown task {task!r}; expected one of {', '.join(PREDICT_TASKS)}")
+        raise BadRequest(f"expected a JSON object, got {type(raw).__name__}")
+    for name in raw:
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            raise BadRequest(f"{name}: unknown field ({f'did you mean {close[0]!r}? ' if close else ''}"
+                             f"fields: {', '.join(FIELDS)})")
+    if "task" not in raw:
+        raise BadRequest(f"task: missing (one of {', '.join(PREDICT_TASKS)})")
+    try:
+        task = check_task(raw["task"])
+    except UsageError as err:
+        raise BadRequest(str(err)) from None
     prompt = raw.get("prompt", raw.get("instruction"))
-    if not isinstance(prompt, str):
-        raise BadRequest("missing 'prompt' (or 'instruction')")
-    width, height = int(raw.get("width", default_size)), int(raw.get("height", default_size))
-    if width <= 0 or height <= 0 or width % patch or height % patch:
-        raise BadRequest(f"size {width}x{height} is not divisible by the patch size {patch}")
-    req = Request(line=line, id=str(raw.get("id", f"line{line:05d}")), task=task, prompt=prompt, width=width,
-                  height=height, seed=int(raw.get("seed", 0)),
-                  steps=int(raw["steps"]) if raw.get("steps") is not None else None,
-                  overrides={k: float(raw[k]) for k in ("cfg_scale", "image_cfg_scale", "guidance") if k in raw})
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadRequest(f"prompt: expected a non-empty string (or 'instruction'), got {prompt!r}")
+    width = _int(raw, "width", default_size, 1, patch)
+    height = _int(raw, "height", default_size, 1, patch)
+    rid = raw.get("id", f"line{line:05d}")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid) or any(c in str(rid) for c in "/\\") \
+            or str(rid).startswith("."):
+        raise BadRequest(f"id: expected a file-name-safe string (no '/', not starting with '.'), got {rid!r}")
+    req = Request(line=line, id=str(rid), task=task, prompt=prompt, width=width,
+                  height=height, seed=_int(raw, "seed", 0, 0), steps=_int(raw, "steps", None, 1),
+                  overrides={k: _number(raw, k) for k in ("cfg_scale", "image_cfg_scale", "guidance") if k in raw})
     if task == "t2i":
+        for name in ("source", "mask", "control"):
+            if raw.get(name) is not None:
+                raise BadRequest(f"{name}: a t2i request takes no condition image")
         return req
-    if not raw.get("source"):
-        raise BadRequest(f"task {task} needs a 'source' image")
-    rgb = load_rgb(base / raw["source"], width, height)
-    if raw.get("mask"):
-        mask = load_rgb(base / raw["mask"], width, height).mean(-1) > 127
+    if raw.get("source") is None:
+        raise BadRequest(f"source: missing (task {task} needs a condition image)")
+    rgb = fit(_image(base, raw, "source"), width, height)
+    if raw.get("mask") is not None:
+        if task != "inpainting":
+            raise BadRequest(f"mask: only inpainting requests take a mask (this one is {task})")
+        mask = fit(_image(base, raw, "mask"), width, height).mean(-1) > 127
         rgb = rgb.copy()
         rgb[mask] = MASK_GREY
-    if raw.get("control") == "canny":
+    if raw.get("control") is not None:
+        if raw["control"] != "canny" or task != "control":
+            raise BadRequest(f"control: only 'canny', on control requests, got {raw['control']!r} on {task}")
         rgb = np.repeat(canny(rgb)[..., None], 3, axis=2)
     req.source = to_tensor(rgb)
     return req
@@ -103,12 +147,13 @@ class RequestsDataModule(L.LightningDataModule):
 
     Args:
         requests: the JSONL file.
-        output_dir: where images and `results.jsonl` go (default: `<requests stem>_outputs` next to it).
-        patch_size: image sides must be multiples of this (tiny preset 4, FLUX 16).
-        default_size: width/height of requests that give none.
+        output_dir: where images and `results.jsonl` go (default: `<requests stem>_outputs` next to the requests).
+        patch_size: image sides must be multiples of this (default: the model's: tiny preset 4, FLUX 16).
+        default_size: width/height of requests that give none (default: the model's sample size).
     """
 
-    def __init__(self, requests: str, output_dir: str | None = None, patch_size: int = 4, default_size: int = 32):
+    def __init__(self, requests: str, output_dir: str | None = None, patch_size: int | None = None,
+                 default_size: int | None = None):
         super().__init__()
         self.requests_path = Path(requests)
         self.output_dir = Path(output_dir) if output_dir else self.requests_path.with_name(
@@ -117,10 +162,18 @@ class RequestsDataModule(L.LightningDataModule):
         self.valid: list[Request] = []
         self.errors: list[dict[str, Any]] = []
 
+    def _model_defaults(self) -> tuple[int, int]:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        patch = self.patch_size or (module.codec.patch_pixels if module is not None else 4)
+        size = self.default_size or (module.preset.sample_size if module is not None else 32)
+        return patch, size
+
     def setup(self, stage: str) -> None:
         if not self.requests_path.is_file():
-            raise FileNotFoundError(f"data.requests: {self.requests_path} does not exist")
+            raise MissingInput(f"data.requests: {self.requests_path} does not exist")
+        patch, size = self._model_defaults()
         self.valid, self.errors = [], []
+        seen: dict[str, int] = {}
         base = self.requests_path.parent
         for i, text in enumerate(self.requests_path.read_text(encoding="utf-8").splitlines(), start=1):
             if not text.strip():
@@ -128,11 +181,22 @@ class RequestsDataModule(L.LightningDataModule):
             raw = None
             try:
                 raw = json.loads(text)
-                self.valid.append(parse_request(raw, i, base, self.patch_size, self.default_size))
-            except (BadRequest, json.JSONDecodeError, ValueError, TypeError) as err:
-                rid = raw.get("id") if isinstance(raw, dict) else None
-                self.errors.append({"line": i, "id": rid, "status": "error", "error": str(err).splitlines()[0]})
-                print(f"[cologen predict] line {i}: {self.errors[-1]['error']}")
+            except json.JSONDecodeError as err:
+                self._error(i, None, f"not a JSON object ({err.msg} at column {err.colno})")
+                continue
+            try:
+                req = parse_request(raw, i, base, patch, size)
+                if req.id in seen:
+                    raise BadRequest(f"id: {req.id!r} is already used by line {seen[req.id]} (ids name the images)")
+                seen[req.id] = i
+                self.valid.append(req)
+            except BadRequest as err:
+                self._error(i, raw.get("id") if isinstance(raw, dict) else None, str(err))
+
+    def _error(self, line: int, rid: Any, message: str) -> None:
+        self.errors.append({"line": line, "id": rid, "status": "error", "error": one_line(message)})
+        print(f"[cologen predict] line {line}{f' ({rid})' if rid is not None else ''}: {one_line(message)}",
+              file=sys.stderr)
 
     def predict_dataloader(self) -> DataLoader:
         # one request per batch: requests differ in size, steps and guidance
@@ -140,45 +204,89 @@ class RequestsDataModule(L.LightningDataModule):
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes each generated image and one `results.jsonl` line per request (errors included)."""
+    """Writes each generated image and one `results.jsonl` line per request (errors included), into a folder that
+    holds only this run's outputs (an earlier run's, listed in its `results.jsonl`, are removed first)."""
 
     def __init__(self):
         super().__init__(write_interval="batch")
         self.rows: list[dict[str, Any]] = []
+        self.failed = self.total = 0
+        self.results_path: Path | None = None
 
-    def _output_dir(self, trainer) -> Path:
-        dm = trainer.datamodule
-        out = Path(getattr(dm, "output_dir", trainer.default_root_dir))
+    @staticmethod
+    def _output_dir(trainer) -> Path:
+        return Path(getattr(trainer.datamodule, "output_dir", None) or trainer.default_root_dir)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # after the datamodule's setup (its parse errors are known); also when no request is valid and Lightning
+        # skips the prediction loop and its hooks
+        if stage != "predict":
+            return
+        out = self._output_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
-        return out
+        self.results_path = out / RESULTS
+        removed = clear_previous(out)
+        if removed:
+            print(f"[cologen predict] removed the {removed} output(s) of an earlier run in {out}", file=sys.stderr)
+        self.rows = list(getattr(trainer.datamodule, "errors", []))
+        self.results_path.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         req: Request = prediction["request"]
-        path = self._output_dir(trainer) / f"{req.id}.png"
-        img = ((prediction["image"].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        Image.fromarray(img).save(path)
-        self.rows.append({"line": req.line, "id": req.id, "status": "ok", "task": req.task, "image": path.name,
-                          "seed": req.seed, "steps": prediction["steps"], "seconds": round(prediction["seconds"], 3),
-                          "cache_hit_rate": prediction["cache_hit_rate"]})
+        if "error" in prediction:
+            row = {"line": req.line, "id": req.id, "status": "error", "error": prediction["error"]}
+            print(f"[cologen predict] line {req.line} ({req.id}): {prediction['error']}", file=sys.stderr)
+        else:
+            path = self._output_dir(trainer) / f"{req.id}.png"
+            img = ((prediction["image"].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            Image.fromarray(img).save(path)
+            row = {"line": req.line, "id": req.id, "status": "ok", "task": req.task, "image": path.name,
+                   "seed": req.seed, "steps": prediction["steps"], "width": req.width, "height": req.height,
+                   "seconds": round(prediction["seconds"], 3), "cache_hit_rate": prediction["cache_hit_rate"]}
+        self.rows.append(row)
+        with open(self.results_path, "a", encoding="utf-8") as f:  # a crash still leaves what was done
+            f.write(json.dumps(row) + "\n")
 
-    def on_predict_end(self, trainer, pl_module) -> None:
-        errors = getattr(trainer.datamodule, "errors", [])
-        rows = sorted(self.rows + errors, key=lambda r: r["line"])
-        out = self._output_dir(trainer) / "results.jsonl"
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        print(f"[cologen predict] {len(self.rows)} image(s), {len(errors)} error(s) -> {out}")
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage != "predict" or self.results_path is None:
+            return
+        rows = sorted(self.rows, key=lambda r: r["line"])
+        self.results_path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        self.total, self.failed = len(rows), sum(r["status"] != "ok" for r in rows)
+        print(f"[cologen predict] {self.total - self.failed} image(s), {self.failed} error(s) -> {self.results_path}")
         self.rows = []
 
 
+def clear_previous(out: Path) -> int:
+    """Remove the files an earlier run listed in `out/results.jsonl` (and that file); how many were removed."""
+    results = out / RESULTS
+    if not results.is_file():
+        return 0
+    removed = 0
+    for text in results.read_text(encoding="utf-8").splitlines():
+        try:
+            name = json.loads(text).get("image")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(name, str) and "/" not in name and "\\" not in name and (out / name).is_file():
+            (out / name).unlink()
+            removed += 1
+    results.unlink()
+    return removed
+
+
 def predict_one(module, req: Request) -> dict[str, Any]:
-    """Generate one request with the module's sampler (used by CoLoGenModule.predict_step)."""
+    """Generate one request with the module's sampler (used by CoLoGenModule.predict_step); a failure becomes the
+    request's error line instead of ending the run."""
     overrides = dict(req.overrides)
     if req.steps is not None:
         overrides["steps"] = req.steps
     start = time.perf_counter()
     sources = req.source[None] if req.source is not None else None
-    tasks = [req.task if req.task in TASKS else "editing"]
-    images, stats = module.generate([req.prompt], sources, tasks, req.height, req.width, seed=[req.seed],
-                                    **overrides)
+    try:
+        images, stats = module.generate([req.prompt], sources, [req.task], req.height, req.width, seed=[req.seed],
+                                        **overrides)
+    except Exception as err:  # noqa: BLE001 - one request's failure must not end the others
+        return {"request": req, "error": f"generation failed: {type(err).__name__}: {one_line(err)}"}
     return {"request": req, "image": images[0], "seconds": time.perf_counter() - start,
             "steps": overrides.get("steps", module.sampler_config.steps), "cache_hit_rate": stats.cache_hit_rate}

@@ -75,7 +75,8 @@ def curriculum_table(stage_dirs: list[Path], base_dir: Path) -> tuple[str, dict]
                                            "oracle": orc.as_dict(), "goal": goal, "forgetting_ratio": forget,
                                            "routing_ratio": route}
     per_task = [len({line["index"] for line in final.lines if line["task"] == t}) for t in HEADLINE_METRICS]
-    header = [
+    header = [_timing(stage_dirs)] if _timing(stage_dirs) else []
+    header += [
         f"Final checkpoint of `make stage3` ({final.path}), {min(per_task)} probes per task, 16 sampler steps; mean ± half-width of the 95% bootstrap interval over probes. \"after its own "
         "step\": the validation that closed the curriculum step which trained the task's expert. \"oracle\": "
         "every task routed to its own expert. Ratios: final / after its own step (forgetting, goal >= "
@@ -86,6 +87,19 @@ def curriculum_table(stage_dirs: list[Path], base_dir: Path) -> tuple[str, dict]
         "|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + rows) + "\n", numbers
+
+
+def _timing(stage_dirs: list[Path]) -> str:
+    """The stages' wall times, from the summaries their runs wrote (MetricsSummary's `time/fit_seconds`)."""
+    seconds = []
+    for d in stage_dirs:
+        summary = d / "summary.json"
+        value = json.loads(summary.read_text()).get("time/fit_seconds") if summary.is_file() else None
+        if value is None:
+            return ""
+        seconds.append(float(value))
+    parts = ", ".join(f"`make {d.name}` {s:.0f} s" for d, s in zip(stage_dirs, seconds))
+    return f"Wall time of the training runs (summary.json of each stage): {parts}; {sum(seconds) / 60:.1f} min in all.\n"
 
 
 def _ratio(x: float) -> str:
@@ -123,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation", default="docs/ablation.json")
     parser.add_argument("--readme", default="README.md")
     parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--config", default="experiments/tiny/curriculum.yaml",
+                        help="the curriculum's config: the base is scored on its validation probes")
     ns = parser.parse_args(argv)
     runs = Path(ns.runs)
     base_dir = runs / "base_only"
     if read_eval(base_dir) is None:
         print(f"[report] scoring the base alone into {base_dir} (cologen eval --base)", flush=True)
-        subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "--base", "--out", str(base_dir)])
+        subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "--base", "--config", ns.config,
+                               "--out", str(base_dir)])
     try:
         curriculum, numbers = curriculum_table([runs / f"stage{i}" for i in (1, 2, 3)], base_dir)
     except FileNotFoundError as err:

@@ -167,6 +167,42 @@ def run_trial(config: dict[str, Any], args: dict[str, dict[str, Any]], out_dir: 
     return trial
 
 
+def planned_trials(config: dict[str, Any], trials: int | None) -> int | None:
+    """How many trials the sweep will run: `trials`, else the size of a grid (None for an open-ended search)."""
+    if trials is not None:
+        return trials
+    if config.get("method") != "grid":
+        return None
+    n = 1
+    for spec in config.get("parameters", {}).values():
+        if "values" in spec:
+            n *= len(spec["values"])
+        elif "value" not in spec:
+            return None
+    return n
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_line(k: int, total: int | None, seconds: list[float], params: dict[str, Any]) -> str:
+    """`trial k/N (ETA ...)` and the trial's parameters; the ETA assumes the remaining trials (this one included)
+    take the mean time of the finished ones."""
+    where = f"trial {k}/{total}" if total else f"trial {k}"
+    if total and seconds:
+        eta = (total - k + 1) * sum(seconds) / len(seconds)
+        where += f" (ETA {_duration(eta)} for {total - k + 1} trial(s) at {_duration(sum(seconds) / len(seconds))} each)"
+    elif total:
+        where += " (ETA after the first trial)"
+    return f"[sweep] {where}: " + ", ".join(f"{name}={value}" for name, value in params.items())
+
+
 def run_local(config: dict[str, Any], trials: int | None, out_dir: Path, extra_args: list[str] | None = None,
               cwd: Path | None = None, report: list[str] | None = None) -> list[Trial]:
     """Run up to `trials` trials proposed by W&B's sweep engine (grid: until the grid is exhausted). The table
@@ -178,8 +214,10 @@ def run_local(config: dict[str, Any], trials: int | None, out_dir: Path, extra_a
         if record.is_file() else []
     done = [t for t in done if t.returncode == 0]  # a failed trial is proposed again
     runs: list = [_sweep_run(t, metric) for t in done]
+    total = planned_trials(config, trials)
     if done:
-        print(f"[sweep] resuming: {len(done)} finished trial(s) in {record}", flush=True)
+        print(f"[sweep] resuming: {len(done)}{f' of {total}' if total else ''} trial(s) finished in {record}",
+              flush=True)
     sweeps = _sweeps()
     while trials is None or len(done) < trials:
         with warnings.catch_warnings():  # sweeps 0.2 uses pydantic-v1 style config keys
@@ -187,8 +225,8 @@ def run_local(config: dict[str, Any], trials: int | None, out_dir: Path, extra_a
             proposal = sweeps.next_run(config, runs, validate=True)
         if proposal is None:
             break
-        print(f"[sweep] trial {len(done) + 1}{f'/{trials}' if trials else ''}: "
-              + ", ".join(f"{k}={v['value']}" for k, v in proposal.config.items()), flush=True)
+        print(progress_line(len(done) + 1, total, [t.seconds for t in done],
+                            {k: v["value"] for k, v in proposal.config.items()}), flush=True)
         trial = run_trial(config, proposal.config, out_dir, extra_args, cwd)
         print(f"[sweep] trial {trial.run_id} exited {trial.returncode} after {trial.seconds:.0f} s: "
               f"{metric} = {trial.metric(metric):.6g}", flush=True)

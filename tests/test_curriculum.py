@@ -99,12 +99,17 @@ def test_boundaries_switch_experts_data_and_losses(tmp_path, shapeworld_dir):
 
 
 @pytest.mark.parametrize("stop", [3, 5])  # mid-step, and exactly at the boundary into the last step
-def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, shapeworld_dir, stop):
+def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, shapeworld_dir, stop, capsys):
     _, straight = fit(tmp_path / "straight", shapeworld_dir)
     first, _ = fit(tmp_path / "resumed", shapeworld_dir, [StopAt(stop)])
     assert first.global_step == stop
+    capsys.readouterr()
     trainer, resumed = fit(tmp_path / "resumed", shapeworld_dir, ckpt_path=str(tmp_path / "resumed" / "last.ckpt"))
     assert trainer.global_step == 7
+    # the resume is reported at the step it really resumes from (not the trainer's 0 before its state is back)
+    done = stop - 2
+    assert (f"curriculum: resume step 1 'grounding' (stage 1) at global step {stop} ({done} of its 3 steps done)"
+            in capsys.readouterr().out)
     a, b = trainable_state(straight), trainable_state(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -131,3 +136,41 @@ def test_a_stage_without_the_previous_one_says_what_to_run(tmp_path, shapeworld_
     with pytest.raises(FileNotFoundError, match=r"make stage1"):
         CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
                       prw=PRWConfig(num_experts=3, rank=4, alpha=8), init_from=str(tmp_path / "missing.ckpt"))
+
+
+def test_the_progress_bar_counts_the_whole_run_and_names_the_curriculum_step(tmp_path, shapeworld_dir):
+    """One bar over the run's 7 optimizer steps (the data's epochs are 4 batches), described by the curriculum step
+    in progress; then resuming the finished run says so, and a checkpoint of another stage is refused."""
+    from cologen import checkpoints
+    from cologen.callbacks.progress import RunProgressBar
+    from cologen.errors import UsageError
+
+    bar = RunProgressBar()
+    seen = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            b = bar.train_progress_bar
+            seen.append((b.n, b.total, b.desc))
+
+    L.seed_everything(0)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, num_sanity_val_steps=0,
+                        callbacks=[CurriculumCallback(spec()), bar, Watch(),
+                                   RunCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)])
+    trainer.fit(make_module(), datamodule=make_data(shapeworld_dir))
+    assert trainer.current_epoch >= 1  # the run crossed an epoch: the bar did not restart
+    assert [(n, total) for n, total, _ in seen] == [(i, 7) for i in range(1, 8)]
+    index = [0, 0, 1, 1, 1, 2, 2]
+    assert [desc for _, _, desc in seen] == [
+        f"{STEPS[i][0]} (curriculum step {i}, {i + 1} of 3 in this run)" for i in index]
+
+    state = checkpoints.curriculum_state(checkpoints.check(tmp_path / "last.ckpt"))
+    message = CurriculumCallback(spec()).resume_status(state, "last.ckpt")
+    assert message == ("last.ckpt has already finished this run (curriculum steps 0 inpainting, 1 grounding, "
+                       "2 control; 7 optimizer steps): nothing to resume")
+    assert CurriculumCallback(spec([0, 1, 2])).resume_status(
+        {**state, "index": 1, "done": 1}, "mid.ckpt") is None  # training left: resume
+    with pytest.raises(UsageError, match=r"stopped in curriculum step 1 \(grounding\), which this run "
+                                         r"\(curriculum.spec.run_steps \[2\]\) does not train"):
+        CurriculumCallback(spec([2])).resume_status({**state, "index": 1, "done": 1}, "stage1.ckpt")

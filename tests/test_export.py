@@ -3,12 +3,16 @@
 import json
 
 import lightning as L
+import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from cologen.commands.export import export
-from cologen.model.config import PRWConfig
+from cologen.errors import MissingInput, UsageError
+from cologen.inputs import condition_tensor
+from cologen.model.config import PRWConfig, RouterConfig
 from cologen.model.presets import TinyPreset
 from cologen.module import CoLoGenModule
 from cologen.pipeline import ADAPTER_FILE, CoLoGenPipeline
@@ -27,10 +31,21 @@ class Data(L.LightningDataModule):
         return DataLoader([batch(seed=i) for i in range(4)], batch_size=None)
 
 
-def test_export_round_trip_reproduces_samples(tmp_path):
+# the paper's experts, and this project's tiny options (every projection of both streams, token gates, prompt input)
+OPTIONS = {
+    "paper": {},
+    "tiny": dict(targets=["to_q", "to_k", "to_v", "to_out"], noisy_targets=["to_q", "to_k", "to_v", "to_out"],
+                 token_gate=True, router=RouterConfig(prompt_input=True, normalize_input=True,
+                                                      weighting="straight_through")),
+}
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_export_round_trip_reproduces_samples(tmp_path, options):
     torch.manual_seed(0)
     module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2, seed=3),
-                           prw=PRWConfig(num_experts=2, rank=4, alpha=8), sampler=SamplerConfig(steps=4))
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8, **OPTIONS[options]),
+                           sampler=SamplerConfig(steps=4))
     module.model.activate_next_expert()
     module.model.set_entry_progress(1.0)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -51,12 +66,53 @@ def test_export_round_trip_reproduces_samples(tmp_path):
         assert f.metadata()["num_active"] == "2"
     assert "transformer_blocks.0.attn.prw_experts.experts.1.to_k.lora_A.weight" in keys
     assert "single_transformer_blocks.1.attn.prw_router.gate.weight" in keys
+    if options == "tiny":
+        assert {"transformer_blocks.0.attn.prw_experts.experts.1.noisy_to_out.lora_B.weight",
+                "single_transformer_blocks.0.attn.prw_experts.experts.0.token_gate.weight",
+                "transformer_blocks.0.attn.prw_router.prompt_gate.weight"} <= keys
     assert not any(".prw_" not in k and k != "prw.entry_offset" for k in keys)  # no base weights
     config = json.loads((out / "cologen_config.json").read_text())
-    assert config["num_active"] == 2 and config["preset"]["name"] == "tiny"
+    assert config["num_active"] == 2 and config["preset"]["name"] == "tiny" and config["sample_size"] == 32
 
     pipe = CoLoGenPipeline.from_pretrained(out)
     got = pipe(prompts, image=list(src), task=tasks, seed=[11, 12], output_type="pt").images
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     pil = pipe("flip it", image=src[0], task="editing", seed=11).images[0]
     assert pil.size == (32, 32)
+    assert pipe("a red circle", seed=0, progress=False).images[0].size == (32, 32)  # t2i: the model's size
+
+
+def test_the_pipeline_takes_paths_pil_images_arrays_and_tensors_and_checks_tasks(tmp_path, capfd):
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2, seed=3),
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8), sampler=SamplerConfig(steps=4))
+    pipe = CoLoGenPipeline(module.model, module.text_encoder, module.codec, module.preset.to_dict(),
+                           module.positions, module.sampler_config, module.guidance_embeds)
+    rgb = (torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    Image.fromarray(rgb).save(tmp_path / "scene.png")
+    kwargs = dict(task="editing", seed=5, output_type="pt", progress=False, height=32, width=32)
+    by_path = pipe("make it blue", image=str(tmp_path / "scene.png"), **kwargs).images
+    for image in (tmp_path / "scene.png", Image.open(tmp_path / "scene.png"), rgb):
+        torch.testing.assert_close(pipe("make it blue", image=image, **kwargs).images, by_path, rtol=0, atol=0)
+    exact = condition_tensor(rgb, 32, 32)  # a (3, H, W) tensor in [-1, 1] of the output size is used as is
+    torch.testing.assert_close(pipe("make it blue", image=exact, **kwargs).images, by_path, rtol=0, atol=0)
+    # without a size, an image's own size; without an image, the model's sample size
+    assert pipe("make it blue", image=rgb, task="editing", progress=False).images[0].size == (48, 40)
+    assert pipe("a red circle", progress=False).images[0].size == (32, 32)
+
+    with pytest.raises(UsageError, match=r"unknown task 'grnding' \(did you mean 'grounding'\? known tasks: "
+                                         r"inpainting, grounding, control, customized, editing, t2i\)"):
+        pipe("box it", image=rgb, task="grnding")
+    with pytest.raises(UsageError, match="task= is required with an image"):
+        pipe("box it", image=rgb)
+    with pytest.raises(UsageError, match="task editing needs a condition image"):
+        pipe("box it", task="editing")
+    with pytest.raises(MissingInput, match="file not found"):
+        pipe("box it", image=str(tmp_path / "none.png"), task="editing")
+
+    capfd.readouterr()
+    pipe("a red circle", seed=0)  # diffusers' progress bar over the 4 denoising steps
+    err = capfd.readouterr().err
+    assert "4/4" in err and "100%" in err
+    pipe("a red circle", seed=0, progress=False)
+    assert capfd.readouterr().err == ""

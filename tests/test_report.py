@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cologen import report
 from cologen.eval.results import HEADLINE_METRICS, read_validations
@@ -109,3 +110,19 @@ def test_cologen_eval_scores_the_base_and_names_missing_data(shapeworld_dir, tmp
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "make data" in missing.stderr
+
+
+def test_eval_builds_probes_with_the_training_configs_builder(shapeworld_dir, tmp_path):
+    """The base-only column must score the curriculum's own validation probes: same builder settings."""
+    from cologen.commands.evaluate import builder_from_config, load_probes
+    from cologen.errors import MissingInput
+
+    builder = builder_from_config(str(REPO / "experiments/tiny/curriculum.yaml"))
+    assert builder["box_thickness"] == 2 and builder["overlay_kinds"]["class_boxes"] == 0
+    assert builder_from_config(None) == {}
+    with pytest.raises(MissingInput, match="does not exist"):
+        builder_from_config(str(tmp_path / "nope.yaml"))
+    thin = load_probes(str(shapeworld_dir), ["grounding"], 4)["grounding"]
+    thick = load_probes(str(shapeworld_dir), ["grounding"], 4, builder=builder)["grounding"]
+    assert [p["key"] for p in thin] == [p["key"] for p in thick]
+    assert any(not torch.equal(a["target"], b["target"]) for a, b in zip(thin, thick))  # outlines drawn 2 px wide

@@ -233,3 +233,24 @@ def test_spec_switches_change_every_step_for_ablations():
     assert resolved.resolved() == resolved  # idempotent
     plain = CurriculumSpec(spec.steps).resolved()
     assert [s.alpha for s in plain.steps] == [0.0, 0.5, 0.5] and plain.steps[2].mixture == spec.steps[2].mixture
+
+
+def test_change_weight_weighs_the_changed_tokens_of_the_chosen_tasks():
+    from cologen.module import CoLoGenModule
+    from cologen.model.presets import TinyPreset
+    from cologen.training.config import FlowMatchingConfig as FlowConfig
+
+    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
+    x0 = torch.zeros(3, 4, 8)
+    source = x0.clone()
+    source[:, 1] = 1.0  # token 1 differs from the target in every sample
+    has_source = torch.tensor([True, True, False])
+    tasks = ["inpainting", "grounding", "grounding"]
+    everywhere = CoLoGenModule(preset=preset, flow=FlowConfig(change_weight=4.0))
+    w = everywhere.change_weights(x0, source, has_source, tasks)
+    assert w[:, 1].tolist() == [5.0, 5.0, 1.0] and (w[:, [0, 2, 3]] == 1).all()  # a dropped source: uniform
+    chosen = CoLoGenModule(preset=preset, flow=FlowConfig(change_weight=4.0, change_weight_tasks=["grounding"]))
+    assert chosen.change_weights(x0, source, has_source, tasks)[:, 1].tolist() == [1.0, 5.0, 1.0]
+    assert CoLoGenModule(preset=preset).change_weights(x0, source, has_source, tasks) is None  # the paper's loss
+    with pytest.raises(ValueError, match="unknown tasks"):
+        FlowConfig(change_weight=1.0, change_weight_tasks=["grnding"])

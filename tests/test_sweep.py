@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cologen.sweep import agent_command, format_table, load_sweep, run_local, server_reachable, validate_sweep
+from cologen.sweep import (
+    agent_command,
+    format_table,
+    load_sweep,
+    planned_trials,
+    progress_line,
+    run_local,
+    server_reachable,
+    validate_sweep,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "experiments" / "sweeps" / "gate_temperature.yaml"
@@ -28,6 +37,22 @@ def test_sweep_file_passes_wandb_validation_and_proposes_the_grid():
         validate_sweep({**config, "method": "grud"})
     with pytest.raises(ValueError, match="metric.name"):
         validate_sweep({k: v for k, v in config.items() if k != "metric"})
+
+
+def test_progress_says_trial_k_of_n_with_an_eta():
+    config = load_sweep(SWEEP)
+    grid = 1
+    for spec in config["parameters"].values():
+        grid *= len(spec["values"])
+    assert planned_trials(config, None) == grid and planned_trials(config, 3) == 3
+    assert planned_trials({**config, "method": "random"}, None) is None
+    params = {"model.prw.router.temperature": 0.5, "model.veteran.rho": 0.8}
+    assert progress_line(1, 6, [], params) == ("[sweep] trial 1/6 (ETA after the first trial): "
+                                               "model.prw.router.temperature=0.5, model.veteran.rho=0.8")
+    # 4 trials left (this one included) at the mean of the finished ones (100 s and 140 s)
+    assert progress_line(3, 6, [100.0, 140.0], params).startswith(
+        "[sweep] trial 3/6 (ETA 8 min for 4 trial(s) at 2 min each): ")
+    assert progress_line(2, None, [60.0], params).startswith("[sweep] trial 2: ")
 
 
 def test_command_line_is_the_agents(tmp_path, monkeypatch):
@@ -90,6 +115,7 @@ def test_local_trials_run_report_their_metric_and_routing_and_resume(shapeworld_
     report = ["val_routing/control/expert1", "val/routing_entropy"]
     out = tmp_path / "sweep"
     (trial,) = run_local(config, 1, out, ["--config", str(tmp_path / "shrink.yaml")], cwd=REPO, report=report)
+    assert "[sweep] trial 1/1 (ETA after the first trial): model.prw.router.temperature=0.5" in capsys.readouterr().out
 
     assert trial.returncode == 0
     assert trial.command[:9] == agent_command(config, {k: {"value": v} for k, v in trial.params.items()},
@@ -115,6 +141,8 @@ def test_local_trials_run_report_their_metric_and_routing_and_resume(shapeworld_
 
     # a rerun resumes: the finished trial is not run again, the next grid point is
     done = run_local(config, 2, out, ["--config", str(tmp_path / "shrink.yaml")], cwd=REPO, report=report)
+    printed = capsys.readouterr().out
+    assert "[sweep] resuming: 1 of 2 trial(s) finished" in printed and "[sweep] trial 2/2 (ETA " in printed
     assert [t.run_id for t in done][0] == trial.run_id and len(done) == 2
     assert done[1].params == {"model.prw.router.temperature": 0.5, "model.veteran.rho": 0.8}
     assert len((out / "trials.csv").read_text().splitlines()) == 3

@@ -14,12 +14,18 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from PIL import Image
+from PIL import Image, ImageFont
 
 from cologen.callbacks import MetricsSummary, SampleValidation
-from cologen.callbacks.grids import probe_grid
+from cologen.callbacks.grids import probe_caption, probe_grid, wrap
 from cologen.callbacks.media import log_image, log_table
-from cologen.callbacks.routing import count_routing, routing_figure, timestep_bin, write_usage_tables
+from cologen.callbacks.routing import (
+    count_routing,
+    expert_labels,
+    routing_figure,
+    timestep_bin,
+    write_usage_tables,
+)
 from cologen.callbacks.summary import merge_dataloader_keys
 from cologen.data import MixtureDataModule
 from cologen.model.config import PRWConfig
@@ -52,8 +58,11 @@ def test_routing_counts_per_block_bin_and_expert(tmp_path):
     assert float(rows[1][2]) == pytest.approx(10 / 14, abs=1e-4)
     detail = json.loads((tmp_path / "routing_usage.json").read_text())
     assert detail["tasks"]["editing"]["share_block_bin_expert"][0][1] == [None, None, None]
-    figure = Image.open(routing_figure({"editing": counts, "control": counts}, tmp_path / "routing.png"))
+    figure = Image.open(routing_figure({"editing": counts, "control": counts}, tmp_path / "routing.png",
+                                       expert_names=["inpainting", "grounding"]))
     assert figure.size[0] > 300 and figure.size[1] > 300
+    # experts are named after the curriculum step that introduced them
+    assert expert_labels(3, ["inpainting", "grounding"]) == ["e0 inpainting", "e1 grounding", "expert 2"]
 
 
 def test_probe_grid_layout_and_upscale():
@@ -64,6 +73,20 @@ def test_probe_grid_layout_and_upscale():
     assert (grid[2 + 5, label + 2 + 5] == 200).all()  # a missing source is a grey cell
     assert (grid[cell + 2 + 64, label + 2 + 64] == 0).all()  # output row, first probe: black (-1)
     assert (grid[2 * cell + 2 + 64, label + 2 + 64] == 255).all()  # target row, first probe: white (+1)
+
+    # with captions: each probe's prompt (wrapped to its column) and scores under it
+    prompts = ["draw a cyan box around the small purple triangle at the top left", "make the red square blue", "x"]
+    captions = [probe_caption(p, {"grounding/box_iou": 0.25, "grounding/hit": float("nan")}) for p in prompts]
+    assert captions[0].splitlines()[1:] == ["box_iou 0.25"]  # NaN scores (not measurable) are left out
+    captioned = probe_grid([None, images[0], images[1]], images, images[::-1], captions=captions)
+    lines = wrap(prompts[0], 128 - 2, ImageFont.load_default())
+    assert len(lines) >= 3 and " ".join(lines) == prompts[0]
+    assert captioned.shape[0] == 3 * cell + pad + (len(lines) + 1) * 12 + 2 * pad  # tallest caption + scores
+    np.testing.assert_array_equal(captioned[:3 * cell + pad], grid)  # the images are unchanged
+    below = captioned[3 * cell + pad:]
+    for c in range(3):  # text (dark pixels) under every column, inside it
+        column = below[:, label + 2 + c * cell: label + 2 + c * cell + 128]
+        assert (column < 100).any()
 
 
 def test_every_n_val_and_validate_always_samples():
@@ -138,7 +161,8 @@ def test_fit_logs_samples_routing_and_metrics_to_wandb_offline_and_files(shapewo
             (t, i, "learned") for t in tasks for i in range(3)]
         assert all("grounding/box_iou" in r for r in lines if r["task"] == "grounding")
         assert not (run_dir / "validation" / "step000000").exists()  # the sanity check does not sample
-        assert Image.open(out / "grounding.png").size == (52 + 3 * 130 + 2, 3 * 130 + 2)  # 3 probes x 3 rows
+        width, height = Image.open(out / "grounding.png").size
+        assert width == 52 + 3 * 130 + 2 and height > 3 * 130 + 2  # 3 probes x 3 rows, then their prompts
 
         rows = list(csv.DictReader(open(out / "routing_usage.csv")))
         assert [r["task"] for r in rows] == tasks

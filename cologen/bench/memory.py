@@ -238,32 +238,142 @@ def plan(config: dict | None = None, batch_sizes: tuple[int, ...] = (1, 4), rows
     return MemoryPlan(base, experts, routers, trainable, text_encoder_params(), vae_params(), acts)
 
 
-def table(p: MemoryPlan) -> str:
-    """The markdown rows of docs/memory.md (batch 1 unless stated; GB = 1e9 bytes)."""
+DOC = "docs/memory.md"
+COMMAND = "python -m cologen.bench.memory --write-docs"
+GOAL_GB = 40.0
+# measured with `make bench-gpu` on one H200 (docs/benchmarks.md); quoted beside the computed savings
+MEASURED = {
+    "bf16": "H200: the whole bf16 run peaks at 29.5 GB (batch 1, checkpointing); an fp32 base alone would be 47.6 GB",
+    "checkpointing": "H200: 8.6 GB at batch 1 (38.1 -> 29.5 GB peak); 34.3 GB at batch 4 (72.8 -> 38.5 GB)",
+}
+
+
+def _gb(x: float, digits: int = 1) -> str:
+    return f"{x / GB:.{digits}f} GB"
+
+
+def _streams(act: ActivationBytes) -> dict[str, int]:
+    """Activation bytes per pass (`source` stream, `main` pass) of a run without checkpointing."""
+    out: dict[str, int] = {}
+    for where, n in act.per_block.items():
+        stream = where.split(":", 1)[0]
+        out[stream] = out.get(stream, 0) + n
+    return out
+
+
+def switches_table(p: MemoryPlan) -> str:
+    """The switches table of docs/memory.md (savings computed from `p`, batch 1 unless stated)."""
     a = p.activations
     enc = sum(p.text_encoder_params.values())
     fused1, fused1_ck = a[(1, False, "fused")].total, a[(1, True, "fused")].total
     math1, math1_ck = a[(1, False, "math")].total, a[(1, True, "math")].total
-    lines = [
-        "| switch | saves (computed) |",
-        "|---|---|",
-        f"| frozen base in bf16, experts and routers fp32 | {p.base_params * 2 / GB:.1f} GB of base weights "
-        f"({p.base_params / 1e9:.2f}B params: {p.base_params * 4 / GB:.1f} GB fp32 -> "
-        f"{p.base_params * 2 / GB:.1f} GB bf16) |",
-        f"| gradient checkpointing per block | {(fused1 - fused1_ck) / GB:.1f} GB of activations at batch 1 "
-        f"({fused1 / GB:.1f} -> {fused1_ck / GB:.1f} GB); batch 4: {a[(4, False, 'fused')].total / GB:.1f} -> "
-        f"{a[(4, True, 'fused')].total / GB:.1f} GB |" if (4, False, "fused") in a else "",
-        f"| precomputed text embeddings (no text encoders) | {enc * 2 / GB:.1f} GB of T5-XXL + CLIP-L weights in "
-        f"bf16 ({enc / 1e9:.2f}B params), on the GPU and in host memory |",
-        f"| text encoders offloaded after encoding | {enc * 2 / GB:.1f} GB during the transformer's forward and "
-        "backward; a step that encodes an uncached prompt still holds them briefly |",
-        f"| fused attention (SDPA flash / cuDNN / efficient) vs the math kernel | {(math1 - fused1) / GB:.1f} GB "
-        f"without checkpointing ({math1 / GB:.1f} -> {fused1 / GB:.1f} GB), {(math1_ck - fused1_ck) / GB:.1f} GB "
-        "with it |",
-        f"| 8-bit AdamW states (bitsandbytes) | {p.trainable_params * 6 / GB:.2f} GB per trained expert "
-        f"({p.trainable_params / 1e6:.0f}M trainable params: 8 -> 2 bytes each) |",
+    adapters = (p.expert_params + p.router_params) * 4
+    rows = [
+        ("frozen base in bf16, experts and routers fp32",
+         "`model.preset.init_args.dtype: bfloat16`, `trainer.precision: 32-true` (on)",
+         f"{_gb(p.base_params * 2)} of base weights ({p.base_params / 1e9:.2f}B params: {_gb(p.base_params * 4)} "
+         f"in fp32 -> {_gb(p.base_params * 2)} in bf16); the {p.expert_params / 1e6:.0f}M expert and "
+         f"{p.router_params / 1e6:.2f}M router parameters stay fp32 ({_gb(adapters)})", MEASURED["bf16"]),
     ]
-    return "\n".join(line for line in lines if line)
+    if (4, False, "fused") in a:
+        fused4, fused4_ck = a[(4, False, "fused")].total, a[(4, True, "fused")].total
+        rows.append(("gradient checkpointing per block", "`model.gradient_checkpointing: true` (on)",
+                     f"{_gb(fused1 - fused1_ck)} of activations at batch 1 ({_gb(fused1)} -> {_gb(fused1_ck)}); "
+                     f"{_gb(fused4 - fused4_ck)} at batch 4 ({_gb(fused4)} -> {_gb(fused4_ck)})",
+                     MEASURED["checkpointing"]))
+    rows += [
+        ("precomputed text embeddings, no text encoders",
+         "`model.load_text_encoder: false` (`precomputed.yaml`)",
+         f"{_gb(enc * 2)}: T5-XXL ({p.text_encoder_params.get('t5_xxl', 0) / 1e9:.2f}B) + CLIP-L "
+         f"({p.text_encoder_params.get('clip_l', 0) / 1e9:.2f}B) in bf16 never reach the GPU, nor host memory",
+         "not measured"),
+        ("text encoders offloaded after encoding", "`model.offload_text_encoder: true` (on)",
+         f"{_gb(enc * 2)} during the transformer's forward and backward; a step that encodes a prompt not yet "
+         "cached holds them on the GPU for the encoding (see below)", "not measured"),
+        ("fused / memory-efficient attention",
+         "`model.attention_backend: null` (on: PyTorch SDPA with flash / memory-efficient kernels; cuDNN's is "
+         "excluded on CUDA, its backward fails on these shapes, docs/benchmarks.md)",
+         f"vs the math kernel: {_gb(math1 - fused1)} at batch 1 without checkpointing ({_gb(math1)} -> "
+         f"{_gb(fused1)}); {_gb(math1_ck - fused1_ck)} with checkpointing (one block's probabilities while it is "
+         "recomputed)", "not measured"),
+        ("8-bit AdamW states", "`model.optim.eight_bit: true` (off; `pip install 'cologen[gpu]'`)",
+         f"{_gb(p.trainable_params * 6, 2)} per trained expert: {p.trainable_params / 1e6:.1f}M trainable "
+         "parameters (one expert in every block, plus the routers), 8 -> 2 bytes of state each", "not measured"),
+        ("sharded frozen base (FSDP)", "`--config experiments/flux_dev/fsdp.yaml`",
+         f"(1 - 1/N) x {_gb(p.base_params * 2 + adapters)} of base and expert weights per GPU on N GPUs: "
+         f"{_gb((p.base_params * 2 + adapters) * 7 / 8)} on 8 GPUs", "not measured"),
+    ]
+    lines = ["| switch | config key (flux_dev default) | saves (computed) | measured |", "|---|---|---|---|"]
+    return "\n".join(lines + [f"| {a_} | {b_} | {c_} | {d_} |" for a_, b_, c_, d_ in rows])
+
+
+def persistent_line(p: MemoryPlan) -> str:
+    trained = p.trainable_params
+    return (f"Persistent through a step: base {_gb(p.base_params * 2, 2)} (bf16) + experts and routers "
+            f"{_gb((p.expert_params + p.router_params) * 4, 2)} (fp32) + gradients of the trained expert and the "
+            f"routers {_gb(trained * 4, 2)} + their AdamW states {_gb(trained * 8, 2)} = "
+            f"**{_gb(p.persistent(), 2)}** ({_gb(p.persistent(eight_bit=True), 2)} with 8-bit states).")
+
+
+def budget_table(p: MemoryPlan) -> str:
+    """Activations and the estimated peak per (batch, checkpointing, attention); the flux_dev default in bold."""
+    lines = ["| batch | checkpointing | attention | activations | estimated peak (persistent + activations) |",
+             "|---|---|---|---|---|"]
+    for (b, ckpt, attention), act in sorted(p.activations.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        peak = p.persistent() + act.total
+        default = b == 1 and ckpt and attention == "fused"
+        acts = _gb(act.total, 2)
+        if default:
+            acts = (f"**{acts}** ({act.saved / GB:.2f} saved: block inputs and the embedders'; "
+                    f"{act.kv_stash / GB:.2f} source K/V the main pass reads back; {act.recompute / GB:.2f} one "
+                    "recomputed block)")
+        cells = [str(b), "on" if ckpt else "off", attention, acts, _gb(peak)]
+        if default:
+            cells[1:3] = [f"**{c}**" for c in cells[1:3]]
+            cells[4] = f"**{cells[4]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(p: MemoryPlan) -> str:
+    """What the budget means for the 40 GB goal (and DDP's extra buckets)."""
+    a = p.activations
+    off, on = p.persistent() + a[(1, False, "fused")].total, p.persistent() + a[(1, True, "fused")].total
+    streams = _streams(a[(1, False, "fused")])
+    text = [f"At batch 1 the estimate is {_gb(on)} with checkpointing and {_gb(off)} without it, "
+            + ("over" if off > GOAL_GB * GB else "under") + f" the {GOAL_GB:.0f} GB goal before any allocator "
+            "overhead (measured on an H200: 29.5 GB and 38.1 GB)"]
+    if (4, True, "fused") in a:
+        text[0] += f"; batch 4 with checkpointing is {_gb(p.persistent() + a[(4, True, 'fused')].total)}"
+    text[0] += "."
+    if {"source", "main"} <= set(streams):
+        text.append(f"Without checkpointing the source stream keeps almost as much as the noisy stream "
+                    f"({_gb(streams['source'])} vs {_gb(streams['main'])} at batch 1): it has fewer tokens (1024 vs "
+                    "1536) but every one of its blocks keeps fp32 tensors for the experts (below).")
+    buckets = (p.expert_params + p.router_params) * 4
+    text.append("A data-parallel run adds its own buffers: DDP's reducer allocates gradient buckets for every "
+                "parameter registered with it, and `CurriculumDDPStrategy` registers the whole expert bank (so a "
+                f"later curriculum step can train its expert): about {_gb(buckets)} more per GPU, {_gb(on + buckets)} "
+                "at batch 1. FSDP has no such buckets.")
+    return "\n".join(text)
+
+
+def offload_note(p: MemoryPlan) -> str:
+    enc = sum(p.text_encoder_params.values()) * 2
+    step = p.persistent() + p.activations[(1, True, "fused")].total
+    return (f"* **Offloading is not a peak saving on its own.** The offloaded T5-XXL moves to the GPU while it "
+            f"encodes prompts that are not in its cache. That moment holds the persistent {_gb(p.persistent())} "
+            f"plus {_gb(enc)} of encoder weights ({_gb(p.persistent() + enc)}), which with checkpointing at batch 1 "
+            f"is {'more' if p.persistent() + enc > step else 'less'} than the training step itself ({_gb(step)}). "
+            f"It {'still fits' if p.persistent() + enc <= GOAL_GB * GB else 'does not fit'} {GOAL_GB:.0f} GB; the "
+            "real saving is precomputed embeddings (`data_recipes.precompute`, then `precomputed.yaml`), which also "
+            f"spare the {_gb(enc)} of host memory per process.")
+
+
+def doc_sections(p: MemoryPlan) -> dict[str, str]:
+    """The generated sections of docs/memory.md."""
+    return {"memory.switches": switches_table(p), "memory.persistent": persistent_line(p),
+            "memory.budget": budget_table(p), "memory.verdict": verdict(p), "memory.offload": offload_note(p)}
 
 
 def summary(p: MemoryPlan) -> str:
@@ -282,15 +392,29 @@ def summary(p: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--write-docs", action="store_true", help=f"rewrite the generated tables of {DOC}")
+    parser.add_argument("--check-docs", action="store_true", help=f"exit 1 if {DOC} disagrees with this tool")
     args = parser.parse_args(argv)
     p = plan(batch_sizes=tuple(args.batch_sizes))
     print(summary(p))
+    sections = doc_sections(p)
+    if args.write_docs or args.check_docs:
+        from cologen.docgen import stale, update
+
+        if (1, False, "fused") not in p.activations or (4, False, "fused") not in p.activations:
+            parser.error("the docs need --batch-sizes 1 4")
+        names = update(DOC, sections) if args.write_docs else stale(DOC, sections)
+        verb = "rewrote" if args.write_docs else "stale (run `" + COMMAND + "`)"
+        print(f"{DOC}: {verb}: {', '.join(names)}" if names else f"{DOC}: up to date")
+        return 1 if args.check_docs and names else 0
     print()
-    print(table(p))
+    for name, text in sections.items():
+        print(f"<!-- {name} -->\n{text}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

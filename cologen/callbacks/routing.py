@@ -103,9 +103,24 @@ def write_usage_tables(per_task: Mapping[str, RoutingCounts], out_dir: Path, glo
     (out_dir / "routing_usage.json").write_text(json.dumps(detail, indent=1) + "\n")
 
 
-def routing_figure(per_task: Mapping[str, RoutingCounts], path: Path, title: str = "") -> Path:
-    """One panel per (task, expert): rows = PRW blocks, columns = timestep bins, colour = the expert's share of the
-    routing decisions there (0-1, shared scale; grey = a bin no denoising step visited). Small panels carry numbers."""
+def expert_labels(num_experts: int, names: Sequence[str] | None = None) -> list[str]:
+    """`expert e` plus the task of the curriculum step that introduced it (`e1 grounding`), when known."""
+    names = list(names or [])
+    return [f"e{e} {names[e]}" if e < len(names) else f"expert {e}" for e in range(num_experts)]
+
+
+def _annotate(ax, data: np.ndarray, size: int = 7) -> None:
+    for (i, j), v in np.ndenumerate(data):
+        if math.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=size, color="black" if v > 0.6 else "white")
+
+
+def routing_figure(per_task: Mapping[str, RoutingCounts], path: Path, title: str = "",
+                   expert_names: Sequence[str] | None = None) -> Path:
+    """First the summary: one row per task, one column per expert (labelled with its curriculum step's task when
+    `expert_names` gives them), colour and number = the expert's share of that task's routing decisions over all
+    PRW blocks and denoising steps. Then the detail, one panel per task: rows = PRW blocks, columns = experts, the
+    share in that block over all steps (the split by timestep bin is in `routing_usage.json`). Shared 0-1 scale."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -113,33 +128,46 @@ def routing_figure(per_task: Mapping[str, RoutingCounts], path: Path, title: str
     tasks = list(per_task)
     experts = max(c.num_experts for c in per_task.values())
     blocks = max(len(c.blocks) for c in per_task.values())
-    bins = max(c.num_bins for c in per_task.values())
-    cell_w, cell_h = 0.5, min(0.3, 8.0 / blocks)  # FLUX's 57 blocks still fit a readable figure
-    panel_w, panel_h = 1.2 + bins * cell_w, 0.9 + blocks * cell_h
-    fig = Figure(figsize=(experts * panel_w + 1.0, len(tasks) * panel_h + 0.6), layout="constrained")
+    labels = expert_labels(experts, expert_names)
+    cell_w, cell_h = 0.55, min(0.28, 8.0 / blocks)  # FLUX's 57 blocks still fit a readable figure
+    panel_w = 0.9 + experts * cell_w
+    summary_h = 1.4 + 0.3 * len(tasks)
+    detail_h = 1.6 + blocks * cell_h
+    fig = Figure(figsize=(max(len(tasks) * panel_w + 1.2, 2.5 + experts * 0.9), summary_h + detail_h),
+                 layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(tasks), experts, squeeze=False)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[summary_h, detail_h])
     cmap = colormaps["viridis"].with_extremes(bad="0.85")
-    image = None
+
+    ax = top.subplots()
+    summary = np.full((len(tasks), experts), np.nan)
     for row, task in enumerate(tasks):
-        counts = per_task[task]
-        shares = counts.shares()
-        for e in range(experts):
-            ax = axes[row][e]
-            data = shares[:, :, e] if e < counts.num_experts else np.full(shares.shape[:2], np.nan)
-            image = ax.imshow(np.ma.masked_invalid(data), vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
-            ax.set_title(f"{task}: expert {e}", fontsize=8)
-            ax.set_xticks(range(counts.num_bins), bin_labels(counts.num_bins), fontsize=6, rotation=30)
-            ax.set_yticks(range(len(counts.blocks)), counts.blocks if e == 0 else [""] * len(counts.blocks),
-                          fontsize=6)
-            if data.size <= 64:
-                for (i, j), v in np.ndenumerate(data):
-                    if math.isfinite(v):
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                                color="black" if v > 0.6 else "white")
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label="share of routing decisions (grey: no step in that bin)")
+        summary[row, :per_task[task].num_experts] = per_task[task].usage()
+    image = ax.imshow(np.ma.masked_invalid(summary), vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(experts), labels, fontsize=7, rotation=20)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    ax.set_title("share of each task's routing per expert (all blocks and steps)", fontsize=8)
+    _annotate(ax, summary)
+    top.colorbar(image, ax=ax, shrink=0.8, label="share")
     if title:
-        fig.suptitle(title, fontsize=9)
+        top.suptitle(title, fontsize=9)
+
+    axes = bottom.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        counts = per_task[task]
+        per_block = counts.counts.sum(1).astype(float)  # (blocks, experts) over all timestep bins
+        total = per_block.sum(-1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            data = np.where(total > 0, per_block / np.maximum(total, 1), np.nan)
+        if data.shape[1] < experts:
+            data = np.pad(data, ((0, 0), (0, experts - data.shape[1])), constant_values=np.nan)
+        ax.imshow(np.ma.masked_invalid(data), vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
+        ax.set_title(task, fontsize=8)
+        ax.set_xticks(range(experts), [f"e{e}" for e in range(experts)], fontsize=6)
+        ax.set_yticks(range(len(counts.blocks)), counts.blocks if ax is axes[0] else [""] * len(counts.blocks),
+                      fontsize=6)
+        if data.size <= 80:
+            _annotate(ax, data, size=6)
+    bottom.suptitle("per PRW block: share of each expert (e = expert, see the labels above)", fontsize=8)
     fig.savefig(path, dpi=110)
     return path

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -73,9 +74,14 @@ class MetricsSummary(Callback):
             tmp.write_text(text)
             tmp.replace(path)  # a reader never sees half a file
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.monotonic()
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._update(trainer, log_merged=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "_started", None) is not None:  # this fit's wall time (a resumed fit: its own part)
+            self.summary["time/fit_seconds"] = round(time.monotonic() - self._started, 1)
         self._update(trainer, log_merged=False)

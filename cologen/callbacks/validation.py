@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from cologen.eval.probes import Probe, ProbeRun, own_expert_share, probes_from_batch, run_probes
 from cologen.metrics.shapeworld import aggregate
 
-from .grids import probe_grid
+from .grids import probe_caption, probe_grid
 from .media import log_image, log_table
 from .routing import RoutingCounts, count_routing, routing_figure, usage_rows, write_usage_tables
 
@@ -141,7 +141,7 @@ class SampleValidation(Callback):
         return {f"{prefix}/{k}": v for k, v in aggregate(run.rows).items() if math.isfinite(v)}
 
     def _sample_and_report(self, trainer: L.Trainer, pl_module) -> None:
-        step = int(trainer.global_step)
+        step = _global_step(trainer, pl_module)
         out_dir = Path(trainer.default_root_dir) / self.subdir / f"step{step:06d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         bins = pl_module.prw_config.router.timestep_bins or 4
@@ -171,10 +171,13 @@ class SampleValidation(Callback):
                     continue
                 hits, misses = hits + run.cache_hits, misses + run.cache_misses
                 shown = probes[:self.grid_probes]
+                scores = run.rows[:len(shown)] if run.rows else [{}] * len(shown)
                 grid = probe_grid([p["source"] for p in shown], run.outputs[:len(shown)],
-                                  [p["target"] for p in shown], self.min_side)
+                                  [p["target"] for p in shown], self.min_side,
+                                  captions=[probe_caption(p["prompt"], row) for p, row in zip(shown, scores)])
                 Image.fromarray(grid).save(out_dir / f"{task}.png")
-                log_image(trainer, f"val_samples/{task}", grid, step, caption="rows: source | output | ground truth")
+                log_image(trainer, f"val_samples/{task}", grid, step,
+                          caption="rows: source | output | ground truth; under each column its prompt and scores")
                 counts = count_routing(run.routing, experts, bins)
                 if counts is not None:
                     per_task[task] = counts
@@ -209,7 +212,10 @@ class SampleValidation(Callback):
 
     def _report_routing(self, trainer: L.Trainer, per_task: dict[str, RoutingCounts], out_dir: Path, step: int,
                         scalars: dict[str, float]) -> None:
-        path = routing_figure(per_task, out_dir / "routing.png", title=f"expert usage at step {step}")
+        cb = _curriculum_callback(trainer, require_index=False)
+        names = [st.name for st in cb.spec.steps] if cb is not None else None
+        path = routing_figure(per_task, out_dir / "routing.png", title=f"expert usage at step {step}",
+                              expert_names=names)
         log_image(trainer, "val_routing/heatmap", np.asarray(Image.open(path).convert("RGB")), step)
         write_usage_tables(per_task, out_dir, step)
         columns, rows = usage_rows(per_task)
@@ -218,6 +224,14 @@ class SampleValidation(Callback):
             for column, share in zip(columns[1:], row[1:]):
                 if share is not None:
                     scalars[f"val_routing/{row[0]}/{column}"] = float(share)
+
+
+def _global_step(trainer: L.Trainer, pl_module) -> int:
+    """The step the samples belong to: the trainer's while fitting; the loaded checkpoint's in `cologen validate`
+    (which restores weights, not the training loop, so its trainer is at step 0)."""
+    if trainer.state.fn == TrainerFn.FITTING:
+        return int(trainer.global_step)
+    return int(getattr(pl_module, "checkpoint_step", None) or trainer.global_step)
 
 
 def _curriculum_callback(trainer: L.Trainer, require_index: bool = True):

@@ -2,7 +2,10 @@
 intervals, with the routers' choice and with oracle routing.
 
     cologen eval runs/tiny/stage3/last.ckpt --probes 64 --oracle --out runs/tiny/stage3/eval
-    cologen eval --base --out runs/tiny/base_only     # the committed tiny base, no expert
+    cologen eval --base --config experiments/tiny/curriculum.yaml --out runs/tiny/base_only   # the base, no expert
+
+`--config` takes a training config whose `data.init_args.builder` the probes are built with (box thickness,
+overlay kinds...), so a score compares with that run's validation probe for probe.
 
 Writes `scores.jsonl` (one line per probe and routing mode) and `metrics.json` (means with intervals) to `--out`
 and prints the table. Probes are the first N validation examples of each task (the same ones SampleValidation
@@ -17,7 +20,9 @@ import math
 import sys
 from pathlib import Path
 
+from cologen import checkpoints
 from cologen.data.tasks import CURRICULUM_TASKS
+from cologen.errors import MissingInput, UsageError
 
 DEFAULT_DATA = "data/shapeworld"
 
@@ -28,9 +33,20 @@ def load_module(checkpoint: str | None):
 
     if checkpoint is None:
         return CoLoGenModule()
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    checkpoints.verify(checkpoint)
     return CoLoGenModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+
+
+def builder_from_config(path: str | None) -> dict:
+    """`data.init_args.builder` of a training config (YAML), or {} for the defaults."""
+    if path is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    if not Path(path).is_file():
+        raise MissingInput(f"config {path} does not exist")
+    data = OmegaConf.to_container(OmegaConf.load(path)).get("data") or {}
+    return dict((data.get("init_args") or {}).get("builder") or {})
 
 
 def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dict | None = None):
@@ -42,7 +58,7 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
     root = Path(data)
     missing = [t for t in tasks if not list((root / t).glob("val-*.tar"))]
     if missing:
-        raise FileNotFoundError(f"no validation shards for {missing} under {root}: run `make data` (ShapeWorld) or "
+        raise MissingInput(f"no validation shards for {missing} under {root}: run `make data` (ShapeWorld) or "
                                 "pass --data")
     shards = {t: str(root / t / "val-*.tar") for t in tasks}
     dm = MixtureDataModule(train_shards=shards, val_shards=shards, mixture={tasks[0]: 1.0}, num_workers=0,
@@ -98,14 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=16, help="sampler steps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--oracle", action="store_true", help="also score with oracle routing")
+    parser.add_argument("--config", help="training config whose data.init_args.builder builds the probes")
     parser.add_argument("--out", help="folder for scores.jsonl and metrics.json")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (not args.base):
         parser.error("give a checkpoint or --base (not both)")
     try:
-        probes = load_probes(args.data, args.tasks, args.probes, args.seed)  # before the model: fail fast
+        if args.checkpoint is not None:
+            checkpoints.check(args.checkpoint)  # both checks before the model is built: fail fast
+        probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
         module = load_module(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
+    except UsageError as err:
         print(f"cologen eval: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle)

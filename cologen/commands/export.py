@@ -6,20 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
+from cologen import checkpoints
+from cologen.errors import UsageError
 
 
 def export(checkpoint: str, out: str) -> Path:
     from cologen.module import CoLoGenModule
     from cologen.pipeline import CoLoGenPipeline
 
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = checkpoints.load(checkpoint)
     module = CoLoGenModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
     module.eval()
     meta = ckpt.get("cologen", {})
-    curriculum = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("CurriculumCallback")), None)
+    curriculum = checkpoints.curriculum_state(ckpt)
     metadata = {
         "source_checkpoint": str(checkpoint),
         "global_step": ckpt.get("global_step"),
@@ -33,7 +32,7 @@ def export(checkpoint: str, out: str) -> Path:
     if text_encoder is None and getattr(module, "_offloaded", None):
         text_encoder = module._offloaded[0]
     pipe = CoLoGenPipeline(module.model, text_encoder, module.codec, preset, module.positions,
-                           module.sampler_config, module.guidance_embeds, metadata)
+                           module.sampler_config, module.guidance_embeds, metadata, module.preset.sample_size)
     pipe.save_pretrained(out)
     return Path(out)
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as err:
+    except UsageError as err:
         print(f"cologen export: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"exported to {path}")

@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-import torch
+from cologen import checkpoints
+from cologen.errors import UsageError
 
 
 def summarize(path: str) -> dict:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    meta = ckpt.get("cologen")
-    if meta is None:
-        raise ValueError(f"{path} is not a cologen checkpoint (no 'cologen' section)")
-    curriculum = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("CurriculumCallback")), None)
+    ckpt = checkpoints.check(path)
+    meta = ckpt["cologen"]
+    curriculum = checkpoints.curriculum_state(ckpt)
     num_active = meta["num_active"]
     out = {
         "checkpoint": str(path),
@@ -45,6 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(json.dumps(summarize(args.checkpoint), indent=2))
-    except (FileNotFoundError, ValueError) as err:
+    except UsageError as err:
         print(f"cologen info: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,6 +15,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from cologen.errors import UsageError
+
 from .spec import CurriculumSpec, CurriculumStep
 
 log = logging.getLogger("cologen.curriculum")
@@ -99,10 +101,10 @@ class CurriculumCallback(Callback):
             self._apply_settings(trainer, module, restart_schedule=self.step.reset_schedule)
         self._log_event(trainer, module, "enter")
 
-    def _log_event(self, trainer: L.Trainer, module, event: str) -> None:
+    def _log_event(self, trainer: L.Trainer, module, event: str, detail: str = "") -> None:
         step = self.step
         msg = (f"curriculum: {event} step {self.index} '{step.name}' (stage {step.stage}) at global step "
-               f"{trainer.global_step}: expert {module.model.newest_expert} trains, "
+               f"{trainer.global_step}{detail}: expert {module.model.newest_expert} trains, "
                f"{module.model.newest_expert} veteran(s) frozen, mixture {step.mixture}, lr {step.lr}, "
                f"rho {step.rho}, alpha {step.alpha}")
         log.info(msg)
@@ -121,7 +123,7 @@ class CurriculumCallback(Callback):
         if trainer.max_steps in (-1, None):
             trainer.fit_loop.epoch_loop.max_steps = total
         elif trainer.max_steps != total:
-            raise ValueError(f"trainer.max_steps ({trainer.max_steps}) differs from the curriculum's total for "
+            raise UsageError(f"trainer.max_steps ({trainer.max_steps}) differs from the curriculum's total for "
                              f"run_steps {self.spec.selected()} ({total}); leave trainer.max_steps unset")
         if dm is not None and hasattr(dm, "set_mixture_schedule"):
             dm.set_mixture_schedule(self.mixture_schedule(trainer.accumulate_grad_batches))
@@ -131,21 +133,43 @@ class CurriculumCallback(Callback):
             return
         if self._resumed:
             # The experts' weights and count came from the checkpoint (the optimizer and scheduler state follow
-            # after this hook); re-derive which of them train.
+            # after this hook); re-derive which of them train. The resume is reported in `on_train_start`, once the
+            # trainer's own position (global step) is restored too.
             pl_module.model.freeze_for_curriculum()
             pl_module.veteran.rho, pl_module.veteran.alpha = self.step.rho, self.step.alpha
             pl_module.task_experts = self.spec.task_experts(self.index)
-            self._log_event(trainer, pl_module, "resume")
             return
         first = self.spec.selected()[0]
         model = pl_module.model
         if model.num_active not in (first, first + 1) and not (first == 0 and model.num_active == 1):
-            raise ValueError(
+            raise UsageError(
                 f"curriculum starts at step {first} but the model has {model.num_active} active expert(s): "
                 f"initialise it from the previous stage's checkpoint (model.init_from)")
         # Activation after the strategy wrapped the model is fine: the optimizer holds every expert from the start
         # and CurriculumDDPStrategy / the FSDP2 strategy register them all.
         self._enter(trainer, pl_module, first)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.enabled and self._resumed:
+            self._log_event(trainer, pl_module, "resume", f" ({self.done} of its {self.step.steps} steps done)")
+
+    def resume_status(self, state: dict[str, Any] | None, checkpoint: str) -> str | None:
+        """Before resuming from `checkpoint` (its saved curriculum `state`): a line saying the run already finished
+        (None when there is training left); a UsageError when the checkpoint is not a position of this run."""
+        if not self.enabled or not state or state.get("index") is None:
+            return None
+        spec = CurriculumSpec(**{**state["spec"], "steps": [CurriculumStep(**s) for s in state["spec"]["steps"]]})
+        index, done = int(state["index"]), int(state["done"])
+        run = self.spec.selected()
+        if index not in run:
+            raise UsageError(f"{checkpoint} stopped in curriculum step {index} ({spec.steps[index].name}), which "
+                             f"this run (curriculum.spec.run_steps {run}) does not train: resume a run with its own "
+                             "last.ckpt, or start the next stage from it with model.init_from")
+        if index == run[-1] and done >= self.spec.steps[index].steps:
+            names = ", ".join(f"{i} {self.spec.steps[i].name}" for i in run)
+            return (f"{checkpoint} has already finished this run (curriculum steps {names}; "
+                    f"{sum(self.spec.steps[i].steps for i in run)} optimizer steps): nothing to resume")
+        return None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if not self.enabled:

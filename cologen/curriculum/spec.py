@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from cologen.data.tasks import TASKS
+from cologen.errors import UsageError
 
 
 @dataclass
@@ -77,45 +78,45 @@ class CurriculumSpec:
         twice `entry_warmup_steps` (the router's entry anneal) long, so its expert is routed for as long as the
         anneal took."""
         if not self.steps:
-            raise ValueError("curriculum.steps is empty")
+            raise UsageError("curriculum.steps is empty")
         if self.veteran_alpha is not None and self.veteran_alpha < 0:
-            raise ValueError(f"curriculum.veteran_alpha must be >= 0, got {self.veteran_alpha}")
+            raise UsageError(f"curriculum.veteran_alpha must be >= 0, got {self.veteran_alpha}")
         if len(self.steps) > num_experts:
-            raise ValueError(f"curriculum.steps has {len(self.steps)} steps but model.prw.num_experts is "
+            raise UsageError(f"curriculum.steps has {len(self.steps)} steps but model.prw.num_experts is "
                              f"{num_experts}: allocate one expert per step")
         for i, step in enumerate(self.steps):
             where = f"curriculum.steps[{i}] ({step.name})"
             if step.steps <= 0:
-                raise ValueError(f"{where}.steps must be > 0, got {step.steps}")
+                raise UsageError(f"{where}.steps must be > 0, got {step.steps}")
             if i > 0 and step.steps < 2 * entry_warmup_steps:
-                raise ValueError(f"{where}.steps ({step.steps}) must be >= 2 x prw.router.entry_warmup_steps "
+                raise UsageError(f"{where}.steps ({step.steps}) must be >= 2 x prw.router.entry_warmup_steps "
                                  f"({entry_warmup_steps}): the new expert's router entry anneals over the warm-up, "
                                  "and the step must route to it for at least as long; lengthen the step or shorten "
                                  "the warm-up")
             if not step.mixture:
-                raise ValueError(f"{where}.mixture is empty")
+                raise UsageError(f"{where}.mixture is empty")
             for task, weight in step.mixture.items():
                 if task not in TASKS:
-                    raise ValueError(f"{where}.mixture has unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+                    raise UsageError(f"{where}.mixture has unknown task {task!r}; known tasks: {', '.join(TASKS)}")
                 if weight < 0:
-                    raise ValueError(f"{where}.mixture[{task}] is negative ({weight})")
+                    raise UsageError(f"{where}.mixture[{task}] is negative ({weight})")
                 if available_tasks is not None and weight > 0 and task not in available_tasks:
-                    raise ValueError(f"{where}.mixture uses {task!r} but the data has no train_shards for it")
+                    raise UsageError(f"{where}.mixture uses {task!r} but the data has no train_shards for it")
             if sum(step.mixture.values()) <= 0:
-                raise ValueError(f"{where}.mixture weights must sum to a positive number")
+                raise UsageError(f"{where}.mixture weights must sum to a positive number")
             if step.lr <= 0:
-                raise ValueError(f"{where}.lr must be > 0, got {step.lr}")
+                raise UsageError(f"{where}.lr must be > 0, got {step.lr}")
             if not 0.0 <= step.rho <= 1.0:
-                raise ValueError(f"{where}.rho must be in [0, 1], got {step.rho}")
+                raise UsageError(f"{where}.rho must be in [0, 1], got {step.rho}")
             if step.alpha < 0:
-                raise ValueError(f"{where}.alpha must be >= 0, got {step.alpha}")
+                raise UsageError(f"{where}.alpha must be >= 0, got {step.alpha}")
         run = self.selected()
         if not run:
-            raise ValueError("curriculum.run_steps is empty")
+            raise UsageError("curriculum.run_steps is empty")
         if any(not 0 <= i < len(self.steps) for i in run):
-            raise ValueError(f"curriculum.run_steps {run} must index curriculum.steps (0..{len(self.steps) - 1})")
+            raise UsageError(f"curriculum.run_steps {run} must index curriculum.steps (0..{len(self.steps) - 1})")
         if run != list(range(run[0], run[-1] + 1)):
-            raise ValueError(f"curriculum.run_steps {run} must be consecutive and increasing")
+            raise UsageError(f"curriculum.run_steps {run} must be consecutive and increasing")
 
     def total_steps(self) -> int:
         return sum(self.steps[i].steps for i in self.selected())

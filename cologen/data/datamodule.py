@@ -247,7 +247,7 @@ class MixtureDataModule(L.LightningDataModule):
 
     def _train_urls(self) -> dict[str, list[str]]:
         if self._urls is None:
-            self._urls = {t: expand_shards(self.train_shards[t], f"train_shards.{t}") for t in self._state.tasks}
+            self._urls = {t: expand_shards(self.train_shards[t], f"data.train_shards.{t}") for t in self._state.tasks}
             self._warn_without_manifest("train_shards", self._urls)
         return self._urls
 
@@ -259,6 +259,16 @@ class MixtureDataModule(L.LightningDataModule):
             log.warning("%s: %d of %d shards have no manifest (e.g. %s): a truncated one cannot be told from a "
                         "shorter one; `python -m data_recipes.check --write-manifests` adds them", what, len(missing),
                         len(every), missing[0])
+
+    def locate_shards(self, stage: str = "fit") -> None:
+        """Expand every shard pattern `stage` reads (fit: train and validation; validate / test: validation) and
+        fail with one line naming the first that matches nothing and the command that writes it. Commands call it
+        before they create anything (run folder, loggers)."""
+        if stage == "fit":
+            self._train_urls()
+        if stage in ("fit", "validate", "test"):
+            for t in self.val_tasks:
+                expand_shards(self.val_shards[t], f"data.val_shards.{t}")
 
     def check_shards(self) -> None:
         """Without resampling each rank x worker reads its own shards: refuse too few of them."""

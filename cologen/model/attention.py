@@ -136,28 +136,27 @@ class PRWAttnProcessor:
         if prw.mode == "source":
             routing = route(attn.prw_router, hidden_states, prw)
             prw.routing[self.name] = routing
-            gate = bank.gate(hidden_states, routing.index) if bank.has_token_gate else None
-            return _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gate)
+            return _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gated=True)
         if bank.noisy_targets and self.name in prw.routing:
             # single-stream blocks see text + noisy tokens; the experts adapt the noisy ones
             skip = prw.text_len if encoder_hidden_states is None else 0
             return _RoutedAdapter(bank, prw.routing[self.name], prw.num_active,
-                                  [noisy_name(t) for t in bank.noisy_targets], hidden_states, skip, None)
+                                  [noisy_name(t) for t in bank.noisy_targets], hidden_states, skip, gated=False)
         return None
 
 
 class _RoutedAdapter:
     """The routed expert's LoRA deltas on one pass's tokens (all of them, or those after `skip` text tokens)."""
 
-    def __init__(self, bank, routing: Routing, num_active: int, names, hidden: torch.Tensor, skip: int,
-                 gate: torch.Tensor | None):
+    def __init__(self, bank, routing: Routing, num_active: int, names, hidden: torch.Tensor, skip: int, gated: bool):
         self.bank, self.routing, self.num_active = bank, routing, num_active
-        self.names, self.skip, self.gate = list(names), skip, gate
+        self.names, self.skip = list(names), skip
         self.hidden = hidden[:, skip:] if skip else hidden
+        self.gate_from = self.hidden if gated else None  # the token gates read the attention's input tokens
 
     def _deltas(self, hidden: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         r = self.routing
-        return self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate)
+        return self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from)
 
     def add_qkv(self, query, key, value):
         names = [n for n in self.names if not n.endswith("to_out")]

@@ -86,11 +86,8 @@ class ExpertBank(nn.Module):
         ups = [torch.stack([getattr(e, n).lora_B.weight for e in self.experts]) for n in names]
         return down, ups  # (E, len(names) * r, D), [(E, D, r)] * len(names)
 
-    def gate(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
-        """Per-token gate (B, N, 1) of the routed expert for `hidden` (B, N, D) (sample routing); None without
-        token gates."""
-        if not self.has_token_gate:
-            return None
+    def _gate(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Per-token gate (B, N, 1) of the routed expert for `hidden` (B, N, D) (sample routing)."""
         if index.dim() != 1:
             raise ValueError("token gates need sample routing (prw.router.granularity: sample)")
         w = torch.stack([e.token_gate.weight[0] for e in self.experts]).to(hidden.dtype)  # (E, D)
@@ -99,13 +96,16 @@ class ExpertBank(nn.Module):
         return 2 * torch.sigmoid(logits)
 
     def forward(self, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, num_active: int,
-                names: Sequence[str] = ("to_k", "to_v"), gate: torch.Tensor | None = None) -> list[torch.Tensor]:
+                names: Sequence[str] = ("to_k", "to_v"), gate_from: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Deltas of the projections `names` (module names of the expert) for `hidden` (B, N, D).
 
         Sample routing: `index`, `weight` are (B,). Token routing: (B, N); then every active expert runs on all
         tokens and the result is masked (dense over the active experts, documented as the slower option).
-        `gate` (B, N, 1): per-token factors (`self.gate(...)`), sample routing only.
+        `gate_from` (B, N, D): with token gates, the tokens whose gate scales each token's deltas (the pass's input
+        to the attention, also for the output projection's delta); None: ungated. Everything the bank computes
+        happens in this forward, so FSDP gathers the bank's weights for it.
         """
+        gate = self._gate(gate_from, index) if gate_from is not None and self.has_token_gate else None
         down, ups = self._stacked(names)
         # Compute in the activations' dtype (bf16 on FLUX; the fp32 master weights are cast, as autocast would):
         # fp32 copies of (B, N, D) activations would cost ~45 MB per block and sample.

@@ -43,6 +43,7 @@ class Preset(ABC):
     """Builds a Backbone. Subclasses are selected in configs with `class_path`."""
 
     name: str
+    sample_size: int  # default side of generated images (text-to-image without a size)
 
     @abstractmethod
     def build(self, load_text_encoder: bool = True) -> Backbone: ...
@@ -105,10 +106,11 @@ class TinyPreset(Preset):
             `make base`); 'builtin' is the one committed with the package; null starts from random weights.
         seed: initialisation seed when starting from random weights.
         text_cache_size: prompts whose embeddings the text encoder keeps (~35 KB each: a ShapeWorld prompt has
-            ~22 tokens), so MiniLM encodes each once; the base's pretraining sees 40,000 captions and keeps them all.
+            ~22 tokens), so MiniLM encodes each once; the base's pretraining sees 20,000 captions and keeps them all.
     """
 
     name = "tiny"
+    sample_size = 32  # ShapeWorld's side, which the base was trained at
 
     def __init__(self, width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4,
                  codec_factor: int = 2, text_max_length: int = 48, base: str | None = "builtin", seed: int = 0,
@@ -184,6 +186,9 @@ def load_tiny_base(folder: Path, expected_config: dict) -> FluxTransformer2DMode
     return transformer
 
 
+FLUX_FOLDER = "model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/"
+
+
 class FluxDevPreset(Preset):
     """FLUX.1-dev (or any FLUX.1 diffusers folder): transformer, VAE, CLIP and T5 from local files.
 
@@ -195,6 +200,7 @@ class FluxDevPreset(Preset):
     """
 
     name = "flux_dev"
+    sample_size = 1024  # FLUX.1-dev's default (diffusers' FluxPipeline: 128 latent pixels x 8)
 
     def __init__(self, path: str, dtype: str = "bfloat16", text_max_length: int = 512):
         self.path = path
@@ -205,10 +211,12 @@ class FluxDevPreset(Preset):
         return {"name": self.name, "path": self.path, "dtype": self.dtype, "text_max_length": self.text_max_length}
 
     def build(self, load_text_encoder: bool = True) -> Backbone:
+        from cologen.errors import MissingInput
+
         root = Path(self.path)
         if not (root / "transformer").is_dir():
-            raise FileNotFoundError(f"FLUX folder {root} has no transformer/: set preset.init_args.path to a "
-                                    "local diffusers-format FLUX.1 folder")
+            raise MissingInput(f"no FLUX.1 folder at {root}: set FLUX_PATH (make) or model.preset.init_args.path "
+                               f"to a local diffusers-format FLUX.1-dev folder ({FLUX_FOLDER})")
         dtype = parse_dtype(self.dtype)
         transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype)
         text = (FluxTextEncoder.from_pretrained(root, dtype=dtype, max_length=self.text_max_length)

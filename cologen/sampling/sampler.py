@@ -7,6 +7,7 @@ timestep bin with time-aware routing) and reused at every denoising step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,13 +85,15 @@ class FlowSampler:
     @torch.no_grad()
     def sample(self, text: TextEmbeddings, height: int, width: int, sources: torch.Tensor | None = None,
                tasks: list[str] | None = None, seed: int | list[int] = 0,
-               experts: torch.Tensor | None = None) -> tuple[torch.Tensor, SampleStats]:
+               experts: torch.Tensor | None = None,
+               on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, SampleStats]:
         """Generate images (B, 3, height, width) in [-1, 1].
 
         text: prompt embeddings (B, ...); sources: condition images (B, 3, Hs, Ws) in [-1, 1] or None
         (text-to-image); tasks: per-sample task names (choose the source position scheme); seed: one seed for the
         batch or one per sample (each sample's noise depends only on its own seed); experts: (B,) forced expert per
-        sample in every PRW block (oracle routing, for evaluation; None: the routers decide).
+        sample in every PRW block (oracle routing, for evaluation; None: the routers decide); on_step: called with
+        the number of denoising steps done after each one (a progress bar).
         """
         cfg, model, codec = self.config, self.model, self.codec
         device = next(model.parameters()).device
@@ -154,6 +157,8 @@ class FlowSampler:
                 full, img_only, none = v
                 velocity = none + cfg.image_cfg_scale * (img_only - none) + cfg.cfg_scale * (full - img_only)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(len(stats.routing))
         if cache is not None:
             stats.cache_hits, stats.cache_misses = cache.hits, cache.misses
             stats.source_passes += cache.misses

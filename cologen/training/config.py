@@ -7,6 +7,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from cologen.data.tasks import TASKS
+
 T = TypeVar("T")
 
 
@@ -43,6 +45,8 @@ class FlowMatchingConfig:
         same place (the hole of an inpainting source, a grounding overlay, an edit): per-token weight
         `1 + change_weight` there, 1 elsewhere, normalized per sample. Where most of the image is a copy of the
         source, the plain MSE spends nearly all its signal on copying. 0 is the plain objective (the paper).
+    change_weight_tasks: the tasks `change_weight` applies to (None: every task). On the tiny preset it costs
+        inpainting its copy fidelity outside the hole (measured 30.4 -> 24.2 dB after 400 steps at lr 1e-3).
     """
 
     logit_mean: float = 0.0
@@ -52,10 +56,14 @@ class FlowMatchingConfig:
     source_dropout: float = 0.1
     guidance: float = 1.0
     change_weight: float = 0.0
+    change_weight_tasks: list[str] | None = None
 
     def __post_init__(self):
         if self.change_weight < 0:
             raise ValueError(f"flow.change_weight must be >= 0, got {self.change_weight}")
+        unknown = sorted(set(self.change_weight_tasks or ()) - set(TASKS))
+        if unknown:
+            raise ValueError(f"flow.change_weight_tasks: unknown tasks {unknown} (known: {', '.join(TASKS)})")
         for name in ("text_dropout", "source_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
