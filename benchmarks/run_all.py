@@ -1,7 +1,8 @@
 """`make bench`: every CPU benchmark of the project, each a ratio against a baseline measured in the same process.
 
 1. training step: backbone / one always-on LoRA / PRW (5 experts + router), tiny and wide configs (goal PRW/LoRA <= 1.10)
-2. data: loader throughput (2 workers) over what training of the configured tiny model consumes (goal >= 5x)
+2. data: loader throughput (2 workers) over what training of the configured tiny model consumes (goal >= 5x), and
+   the shard manifest check's share of the loader's throughput (goal < 5%)
 3. sampler: 28 steps with and without the condition cache (goal >= 1.8x on the wide config)
 4. recipes: conversion rows/s for subjects200k and omniedit on fixtures
 5. validation: one task's sampling validation (the tiny curriculum's probes and steps) against one training step
@@ -63,10 +64,14 @@ def main(argv=None) -> dict:
         train_step_s = bench_validation.training_step_s(args.data)
         train = {"step_s": train_step_s, "samples_per_s": 8 / train_step_s}
         ratio = loader["samples_per_s"] / train["samples_per_s"]
-        results["data"] = {"loader": loader, "training": train, "ratio": ratio}
+        manifests = bench_loader.manifest_check_cost(args.data, repeats=3, num_workers=2)
+        results["data"] = {"loader": loader, "training": train, "ratio": ratio, "manifest_check": manifests}
         print(f"[data] loader {loader['samples_per_s']:.0f} samples/s (2 workers) vs training "
               f"{train['samples_per_s']:.1f} samples/s ({train['step_s']:.3f} s/step, batch 8)  |  "
               f"ratio {ratio:.1f}x (goal >= 5x)")
+        print(f"[data] manifest check: {100 * manifests['cost']:.1f}% of the loader's throughput "
+              f"({manifests['with_manifests_samples_per_s']:.0f} vs {manifests['without_samples_per_s']:.0f} samples/s "
+              f"without manifests, medians of 3 interleaved runs; goal < 5%)")
     if "sampler" not in args.skip:
         results["sampler"] = bench_sampler.main([])
     if "recipes" not in args.skip:

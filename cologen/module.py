@@ -265,20 +265,24 @@ class CoLoGenModule(L.LightningModule):
                     losses["loss"] = losses["loss"] + losses["loss_routing"]
         return losses
 
-    def _log_losses(self, losses: dict, tasks: list[str], stage: str) -> None:
+    def _log_losses(self, losses: dict, tasks: list[str], stage: str, counted: bool = True) -> None:
+        """`counted` False (a DDP padding batch): logged with weight 0, so every rank logs the same keys (their
+        epoch means are synced together) while the means count each real example once."""
         on_step = stage == "train"
-        b = len(tasks)
+        # float weights: Lightning syncs an epoch mean as mean(weighted sums) / mean(weights) and truncates an
+        # integer weight total's mean (Lightning-AI/pytorch-lightning#21859): 5 examples on 2 ranks counted as 4
+        weight = 1.0 if counted else 0.0
         for key in ("loss", "loss_task", "loss_veteran", "loss_routing", "usage_newest", "routing_entropy",
                     "routing_own_expert"):
             if key in losses:
-                self.log(f"{stage}/{key}", losses[key], on_step=on_step, on_epoch=not on_step, batch_size=b,
-                         prog_bar=key == "loss", sync_dist=not on_step)
+                self.log(f"{stage}/{key}", losses[key], on_step=on_step, on_epoch=not on_step,
+                         batch_size=weight * len(tasks), prog_bar=key == "loss", sync_dist=not on_step)
         per_sample = losses["per_sample"].detach()
         for task in sorted(set(tasks)):
             idx = [i for i, t in enumerate(tasks) if t == task]
             # the task names the key, so no per-dataloader suffix (validation has one loader per task)
             self.log(f"{stage}/loss_task/{task}", per_sample[idx].mean(), on_step=on_step, on_epoch=not on_step,
-                     batch_size=len(idx), sync_dist=not on_step, add_dataloader_idx=False)
+                     batch_size=weight * len(idx), sync_dist=not on_step, add_dataloader_idx=False)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # The step's randomness (timesteps, noise, dropout, router noise) is a function of (seed, step, rank):
@@ -304,10 +308,13 @@ class CoLoGenModule(L.LightningModule):
                              "usage": [[round(float(v), 4) for v in row] for row in usage]}
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        # A fixed generator per batch: the validation loss is comparable across evaluations.
-        gen = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        # A fixed generator per batch, seeded by its place in the validation set (the same on any number of ranks):
+        # the validation loss is comparable across evaluations and world sizes.
+        gen = torch.Generator(device=self.device).manual_seed(1000 + int(batch.get("batch_index", batch_idx)))
         losses = self.compute_losses(batch, train=False, generator=gen)
-        self._log_losses(losses, list(batch["task"]), "val")
+        # a DDP padding batch (`valid` False) still runs, as every rank must under FSDP, but weighs nothing
+        counted = bool(batch["valid"].all()) if "valid" in batch else True
+        self._log_losses(losses, list(batch["task"]), "val", counted=counted)
         return losses["loss"]
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:

@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import random
 import sys
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from cologen.data.manifest import ShardWriter
 
 log = logging.getLogger("data_recipes")
 
@@ -184,26 +185,37 @@ def rgb_png(data: bytes) -> bytes:
 
 
 def white_region_mask(data: bytes, size: tuple[int, int] | None = None, threshold: int = 250,
-                      painted_on: bytes | None = None) -> bytes:
-    """A region painted white (all channels >= threshold) as a 0/255 single-channel PNG.
+                      painted_on: bytes | None = None, edited: bytes | None = None, edit_tolerance: int = 16) -> bytes:
+    """A region painted white (all channels >= threshold) as a 0/255 single-channel PNG, for both encodings:
 
-    UltraEdit's region masks are white on black. MagicBrush's `mask_img` is the source image with the edited
-    region painted white: pass the source as `painted_on`, and pixels identical to it (white walls, sky)
-    are not taken for the region, unless the two images differ everywhere (then white alone decides).
-    Skip when the size disagrees or the mask is empty.
+    * white on black (UltraEdit's region masks, and any binary mask): every white pixel, whatever the source;
+    * painted on the source (MagicBrush's `mask_img`: the source with the edited region painted white; give the
+      source as `painted_on`): the white pixels that differ from the source, and those where the source was
+      already white (sky, a wall) but the edit changed it (give the target as `edited`). A source pixel that was
+      white and that the edit left as it was is the one case the two images cannot tell apart: it counts as
+      outside. A copy that differs from the source almost everywhere (re-encoded) is read by white alone.
+
+    Transparent pixels are not part of a painted region. Skip when the size disagrees or the mask is empty.
     """
     im = decode_image(data, "RGBA")
     if size is not None and im.size != tuple(size):
         raise Skip("mask size differs from image")
     arr = np.asarray(im)
-    # Transparent pixels are not part of a painted region.
-    region = (arr[..., :3].min(axis=-1) >= threshold) & (arr[..., 3] > 0)
-    if painted_on is not None:
+    rgb = arr[..., :3]
+    white = (rgb.min(axis=-1) >= threshold) & (arr[..., 3] > 0)
+    black = rgb.max(axis=-1) <= 255 - threshold
+    region = white
+    # a binary mask is white on black whatever the source holds (anti-aliased edges aside)
+    if painted_on is not None and (white | black).mean() < 0.995:
         src = np.asarray(decode_image(painted_on, "RGB"))
-        if src.shape[:2] == region.shape:
-            changed = (src != arr[..., :3]).any(axis=-1)
-            if changed.mean() < 0.99:  # a painted copy, not a re-encoded one
-                region &= changed
+        if src.shape == rgb.shape:
+            differs = (src != rgb).any(axis=-1)
+            if differs.mean() < 0.99:  # a painted copy, not a re-encoded one
+                region = white & differs
+                tgt = np.asarray(decode_image(edited, "RGB")) if edited is not None else None
+                if tgt is not None and tgt.shape == src.shape:
+                    changed = np.abs(tgt.astype(np.int16) - src.astype(np.int16)).max(axis=-1) > edit_tolerance
+                    region |= white & ~differs & changed
     if not region.any():
         raise Skip("empty mask")
     return encode_png((region * 255).astype(np.uint8))
@@ -325,40 +337,24 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class _ShardWriter:
-    """Writes one shard to a temp name; `close()` renames it (or removes it when it holds no sample).
-
-    Plain `tarfile` in the layout webdataset reads (`{key}.{field}` members, a sample's members adjacent);
-    importing webdataset would pull in torch, seconds of start-up for a converter. Member times are fixed,
-    so re-converting the same rows gives byte-identical shards.
-    """
+    """One output shard (`ShardWriter`: a temp name renamed when complete, the manifest beside it, fixed member
+    metadata, so re-converting the same rows gives byte-identical shards) plus its conversion counts."""
 
     def __init__(self, job: Job, index: int):
         self.job = job
         self.index = index
-        self.final = job.output / f"{job.shard_name(index)}.tar"
-        self.tmp = self.final.with_name(self.final.name + ".tmp")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
+        self.sink = ShardWriter(job.output / f"{job.shard_name(index)}.tar")
         start = index * job.shard_size
         self.stats = ShardStats(shard=job.shard_name(index), rows=(start, start))
         self.counter: Counter = Counter()
         self.t0 = time.perf_counter()
 
     def write(self, sample: Sample) -> None:
-        for name, data in sample.members():
-            info = tarfile.TarInfo(f"{sample.key}.{name}")
-            info.size = len(data)
-            info.mode = 0o444
-            info.mtime = 0
-            self.tar.addfile(info, io.BytesIO(data))
+        self.sink.write(sample.key, sample.members())
         self.stats.samples += 1
 
     def close(self, complete: bool) -> ShardStats:
-        self.tar.close()
-        if self.stats.samples:
-            os.replace(self.tmp, self.final)
-        else:
-            self.tmp.unlink()
-            self.final.unlink(missing_ok=True)
+        self.sink.close()  # an empty shard is not kept
         self.stats.skipped = dict(self.counter.most_common())
         self.stats.complete = complete
         self.stats.seconds = round(time.perf_counter() - self.t0, 3)

@@ -81,8 +81,10 @@ class EditingConverter:
         files = {f"image.{t_ext}": tgt, f"source.{s_ext}": src}
         if c.mask and row.get(c.mask) is not None:
             try:
+                painted = c.mask_painted_on_source
                 files["mask.png"] = white_region_mask(image_bytes(row[c.mask], "mask"), t_size,
-                                                      painted_on=src if c.mask_painted_on_source else None)
+                                                      painted_on=src if painted else None,
+                                                      edited=tgt if painted and c.target is not None else None)
             except Skip as s:  # the edit is still good without its mask
                 ctx.skip(f"mask dropped: {s.reason}")
         edit: dict[str, Any] = {"operation": "other", "instruction": instruction}

@@ -108,7 +108,7 @@ def _composite_jpeg(seed: int, noise: float) -> bytes:
 def subjects200k_table(n: int, seed: int = 0, bad: bool = False, noise: float = 0.0,
                        distinct: int | None = None) -> pa.Table:
     """`n` good rows; with `bad`, 4 more at the end: missing image bytes, null quality struct,
-    a score below 5, and a composite of the wrong size. `distinct` cycles that many images (fast, for
+    a score below 5, and a composite that is not two square views side by side. `distinct` cycles that many images (fast, for
     benchmarks); by default every row has its own."""
     rows = []
     for i in range(n):
@@ -134,7 +134,7 @@ def subjects200k_table(n: int, seed: int = 0, bad: bool = False, noise: float = 
         rows.append(template | {"image": img, "quality_assessment": {"compositeStructure": 5,
                                                                      "objectConsistency": 3,
                                                                      "imageQuality": 5}})
-        rows.append(template | {"image": image_cell(encode(draw_image(1024, 512, 1))),
+        rows.append(template | {"image": image_cell(encode(draw_image(1000, 528, 1))),
                                 "quality_assessment": {"compositeStructure": 5, "objectConsistency": 5,
                                                        "imageQuality": 5}})
     return pa.Table.from_pylist(rows, schema=SUBJECTS_SCHEMA)

@@ -1,6 +1,7 @@
 """LVIS (COCO-format JSON + the COCO 2017 images) -> grounding shards.
 
-One sample per (image, category): the expression names the class ("the baseball bat", then its synonyms),
+One sample per (image, category): the expression names the class ("the baseball bat", then its synonyms;
+LVIS's disambiguators are dropped: "bow_(weapon)" is "the bow"),
 `grounding.instances` lists every instance of it (for the all-instances overlay), the largest instance is
 the target of box and mask overlays, and `grounding.unique` says whether it is the only one. Boxes become
 `[x0, y0, x1, y1]` (exclusive) here; polygons are kept for mask overlays. LVIS v1 images carry `coco_url`
@@ -11,6 +12,7 @@ and no `file_name`; `--images` is the COCO folder (with train2017/ and val2017/,
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,7 +36,10 @@ NAME = "lvis"
 
 
 def _name(text: str) -> str:
-    return text.replace("_", " ").strip()
+    """A class name as a prompt says it: LVIS tells homonyms apart in parentheses ("bow_(weapon)"), which no
+    referring expression says: "the bow"."""
+    spaced = text.replace("_", " ")
+    return " ".join(re.sub(r"\([^)]*\)", " ", spaced).split()) or " ".join(spaced.split())
 
 
 class LvisConverter:

@@ -18,14 +18,14 @@ Every input shard is copied to the output folder member for member (same bytes),
   whose built prompt equals `prompt`; customized samples assume `swap_subject_pairs: 0`.
 
 T5 states are large (L x 4096 x 2 bytes: 4 MiB per sample at L = 512); `--max-length` trades prompt length
-for disk. Output shards are written to a temp name and renamed; a re-run skips shards already written.
+for disk. Output shards are written to a temp name and renamed, each with its manifest (`docs/data.md`); a re-run skips
+shards already written.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import time
 from collections import Counter
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cologen.data.manifest import ShardWriter
 from cologen.data.precomputed import ARRAY_KEYS, load_npy, stack_precomputed  # noqa: F401 - re-exported (recipes API)
 from data_recipes._common import fail, require_path, resolve_inputs
 
@@ -179,8 +180,7 @@ class Precomputer:
         from cologen.data.records import BadSample
 
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as out:
+        with ShardWriter(dst) as out:  # a temp name renamed when complete, with its manifest
             pending: list[tuple[str, list[tuple[str, bytes]], dict[str, Any] | None]] = []
 
             def flush() -> None:
@@ -205,16 +205,12 @@ class Precomputer:
                 if len(pending) >= self.batch_size:
                     flush()
             flush()
-        os.replace(tmp, dst)
 
 
-def _write(out: tarfile.TarFile, key: str, members: list[tuple[str, bytes]], record: bytes | None,
+def _write(out: ShardWriter, key: str, members: list[tuple[str, bytes]], record: bytes | None,
            extra: dict[str, bytes]) -> None:
-    for fld, data in [(f, record if f == "json" and record is not None else d) for f, d in members] + sorted(
-            extra.items()):
-        info = tarfile.TarInfo(f"{key}.{fld}")
-        info.size, info.mode, info.mtime = len(data), 0o444, 0
-        out.addfile(info, io.BytesIO(data))
+    out.write(key, [(f, record if f == "json" and record is not None else d) for f, d in members]
+              + sorted(extra.items()))
 
 
 def shard_pairs(specs: Sequence[str], output: Path) -> list[tuple[Path, Path]]:

@@ -1,7 +1,12 @@
 """RefCOCO / RefCOCO+ / RefCOCOg -> grounding shards.
 
-Two inputs, told apart by their columns:
+Three inputs:
 
+* the original release (what most users have, from the `refer` toolkit): a folder `refcoco/`, `refcoco+/` or
+  `refcocog/` holding `refs(unc).p` / `refs(umd).p` / `refs(google).p` (a pickled list of refs: `ref_id`,
+  `ann_id`, `image_id`, `category_id`, `split`, `sentences`) and `instances.json` (COCO format: the images, every
+  instance in them, the categories), with the COCO train2014 images under `--images`. Give the folder (the refs
+  file is the dataset's usual split, `--split-by` picks another) or the refs file itself;
 * the annotation tables (`jxu124/refcoco`, `jxu124/refcocoplus`, `jxu124/refcocog`): one row per referred
   object, `image_path` into COCO train2014 (give the folder with `--images`), `sentences`, `category_id`,
   `raw_anns` (the COCO annotation as JSON: its `bbox` and `segmentation` are used) and `raw_image_info`.
@@ -13,6 +18,8 @@ Two inputs, told apart by their columns:
 Boxes become `[x0, y0, x1, y1]` (exclusive) once, here. The box is taken from `raw_anns` (COCO x, y, w, h)
 when present; the table's own `bbox` column is read as `--bbox-format` (default xywh).
 
+    python -m data_recipes.refcoco --input refer/data/refcocog --images coco/train2014 --dataset refcocog \\
+        --output data/real/refcocog
     python -m data_recipes.refcoco --input 'refcoco/data/train-*.parquet' --images coco --dataset refcoco \\
         --coco-instances coco/annotations/instances_train2014.json --output data/real/refcoco
     python -m data_recipes.refcoco --input 'RefCOCO/data/val-*.parquet' --output data/eval/refcoco_val
@@ -21,6 +28,7 @@ when present; the table's own `bbox` column is read as `--bbox-format` (default 
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,10 +49,11 @@ from data_recipes._common import (
     sniff_ext,
 )
 from data_recipes._grounding import grounding_block
-from data_recipes._sources import ParquetSource
+from data_recipes._sources import ListSource, ParquetSource
 
 NAME = "refcoco"
 DATASETS = ("refcoco", "refcoco+", "refcocog")
+SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # the refs file each is usually used with
 
 
 def table_box(bbox: Sequence[float] | None, fmt: str, width: int, height: int) -> list[int]:
@@ -151,6 +160,63 @@ class RefCocoEval:
         yield Sample(ctx.key(), record, {f"image.{ext}": data})
 
 
+# ------------------------------------------------------------------------------------ the original release
+
+
+class _RefsUnpickler(pickle.Unpickler):
+    """Refs files are (Python 2) pickles of plain lists and dicts: nothing else may be built from one."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"a refs file should hold only lists and dicts, not {module}.{name}")
+
+
+def _text(value: Any) -> Any:
+    """Python 2 `str` sentences come back decoded as Latin-1: recover their UTF-8."""
+    if isinstance(value, str):
+        try:
+            return value.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            return value
+    return value
+
+
+def find_refs(specs: Sequence[str], dataset: str, split_by: str | None) -> Path | None:
+    """The `refs(*).p` among the inputs (the file itself, or the one in a folder); None for table inputs."""
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file() and path.name.startswith("refs(") and path.suffix == ".p":
+            return path
+        if path.is_dir() and (found := sorted(path.glob("refs(*).p"))):
+            want = path / f"refs({split_by or SPLIT_BY[dataset]}).p"
+            if want.is_file():
+                return want
+            if len(found) == 1 and split_by is None:
+                return found[0]
+            fail(f"{path} holds {', '.join(f.name for f in found)}, not {want.name}: pick one with --split-by")
+    return None
+
+
+def original_rows(refs_path: Path, coco: CocoIndex) -> list[dict[str, Any]]:
+    """The refs of the original release as rows of the annotation tables (the same converter reads both)."""
+    try:
+        with open(refs_path, "rb") as f:
+            refs = _RefsUnpickler(f, encoding="latin-1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        fail(f"{refs_path}: not a refs file ({e})")
+    anns = {a["id"]: a for per_image in coco.anns.values() for a in per_image}
+    rows = []
+    for ref in refs:
+        image = coco.images.get(ref.get("image_id")) or {}
+        ann = anns.get(ref.get("ann_id"))
+        sentences = [{k: _text(v) for k, v in sent.items()} for sent in ref.get("sentences") or []]
+        rows.append({"image_path": image.get("file_name", ""), "sentences": sentences,
+                     "category_id": ref.get("category_id"), "split": ref.get("split"),
+                     "raw_anns": json.dumps(ann) if ann else None,
+                     "raw_image_info": json.dumps({k: image[k] for k in ("width", "height") if k in image}),
+                     "ref_id": ref.get("ref_id"), "ann_id": ref.get("ann_id"), "image_id": ref.get("image_id")})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None):
     p = make_parser(NAME, __doc__)
     p.add_argument("--dataset", choices=DATASETS, default="refcoco", help="name written in the records")
@@ -159,9 +225,17 @@ def main(argv: Sequence[str] | None = None):
                    help="COCO instances JSON(s), for all instances of the referred class")
     p.add_argument("--bbox-format", choices=("xywh", "xyxy"), default="xywh",
                    help="how to read the table's bbox column when raw_anns has no box")
-    p.add_argument("--split", default=None, help="annotation tables: keep rows of this split; eval tables: "
+    p.add_argument("--split", default=None, help="annotation tables and refs: keep rows of this split; eval tables: "
                                                  "the split name for the eval block (default val)")
+    p.add_argument("--split-by", choices=("unc", "umd", "google"), default=None,
+                   help="original release: which refs(...).p (default: unc for refcoco/refcoco+, umd for refcocog)")
     args = p.parse_args(argv)
+    refs = find_refs(args.input, args.dataset, args.split_by)
+    if refs is not None:
+        coco = CocoIndex.load([require_path(refs.parent / "instances.json", "instances.json beside the refs file")])
+        convert = RefCocoAnnotations(require_path(args.images, "--images (COCO train2014 folder)"), args.dataset,
+                                     args.bbox_format, coco, args.split)
+        return execute(args, NAME, ListSource(original_rows(refs, coco)), convert)
     source = ParquetSource(resolve_inputs(args.input, (".parquet",)))
     if "image_path" in source.schema_names:
         coco = CocoIndex.load([require_path(c, "COCO instances JSON") for c in args.coco_instances or []]) \

@@ -32,8 +32,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
+
+from cologen.data.manifest import ShardWriter, describe, keys_in_tar, manifest_path, write_manifest
 
 FORMAT_VERSION = 2  # 2: customized subjects at their named cell and size, backgrounds with their RGB
 MANIFEST = "shapeworld.json"
@@ -670,15 +671,16 @@ def _shard_name(split: str, shard: int) -> str:
 def _write_shard(job: tuple[ShapeWorldConfig, str, str, int, int, int, int]) -> int:
     cfg, out_dir, task, split, shard, count, seed = job
     path = Path(out_dir) / task / _shard_name(split, shard)
-    tmp = path.with_suffix(".tar.tmp")
     pool = subject_pool(cfg) if task == "customized" else None
     start = shard * cfg.shard_size
-    # fixed mtime, owner and mode: byte-identical tars for the same seed. An integer mtime also keeps
-    # tarfile from adding a PAX header to every member (it does for float mtimes), which halves read time.
-    with wds.TarWriter(str(tmp), encoder=False, mtime=0, user="shapeworld", group="shapeworld") as sink:
+    # fixed mtime, owner and mode: byte-identical tars for the same seed (members sorted by name, as
+    # webdataset's TarWriter wrote them before). An integer mtime also keeps tarfile from adding a PAX header
+    # to every member (it does for float mtimes), which halves read time. The manifest goes beside the tar.
+    with ShardWriter(path, user="shapeworld", group="shapeworld") as sink:
         for index in range(start, start + count):
-            sink.write(make_sample(cfg, task, split, index, seed, pool))
-    os.replace(tmp, path)
+            sample = make_sample(cfg, task, split, index, seed, pool)
+            key = sample.pop("__key__")
+            sink.write(key, sorted(sample.items()))
     return count
 
 
@@ -736,6 +738,14 @@ def _same_request(manifest: dict, train: int, val: int, seed: int, cfg: ShapeWor
             and manifest.get("val") == val and manifest.get("seed") == seed and manifest.get("config") == want)
 
 
+def _add_missing_shard_manifests(out: Path, manifest: dict) -> None:
+    """Datasets generated before shard manifests existed get them in place (the shards stay as they are)."""
+    for task in manifest.get("shards", {}):
+        for shard in sorted((out / task).glob("*.tar")):
+            if not Path(manifest_path(shard)).exists():
+                write_manifest(shard, describe(shard, keys_in_tar(shard)))
+
+
 def ensure_shapeworld(out_dir: str | os.PathLike, train: int = 2000, val: int = 256, seed: int = 0,
                       config: ShapeWorldConfig | None = None, workers: int | None = None,
                       progress: bool = True) -> dict:
@@ -745,6 +755,7 @@ def ensure_shapeworld(out_dir: str | os.PathLike, train: int = 2000, val: int = 
     if path.exists():
         manifest = json.loads(path.read_text())
         if _same_request(manifest, train, val, seed, cfg):
+            _add_missing_shard_manifests(Path(out_dir), manifest)
             return manifest
         for task in manifest.get("shards", {}):  # a different request: replace only what ShapeWorld wrote
             shutil.rmtree(Path(out_dir) / task, ignore_errors=True)

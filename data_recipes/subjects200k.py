@@ -1,9 +1,16 @@
-"""Subjects200K (`Yuanshi/Subjects200K` parquet) -> customized-generation shards.
+"""Subjects200K (`Yuanshi/Subjects200K` and `Yuanshi/Subjects200K_collection3` parquet) -> customized-generation
+shards.
 
-Each 1056 x 528 composite holds two 512 x 512 views of one subject (8 px margins): left (8, 8, 520, 520),
-right (528, 8, 1040, 520). Every kept row gives two samples, one per direction: the target is one half (its
-description is the prompt), the source (the subject reference) is the other half. The halves are cropped,
-so they are re-encoded: JPEG quality 95 with 4:4:4 chroma by default, or PNG (`--crop-format png`).
+A composite holds two square views of one subject side by side, padded: with views of side `s` and padding `p`
+it is (2s + 4p) x (s + 2p), and the views are cropped at (p, p, p + s, p + s) and (s + 2p, p, 2s + 2p, p + s)
+(OminiControl's crops). Collections 1 and 2 are 1056 x 528: s = 512, p = 8, so (8, 8, 520, 520) and
+(528, 8, 1040, 520). The size is read from each image, not assumed: a composite must be twice as wide as high,
+and its padding is the least p for which the view side s is a multiple of 64 (the generators' sizes: 528 -> 8,
+1040 -> 8, 1024 -> 0), or `--padding`. So collection 3's 1024-pixel views convert as they are.
+
+Every kept row gives two samples, one per direction: the target is one half (its description is the prompt),
+the source (the subject reference) is the other half. The halves are cropped, so they are re-encoded: JPEG
+quality 95 with 4:4:4 chroma by default, or PNG (`--crop-format png`).
 
     python -m data_recipes.subjects200k --input 'Subjects200K/data/train-*.parquet' --output data/real/subjects200k
 """
@@ -30,15 +37,31 @@ from data_recipes._common import (
 from data_recipes._sources import ParquetSource
 
 NAME = "subjects200k"
-COMPOSITE = (1056, 528)
-CROPS = ((8, 8, 520, 520), (528, 8, 1040, 520))  # left, right: (x0, y0, x1, y1), x1/y1 exclusive
+VIEW_MULTIPLE = 64  # view sides are multiples of this (512, 1024): what tells the padding from the view
 SCORES = ("compositeStructure", "objectConsistency", "imageQuality")
 COLUMNS = ("image", "collection", "quality_assessment", "description")
 
 
+def view_crops(width: int, height: int, padding: int | None = None) -> tuple[tuple[int, int, int, int], ...]:
+    """The (left, right) view boxes `(x0, y0, x1, y1)` (exclusive) of a composite (see the module docstring)."""
+    if width != 2 * height:
+        raise Skip("composite is not two square views side by side")
+    if padding is None:
+        padding = next((p for p in range(height // 4) if (height - 2 * p) % VIEW_MULTIPLE == 0), None)
+        if padding is None:
+            raise Skip("composite size fits no view size")
+    side = height - 2 * padding
+    if side <= 0:
+        raise Skip("padding leaves no view")
+    return (padding, padding, padding + side, padding + side), \
+        (side + 2 * padding, padding, 2 * side + 2 * padding, padding + side)
+
+
 class Subjects200KConverter:
     def __init__(self, min_quality: int = 5, collections: Sequence[str] | None = None,
-                 crop_format: str = "jpg", jpeg_quality: int = 95, keep_invalid_descriptions: bool = False):
+                 crop_format: str = "jpg", jpeg_quality: int = 95, keep_invalid_descriptions: bool = False,
+                 padding: int | None = None):
+        self.padding = padding
         self.min_quality = min_quality
         self.collections = set(collections) if collections else None
         self.crop_format = crop_format
@@ -67,16 +90,16 @@ class Subjects200KConverter:
         if desc.get("description_valid") is False and not self.keep_invalid:
             raise Skip("description marked invalid")
         composite = decode_image(image_bytes(row.get("image")))
-        if composite.size != COMPOSITE:
-            raise Skip("composite is not 1056 x 528")
-        halves = [self._encode(composite.crop(box)) for box in CROPS]
+        crops = view_crops(*composite.size, self.padding)
+        side = crops[0][2] - crops[0][0]
+        halves = [self._encode(composite.crop(box)) for box in crops]
         subject_id = f"{NAME}-{ctx.index:09d}"
         for target in (0, 1):
             source = 1 - target
             (t_ext, t_bytes), (s_ext, s_bytes) = halves[target], halves[source]
             record = {
                 "task": "customized", "prompt": texts[target], "caption": texts[target],
-                "width": 512, "height": 512, "dataset": NAME,
+                "width": side, "height": side, "dataset": NAME,
                 "subject": {"id": subject_id, "item": clean_text(desc.get("item")),
                             "category": clean_text(desc.get("category")),
                             "source_description": texts[source], "target_description": texts[target],
@@ -95,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-format", choices=("jpg", "png"), default="jpg")
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--keep-invalid-descriptions", action="store_true")
+    p.add_argument("--padding", type=int, default=None,
+                   help="pixels of padding around each view (default: read from the composite's size)")
     return p
 
 
@@ -102,7 +127,7 @@ def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
     source = ParquetSource(resolve_inputs(args.input, (".parquet",)), columns=COLUMNS)
     convert = Subjects200KConverter(args.min_quality, args.collections, args.crop_format, args.jpeg_quality,
-                                    args.keep_invalid_descriptions)
+                                    args.keep_invalid_descriptions, args.padding)
     return execute(args, NAME, source, convert)
 
 

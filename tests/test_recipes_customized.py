@@ -20,7 +20,7 @@ def test_subjects200k_crops_both_directions(tmp_path):
     summary, samples = _convert(tmp_path, F.subjects200k_table(3, bad=True))
     assert summary.samples == 6 and summary.rows_read == 7
     assert summary.skipped == {"missing image bytes": 1, "no quality assessment": 1, "quality < 5": 1,
-                               "composite is not 1056 x 528": 1}
+                               "composite is not two square views side by side": 1}
     left_to_right, right_to_left = samples[0], samples[1]
     for s in samples:
         rec = s["json"]
@@ -47,7 +47,7 @@ def test_subjects200k_unscored_rows_and_png_crops(tmp_path):
     summary, samples = _convert(tmp_path, table, "--min-quality", "0", "--crop-format", "png")
     # With --min-quality 0 the null-quality and the low-quality rows are kept too.
     assert summary.samples == 8
-    assert summary.skipped == {"missing image bytes": 1, "composite is not 1056 x 528": 1}
+    assert summary.skipped == {"missing image bytes": 1, "composite is not two square views side by side": 1}
     assert sum("quality" not in s["json"] for s in samples) == 2  # the null-quality row, both directions
     assert all("image.png" in s and "source.png" in s for s in samples)
     # PNG crops are lossless: exactly the composite's pixels at the documented boxes.
@@ -83,3 +83,30 @@ def test_dreambench_needs_its_prompt_file(tmp_path):
     (tmp_path / "dataset").mkdir()
     with pytest.raises(SystemExit):
         dreambench.main(["--input", str(tmp_path / "dataset"), "--output", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("size,padding,side", [((2080, 1040), 8, 1024), ((2048, 1024), 0, 1024),
+                                               ((1056, 528), 8, 512)])
+def test_subjects200k_every_collection_layout(tmp_path, size, padding, side):
+    """Collection 3's 1024-pixel views (with the other collections' 8 px padding, or none) convert exactly."""
+    import pyarrow as pa
+    from PIL import Image
+
+    w, h = size
+    composite = Image.new("RGB", size, (128, 128, 128))
+    composite.paste(F.draw_image(side, side, 1, [(50, 60, 300, 400)], color=(230, 30, 30)), (padding, padding))
+    composite.paste(F.draw_image(side, side, 2, [(200, 100, 450, 480)], color=(30, 30, 230)),
+                    (side + 2 * padding, padding))
+    schema = F.SUBJECTS_SCHEMA.append(pa.field("raw_json", pa.string()))  # collection 3's extra column
+    row = {"image": F.image_cell(F.encode(composite, "png")), "collection": "collection_3",
+           "quality_assessment": {"compositeStructure": 5, "objectConsistency": 5, "imageQuality": 5},
+           "description": {"item": "a mug", "description_0": "the mug on a desk", "description_1": "the mug outside",
+                           "category": "Kitchen", "description_valid": True}, "raw_json": "{}"}
+    summary, samples = _convert(tmp_path, pa.Table.from_pylist([row], schema=schema), "--crop-format", "png")
+    assert summary.samples == 2 and not summary.skipped  # today: skipped, "composite is not 1056 x 528"
+    rec = samples[0]["json"]
+    assert (rec["width"], rec["height"]) == (side, side) and rec["subject"]["collection"] == "collection_3"
+    pixels = np.asarray(composite)
+    left = pixels[padding:padding + side, padding:padding + side]
+    right = pixels[padding:padding + side, side + 2 * padding:2 * side + 2 * padding]
+    assert (F.decode(samples[0]["image.png"]) == left).all() and (F.decode(samples[0]["source.png"]) == right).all()

@@ -90,6 +90,8 @@ BUILDS_BY_DEFAULT = [k for k, (_, opts) in READ_AS.items() if not opts]
 @pytest.mark.parametrize("name", sorted(READ_AS))
 def test_read_back_through_the_datamodule(shards, name):
     task, opts = READ_AS[name]
+    if task == "grounding":  # the square frame cuts some fixture referents: keep them here (test_data_frames refuses)
+        opts = {**opts, "min_visible": 0.0}
     samples = F.read_samples(shards[name])
     n = min(len(samples), 4)
     val, train, bad = F.read_through_datamodule(shards[name], task, n, resolution=RES, **opts)

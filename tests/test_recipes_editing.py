@@ -115,3 +115,30 @@ def test_gedit_bench_language_filter(tmp_path):
     rec = samples[0]["json"]
     assert rec["edit"]["instruction_language"] == "en" and rec["edit"]["task_type"] == "background_change"
     assert rec["eval"]["benchmark"] == "gedit_bench" and rec["eval"]["has_target"] is False
+
+
+@pytest.mark.parametrize("encoding", ["painted on the source", "white on black"])
+def test_magicbrush_mask_is_exact_whatever_the_source_colours(tmp_path, encoding):
+    """A third of the edited region lies on white sky that also runs outside it: the mask is the region, exactly."""
+    import pyarrow as pa
+    from PIL import Image, ImageDraw
+
+    w, h, region = 96, 64, (20, 6, 60, 36)  # x0, y0, x1, y1 (exclusive); sky covers rows 0..15
+    src = Image.fromarray(np.random.default_rng(0).integers(30, 220, (h, w, 3), dtype=np.uint8))
+    ImageDraw.Draw(src).rectangle([0, 0, w - 1, 15], fill=(255, 255, 255))
+    tgt = src.copy()
+    ImageDraw.Draw(tgt).rectangle([region[0], region[1], region[2] - 1, region[3] - 1], fill=(0, 160, 0))
+    if encoding == "painted on the source":
+        mask = src.copy()
+        ImageDraw.Draw(mask).rectangle([region[0], region[1], region[2] - 1, region[3] - 1], fill=(255, 255, 255))
+    else:
+        mask = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(mask).rectangle([region[0], region[1], region[2] - 1, region[3] - 1], fill=255)
+    row = {"img_id": "1", "turn_index": 1, "source_img": F.image_cell(F.encode(src, "png")),
+           "mask_img": F.image_cell(F.encode(mask, "png")), "instruction": "put a green box in the sky",
+           "target_img": F.image_cell(F.encode(tgt, "png"))}
+    _, samples = _run(magicbrush, tmp_path, pa.Table.from_pylist([row], schema=F.MAGICBRUSH_SCHEMA))
+    got = F.decode(samples[0]["mask.png"]) > 0
+    want = np.zeros((h, w), bool)
+    want[region[1]:region[3], region[0]:region[2]] = True
+    assert (got & want).sum() / (got | want).sum() == 1.0  # today: 0.667, the sky third is lost

@@ -150,3 +150,73 @@ def test_missing_inputs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lvis.main(["--input", str(tmp_path / "nope.json"), "--images", str(tmp_path), "--output", str(tmp_path / "o")])
     assert capsys.readouterr().err.strip() == f"error: input path not found: {tmp_path / 'nope.json'}"
+
+
+def _refer_release(tmp_path, refs_names=("refs(unc).p",)):
+    """The original release as the `refer` toolkit unpacks it: refcoco/refs(unc).p (a protocol-2 pickle of refs,
+    as Python 2 wrote it) + refcoco/instances.json, with the COCO train2014 images elsewhere."""
+    import pickle
+
+    coco = F.coco_like(tmp_path / "coco", n_images=2)
+    folder = tmp_path / "refer" / "refcoco"
+    folder.mkdir(parents=True)
+    (folder / "instances.json").write_text(json.dumps(coco))
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    refs = []
+    for k, ann in enumerate(a for a in coco["annotations"] if not a.get("iscrowd")):
+        name = coco["images"][0 if ann["image_id"] == 100 else 1]["file_name"]
+        text = f"{names[ann['category_id']]} number {k}"
+        refs.append({"sent_ids": [k], "file_name": name.replace(".jpg", f"_{ann['id']}.jpg"), "ann_id": ann["id"],
+                     "ref_id": k, "image_id": ann["image_id"], "split": "testA" if k == 5 else "train",
+                     "sentences": [{"tokens": text.split(), "raw": text.upper(), "sent_id": k, "sent": text}],
+                     "category_id": ann["category_id"]})
+    for i, refs_name in enumerate(refs_names):
+        (folder / refs_name).write_bytes(pickle.dumps(refs[i:], protocol=2))
+    return coco, folder
+
+
+def test_refcoco_original_release_layout(tmp_path):
+    coco, folder = _refer_release(tmp_path)
+    out = tmp_path / "out"
+    summary = refcoco.main(["--input", str(folder), "--images", str(tmp_path / "coco" / "train2014"),
+                            "--output", str(out), "--split", "train", "--quiet"])
+    assert summary.samples == 5 and summary.skipped == {"split not selected": 1}  # today: "no .parquet files"
+    recs = [s["json"]["grounding"] for s in F.read_samples(out)]
+    assert [g["expression"] for g in recs] == [f"{c} number {k}" for k, c in enumerate(["dog", "dog", "person",
+                                                                                          "dog", "dog"])]
+    assert recs[0]["box"] == DOG_A and recs[0]["instances"] == [DOG_A, DOG_B]  # every instance, from instances.json
+    assert recs[1]["object_index"] == 1 and recs[2]["class"] == "person" and recs[2]["instances"] == [PERSON]
+    assert recs[0]["ref_id"] == 0 and recs[0]["ann_id"] == 1 and recs[0]["image_id"] == 100
+    assert recs[0]["polygon"] == [[4.0, 6.0, 24.0, 6.0, 24.0, 24.0, 4.0, 24.0]]
+    sample = F.read_samples(out)[0]
+    assert sample["image.jpg"] == (tmp_path / "coco" / "train2014" / coco["images"][0]["file_name"]).read_bytes()
+    # the refs file itself is an input too
+    again = refcoco.main(["--input", str(folder / "refs(unc).p"), "--images", str(tmp_path / "coco"),
+                          "--output", str(tmp_path / "again"), "--quiet"])
+    assert again.samples == 6
+
+
+def test_refcoco_original_release_picks_its_refs_file(tmp_path, capsys):
+    _, folder = _refer_release(tmp_path, refs_names=("refs(umd).p", "refs(google).p"))
+    images = str(tmp_path / "coco" / "train2014")
+    umd = refcoco.main(["--input", str(folder), "--images", images, "--dataset", "refcocog",
+                        "--output", str(tmp_path / "umd"), "--quiet"])
+    google = refcoco.main(["--input", str(folder), "--images", images, "--dataset", "refcocog", "--split-by",
+                           "google", "--output", str(tmp_path / "google"), "--quiet"])
+    assert (umd.samples, google.samples) == (6, 5)  # refcocog reads umd by default
+    with pytest.raises(SystemExit):
+        refcoco.main(["--input", str(folder), "--images", images, "--output", str(tmp_path / "x"), "--quiet"])
+    assert "pick one with --split-by" in capsys.readouterr().err
+
+
+def test_lvis_expressions_drop_the_disambiguator(tmp_path):
+    data = F.coco_like(tmp_path / "coco", n_images=1, folder="train2017", file_pattern="{:012d}.jpg", lvis=True)
+    for c in data["categories"]:
+        if c["name"] == "dog":
+            c["name"], c["synonyms"] = "bow_(weapon)", ["bow_(weapon)", "longbow"]
+    ann = tmp_path / "lvis_v1_train.json"
+    ann.write_text(json.dumps(data))
+    lvis.main(["--input", str(ann), "--images", str(tmp_path / "coco"), "--output", str(tmp_path / "out"), "--quiet"])
+    g = next(s["json"]["grounding"] for s in F.read_samples(tmp_path / "out") if s["json"]["grounding"]["class"] != "person")
+    assert g["expressions"] == ["the bow", "the longbow"] and g["class"] == "bow"  # today: "the bow (weapon)"
+    assert g["class_plural"] == "bows"

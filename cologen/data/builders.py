@@ -23,10 +23,12 @@ from cologen.data.control import CANNY_HIGH, CANNY_LOW, STORED_TYPES, AnnotatorC
 from cologen.data.geometry import (
     Frame,
     box_of,
+    box_visible,
     fill_polygons,
     fit_frame,
     map_box,
     map_polygon,
+    mask_visible,
     output_size,
     warp,
 )
@@ -65,6 +67,12 @@ class BuilderConfig:
     # customized: probability of using the pair the other way round (reference <-> target)
     swap_subject_pairs: float = 0.5
     prompt_templates: dict[str, list[str]] = field(default_factory=dict)
+    # refusals (skip reason `crop`): the least fraction of what an example is about that the output frame must
+    # keep: the grounded object's box (and, for class boxes, every instance's), the edited region, the subject in
+    # the target and in the reference; objects below it do not shape inpainting masks
+    min_visible: float = 0.5
+    # editing pairs without mask.png: a pixel belongs to the edit when a channel differs by more than this
+    edit_change_threshold: int = 32
 
     def validate(self) -> None:
         for name, weights, known in (("mask_kinds", self.mask_kinds, MASK_KINDS),
@@ -86,6 +94,10 @@ class BuilderConfig:
             raise ValueError(f"builder.box_thickness must be >= 1 or null, got {self.box_thickness}")
         if not 0 < self.overlay_mask_alpha <= 1:
             raise ValueError(f"builder.overlay_mask_alpha must be in (0, 1], got {self.overlay_mask_alpha}")
+        if not 0 <= self.min_visible <= 1:
+            raise ValueError(f"builder.min_visible must be in [0, 1], got {self.min_visible}")
+        if not 0 <= self.edit_change_threshold < 255:
+            raise ValueError(f"builder.edit_change_threshold must be in [0, 255), got {self.edit_change_threshold}")
         PromptTemplates(self.prompt_templates)
 
 
@@ -171,6 +183,12 @@ class TaskBuilder:
         ex["meta"]["build"]["object_boxes"] = {o.index: o.box for o in objs}
         return objs
 
+    def _refuse_unless_visible(self, fraction: float, what: str, frame: Frame, key: str) -> None:
+        """Refuse (`crop`) an example whose frame keeps less than `min_visible` of what it is about."""
+        if fraction < self.cfg.min_visible:
+            raise BadSample("crop", f"{what}: {fraction:.0%} of it inside the {frame.width}x{frame.height} frame "
+                            f"(min_visible {self.cfg.min_visible:g})", key)
+
     @staticmethod
     def _caption(sample: Sample) -> str:
         return sample.record.get("caption") or sample.record["prompt"]
@@ -192,18 +210,21 @@ class TaskBuilder:
         frame, ex = self._start(sample, "inpainting")
         objs = self._objects(sample, frame, ex)
         build = ex["meta"]["build"]
-        if objs:
+        # an object the crop cuts to a sliver does not shape a mask (its masked area would show nothing of it)
+        shapers = [o for o in objs if not frame.crops or "box" not in o.record
+                   or box_visible(o.record["box"], frame) >= self.cfg.min_visible]
+        if shapers:
             kind = self._choose("mask", self.cfg.mask_kinds, rng)
         else:  # object and irregular masks are shaped on an object: without one, a random mask
             kind = "random"
-            build["mask_fallback"] = "no objects"
+            build["mask_fallback"] = "objects cropped" if objs else "no objects"
         build["mask_kind"] = kind
         w, h = frame.width, frame.height
         if kind == "random":
             mask, info = random_mask(rng, w, h, [o.mask for o in objs], self.cfg.random_mask_max_iou)
             build.update(info)
         else:
-            obj = objs[int(rng.integers(len(objs)))]
+            obj = shapers[int(rng.integers(len(shapers)))]
             build["object_index"] = obj.index
             if kind == "object":
                 mask = object_shaped_mask(rng, obj.mask, self.cfg.object_mask_dilate)
@@ -211,6 +232,8 @@ class TaskBuilder:
                 mask, pts = irregular_mask(rng, obj.box, w, h, self.cfg.irregular_points)
                 build["points"] = pts.round(2).tolist()
         build["mask_box"] = box_of(mask)
+        if build["mask_box"] is None:
+            raise BadSample("crop", "the inpainting mask is empty in the frame", sample.key)
         source = ex["target"].copy()
         source[mask.astype(bool)] = self.cfg.mask_grey
         ex.update(source=source, region=mask.astype(np.uint8))
@@ -234,9 +257,10 @@ class TaskBuilder:
         g = sample.record.get("grounding")
         if not isinstance(g, dict) or "expression" not in g:
             raise BadSample("record", "grounding sample without a grounding block and expression", sample.key)
+        self._refuse_unless_visible(box_visible(g["box"], frame), "the grounded object", frame, sample.key)
         box = map_box(g["box"], frame)
         if box is None:
-            raise BadSample("build", "the grounded object is cropped away", sample.key)
+            raise BadSample("crop", "the grounded object is cropped away", sample.key)
         kind = self._choose("overlay", self.cfg.overlay_kinds, rng)
         color = self.color_names[int(rng.integers(len(self.color_names)))]
         rgb = [int(c) for c in self.cfg.overlay_colors[color]]
@@ -258,6 +282,10 @@ class TaskBuilder:
             region = mask
         else:  # class_boxes: every instance of the class
             stored = g.get("instances") or [g["box"]]
+            for b in stored:  # a sliver of an instance makes "every instance" ambiguous; one wholly outside does not
+                visible = box_visible(b, frame)
+                if 0 < visible < self.cfg.min_visible:
+                    self._refuse_unless_visible(visible, "an instance of the class", frame, sample.key)
             boxes = [b for b in (map_box(b, frame) for b in stored) if b is not None]
             region = np.zeros_like(mask)
             for b in boxes:
@@ -309,13 +337,28 @@ class TaskBuilder:
         frame, ex = self._start(sample, "customized", image)
         ex["source"] = warp(reference, frame)  # refitted to the output size if the reference differs
         if region is not None:
+            self._refuse_unless_visible(mask_visible(region > 0, frame), "the subject in the target", frame,
+                                        sample.key)
             ex["region"] = (warp(region, frame, nearest=True) > 0).astype(np.uint8)
+        reference_region = sample.mask if swap else sample.source_mask
+        if reference_region is not None:  # the reference is fitted to the same frame size
+            self._refuse_unless_visible(mask_visible(reference_region > 0, frame), "the subject in the reference",
+                                        frame, sample.key)
         description = subject["source_description"] if swap else (
             subject.get("target_description") or sample.record["prompt"])
         ex["meta"]["build"].update(swapped=swap, subject_id=subject.get("id"), description=description,
                                    **self._target_layout(sample.record, swap, frame))
         ex["prompt"] = self.templates.render("customized", rng, {"description": description}, sample.key)
         return ex
+
+    def _edit_region(self, sample: Sample) -> np.ndarray:
+        """The stored pair's edited pixels: mask.png, else where source and target differ (JPEG noise aside)."""
+        if sample.mask is not None and sample.mask.any():
+            return sample.mask > 0
+        if sample.source.shape != sample.image.shape:
+            return np.zeros(sample.image.shape[:2], bool)  # nothing to compare pixel for pixel
+        diff = np.abs(sample.image.astype(np.int16) - sample.source.astype(np.int16)).max(axis=2)
+        return diff > self.cfg.edit_change_threshold
 
     @staticmethod
     def _target_layout(record: Mapping[str, Any], swap: bool, frame: Frame) -> dict[str, Any]:
@@ -339,6 +382,9 @@ class TaskBuilder:
         if sample.source is None:
             raise BadSample("missing", "editing sample without source.png (the image before the edit)", sample.key)
         frame, ex = self._start(sample, "editing")
+        if frame.crops:
+            self._refuse_unless_visible(mask_visible(self._edit_region(sample), frame), "the edit", frame,
+                                        sample.key)
         ex["source"] = warp(sample.source, frame)
         if sample.mask is not None:
             ex["region"] = (warp(sample.mask, frame, nearest=True) > 0).astype(np.uint8)

@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader
 from cologen.data.builders import BuilderConfig
 from cologen.data.collate import already_collated
 from cologen.data.geometry import make_buckets
+from cologen.data.manifest import without_manifest
 from cologen.data.mixture import MixtureDataset, MixtureLoader
 from cologen.data.precomputed import COUNTS, PrecomputedArrays
 from cologen.data.schedule import MixtureState, Schedule, Weights, check_schedule, entry_at
 from cologen.data.shards import expand_shards
 from cologen.data.skips import SharedCounts, SkipCounter
 from cologen.data.tasks import SCENE_TASKS, TASKS, check_task
-from cologen.data.validation import FixedTaskDataset
+from cologen.data.validation import FixedTaskDataset, RankShare
 
 log = logging.getLogger("cologen.data")
 ShardSpec = str | list[str]
@@ -247,7 +248,17 @@ class MixtureDataModule(L.LightningDataModule):
     def _train_urls(self) -> dict[str, list[str]]:
         if self._urls is None:
             self._urls = {t: expand_shards(self.train_shards[t], f"data.train_shards.{t}") for t in self._state.tasks}
+            self._warn_without_manifest("train_shards", self._urls)
         return self._urls
+
+    def _warn_without_manifest(self, what: str, urls: Mapping[str, Sequence[str]]) -> None:
+        """Once per shard list: shards without a manifest load, but a truncated one reads as a shorter one."""
+        every = list(dict.fromkeys(u for task_urls in urls.values() for u in task_urls))  # t2i reuses inpainting's
+        missing = without_manifest(every)
+        if missing:
+            log.warning("%s: %d of %d shards have no manifest (e.g. %s): a truncated one cannot be told from a "
+                        "shorter one; `python -m data_recipes.check --write-manifests` adds them", what, len(missing),
+                        len(every), missing[0])
 
     def locate_shards(self, stage: str = "fit") -> None:
         """Expand every shard pattern `stage` reads (fit: train and validation; validate / test: validation) and
@@ -323,8 +334,10 @@ class MixtureDataModule(L.LightningDataModule):
 
     def val_datasets(self) -> dict[str, FixedTaskDataset]:
         if self._val_sets is None:
+            urls = {t: expand_shards(self.val_shards[t], f"val_shards.{t}") for t in self.val_tasks}
+            self._warn_without_manifest("val_shards", urls)
             self._val_sets = {
-                t: FixedTaskDataset(expand_shards(self.val_shards[t], f"val_shards.{t}"), t,
+                t: FixedTaskDataset(urls[t], t,
                                     self.val_samples_per_task, self._skips, builder=self.builder,
                                     resolution=self.resolution, buckets=self.buckets, seed=self.seed,
                                     batch_size=self.val_batch_size, arrays=self._arrays)
@@ -332,8 +345,11 @@ class MixtureDataModule(L.LightningDataModule):
         return self._val_sets
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per task of `val_tasks` (dataloader_idx i is val_tasks[i]); batches hold one task."""
-        return [DataLoader(ds, batch_size=None, shuffle=False, num_workers=0, collate_fn=already_collated)
+        """One loader per task of `val_tasks` (dataloader_idx i is val_tasks[i]); batches hold one task. Under DDP
+        each batch goes to one rank, and shorter ranks run padding batches (`valid` False) that metrics drop."""
+        rank, world = self._dist()
+        return [DataLoader(ds, batch_size=None, shuffle=False, num_workers=0, collate_fn=already_collated,
+                           sampler=RankShare(len(ds), rank, world) if world > 1 else None)
                 for ds in self.val_datasets().values()]
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Resize and crop a sample from its stored frame to the output frame, and map boxes and polygons along.
 
 The output frame is either a fixed square (`resolution`, the tiny preset) or, with aspect-ratio buckets
-(the FLUX preset), the bucket whose aspect ratio is nearest the image's. Images are scaled to cover the
-frame and centre-cropped, so nothing is stretched.
+(the FLUX preset), the bucket whose aspect ratio is nearest the image's. Images are scaled by the least factor
+that covers the frame (down, or up for an image smaller than the frame) and centre-cropped, so nothing is
+stretched; `box_visible` / `mask_visible` say how much of a region the crop keeps (the builders refuse an
+example whose region it loses).
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ class Frame:
     @property
     def identity(self) -> bool:
         return (self.src_width, self.src_height) == (self.width, self.height)
+
+    @property
+    def crops(self) -> bool:
+        """Whether part of the stored image falls outside the output frame."""
+        return (round(self.src_width * self.scale_x) > self.width
+                or round(self.src_height * self.scale_y) > self.height)
+
+    def window(self) -> tuple[float, float, float, float]:
+        """The part of the stored image inside the frame, `(x0, y0, x1, y1)` in stored continuous coordinates."""
+        return (max(0.0, self.offset_x / self.scale_x), max(0.0, self.offset_y / self.scale_y),
+                min(float(self.src_width), (self.offset_x + self.width) / self.scale_x),
+                min(float(self.src_height), (self.offset_y + self.height) / self.scale_y))
 
     def as_dict(self) -> dict[str, float | int]:
         return {"scale": [self.scale_x, self.scale_y], "offset": [self.offset_x, self.offset_y],
@@ -73,6 +87,31 @@ def warp(img: np.ndarray, frame: Frame, nearest: bool = False) -> np.ndarray:
     out = cv2.resize(img, (rw, rh), interpolation=interp)
     ox, oy = int(frame.offset_x), int(frame.offset_y)
     return np.ascontiguousarray(out[oy:oy + frame.height, ox:ox + frame.width])
+
+
+def box_visible(box: Sequence[float], frame: Frame) -> float:
+    """The fraction of a stored box's area that lies inside the output frame."""
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    area = (x1 - x0) * (y1 - y0)
+    if area <= 0:
+        return 0.0
+    wx0, wy0, wx1, wy1 = frame.window()
+    inside = max(0.0, min(x1, wx1) - max(x0, wx0)) * max(0.0, min(y1, wy1) - max(y0, wy0))
+    return inside / area
+
+
+def mask_visible(mask: np.ndarray, frame: Frame) -> float:
+    """The fraction of a stored mask's pixels whose centres land inside the output frame (1 for an empty mask)."""
+    h, w = mask.shape[:2]
+    if (w, h) != (frame.src_width, frame.src_height):
+        frame = fit_frame(w, h, frame.width, frame.height)  # a map of another size (a subject reference)
+    total = int(np.count_nonzero(mask))
+    if total == 0 or not frame.crops:
+        return 1.0
+    xs = (np.arange(w) + 0.5) * frame.scale_x - frame.offset_x
+    ys = (np.arange(h) + 0.5) * frame.scale_y - frame.offset_y
+    cols, rows = (xs >= 0) & (xs < frame.width), (ys >= 0) & (ys < frame.height)
+    return int(np.count_nonzero(mask[rows][:, cols])) / total
 
 
 def map_box(box: Sequence[float], frame: Frame) -> list[int] | None:

@@ -16,8 +16,12 @@ import numpy as np
 
 from cologen.data.tasks import TASKS
 
-# Why a sample was skipped; the skip counter keeps one count per category.
-SKIP_CATEGORIES: tuple[str, ...] = ("tar", "missing", "decode", "encoding", "record", "build")
+# Why a sample was skipped; the skip counter keeps one count per category. `truncated`: a shard that held fewer
+# samples than its manifest says (counted once per read of it); `duplicate`: a key met again in a shard, or a
+# sample with a member twice (not delivered); `crop`: the output frame loses what the example is about
+# (builders' refusals, docs/data.md).
+SKIP_CATEGORIES: tuple[str, ...] = ("tar", "missing", "decode", "encoding", "record", "build", "truncated",
+                                    "duplicate", "crop")
 IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
 # Optional members and how to decode them: colour images, or single-channel maps.
 COLOR_FIELDS: tuple[str, ...] = ("image", "source", "seg")
@@ -25,10 +29,18 @@ GRAY_FIELDS: tuple[str, ...] = ("mask", "source_mask", "depth", "instances")
 ALL_FIELDS: frozenset[str] = frozenset(COLOR_FIELDS + GRAY_FIELDS)
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """A reason as one line (library messages span lines), cut at `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class BadSample(Exception):
-    """A sample that cannot be used; `category` is one of SKIP_CATEGORIES."""
+    """A sample that cannot be used; `category` is one of SKIP_CATEGORIES, `reason` one line. `key` names the
+    sample, or the place in a shard for archive-level problems ("after KEY")."""
 
     def __init__(self, category: str, reason: str, key: str = "?"):
+        reason = one_line(reason)
         super().__init__(f"{key}: {reason}")
         self.category, self.reason, self.key = category, reason, key
 
@@ -67,7 +79,12 @@ def _member(raw: dict[str, Any], name: str) -> tuple[str, bytes] | None:
 
 
 def _decode_image(data: bytes, member: str, key: str, color: bool) -> np.ndarray:
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not data:  # OpenCV raises a two-line error for an empty buffer instead of returning None
+        raise BadSample("decode", f"{member} is empty (0 bytes)", key)
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        arr = None
     if arr is None or arr.size == 0:
         raise BadSample("decode", f"cannot decode {member}", key)
     if arr.dtype != np.uint8:  # 16-bit PNG depth maps and the like

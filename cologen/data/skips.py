@@ -13,7 +13,8 @@ import tarfile
 
 import torch
 
-from cologen.data.records import SKIP_CATEGORIES, BadSample
+from cologen.data.reader import archive_reason
+from cologen.data.records import SKIP_CATEGORIES, BadSample, one_line
 
 log = logging.getLogger("cologen.data")
 
@@ -23,15 +24,14 @@ class DataBrokenError(RuntimeError):
 
 
 def categorize(exn: BaseException) -> tuple[str, str]:
+    """(category, one-line reason) of an exception met while reading or building a sample."""
     if isinstance(exn, BadSample):
         return exn.category, str(exn)
     if isinstance(exn, (tarfile.TarError, EOFError, OSError)):
-        return "tar", f"{type(exn).__name__}: {' '.join(str(a) for a in exn.args)}"
-    if isinstance(exn, ValueError) and "duplicate file name" in str(exn):
-        return "tar", str(exn)
+        return "tar", archive_reason(exn)
     if isinstance(exn, UnicodeDecodeError):
-        return "encoding", str(exn)
-    return "build", f"{type(exn).__name__}: {exn}"
+        return "encoding", one_line(str(exn))
+    return "build", one_line(f"{type(exn).__name__}: {exn}")
 
 
 class SkipCounter:

@@ -30,6 +30,7 @@ from cologen.data.builders import BuilderConfig, Example, TaskBuilder
 from cologen.data.choice import IndexedDealer
 from cologen.data.collate import collate
 from cologen.data.precomputed import PrecomputedArrays
+from cologen.data.reader import ShardReader
 from cologen.data.records import decode_sample
 from cologen.data.schedule import MixtureState, Schedule, entry_at
 from cologen.data.skips import SkipCounter
@@ -61,7 +62,7 @@ def raw_samples(urls: Sequence[str], skips: SkipCounter, *, seed: int, resampled
         source = wds.ResampledShards(list(urls), seed=seed, worker_seed=lambda: 0, deterministic=True)
     else:
         source = wds.DataPipeline(lambda: _disjoint_shards(urls, split_index, split_stride, seed))
-    stages: list[Any] = [source, wds.tarfile_to_samples(handler=skips)]
+    stages: list[Any] = [source, ShardReader(skips)]  # manifests, duplicates, one count per failure
     if shuffle_buffer > 1:  # shuffle raw bytes, before decoding
         stages.append(wds.shuffle(shuffle_buffer, initial=min(100, shuffle_buffer), seed=seed))
     return iter(wds.DataPipeline(*stages))

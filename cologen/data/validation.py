@@ -6,7 +6,9 @@ as raw bytes; example `i` is rebuilt on demand with a generator seeded by (seed,
 
 An item of the dataset is a whole collated batch: consecutive examples of one output size (with
 aspect-ratio buckets, examples of different buckets never share a batch). Its DataLoader uses
-`batch_size=None`, and under DDP Lightning's sampler hands whole batches to the ranks.
+`batch_size=None`. Under DDP, `RankShare` gives each batch to exactly one rank and pads the shorter ranks with
+batches marked `valid` False, so every rank runs as many steps (FSDP needs every rank in every forward) and
+metrics count each example once; Lightning's own sampler would instead repeat real batches.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from cologen.data.builders import BuilderConfig, Example, TaskBuilder
 from cologen.data.collate import collate
 from cologen.data.precomputed import PrecomputedArrays
+from cologen.data.reader import ShardReader
 from cologen.data.records import decode_sample
 from cologen.data.skips import SkipCounter
 from cologen.data.tasks import TASKS
@@ -33,8 +35,7 @@ class FixedTaskDataset(torch.utils.data.Dataset):
         self.task, self.seed, self.arrays = task, seed, arrays
         self.builder = TaskBuilder(builder, resolution, buckets, stratified=False)
         fields = self.builder.fields(task)
-        stream = wds.WebDataset(list(urls), shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                handler=skips, empty_check=False)
+        stream = ShardReader(skips)({"url": u} for u in urls)  # in shard order; a repeated key is read once
         self.raw: list[dict[str, Any]] = []
         sizes: list[tuple[int, int]] = []
         for raw in stream:
@@ -71,4 +72,31 @@ class FixedTaskDataset(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return collate([self.example(i) for i in self.batches[index]], self.arrays)
+        """Batch `index`; index `len(self)` is `RankShare`'s padding batch: a copy of batch 0, marked not `valid`."""
+        if not 0 <= index <= len(self.batches):
+            raise IndexError(f"batch {index} of a validation set of {len(self.batches)}")
+        padding = index == len(self.batches)
+        batch = collate([self.example(i) for i in self.batches[0 if padding else index]], self.arrays)
+        batch["valid"] = torch.full((len(batch["key"]),), not padding, dtype=torch.bool)
+        batch["batch_index"] = index  # its place in the set, the same on any number of ranks (seeds its noise)
+        return batch
+
+
+class RankShare(torch.utils.data.distributed.DistributedSampler):
+    """This rank's batches of a validation set of `n`: batches rank, rank + W, ... (each on exactly one rank), then
+    at most one padding item (index n, marked not `valid` by the dataset) up to ceil(n / W), the steps every rank
+    runs.
+
+    A `DistributedSampler`, so that Lightning keeps it instead of putting its own (which repeats real batches).
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+        mine = list(range(rank, n, world_size))
+        self.indices = mine + [n] * (-(-n // world_size) - len(mine))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
