@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .curriculum.spec import CurriculumStep
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
 from .model.packing import pack_latents, source_ids, target_ids, text_ids
@@ -337,6 +338,61 @@ class CoLoGenModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, **kwargs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --------------------------------------------------------------------------------------------- curriculum
+    # Entering a curriculum step (method.md, "Curriculum"): everything a step boundary changes in the model and its
+    # optimization lives here, next to `configure_optimizers` (whose group names it uses); `CurriculumCallback`
+    # decides when, `MixtureDataModule.set_mixture_schedule` switches the data.
+    def enter_curriculum_step(self, index: int, step: CurriculumStep, task_experts: dict[str, int]) -> None:
+        """Start curriculum step `index` (its settings `step`; `task_experts`: task -> expert up to it): activate its
+        expert (copy init), freeze the veterans, set the veteran loss's rho and alpha, and, inside a fit, drop the
+        veterans' optimizer moments and set the step's learning rates (restarting the schedule if it says so)."""
+        model = self.model
+        while model.num_active < index + 1:
+            model.activate_next_expert()
+        model.set_entry_progress(0.0 if index > 0 else 1.0)
+        self.resume_curriculum_step(step, task_experts)
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return
+        # A veteran never trains again: drop its optimizer moments (on FLUX, 0.7 GB per rank-128 expert).
+        for optimizer in trainer.optimizers:
+            for e in range(model.newest_expert):
+                for p in model.expert_parameters(e):
+                    optimizer.state.pop(p, None)
+        self.set_learning_rates(step.lr, step.router_lr if step.router_lr is not None else step.lr / 2,
+                                restart_steps=step.steps if step.reset_schedule else None)
+
+    def resume_curriculum_step(self, step: CurriculumStep, task_experts: dict[str, int]) -> None:
+        """The settings of curriculum step `step` on a model whose experts (count and weights) and optimizer come
+        from a checkpoint: which experts train, rho / alpha, the task -> expert map."""
+        self.model.freeze_for_curriculum()
+        self.veteran.rho, self.veteran.alpha = step.rho, step.alpha
+        self.task_experts = dict(task_experts)
+
+    def set_learning_rates(self, lr: float, router_lr: float, restart_steps: int | None = None) -> None:
+        """Base learning rates of the `experts` and `routers` groups of `configure_optimizers`; `restart_steps`
+        restarts the schedule (warmup, cosine over that many steps) at the current step. In effect for the next
+        optimizer step."""
+        trainer = self.trainer
+        step = trainer.global_step
+        lrs = {"experts": lr, "routers": router_lr}
+        if restart_steps is not None:
+            self.lr_schedule.restart(step, total_steps=restart_steps)
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            for i, group in enumerate(sched.optimizer.param_groups):
+                if group.get("name") in lrs:
+                    sched.base_lrs[i] = group["initial_lr"] = lrs[group["name"]]
+                group["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Frozen veterans must not move: drop any gradient a strategy may have materialized for them (DDP can
+        # write zeros into unused parameters, and AdamW would still apply its momentum).
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    p.grad = None
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def adapter_state_keys(self) -> list[str]:

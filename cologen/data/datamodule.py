@@ -172,6 +172,11 @@ class MixtureDataModule(L.LightningDataModule):
         log.info("data mixture schedule set: %s", [(g, {t: round(w, 4) for t, w in m.items()}) for g, m in checked])
 
     @property
+    def train_tasks(self) -> list[str]:
+        """The tasks with train shards (`t2i` and `reconstruct` through the inpainting fallback), in canonical order."""
+        return list(self._tasks)
+
+    @property
     def mixture_schedule(self) -> Schedule:
         return self._state.schedule()
 
