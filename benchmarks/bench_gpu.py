@@ -61,9 +61,9 @@ from cologen.bench.flux import (  # noqa: E402
 )
 from cologen.model.codecs import LatentCodec  # noqa: E402
 from cologen.model.config import PRWConfig  # noqa: E402
+from cologen.model.packing import SourcePositionConfig  # noqa: E402
 from cologen.model.text_encoders import TextEmbeddings  # noqa: E402
 from cologen.sampling.sampler import FlowSampler, SamplerConfig  # noqa: E402
-from cologen.training.config import SourcePositionConfig  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),

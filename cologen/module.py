@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from .curriculum.spec import CurriculumStep
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
-from .model.packing import pack_latents, source_ids, target_ids, text_ids
+from .model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids
 from .model.presets import Preset, TinyPreset, preset_from_hparams
 from .model.text_encoders import TextEmbeddings
 from .model.veteran import expert_usage, routing_entropy, task_routing_loss, veteran_loss
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
-from .training.config import FlowMatchingConfig, OptimConfig, SourcePositionConfig, VeteranConfig, coerce
+from .training.config import FlowMatchingConfig, OptimConfig, VeteranConfig, coerce
 from .training.schedule import WarmupSchedule
 
 
@@ -143,13 +143,6 @@ class CoLoGenModule(L.LightningModule):
             return batch[latent_key].to(self.device, torch.float32)
         return self.codec.encode(batch[key].to(self.device)).float()
 
-    def source_position_ids(self, tasks: list[str], rows: int, cols: int, t_rows: int, t_cols: int) -> torch.Tensor:
-        schemes = [self.positions.scheme(t) for t in tasks]
-        per_scheme = {s: source_ids(s, rows, cols, t_rows, t_cols, device=self.device) for s in set(schemes)}
-        if len(per_scheme) == 1:
-            return next(iter(per_scheme.values()))
-        return torch.stack([per_scheme[s] for s in schemes])
-
     def prepare(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> dict:
         """Everything the transformer needs for one flow-matching step on `batch`."""
         target = self.encode_images(batch, "target", "target_latent")
@@ -170,8 +163,8 @@ class CoLoGenModule(L.LightningModule):
             if train:
                 keep = keep & (rand(b) >= self.flow.source_dropout)
             source_tokens = pack_latents(source) * keep.float()[:, None, None]
-            sids = self.source_position_ids(list(batch["task"]), source.shape[2] // 2, source.shape[3] // 2,
-                                            h // 2, w // 2)
+            sids = self.positions.ids(list(batch["task"]), source.shape[2] // 2, source.shape[3] // 2, h // 2,
+                                      w // 2, device=self.device)
 
         s = torch.sigmoid(torch.randn(b, generator=generator, device=self.device) * self.flow.logit_std
                           + self.flow.logit_mean)
