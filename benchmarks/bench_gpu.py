@@ -18,7 +18,7 @@ step time; MFU = TFLOP/s / the GPU's dense bf16 peak (table by device name below
 (--tiny) steps are timed with perf_counter and peak memory is "n/a": the CPU allocator keeps no peak statistic.
 A configuration that runs out of memory prints OOM in its row.
 
-Model FLOPs per step (cologen/bench/flops.py, checked op by op against torch's FlopCounterMode), per sample:
+Model FLOPs per step (benchmarks/flops.py, checked op by op against torch's FlopCounterMode), per sample:
   forward  = sum over the 57 blocks of [24 D^2 (S_main + S_src)                      base matmuls, both streams
                                         + 4 D S_main (S_main + S_src) + 4 D S_src^2    attention
                                         + 8 D r S_src]                                 LoRA on the source K/V
@@ -49,8 +49,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cologen.bench.flops import training_step_flops  # noqa: E402
-from cologen.bench.flux import (  # noqa: E402
+from benchmarks.flops import training_step_flops  # noqa: E402
+from benchmarks.flux_models import (  # noqa: E402
     FLUX_DEV_TRANSFORMER,
     PAPER_PRW,
     TINY_TRANSFORMER,

@@ -19,7 +19,7 @@ from .model.text_encoders import TextEmbeddings
 from .model.veteran import expert_usage, routing_entropy, task_routing_loss, veteran_loss
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
 from .training.config import FlowMatchingConfig, OptimConfig, VeteranConfig, coerce
-from .training.schedule import WarmupSchedule
+from .training.lr_schedule import LRSchedule
 
 
 def set_attention_backend(transformer, backend: str) -> None:
@@ -115,7 +115,7 @@ class CoLoGenModule(L.LightningModule):
         # task -> expert of the curriculum step that introduced it (set by the curriculum; per-sample task routing
         # and oracle routing read it)
         self.task_experts: dict[str, int] = {}
-        self.lr_schedule = WarmupSchedule(self.optim.warmup_steps, self.optim.schedule, self.optim.total_steps,
+        self.lr_schedule = LRSchedule(self.optim.warmup_steps, self.optim.schedule, self.optim.total_steps,
                                           self.optim.min_lr_ratio)
 
     # ------------------------------------------------------------------------------------------------ inputs

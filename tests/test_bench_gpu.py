@@ -15,15 +15,15 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cologen.bench.flops import Workload, flux_workload, training_step_flops
-from cologen.bench.flux import (
+from benchmarks.flops import Workload, flux_workload, training_step_flops
+from benchmarks.flux_models import (
     FLUX_DEV_TRANSFORMER,
     TINY_TRANSFORMER,
     build_cologen,
     forward_loss,
     make_inputs,
 )
-from cologen.bench.memory import activation_bytes, count_params
+from benchmarks.memory import activation_bytes, count_params
 from cologen.model.config import PRWConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ def small_config(run_dir: str, shapeworld: Path) -> dict:
             "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                         "init_args": {"save_dir": "${trainer.default_root_dir}", "name": "logs"}}],
             "callbacks": [
-                {"class_path": "cologen.training.checkpointing.RunCheckpoint",
+                {"class_path": "cologen.training.run_checkpoint.RunCheckpoint",
                  "init_args": {"dirpath": "${trainer.default_root_dir}", "filename": "step{step:06d}",
                                "auto_insert_metric_name": False, "save_last": True, "every_n_train_steps": 2}},
                 {"class_path": "cologen.callbacks.SampleValidation",

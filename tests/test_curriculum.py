@@ -11,8 +11,8 @@ from cologen.data.datamodule import MixtureDataModule
 from cologen.model.config import PRWConfig, RouterConfig
 from cologen.model.presets import TinyPreset
 from cologen.module import CoLoGenModule
-from cologen.training.checkpointing import RunCheckpoint
 from cologen.training.config import OptimConfig
+from cologen.training.run_checkpoint import RunCheckpoint
 
 STEPS = [("inpainting", 2), ("grounding", 3), ("control", 2)]  # 7 optimizer steps, boundaries after 2 and 5
 

@@ -11,13 +11,6 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from cologen.metrics.benchmark import (
-    clip_direction_score,
-    clip_image_score,
-    clip_score_100,
-    clip_text_score,
-    dino_score,
-)
 from cologen.metrics.fid import frechet_distance, load_fid_features
 from cologen.metrics.models import (
     MissingModelPath,
@@ -26,6 +19,13 @@ from cologen.metrics.models import (
     load_dino,
     load_map_detector,
     load_segmenter,
+)
+from cologen.metrics.similarity import (
+    clip_direction_score,
+    clip_image_score,
+    clip_score_100,
+    clip_text_score,
+    dino_score,
 )
 from cologen.metrics.tiny_models import (
     save_tiny_clip,
