@@ -53,7 +53,6 @@ from benchmarks.flops import training_step_flops  # noqa: E402
 from benchmarks.flux_models import (  # noqa: E402
     FLUX_DEV_TRANSFORMER,
     PAPER_PRW,
-    TINY_TRANSFORMER,
     build_cologen,
     forward_loss,
     make_inputs,
@@ -64,6 +63,7 @@ from cologen.model.config import PRWConfig  # noqa: E402
 from cologen.model.packing import SourcePositionConfig  # noqa: E402
 from cologen.model.text_encoders import TextEmbeddings  # noqa: E402
 from cologen.sampling.sampler import FlowSampler, SamplerConfig  # noqa: E402
+from cologen.testing.flux import TINY_TRANSFORMER  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),

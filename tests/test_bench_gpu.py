@@ -18,13 +18,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.flops import Workload, flux_workload, training_step_flops
 from benchmarks.flux_models import (
     FLUX_DEV_TRANSFORMER,
-    TINY_TRANSFORMER,
     build_cologen,
     forward_loss,
     make_inputs,
 )
 from benchmarks.memory import activation_bytes, count_params
 from cologen.model.config import PRWConfig
+from cologen.testing.flux import TINY_TRANSFORMER
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 3, "num_attention_heads": 4,

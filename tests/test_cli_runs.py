@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cologen.testing.cli import run_in_process as cologen
+
 ROOT = Path(__file__).resolve().parents[1]
 CURRICULUM = ROOT / "experiments" / "tiny" / "curriculum.yaml"
 TASKS = ["inpainting", "grounding", "control", "customized", "editing"]
@@ -51,19 +53,6 @@ def small_config(run_dir: str, shapeworld: Path) -> dict:
              "rho": 1.0 if i == 0 else 0.8, "alpha": 0.0 if i == 0 else 0.5}
             for i, t in enumerate(TASKS[:3])]}},
     }
-
-
-def cologen(capfd, *args):
-    from cologen.cli import main
-
-    capfd.readouterr()
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,11 @@ import yaml
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from benchmarks.flux_models import TINY_TRANSFORMER, build_cologen, forward_loss, make_inputs
+from benchmarks.flux_models import build_cologen, forward_loss, make_inputs
 from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.module import CoLoGenModule
+from cologen.testing.flux import TINY_TRANSFORMER
 from cologen.training.fsdp import data_parallel_mesh, shard_cologen
 from cologen.training.replicas import read_reports
 
