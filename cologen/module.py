@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .compat import set_attention_backend
 from .curriculum.spec import CurriculumStep
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
@@ -20,16 +21,6 @@ from .model.veteran import expert_usage, routing_entropy, task_routing_loss, vet
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
 from .training.config import FlowMatchingConfig, OptimConfig, VeteranConfig, coerce
 from .training.lr_schedule import LRSchedule
-
-
-def set_attention_backend(transformer, backend: str) -> None:
-    """diffusers' `set_attention_backend` for this model's processors only: it also changes a process-wide default,
-    which would leak into every other model in the process, so that default is restored."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    previous = _AttentionBackendRegistry._active_backend
-    transformer.set_attention_backend(backend)
-    _AttentionBackendRegistry.set_active_backend(previous)
 
 
 def flux_time_shift(s: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -48,3 +48,13 @@ def metric_models(tmp_path_factory):
     return {"clip": save_tiny_clip(root / "clip"), "dino": save_tiny_dino(root / "dino"),
             "inception": save_tiny_inception(root / "inception.pt"), "depth": save_tiny_depth(root / "depth"),
             "map_detector": save_tiny_map_detector(root / "map_detector.pt")}
+
+
+@pytest.fixture
+def restore_attention_backend():
+    """diffusers' set_attention_backend also sets a process-wide default backend: undo it after the test."""
+    from cologen.compat import active_attention_backend, set_active_attention_backend
+
+    active = active_attention_backend()
+    yield
+    set_active_attention_backend(active)

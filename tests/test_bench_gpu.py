@@ -31,16 +31,6 @@ CONFIG = {**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 3, "num_atte
           "pooled_projection_dim": 24}
 
 
-@pytest.fixture
-def restore_attention_backend():
-    """diffusers' set_attention_backend also sets a process-wide default backend: undo it after the test."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    active = _AttentionBackendRegistry.get_active_backend()[0]
-    yield
-    _AttentionBackendRegistry.set_active_backend(active)
-
-
 @pytest.mark.parametrize("blocks", ["both", "double", "single"])
 def test_flop_count_matches_flop_counter_mode(blocks, restore_attention_backend):
     torch.manual_seed(0)
