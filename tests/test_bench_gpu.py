@@ -4,7 +4,6 @@ code path end to end and prints every column."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -87,16 +86,9 @@ def test_activation_plan_switches_move_memory_the_right_way():
     assert len([k for k in full.per_block if k != "outside"]) == 2 * 5
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_peak_table_knows_the_common_gpus():
-    bench = _load_bench()
+    from benchmarks import bench_gpu as bench
+
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert bench.peak_tflops("NVIDIA H100 PCIe") == 756
     assert bench.peak_tflops("NVIDIA H200") == 989
@@ -110,7 +102,7 @@ def test_peak_table_knows_the_common_gpus():
 def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpu.py", "--tiny", "--steps", "2", "--sampler-steps", "6",
+        [sys.executable, "-m", "benchmarks.bench_gpu", "--tiny", "--steps", "2", "--sampler-steps", "6",
          "--peak-tflops", "0.5", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=220, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -351,8 +351,6 @@ class MixtureDataModule(L.LightningDataModule):
             return
         if "schedule" in state_dict:
             self._state.set_schedule(self._checked_schedule([(int(g), w) for g, w in state_dict["schedule"]]))
-        elif "mixture" in state_dict:  # checkpoints from before schedules
-            self._state.set_schedule(self._checked_schedule([(0, state_dict["mixture"])], "mixture"))
 
     def teardown(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self._loader is not None:

@@ -8,12 +8,10 @@ Position ids of the condition tokens are the paper's per-task position scheme (m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-PositionScheme = Literal["aligned", "shifted", "scaled"]
 POSITION_SCHEMES: tuple[str, ...] = ("aligned", "shifted", "scaled")
 
 
