@@ -116,4 +116,4 @@ examples: install
 
 # GPU benchmark (FLUX.1-dev-sized model, PRW with 5 experts of rank 128); ARGS=--tiny runs the same code on the CPU.
 bench-gpu: install
-	$(PY) benchmarks/bench_gpu.py $(ARGS)
+	$(PY) -m benchmarks.bench_gpu $(ARGS)

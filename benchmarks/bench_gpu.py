@@ -2,7 +2,7 @@
 
     make bench-gpu                      # any single CUDA GPU
     make bench-gpu ARGS=--tiny          # the same code path on the CPU with a toy-sized FLUX (tests the script)
-    python benchmarks/bench_gpu.py --batch-sizes 1 4 --checkpointing on off --steps 10 --json out.json
+    python -m benchmarks.bench_gpu --batch-sizes 1 4 --checkpointing on off --steps 10 --json out.json
 
 What is timed: FLUX.1-dev's transformer (19 double + 38 single blocks, 24 heads x 128) built from its published
 config in bf16 directly on the GPU, with the paper's PRW bank (5 experts of rank 128, alpha 256, fp32) and a router
@@ -18,7 +18,7 @@ step time; MFU = TFLOP/s / the GPU's dense bf16 peak (table by device name below
 (--tiny) steps are timed with perf_counter and peak memory is "n/a": the CPU allocator keeps no peak statistic.
 A configuration that runs out of memory prints OOM in its row.
 
-Model FLOPs per step (cologen/bench/flops.py, checked op by op against torch's FlopCounterMode), per sample:
+Model FLOPs per step (benchmarks/flops.py, checked op by op against torch's FlopCounterMode), per sample:
   forward  = sum over the 57 blocks of [24 D^2 (S_main + S_src)                      base matmuls, both streams
                                         + 4 D S_main (S_main + S_src) + 4 D S_src^2    attention
                                         + 8 D r S_src]                                 LoRA on the source K/V
@@ -39,7 +39,6 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,23 +46,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cologen.bench.flops import training_step_flops  # noqa: E402
-from cologen.bench.flux import (  # noqa: E402
+from benchmarks.flops import training_step_flops
+from benchmarks.flux_models import (
     FLUX_DEV_TRANSFORMER,
     PAPER_PRW,
-    TINY_TRANSFORMER,
     build_cologen,
     forward_loss,
     make_inputs,
     workload_of,
 )
-from cologen.model.codecs import LatentCodec  # noqa: E402
-from cologen.model.config import PRWConfig  # noqa: E402
-from cologen.model.text_encoders import TextEmbeddings  # noqa: E402
-from cologen.sampling.sampler import FlowSampler, SamplerConfig  # noqa: E402
-from cologen.training.config import SourcePositionConfig  # noqa: E402
+from cologen.model.codecs import LatentCodec
+from cologen.model.config import PRWConfig
+from cologen.model.packing import SourcePositionConfig
+from cologen.model.text_encoders import TextEmbeddings
+from cologen.sampling.sampler import FlowSampler, SamplerConfig
+from cologen.testing.flux import TINY_TRANSFORMER
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),

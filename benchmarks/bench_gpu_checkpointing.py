@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cologen.model.cologen_transformer as cologen_transformer  # noqa: E402
 from benchmarks.bench_gpu import FLUX_DEV, TINY  # noqa: E402  (the same model and inputs as bench_gpu.py)
-from cologen.bench.flux import build_cologen, forward_loss, make_inputs  # noqa: E402
+from benchmarks.flux_models import build_cologen, forward_loss, make_inputs  # noqa: E402
 
 # (name, checkpoint the source pass, checkpoint the main pass, preserve the RNG state in the source pass)
 VARIANTS = [("none", False, False, True), ("main pass", False, True, True), ("source pass", True, False, True),

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_recipes import fixtures as F
+from cologen.testing import recipe_fixtures as F
 from data_recipes._common import Job, run
 from data_recipes._editing import EditingConverter
 from data_recipes._sources import ParquetSource

@@ -2,7 +2,7 @@
 
 A section sits between two markers in the markdown (invisible when rendered):
 
-    <!-- generated:memory.budget by `python -m cologen.bench.memory --write-docs` -->
+    <!-- generated:memory.budget by `python -m benchmarks.memory --write-docs` -->
     ...rendered by the command...
     <!-- /generated:memory.budget -->
 

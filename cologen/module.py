@@ -10,25 +10,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from .compat import set_attention_backend
+from .curriculum.spec import CurriculumStep
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
-from .model.packing import pack_latents, source_ids, target_ids, text_ids
+from .model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids
 from .model.presets import Preset, TinyPreset, preset_from_hparams
 from .model.text_encoders import TextEmbeddings
 from .model.veteran import expert_usage, routing_entropy, task_routing_loss, veteran_loss
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
-from .training.config import FlowMatchingConfig, OptimConfig, SourcePositionConfig, VeteranConfig, coerce
-from .training.schedule import WarmupSchedule
-
-
-def set_attention_backend(transformer, backend: str) -> None:
-    """diffusers' `set_attention_backend` for this model's processors only: it also changes a process-wide default,
-    which would leak into every other model in the process, so that default is restored."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    previous = _AttentionBackendRegistry._active_backend
-    transformer.set_attention_backend(backend)
-    _AttentionBackendRegistry.set_active_backend(previous)
+from .training.config import FlowMatchingConfig, OptimConfig, VeteranConfig, coerce
+from .training.lr_schedule import LRSchedule
 
 
 def flux_time_shift(s: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -114,7 +106,7 @@ class CoLoGenModule(L.LightningModule):
         # task -> expert of the curriculum step that introduced it (set by the curriculum; per-sample task routing
         # and oracle routing read it)
         self.task_experts: dict[str, int] = {}
-        self.lr_schedule = WarmupSchedule(self.optim.warmup_steps, self.optim.schedule, self.optim.total_steps,
+        self.lr_schedule = LRSchedule(self.optim.warmup_steps, self.optim.schedule, self.optim.total_steps,
                                           self.optim.min_lr_ratio)
 
     # ------------------------------------------------------------------------------------------------ inputs
@@ -142,13 +134,6 @@ class CoLoGenModule(L.LightningModule):
             return batch[latent_key].to(self.device, torch.float32)
         return self.codec.encode(batch[key].to(self.device)).float()
 
-    def source_position_ids(self, tasks: list[str], rows: int, cols: int, t_rows: int, t_cols: int) -> torch.Tensor:
-        schemes = [self.positions.scheme(t) for t in tasks]
-        per_scheme = {s: source_ids(s, rows, cols, t_rows, t_cols, device=self.device) for s in set(schemes)}
-        if len(per_scheme) == 1:
-            return next(iter(per_scheme.values()))
-        return torch.stack([per_scheme[s] for s in schemes])
-
     def prepare(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> dict:
         """Everything the transformer needs for one flow-matching step on `batch`."""
         target = self.encode_images(batch, "target", "target_latent")
@@ -169,8 +154,8 @@ class CoLoGenModule(L.LightningModule):
             if train:
                 keep = keep & (rand(b) >= self.flow.source_dropout)
             source_tokens = pack_latents(source) * keep.float()[:, None, None]
-            sids = self.source_position_ids(list(batch["task"]), source.shape[2] // 2, source.shape[3] // 2,
-                                            h // 2, w // 2)
+            sids = self.positions.ids(list(batch["task"]), source.shape[2] // 2, source.shape[3] // 2, h // 2,
+                                      w // 2, device=self.device)
 
         s = torch.sigmoid(torch.randn(b, generator=generator, device=self.device) * self.flow.logit_std
                           + self.flow.logit_mean)
@@ -348,6 +333,61 @@ class CoLoGenModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, **kwargs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --------------------------------------------------------------------------------------------- curriculum
+    # Entering a curriculum step (method.md, "Curriculum"): everything a step boundary changes in the model and its
+    # optimization lives here, next to `configure_optimizers` (whose group names it uses); `CurriculumCallback`
+    # decides when, `MixtureDataModule.set_mixture_schedule` switches the data.
+    def enter_curriculum_step(self, index: int, step: CurriculumStep, task_experts: dict[str, int]) -> None:
+        """Start curriculum step `index` (its settings `step`; `task_experts`: task -> expert up to it): activate its
+        expert (copy init), freeze the veterans, set the veteran loss's rho and alpha, and, inside a fit, drop the
+        veterans' optimizer moments and set the step's learning rates (restarting the schedule if it says so)."""
+        model = self.model
+        while model.num_active < index + 1:
+            model.activate_next_expert()
+        model.set_entry_progress(0.0 if index > 0 else 1.0)
+        self.resume_curriculum_step(step, task_experts)
+        trainer = self._trainer
+        if trainer is None or not trainer.optimizers:
+            return
+        # A veteran never trains again: drop its optimizer moments (on FLUX, 0.7 GB per rank-128 expert).
+        for optimizer in trainer.optimizers:
+            for e in range(model.newest_expert):
+                for p in model.expert_parameters(e):
+                    optimizer.state.pop(p, None)
+        self.set_learning_rates(step.lr, step.router_lr if step.router_lr is not None else step.lr / 2,
+                                restart_steps=step.steps if step.reset_schedule else None)
+
+    def resume_curriculum_step(self, step: CurriculumStep, task_experts: dict[str, int]) -> None:
+        """The settings of curriculum step `step` on a model whose experts (count and weights) and optimizer come
+        from a checkpoint: which experts train, rho / alpha, the task -> expert map."""
+        self.model.freeze_for_curriculum()
+        self.veteran.rho, self.veteran.alpha = step.rho, step.alpha
+        self.task_experts = dict(task_experts)
+
+    def set_learning_rates(self, lr: float, router_lr: float, restart_steps: int | None = None) -> None:
+        """Base learning rates of the `experts` and `routers` groups of `configure_optimizers`; `restart_steps`
+        restarts the schedule (warmup, cosine over that many steps) at the current step. In effect for the next
+        optimizer step."""
+        trainer = self.trainer
+        step = trainer.global_step
+        lrs = {"experts": lr, "routers": router_lr}
+        if restart_steps is not None:
+            self.lr_schedule.restart(step, total_steps=restart_steps)
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            for i, group in enumerate(sched.optimizer.param_groups):
+                if group.get("name") in lrs:
+                    sched.base_lrs[i] = group["initial_lr"] = lrs[group["name"]]
+                group["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Frozen veterans must not move: drop any gradient a strategy may have materialized for them (DDP can
+        # write zeros into unused parameters, and AdamW would still apply its momentum).
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    p.grad = None
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def adapter_state_keys(self) -> list[str]:

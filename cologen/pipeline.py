@@ -35,9 +35,9 @@ from cologen.errors import UsageError
 from cologen.inputs import ImageInput, check_task, condition_tensor, image_size
 from cologen.model.cologen_transformer import CoLoGenTransformer
 from cologen.model.config import PRWConfig, RouterConfig
+from cologen.model.packing import SourcePositionConfig
 from cologen.model.presets import FluxDevPreset, TinyPreset
 from cologen.sampling.sampler import FlowSampler, SamplerConfig
-from cologen.training.config import SourcePositionConfig
 
 ADAPTER_FILE = "prw_adapters.safetensors"
 CONFIG_FILE = "cologen_config.json"

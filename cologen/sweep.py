@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from cologen import compat
 from cologen.callbacks.summary import SUMMARY_ENV
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -35,9 +36,7 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 # ------------------------------------------------------------------------------------------ config and commands
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """The sweep YAML, checked with W&B's own validation (what `wandb sweep` runs before creating it)."""
-    from wandb.sdk.launch.sweeps import utils as sweep_utils
-
-    config = sweep_utils.load_sweep_config(str(path))
+    config = compat.load_sweep_config(str(path))
     if config is None:
         raise ValueError(f"could not load the sweep config {path}")
     validate_sweep(config)
@@ -52,11 +51,9 @@ def _sweeps():
 
 
 def validate_sweep(config: dict[str, Any]) -> None:
-    from wandb.sdk.launch.sweeps import utils as sweep_utils
-
     violations = _sweeps().schema_violations_from_proposed_config(config)
     if violations:
-        raise ValueError(sweep_utils.sweep_config_err_text_from_jsonschema_violations(violations))
+        raise ValueError(compat.sweep_violations_text(violations))
     if not (config.get("metric") or {}).get("name"):
         raise ValueError("the sweep needs metric.name: the number each trial is judged by")
 
@@ -64,11 +61,9 @@ def validate_sweep(config: dict[str, Any]) -> None:
 def agent_command(config: dict[str, Any], args: dict[str, dict[str, Any]], args_json_file: str = "") -> list[str]:
     """The command line W&B's agent runs for a trial with these `args` ({param: {"value": v}}): the same steps as
     `wandb.wandb_agent.Agent._command_run` (macros ${env} ${interpreter} ${program} ${args} ${args_json} ...)."""
-    from wandb.sdk.launch.sweeps import utils as sweep_utils
-
     command = config.get("command")
-    command = sweep_utils.create_sweep_command(list(command) if isinstance(command, list) else [])
-    sweep_vars: dict[str, Any] = sweep_utils.create_sweep_command_args({"args": args})
+    command = compat.sweep_command(list(command) if isinstance(command, list) else [])
+    sweep_vars: dict[str, Any] = compat.sweep_command_args({"args": args})
     sweep_vars["interpreter"] = ["python"]
     sweep_vars["program"] = [config.get("program")]
     sweep_vars["args_json_file"] = [args_json_file]
@@ -145,13 +140,10 @@ def run_trial(config: dict[str, Any], args: dict[str, dict[str, Any]], out_dir: 
               extra_args: list[str] | None = None, cwd: Path | None = None) -> Trial:
     """One trial as the agent starts it (plus `extra_args`), with an offline W&B run and the agent's environment:
     its run id, and its parameters in WANDB_SWEEP_PARAM_PATH (so they show in the run's config)."""
-    from wandb.sdk.lib import config_util
-    from wandb.sdk.lib.runid import generate_id
-
-    run_id = generate_id()
+    run_id = compat.wandb_run_id()
     params_file, json_file = out_dir / f"{run_id}.params.yaml", out_dir / f"{run_id}.args.json"
     summary_file = out_dir / f"{run_id}.summary.json"
-    config_util.save_config_file_from_dict(str(params_file), args)
+    compat.save_wandb_config(str(params_file), args)
     json_file.write_text(json.dumps({k: v["value"] for k, v in args.items()}))
     trial = Trial(run_id, {k: v["value"] for k, v in args.items()},
                   agent_command(config, args, str(json_file)) + list(extra_args or []))

@@ -25,7 +25,7 @@ def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
                     "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                                 "init_args": {"save_dir": "${trainer.default_root_dir}", "name": "logs"}}],
                     "callbacks": [
-                        {"class_path": "cologen.training.checkpointing.RunCheckpoint",
+                        {"class_path": "cologen.training.run_checkpoint.RunCheckpoint",
                          "init_args": {"dirpath": "${trainer.default_root_dir}", "save_last": True,
                                        "every_n_train_steps": 1, "save_top_k": 1}},
                         {"class_path": "cologen.callbacks.SampleValidation",

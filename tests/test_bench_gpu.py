@@ -4,7 +4,6 @@ code path end to end and prints every column."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -15,30 +14,20 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cologen.bench.flops import Workload, flux_workload, training_step_flops
-from cologen.bench.flux import (
+from benchmarks.flops import Workload, flux_workload, training_step_flops
+from benchmarks.flux_models import (
     FLUX_DEV_TRANSFORMER,
-    TINY_TRANSFORMER,
     build_cologen,
     forward_loss,
     make_inputs,
 )
-from cologen.bench.memory import activation_bytes, count_params
+from benchmarks.memory import activation_bytes, count_params
 from cologen.model.config import PRWConfig
+from cologen.testing.flux import TINY_TRANSFORMER
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 3, "num_attention_heads": 4,
           "pooled_projection_dim": 24}
-
-
-@pytest.fixture
-def restore_attention_backend():
-    """diffusers' set_attention_backend also sets a process-wide default backend: undo it after the test."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    active = _AttentionBackendRegistry.get_active_backend()[0]
-    yield
-    _AttentionBackendRegistry.set_active_backend(active)
 
 
 @pytest.mark.parametrize("blocks", ["both", "double", "single"])
@@ -97,16 +86,9 @@ def test_activation_plan_switches_move_memory_the_right_way():
     assert len([k for k in full.per_block if k != "outside"]) == 2 * 5
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_peak_table_knows_the_common_gpus():
-    bench = _load_bench()
+    from benchmarks import bench_gpu as bench
+
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989
     assert bench.peak_tflops("NVIDIA H100 PCIe") == 756
     assert bench.peak_tflops("NVIDIA H200") == 989
@@ -120,7 +102,7 @@ def test_peak_table_knows_the_common_gpus():
 def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpu.py", "--tiny", "--steps", "2", "--sampler-steps", "6",
+        [sys.executable, "-m", "benchmarks.bench_gpu", "--tiny", "--steps", "2", "--sampler-steps", "6",
          "--peak-tflops", "0.5", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=220, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -18,6 +18,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from cologen import checkpoints
+from cologen.testing.cli import run_in_process as cologen
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny"
@@ -26,20 +27,6 @@ TINY = ROOT / "experiments" / "tiny"
 def run(*args):
     return subprocess.run([sys.executable, "-m", "cologen.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
-
-
-def cologen(capfd, *args):
-    """(exit status, stdout, stderr) of `cologen ARGS` run in this process."""
-    from cologen.cli import main
-
-    capfd.readouterr()
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def one_line(err: str) -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cologen.testing.cli import run_in_process as cologen
+
 ROOT = Path(__file__).resolve().parents[1]
 CURRICULUM = ROOT / "experiments" / "tiny" / "curriculum.yaml"
 TASKS = ["inpainting", "grounding", "control", "customized", "editing"]
@@ -34,7 +36,7 @@ def small_config(run_dir: str, shapeworld: Path) -> dict:
             "logger": [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                         "init_args": {"save_dir": "${trainer.default_root_dir}", "name": "logs"}}],
             "callbacks": [
-                {"class_path": "cologen.training.checkpointing.RunCheckpoint",
+                {"class_path": "cologen.training.run_checkpoint.RunCheckpoint",
                  "init_args": {"dirpath": "${trainer.default_root_dir}", "filename": "step{step:06d}",
                                "auto_insert_metric_name": False, "save_last": True, "every_n_train_steps": 2}},
                 {"class_path": "cologen.callbacks.SampleValidation",
@@ -51,19 +53,6 @@ def small_config(run_dir: str, shapeworld: Path) -> dict:
              "rho": 1.0 if i == 0 else 0.8, "alpha": 0.0 if i == 0 else 0.5}
             for i, t in enumerate(TASKS[:3])]}},
     }
-
-
-def cologen(capfd, *args):
-    from cologen.cli import main
-
-    capfd.readouterr()
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,18 @@ from cologen.data.datamodule import MixtureDataModule
 from cologen.model.config import PRWConfig, RouterConfig
 from cologen.model.presets import TinyPreset
 from cologen.module import CoLoGenModule
-from cologen.training.checkpointing import RunCheckpoint
+from cologen.training.config import OptimConfig
+from cologen.training.run_checkpoint import RunCheckpoint
 
 STEPS = [("inpainting", 2), ("grounding", 3), ("control", 2)]  # 7 optimizer steps, boundaries after 2 and 5
 
 
-def spec(run_steps=None):
+def spec(run_steps=None, lrs=None):
+    lrs = lrs or [(1e-2, None)] * len(STEPS)
     return CurriculumSpec(
-        steps=[CurriculumStep(name=t, mixture={t: 1.0}, steps=n, lr=1e-2, rho=1.0 if i == 0 else 0.8,
-                              alpha=0.0 if i == 0 else 0.5) for i, (t, n) in enumerate(STEPS)],
+        steps=[CurriculumStep(name=t, mixture={t: 1.0}, steps=n, lr=lr, router_lr=router_lr,
+                              rho=1.0 if i == 0 else 0.8, alpha=0.0 if i == 0 else 0.5)
+               for i, ((t, n), (lr, router_lr)) in enumerate(zip(STEPS, lrs))],
         run_steps=run_steps)
 
 
@@ -62,12 +65,12 @@ class Recorder(Callback):
             "rho_alpha": (module.veteran.rho, module.veteran.alpha)})
 
 
-def fit(tmp_path, shapeworld_dir, callbacks=(), ckpt_path=None, run_steps=None, module=None):
+def fit(tmp_path, shapeworld_dir, callbacks=(), ckpt_path=None, run_steps=None, module=None, lrs=None):
     L.seed_everything(0)
     module = module or make_module()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[CurriculumCallback(spec(run_steps)), *callbacks,
+                        callbacks=[CurriculumCallback(spec(run_steps, lrs)), *callbacks,
                                    RunCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)])
     trainer.fit(module, datamodule=make_data(shapeworld_dir), ckpt_path=ckpt_path)
     return trainer, module
@@ -114,6 +117,42 @@ def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, shapeworld
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class LearningRates(Callback):
+    """The learning rate of each parameter group at every optimizer step."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.rows.update({(trainer.global_step, g["name"]): g["lr"] for g in optimizer.param_groups})
+
+
+def test_each_group_learning_rate_follows_the_spec_across_boundaries_and_a_resume_at_one(tmp_path, shapeworld_dir):
+    """Per curriculum step its own lr and router_lr (null: lr / 2), the 2-step warmup restarted at each boundary;
+    the same after resuming from the checkpoint written exactly at the boundary into the last step."""
+    lrs, warmup = [(1e-2, None), (4e-3, 1e-3), (2e-3, None)], 2
+    expected, start = {}, 0
+    for (_, n), (lr, router_lr) in zip(STEPS, lrs):
+        for g in range(start, start + n):
+            ramp = min((g - start + 1) / warmup, 1.0)
+            expected[g, "experts"] = lr * ramp
+            expected[g, "routers"] = (lr / 2 if router_lr is None else router_lr) * ramp
+        start += n
+
+    def module():
+        return CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                             prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=1)),
+                             optim=OptimConfig(warmup_steps=warmup))
+
+    before, after = LearningRates(), LearningRates()
+    first, _ = fit(tmp_path, shapeworld_dir, [before, StopAt(5)], module=module(), lrs=lrs)
+    assert first.global_step == 5 and sorted({g for g, _ in before.rows}) == [0, 1, 2, 3, 4]
+    trainer, _ = fit(tmp_path, shapeworld_dir, [after], ckpt_path=str(tmp_path / "last.ckpt"), module=module(),
+                     lrs=lrs)
+    assert trainer.global_step == 7 and sorted({g for g, _ in after.rows}) == [5, 6]
+    assert {**before.rows, **after.rows} == pytest.approx(expected)
 
 
 def test_a_stage_starts_from_the_previous_stage_checkpoint(tmp_path, shapeworld_dir):

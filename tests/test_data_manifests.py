@@ -17,8 +17,8 @@ from cologen.data.datamodule import MixtureDataModule
 from cologen.data.manifest import ShardWriter, file_sha256, manifest_path, read_manifest
 from cologen.data.reader import ShardReader
 from cologen.data.skips import SkipCounter
+from cologen.testing import recipe_fixtures as F
 from data_recipes import check, omniedit
-from data_recipes import fixtures as F
 from data_recipes.shapeworld import ShapeWorldConfig, make_sample, subject_pool
 
 

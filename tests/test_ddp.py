@@ -27,7 +27,7 @@ def _overlay(root: Path, data: Path) -> Path:
                          "init_args": {"process_group_backend": "gloo"}},
             "log_every_n_steps": 1, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
             "callbacks": [
-                {"class_path": "cologen.training.checkpointing.RunCheckpoint",
+                {"class_path": "cologen.training.run_checkpoint.RunCheckpoint",
                  "init_args": {"dirpath": str(root), "save_last": True, "every_n_train_steps": 1000}},
                 {"class_path": "cologen.training.replicas.ReplicaReport",
                  "init_args": {"dirpath": str(root / "replicas"), "include_base": True}}]},

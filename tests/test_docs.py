@@ -196,7 +196,7 @@ def test_benchmark_figures_in_the_docs_are_the_committed_results():
 
 @pytest.mark.timeout(3600)
 def test_memory_tables_are_what_the_tool_computes():
-    from cologen.bench.memory import COMMAND, DOC, doc_sections, plan
+    from benchmarks.memory import COMMAND, DOC, doc_sections, plan
     from cologen.docgen import stale
 
     names = stale(ROOT / DOC, doc_sections(plan()))

@@ -14,27 +14,13 @@ from PIL import Image
 
 from cologen.eval import run_dreambench, run_editing, run_emu_edit, run_magicbrush, run_multigen
 from cologen.metrics.models import MissingModelPath
-from cologen.metrics.tiny_models import (
-    save_tiny_clip,
-    save_tiny_depth,
-    save_tiny_dino,
-    save_tiny_inception,
-    save_tiny_map_detector,
-    save_tiny_segmenter,
-)
+from cologen.testing.metric_models import save_tiny_segmenter
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {
-        "clip": save_tiny_clip(root / "clip"),
-        "dino": save_tiny_dino(root / "dino"),
-        "inception": save_tiny_inception(root / "inception.pt"),
-        "depth": save_tiny_depth(root / "depth"),
-        "seg": save_tiny_segmenter(root / "seg", num_labels=4),
-        "hed": save_tiny_map_detector(root / "hed.pt"),
-    }
+def models(metric_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    seg = save_tiny_segmenter(tmp_path_factory.mktemp("seg") / "seg", num_labels=4)
+    return {**metric_models, "seg": seg, "hed": metric_models["map_detector"]}
 
 
 def picture(seed: int, size: int = 40) -> Image.Image:

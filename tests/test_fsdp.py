@@ -20,10 +20,11 @@ import yaml
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from cologen.bench.flux import TINY_TRANSFORMER, build_cologen, forward_loss, make_inputs
+from benchmarks.flux_models import build_cologen, forward_loss, make_inputs
 from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.module import CoLoGenModule
+from cologen.testing.flux import TINY_TRANSFORMER
 from cologen.training.fsdp import data_parallel_mesh, shard_cologen
 from cologen.training.replicas import read_reports
 
@@ -115,7 +116,7 @@ def _config(root: Path, flux: Path, data: Path) -> Path:
             "precision": "32-true", "log_every_n_steps": 1, "logger": False, "enable_progress_bar": False,
             "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
             "callbacks": [
-                {"class_path": "cologen.training.checkpointing.RunCheckpoint",
+                {"class_path": "cologen.training.run_checkpoint.RunCheckpoint",
                  "init_args": {"dirpath": str(root), "filename": "step{step}", "auto_insert_metric_name": False,
                                "save_last": True, "every_n_train_steps": 1, "save_top_k": -1}},
                 {"class_path": "cologen.training.replicas.ReplicaReport",

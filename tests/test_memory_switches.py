@@ -151,21 +151,13 @@ def test_checkpointing_recomputes_every_block_of_both_streams_and_keeps_less(flu
     assert _saved_bytes(ckpt, batch) < 0.5 * _saved_bytes(plain, batch)
 
 
-@pytest.fixture
-def restore_attention_backend():
-    """diffusers' set_attention_backend also sets a process-wide default backend: undo it after the test."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    active = _AttentionBackendRegistry.get_active_backend()[0]
-    yield
-    _AttentionBackendRegistry.set_active_backend(active)
-
-
 def test_attention_backend_switch_reaches_the_prw_processors(flux, restore_attention_backend):
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from cologen.compat import set_active_attention_backend
 
     math = _module(flux, attention_backend="_native_math")
-    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)  # the default module's backend
+    set_active_attention_backend(AttentionBackendName.NATIVE)  # the default module's backend
     default = _module(flux)
     processors = [b.attn.processor for _, b in math.model._named_blocks()]
     assert all(str(p._attention_backend.value) == "_native_math" for p in processors)

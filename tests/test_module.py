@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset, TinyPreset
 from cologen.module import CoLoGenModule
-from cologen.testing import save_tiny_flux_pipeline
+from cologen.testing.flux import save_tiny_flux_pipeline
 from cologen.training.config import FlowMatchingConfig, OptimConfig
 
 

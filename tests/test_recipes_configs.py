@@ -13,6 +13,7 @@ import yaml
 from cologen.data.builders import BuilderConfig
 from cologen.data.datamodule import MixtureDataModule
 from cologen.data.geometry import make_buckets
+from cologen.testing import recipe_fixtures as F
 from data_recipes import (
     dreambench,
     emu_edit,
@@ -27,7 +28,6 @@ from data_recipes import (
     subjects200k,
     ultraedit,
 )
-from data_recipes import fixtures as F
 
 CONFIGS = Path(__file__).parent.parent / "experiments" / "flux_dev"
 STAGES = sorted(CONFIGS.glob("data_stage*.yaml"))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from data_recipes import fixtures as F
+from cologen.testing import recipe_fixtures as F
 from data_recipes import inpainting, multigen
 
 

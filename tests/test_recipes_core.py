@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from data_recipes import fixtures as F
+from cologen.testing import recipe_fixtures as F
 from data_recipes import omniedit
 from data_recipes._common import Job, RowContext, Sample, Skip, run
 from data_recipes._sources import ListSource, ParquetSource, TarSource

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cologen.testing import recipe_fixtures as F
 from data_recipes import dreambench, subjects200k
-from data_recipes import fixtures as F
 
 
 def _convert(tmp_path, table, *extra):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cologen.data.geometry import Frame, map_box
+from cologen.testing import recipe_fixtures as F
 from data_recipes import (
     dreambench,
     emu_edit,
@@ -24,7 +25,6 @@ from data_recipes import (
     subjects200k,
     ultraedit,
 )
-from data_recipes import fixtures as F
 from data_recipes.check import check
 
 RES = 64

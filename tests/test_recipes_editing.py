@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cologen.testing import recipe_fixtures as F
 from data_recipes import emu_edit, gedit_bench, instructpix2pix, magicbrush, omniedit, ultraedit
-from data_recipes import fixtures as F
 
 
 def _run(module, tmp_path, table_or_input, *extra: str, name: str = "out"):

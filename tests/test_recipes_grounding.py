@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from data_recipes import fixtures as F
+from cologen.testing import recipe_fixtures as F
 from data_recipes import lvis, refcoco
 from data_recipes._coco import _rle_counts_from_string, rle_to_mask, segmentation_mask, xywh_to_box
 from data_recipes._common import Skip

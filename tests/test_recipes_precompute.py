@@ -18,7 +18,7 @@ from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.model.text_encoders import FluxTextEncoder
 from cologen.module import CoLoGenModule
-from data_recipes import fixtures as F
+from cologen.testing import recipe_fixtures as F
 from data_recipes import multigen, omniedit, precompute, refcoco, subjects200k
 
 RES, MAX_LEN = 32, 16

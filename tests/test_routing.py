@@ -236,8 +236,8 @@ def test_spec_switches_change_every_step_for_ablations():
 
 
 def test_change_weight_weighs_the_changed_tokens_of_the_chosen_tasks():
-    from cologen.module import CoLoGenModule
     from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
     from cologen.training.config import FlowMatchingConfig as FlowConfig
 
     preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)

@@ -1,6 +1,6 @@
 """Lightning callbacks of CoLoGen runs."""
 
+from .sample_validation import SampleValidation
 from .summary import MetricsSummary
-from .validation import SampleValidation
 
 __all__ = ["MetricsSummary", "SampleValidation"]

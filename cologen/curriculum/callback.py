@@ -1,8 +1,9 @@
 """CurriculumCallback: walks the curriculum's steps by optimizer step (not by epoch).
 
-At every boundary it activates the next expert (copy init by default; the veterans freeze), sets the veteran loss's
-rho and alpha, switches the data mixture, sets the step's learning rates (restarting the schedule if configured)
-and logs the event. Its position (step index, optimizer steps done in it) is saved in the checkpoint, so a run
+It decides when a step starts and hands the work to the two owners: `CoLoGenModule.enter_curriculum_step` (the
+next expert, copy init, frozen veterans, rho and alpha, learning rates and schedule restart) and
+`MixtureDataModule.set_mixture_schedule` (the data mixture of every step, switched at exactly the boundary's
+batch); it logs each entry. Its position (step index, optimizer steps done in it) is saved in the checkpoint, so a run
 resumed from `last.ckpt` continues exactly where it stopped.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from cologen.data.datamodule import MixtureDataModule
 from cologen.errors import UsageError
 
 from .spec import CurriculumSpec, CurriculumStep
@@ -48,31 +50,13 @@ class CurriculumCallback(Callback):
         return self.spec.selected()[-1]
 
     @staticmethod
-    def _datamodule(trainer: L.Trainer):
+    def _datamodule(trainer: L.Trainer) -> MixtureDataModule | None:
+        """The fit's data, which the curriculum switches (None: plain dataloaders, nothing to switch)."""
         dm = getattr(trainer, "datamodule", None)
-        return dm if dm is not None and hasattr(dm, "set_mixture") else None
-
-    def _apply_settings(self, trainer: L.Trainer, module, restart_schedule: bool) -> None:
-        """Loss weights, mixture and learning rates of the current step (no expert activation)."""
-        step = self.step
-        module.veteran.rho, module.veteran.alpha = step.rho, step.alpha
-        dm = self._datamodule(trainer)
-        if dm is not None and not hasattr(dm, "set_mixture_schedule"):
-            dm.set_mixture(step.mixture)  # a datamodule without batch-exact schedules
-        router_lr = step.router_lr if step.router_lr is not None else step.lr / 2
-        for config in trainer.lr_scheduler_configs:
-            sched = config.scheduler
-            for i, group in enumerate(sched.optimizer.param_groups):
-                lr = {"experts": step.lr, "routers": router_lr}.get(group.get("name"))
-                if lr is None:
-                    continue
-                sched.base_lrs[i] = lr
-                group["initial_lr"] = lr
-            if restart_schedule and hasattr(module, "lr_schedule"):
-                module.lr_schedule.restart(trainer.global_step, total_steps=step.steps)
-            # put the new values into effect for the coming optimizer step
-            for i, group in enumerate(sched.optimizer.param_groups):
-                group["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](trainer.global_step)
+        if dm is None or isinstance(dm, MixtureDataModule):
+            return dm
+        raise UsageError(f"the curriculum switches the data mixture at its step boundaries: data must be a "
+                         f"MixtureDataModule, got {type(dm).__name__}")
 
     def mixture_schedule(self, accumulate: int = 1) -> list[tuple[int, dict[str, float]]]:
         """(first batch of this fit, mixture) per curriculum step of the run: the data switches at exactly the
@@ -84,21 +68,9 @@ class CurriculumCallback(Callback):
         return schedule
 
     def _enter(self, trainer: L.Trainer, module, index: int) -> None:
-        """Start curriculum step `index`: activate its expert, then apply its settings."""
+        """Start curriculum step `index`: the module activates its expert and applies its settings."""
         self.index, self.done = index, 0
-        module.task_experts = self.spec.task_experts(index)
-        model = module.model
-        while model.num_active < index + 1:
-            model.activate_next_expert()
-        model.freeze_for_curriculum()
-        model.set_entry_progress(0.0 if index > 0 else 1.0)
-        # A veteran never trains again: drop its optimizer moments (on FLUX, 0.7 GB per rank-128 expert).
-        for optimizer in trainer.optimizers:
-            for e in range(model.newest_expert):
-                for p in model.expert_parameters(e):
-                    optimizer.state.pop(p, None)
-        if trainer.optimizers:
-            self._apply_settings(trainer, module, restart_schedule=self.step.reset_schedule)
+        module.enter_curriculum_step(index, self.step, self.spec.task_experts(index))
         self._log_event(trainer, module, "enter")
 
     def _log_event(self, trainer: L.Trainer, module, event: str, detail: str = "") -> None:
@@ -116,7 +88,7 @@ class CurriculumCallback(Callback):
         if stage != "fit" or not self.enabled:
             return
         dm = self._datamodule(trainer)
-        tasks = list(getattr(dm, "train_shards", {}) or {}) if dm is not None else None
+        tasks = dm.train_tasks if dm is not None else None
         self.spec.validate(pl_module.prw_config.num_experts, tasks, pl_module.prw_config.router.entry_warmup_steps)
         self.spec = self.spec.resolved()
         total = self.spec.total_steps()
@@ -125,7 +97,7 @@ class CurriculumCallback(Callback):
         elif trainer.max_steps != total:
             raise UsageError(f"trainer.max_steps ({trainer.max_steps}) differs from the curriculum's total for "
                              f"run_steps {self.spec.selected()} ({total}); leave trainer.max_steps unset")
-        if dm is not None and hasattr(dm, "set_mixture_schedule"):
+        if dm is not None:
             dm.set_mixture_schedule(self.mixture_schedule(trainer.accumulate_grad_batches))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -135,9 +107,7 @@ class CurriculumCallback(Callback):
             # The experts' weights and count came from the checkpoint (the optimizer and scheduler state follow
             # after this hook); re-derive which of them train. The resume is reported in `on_train_start`, once the
             # trainer's own position (global step) is restored too.
-            pl_module.model.freeze_for_curriculum()
-            pl_module.veteran.rho, pl_module.veteran.alpha = self.step.rho, self.step.alpha
-            pl_module.task_experts = self.spec.task_experts(self.index)
+            pl_module.resume_curriculum_step(self.step, self.spec.task_experts(self.index))
             return
         first = self.spec.selected()[0]
         model = pl_module.model
@@ -187,14 +157,6 @@ class CurriculumCallback(Callback):
             self._last_global_step = trainer.global_step
             self.done += 1
         pl_module.log("curriculum/step", float(self.index), on_step=True, on_epoch=False, batch_size=1)
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
-        # Frozen veterans must not move: drop any gradient a strategy may have materialized for them (DDP can
-        # write zeros into unused parameters, and AdamW would still apply its momentum).
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if not p.requires_grad:
-                    p.grad = None
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

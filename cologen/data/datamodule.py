@@ -5,8 +5,9 @@ rank, epoch, position) and the mixture schedule: resampled shards by default, sh
 samples counted and replaced, batches assembled per worker, `batches_per_epoch` batches per epoch on every
 rank (so DDP ranks never wait on each other). Attached to a trainer, the loader starts where the trainer's
 progress says (a resumed fit continues with exactly the batches an uninterrupted one would have drawn).
-`set_mixture_schedule` switches the mixture at exact batch indices; `set_mixture` switches the running
-loader's mixture as soon as possible; `state_dict` carries the schedule across a resume.
+The mixture is one schedule of (first batch, weights) entries: `set_mixture_schedule` sets it (the curriculum's
+exact switches), `set_mixture` is its shorthand for "these weights from the next batch no worker has started";
+`state_dict` carries it across a resume.
 
 Validation: a list of per-task DataLoaders (in `val_tasks` order) over a fixed, non-resampled set of
 `val_samples_per_task` examples each; every batch also carries its `task` field.
@@ -30,7 +31,7 @@ from cologen.data.geometry import make_buckets
 from cologen.data.manifest import without_manifest
 from cologen.data.mixture import MixtureDataset, MixtureLoader
 from cologen.data.precomputed import COUNTS, PrecomputedArrays
-from cologen.data.schedule import MixtureState, Schedule, Weights, check_schedule, entry_at
+from cologen.data.schedule import MixtureState, Schedule, check_schedule, entry_at
 from cologen.data.shards import expand_shards
 from cologen.data.skips import SharedCounts, SkipCounter
 from cologen.data.tasks import SCENE_TASKS, TASKS, check_task
@@ -139,7 +140,6 @@ class MixtureDataModule(L.LightningDataModule):
         self._tasks = tasks
         self._state = MixtureState(tasks, self._checked_schedule([(0, mixture)], "mixture"))
         self._explicit_schedule = False  # set in this process: wins over a checkpoint's schedule
-        self._pending: Weights | None = None  # set_mixture while no iterator runs: applies at the next start
         # weak: the loader holds the DataModule (its start), and a cycle would leave the loader's workers to
         # the cyclic garbage collector, whose shutdown of them stalls (5 s per worker)
         self._loader_ref: weakref.ref[MixtureLoader] | None = None
@@ -162,45 +162,51 @@ class MixtureDataModule(L.LightningDataModule):
     def set_mixture_schedule(self, schedule: Sequence[tuple[int, Mapping[str, float]]]) -> None:
         """Draw batch g (global index of this fit on this rank: epoch e, batch b -> e x batches_per_epoch + b)
         with the weights of the last entry whose start <= g. Call it before the training iterator starts
-        (a callback's `setup` / `on_fit_start`); it replaces the whole schedule (and a checkpoint's, and a
-        pending `set_mixture`). The first entry must start at 0."""
-        checked = self._checked_schedule(schedule)
-        self._state.set_schedule(checked)
-        self._explicit_schedule, self._pending = True, None
+        (a callback's `setup` / `on_fit_start`); it replaces the whole schedule (and a checkpoint's). The first
+        entry must start at 0."""
         if self._loader is not None and self._loader.active and self._loader.frontier > 0:
             log.warning("set_mixture_schedule on a running loader: batches before %d may already be drawn with "
                         "the previous schedule", self._loader.frontier)
+        self._use_schedule(self._checked_schedule(schedule))
+
+    def _use_schedule(self, checked: Schedule) -> None:
+        self._state.set_schedule(checked)
+        self._explicit_schedule = True
         log.info("data mixture schedule set: %s", [(g, {t: round(w, 4) for t, w in m.items()}) for g, m in checked])
+
+    @property
+    def train_tasks(self) -> list[str]:
+        """The tasks with train shards (`t2i` and `reconstruct` through the inpainting fallback), in canonical order."""
+        return list(self._tasks)
 
     @property
     def mixture_schedule(self) -> Schedule:
         return self._state.schedule()
 
     def set_mixture(self, weights: Mapping[str, float]) -> None:
-        """Switch to `weights` from the next batch no worker has started, for the rest of the fit: the schedule
-        keeps its entries before that batch and ends with `(that batch, weights)`. On a running loader that is
-        `frontier` (at most `mixture_latency_batches` after the batch the training step holds); with no
-        iterator running, the start of the next one. Deterministic given when it is called, and recorded in the
-        schedule, so a checkpoint replays it; the curriculum's exact switches use `set_mixture_schedule`."""
+        """The schedule's entries before `next_batch` followed by `(next_batch, weights)`: `weights` for the rest
+        of the fit from the next batch no worker has started. On a running loader that is `frontier` (at most
+        `mixture_latency_batches` after the batch the training step holds). Deterministic given when it is
+        called, and recorded in the schedule, so a checkpoint replays it."""
         p = self._checked_schedule([(0, weights)], "mixture")[0][1]
-        self._explicit_schedule = True
-        loader = self._loader
-        if loader is not None and loader.active:
-            self._truncate_schedule(loader.frontier, p)
-        else:
-            self._pending = p
-        log.info("data mixture set to %s", {t: round(w, 4) for t, w in p.items()})
-
-    def _truncate_schedule(self, start: int, weights: Weights) -> None:
+        start = self.next_batch
         kept = [(g, w) for g, w in self._state.schedule() if g < start]
-        self._state.set_schedule(kept + [(start, weights)] if kept else [(0, weights)])
+        self._use_schedule(kept + [(start, p)] if kept else [(0, p)])
+
+    @property
+    def next_batch(self) -> int:
+        """The global index of the first batch no worker can have started: the train loader's `frontier`; before
+        any loader, where the next train iterator starts."""
+        loader = self._loader
+        if loader is not None:
+            return loader.frontier
+        start = self.train_position()
+        return self._next_epoch * self.batches_per_epoch if start is None else start
 
     @property
     def mixture(self) -> dict[str, float]:
         """The normalized weights of the next batch to be drawn."""
-        if self._pending is not None:
-            return dict(self._pending)
-        return dict(entry_at(self._state.schedule(), self._loader.frontier if self._loader else 0)[1])
+        return dict(entry_at(self._state.schedule(), self.next_batch)[1])
 
     @property
     def mixture_latency_batches(self) -> int:
@@ -303,13 +309,10 @@ class MixtureDataModule(L.LightningDataModule):
 
     def _iterator_start(self) -> int:
         """Where a new train iterator starts (the trainer's position, else the epoch after the previous
-        iterator's, whichever loader it came from); applies a pending `set_mixture` there."""
+        iterator's, whichever loader it came from)."""
         start = self.train_position()
         start = self._next_epoch * self.batches_per_epoch if start is None else start
         self._next_epoch = start // self.batches_per_epoch + 1
-        if self._pending is not None:
-            self._truncate_schedule(start, self._pending)
-            self._pending = None
         return start
 
     def train_dataloader(self) -> MixtureLoader:
@@ -353,10 +356,9 @@ class MixtureDataModule(L.LightningDataModule):
                 for ds in self.val_datasets().values()]
 
     def state_dict(self) -> dict[str, Any]:
-        """The schedule (with every `set_mixture` that took effect) and a `set_mixture` still waiting for the
-        next iterator; Lightning saves it in checkpoints."""
-        return {"schedule": [[g, w] for g, w in self._state.schedule()], "pending": self._pending,
-                "mixture": self.mixture}
+        """The schedule (with every `set_mixture`) and the weights of the next batch; Lightning saves it in
+        checkpoints."""
+        return {"schedule": [[g, w] for g, w in self._state.schedule()], "mixture": self.mixture}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The checkpoint's schedule, unless this process already set one (`set_mixture_schedule` /
@@ -365,10 +367,6 @@ class MixtureDataModule(L.LightningDataModule):
             return
         if "schedule" in state_dict:
             self._state.set_schedule(self._checked_schedule([(int(g), w) for g, w in state_dict["schedule"]]))
-            pending = state_dict.get("pending")
-            self._pending = self._checked_schedule([(0, pending)], "mixture")[0][1] if pending else None
-        elif "mixture" in state_dict:  # checkpoints from before schedules
-            self._state.set_schedule(self._checked_schedule([(0, state_dict["mixture"])], "mixture"))
 
     def teardown(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self._loader is not None:

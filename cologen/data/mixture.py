@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from cologen.compat import shutdown_dataloader_workers
 from cologen.data.builders import BuilderConfig
 from cologen.data.collate import already_collated
 from cologen.data.precomputed import PrecomputedArrays
@@ -101,10 +102,7 @@ class MixtureLoader:
     def close(self) -> None:
         """Stop the workers now (a later `iter()` starts new ones). Left to garbage collection, persistent
         workers of an object in a reference cycle (Lightning's trainer and DataModule are one) take 5 s each."""
-        it = getattr(self.loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()  # what the DataLoader iterator's __del__ does; Lightning calls it the same way
-        self.loader._iterator = None
+        shutdown_dataloader_workers(self.loader)
         self.epoch_end = self.received
 
     def _epoch(self) -> Iterator[dict[str, Any]]:

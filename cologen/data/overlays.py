@@ -35,12 +35,6 @@ def draw_box(img: np.ndarray, box: Sequence[int], rgb: Sequence[int], thickness:
     img[y0:y1, x1 - t:x1] = color
 
 
-def box_outline_mask(box: Sequence[int], width: int, height: int, thickness: int = 1) -> np.ndarray:
-    m = np.zeros((height, width, 1), np.uint8)
-    draw_box(m, box, [1], thickness)
-    return m[..., 0]
-
-
 def paint_mask(img: np.ndarray, mask: np.ndarray, rgb: Sequence[int], alpha: float = 1.0) -> None:
     """Blend `rgb` over the mask's pixels with opacity `alpha`, in place."""
     sel = mask.astype(bool)

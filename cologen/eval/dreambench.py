@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from cologen.eval.loop import Generate, Sample, run_protocol
-from cologen.metrics.benchmark import clip_image_score, clip_text_score, dino_score
 from cologen.metrics.models import PathLike, load_clip, load_dino
+from cologen.metrics.similarity import clip_image_score, clip_text_score, dino_score
 
 
 class DreamBenchScorer:

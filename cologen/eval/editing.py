@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from cologen.eval.loop import Generate, Sample, run_protocol
-from cologen.metrics.benchmark import clip_direction_score, clip_image_score, clip_text_score, dino_score
 from cologen.metrics.images import resize, to_uint8_rgb
 from cologen.metrics.models import PathLike, load_clip, load_dino
 from cologen.metrics.pixel import l1
+from cologen.metrics.similarity import clip_direction_score, clip_image_score, clip_text_score, dino_score
 
 
 def has_target(sample: Sample) -> bool:

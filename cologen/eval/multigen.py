@@ -33,7 +33,6 @@ import torch
 from PIL import Image
 
 from cologen.eval.loop import Generate, Sample, run_protocol
-from cologen.metrics.benchmark import clip_score_100, clip_text_score
 from cologen.metrics.edges import as_edge_map, canny_edges, edge_f1
 from cologen.metrics.fid import FeatureLike, fid_update, make_fid
 from cologen.metrics.images import resize, to_gray, to_uint8_rgb
@@ -47,6 +46,7 @@ from cologen.metrics.models import (
 )
 from cologen.metrics.pixel import rmse, ssim
 from cologen.metrics.segmentation import ConfusionMatrix
+from cologen.metrics.similarity import clip_score_100, clip_text_score
 
 Condition = Literal["canny", "depth", "hed", "lineart", "seg"]
 CONDITIONS: tuple[str, ...] = ("canny", "depth", "hed", "lineart", "seg")

@@ -1,5 +1,5 @@
 """Metrics: ShapeWorld ground-truth scores (shapeworld.py), pixel metrics (pixel.py), edges
-(edges.py), segmentation IoU (segmentation.py), pretrained-encoder similarities (benchmark.py,
+(edges.py), segmentation IoU (segmentation.py), pretrained-encoder similarities (similarity.py,
 models.py) and FID (fid.py). Definitions: docs/metrics.md."""
 
 from cologen.metrics.shapeworld import (

@@ -79,6 +79,11 @@ class PRWAttnProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None,
                  prw: PRWContext | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # Mirrors diffusers.models.transformers.transformer_flux.FluxAttnProcessor.__call__ (diffusers 0.42.1;
+        # cologen.compat.COPIED checks it has not changed). What differs: the routed expert's low-rank updates on
+        # q/k/v and on the output projection (`_adapter`); the source pass stores its keys/values and the main
+        # pass appends them (`prw.kv`); RoPE through `apply_rope`; the CUDA SDPA kernels restricted; projections
+        # computed inline instead of `_get_qkv_projections` (no fused QKV).
         source_pass = prw is not None and prw.mode == "source"
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)

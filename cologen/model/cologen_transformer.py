@@ -38,11 +38,6 @@ class ConditionCache:
     hits: int = 0
     misses: int = 0
 
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
 
 @dataclass
 class CoLoGenOutput:

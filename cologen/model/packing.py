@@ -1,13 +1,17 @@
-"""FLUX's 2x2 latent packing and the RoPE position ids of target and source tokens."""
+"""FLUX's 2x2 latent packing and the RoPE position ids of text, target and source tokens.
+
+Position ids of the condition tokens are the paper's per-task position scheme (method.md, "Source tokens"):
+`SourcePositionConfig` picks a scheme per task and `SourcePositionConfig.ids` builds a batch's ids; training
+(`CoLoGenModule.prepare`) and sampling (`FlowSampler`) both use it.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-PositionScheme = Literal["aligned", "shifted", "scaled"]
 POSITION_SCHEMES: tuple[str, ...] = ("aligned", "shifted", "scaled")
 
 
@@ -69,3 +73,22 @@ def source_ids(scheme: str, rows: int, cols: int, target_rows: int, target_cols:
 def text_ids(length: int, device=None) -> torch.Tensor:
     """FLUX gives every text token the id (0, 0, 0)."""
     return torch.zeros(length, 3, device=device)
+
+
+@dataclass
+class SourcePositionConfig:
+    """Position scheme of the source tokens per task ('aligned', 'shifted', 'scaled'); others use `default`."""
+
+    default: str = "aligned"
+    per_task: dict[str, str] = field(default_factory=lambda: {"customized": "shifted"})
+
+    def scheme(self, task: str) -> str:
+        return self.per_task.get(task, self.default)
+
+    def ids(self, tasks: list[str], rows: int, cols: int, target_rows: int, target_cols: int,
+            device=None) -> torch.Tensor:
+        """Ids of a batch's source tokens (a rows x cols packed grid, target grid target_rows x target_cols):
+        (N, 3) when every task of `tasks` uses the same scheme, else (B, N, 3), one row per sample."""
+        schemes = [self.scheme(t) for t in tasks]
+        per = {s: source_ids(s, rows, cols, target_rows, target_cols, device=device) for s in set(schemes)}
+        return per[schemes[0]] if len(per) == 1 else torch.stack([per[s] for s in schemes])

@@ -86,9 +86,6 @@ class TextEncoder(nn.Module, ABC):
                 self._cache[k] = (tok.cpu(), pooled.cpu())
         return out.to(device)
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def train(self, mode: bool = True):  # frozen: always in eval mode (no dropout)
         return super().train(False)
 

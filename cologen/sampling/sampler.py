@@ -16,9 +16,8 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from cologen.model.codecs import LatentCodec
 from cologen.model.cologen_transformer import CoLoGenTransformer, ConditionCache
-from cologen.model.packing import pack_latents, source_ids, target_ids, text_ids, unpack_latents
+from cologen.model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids, unpack_latents
 from cologen.model.text_encoders import TextEmbeddings
-from cologen.training.config import SourcePositionConfig
 
 # FLUX.1's scheduler settings (scheduler/scheduler_config.json of FLUX.1-dev)
 FLUX_SCHEDULER_CONFIG = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -113,9 +112,7 @@ class FlowSampler:
             src = codec.encode(sources.to(device)).float()
             src_tokens = pack_latents(src)
             tasks = tasks or ["editing"] * b
-            schemes = [self.positions.scheme(t) for t in tasks]
-            per = {s: source_ids(s, src.shape[2] // 2, src.shape[3] // 2, rows, cols, device=device) for s in schemes}
-            sids = per[schemes[0]] if len(per) == 1 else torch.stack([per[s] for s in schemes])
+            sids = self.positions.ids(tasks, src.shape[2] // 2, src.shape[3] // 2, rows, cols, device=device)
 
         # Classifier-free guidance branches, batched into one forward: (text, source) kept or zeroed.
         branches = [(True, True)]

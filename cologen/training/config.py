@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from cologen.data.tasks import TASKS
@@ -125,14 +125,3 @@ class OptimConfig:
             raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.schedule == "cosine" and self.total_steps <= 0:
             raise ValueError("optim.total_steps must be > 0 for the cosine schedule")
-
-
-@dataclass
-class SourcePositionConfig:
-    """Position scheme of the source tokens per task ('aligned', 'shifted', 'scaled'); others use `default`."""
-
-    default: str = "aligned"
-    per_task: dict[str, str] = field(default_factory=lambda: {"customized": "shifted"})
-
-    def scheme(self, task: str) -> str:
-        return self.per_task.get(task, self.default)

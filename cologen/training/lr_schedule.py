@@ -1,4 +1,5 @@
-"""Learning-rate multiplier with warmup and an origin the curriculum can move (to restart it at a step boundary).
+"""The learning-rate schedule (optim.schedule): a linear warmup, then constant or cosine, with an origin the
+curriculum moves to restart it at a step boundary (`CoLoGenModule.set_learning_rates`).
 
 A callable object rather than a closure: LambdaLR saves its `__dict__` in the checkpoint, so a resumed run continues
 the same schedule.
@@ -9,7 +10,10 @@ from __future__ import annotations
 import math
 
 
-class WarmupSchedule:
+class LRSchedule:
+    """The multiplier of the base learning rate at an optimizer step: `kind` 'constant' or 'cosine' (down to
+    `min_ratio` over `total_steps`) after `warmup_steps` of linear warmup, counted from `origin`."""
+
     def __init__(self, warmup_steps: int = 0, kind: str = "constant", total_steps: int = 0,
                  min_ratio: float = 0.0):
         self.warmup_steps = warmup_steps

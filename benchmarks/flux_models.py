@@ -11,21 +11,16 @@ from contextlib import contextmanager
 import torch
 from diffusers import FluxTransformer2DModel
 
+from benchmarks.flops import Workload
 from cologen.model.cologen_transformer import CoLoGenTransformer
 from cologen.model.config import PRWConfig
 from cologen.model.packing import source_ids, target_ids, text_ids
 from cologen.model.text_encoders import TextEmbeddings
 
-from .flops import Workload
-
 # black-forest-labs/FLUX.1-dev, transformer/config.json
 FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
                             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
                             pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-# The same architecture at toy size (the `--tiny` CPU mode): every code path of the FLUX.1-dev one.
-TINY_TRANSFORMER = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=2,
-                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 # The paper's PRW bank: one expert per curriculum step, rank 128, alpha 2 x rank.
 PAPER_PRW = PRWConfig(num_experts=5, rank=128, alpha=256)
 
