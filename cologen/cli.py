@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
 from . import checkpoints  # noqa: E402
 from .callbacks.progress import RunProgressBar  # noqa: E402
-from .config_errors import explain  # noqa: E402
+from .config_errors import explain, unknown_top_level_key  # noqa: E402
 from .curriculum.callback import CurriculumCallback  # noqa: E402
 from .errors import UsageError  # noqa: E402
 from .module import CoLoGenModule  # noqa: E402
@@ -97,6 +97,9 @@ class CoLoGenCLI(LightningCLI):
         reads its hyper-parameters, and `validate` / `test` moved into a folder of their own."""
         argv = list(sys.argv[1:] if args is None else args)
         sub = argv[0] if argv and argv[0] in self.subcommands() else None
+        unknown = unknown_top_level_key(argv, self._parser(sub)) if sub else None
+        if unknown:
+            raise UsageError(unknown)
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:

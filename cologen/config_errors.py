@@ -180,6 +180,23 @@ def where(problem: Problem, argv: Sequence[str]) -> tuple[str, list[str]]:
     return found or ("the config", spellings[0])
 
 
+def unknown_top_level_key(argv: Sequence[str], parser: Any) -> str | None:
+    """One line for a config file's top-level key the parser does not know. jsonargparse checks leaves only, so a
+    misspelt section holding nothing but empty mappings (`modle: {prw: {}}`) would otherwise be dropped silently."""
+    valid = valid_keys(parser, [])
+    for file in config_files(argv):
+        try:
+            data = yaml.safe_load(Path(file).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # jsonargparse reports unreadable files itself
+        for key in data if isinstance(data, dict) else ():
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+                hint = f"did you mean {close[0]}?" if close else "valid keys: " + ", ".join(valid[:12])
+                return f"{file}: unknown key {key} ({hint})"
+    return None
+
+
 def explain(message: str, argv: Sequence[str], parser: Any) -> str:
     """One line for a jsonargparse error: `FILE: KEY ...` naming what was expected and the closest valid key."""
     problem = parse_message(message)
