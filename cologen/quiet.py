@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 # logger -> message prefixes dropped from it
@@ -30,6 +31,10 @@ def quiet_known_messages() -> None:
     """Install the filters (idempotent). Call before Lightning or transformers load anything."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its torchvision notice at import time
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
+    if "huggingface_hub" in sys.modules:  # already imported (in-process runs): the variable was read at import
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     for name, prefixes in _DROP.items():
         logger = logging.getLogger(name)

@@ -190,7 +190,7 @@ def test_the_progress_bar_counts_the_whole_run_and_names_the_curriculum_step(tmp
     class Watch(Callback):
         def on_train_batch_end(self, trainer, *args):
             b = bar.train_progress_bar
-            seen.append((b.n, b.total, b.desc))
+            seen.append((b.n, b.total, b.desc.removesuffix(": ")))  # tqdm's set_description adds ': '
 
     L.seed_everything(0)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False, default_root_dir=tmp_path,
