@@ -15,12 +15,13 @@ from .curriculum.spec import CurriculumStep
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
 from .model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids
-from .model.presets import Preset, TinyPreset, preset_from_hparams
+from .model.presets import Preset, TinyPreset
 from .model.text_encoders import TextEmbeddings
 from .model.veteran import expert_usage, routing_entropy, task_routing_loss, veteran_loss
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
-from .training.config import FlowMatchingConfig, OptimConfig, VeteranConfig, coerce
+from .training.config import FlowMatchingConfig, OptimConfig, VeteranConfig
 from .training.lr_schedule import LRSchedule
+from .typed_config import coerce
 
 
 def flux_time_shift(s: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -61,7 +62,7 @@ class CoLoGenModule(L.LightningModule):
                  sampler: SamplerConfig | None = None, init_from: str | None = None):
         super().__init__()
         # Configs arrive as objects (Python, LightningCLI) or as the plain dicts a checkpoint stores.
-        self.preset = preset_from_hparams(preset) or TinyPreset()
+        self.preset = coerce(Preset, preset) or TinyPreset()
         self.prw_config = coerce(PRWConfig, prw) or PRWConfig()
         self.flow = coerce(FlowMatchingConfig, flow) or FlowMatchingConfig()
         self.veteran = coerce(VeteranConfig, veteran) or VeteranConfig()
@@ -257,15 +258,18 @@ class CoLoGenModule(L.LightningModule):
         # float weights: Lightning syncs an epoch mean as mean(weighted sums) / mean(weights) and truncates an
         # integer weight total's mean (Lightning-AI/pytorch-lightning#21859): 5 examples on 2 ranks counted as 4
         weight = 1.0 if counted else 0.0
+        # Validation has one loader per task: its values are named by the task (`val/loss/grounding`), never by the
+        # loader's position as well (Lightning's `/dataloader_idx_N`); MetricsSummary adds the mean over tasks.
+        suffix = f"/{tasks[0]}" if stage == "val" and len(set(tasks)) == 1 else ""
         for key in ("loss", "loss_task", "loss_veteran", "loss_routing", "usage_newest", "routing_entropy",
                     "routing_own_expert"):
-            if key in losses:
-                self.log(f"{stage}/{key}", losses[key], on_step=on_step, on_epoch=not on_step,
-                         batch_size=weight * len(tasks), prog_bar=key == "loss", sync_dist=not on_step)
+            if key in losses and not (suffix and key == "loss_task"):  # loss_task/{task} is logged below
+                self.log(f"{stage}/{key}{suffix}", losses[key], on_step=on_step, on_epoch=not on_step,
+                         batch_size=weight * len(tasks), prog_bar=key == "loss" and not suffix,
+                         sync_dist=not on_step, add_dataloader_idx=False)
         per_sample = losses["per_sample"].detach()
         for task in sorted(set(tasks)):
             idx = [i for i, t in enumerate(tasks) if t == task]
-            # the task names the key, so no per-dataloader suffix (validation has one loader per task)
             self.log(f"{stage}/loss_task/{task}", per_sample[idx].mean(), on_step=on_step, on_epoch=not on_step,
                      batch_size=weight * len(idx), sync_dist=not on_step, add_dataloader_idx=False)
 

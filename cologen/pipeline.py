@@ -34,10 +34,11 @@ from safetensors.torch import load_file, save_file
 from cologen.errors import UsageError
 from cologen.inputs import ImageInput, check_task, condition_tensor, image_size
 from cologen.model.cologen_transformer import CoLoGenTransformer
-from cologen.model.config import PRWConfig, RouterConfig
+from cologen.model.config import PRWConfig
 from cologen.model.packing import SourcePositionConfig
 from cologen.model.presets import FluxDevPreset, TinyPreset
 from cologen.sampling.sampler import FlowSampler, SamplerConfig
+from cologen.typed_config import coerce
 
 ADAPTER_FILE = "prw_adapters.safetensors"
 CONFIG_FILE = "cologen_config.json"
@@ -51,12 +52,6 @@ def adapter_state(model: CoLoGenTransformer) -> dict[str, torch.Tensor]:
              if ".prw_" in k}
     state["prw.entry_offset"] = model.entry_offset.detach().float().cpu()
     return state
-
-
-def prw_config_from_dict(d: dict[str, Any]) -> PRWConfig:
-    d = dict(d)
-    d["router"] = RouterConfig(**d.get("router", {}))
-    return PRWConfig(**d)
 
 
 class CoLoGenPipeline(DiffusionPipeline):
@@ -120,7 +115,7 @@ class CoLoGenPipeline(DiffusionPipeline):
         else:
             raise ValueError(f"unknown preset {name!r} in {folder / CONFIG_FILE}")
         backbone = preset.build()
-        model = CoLoGenTransformer(backbone.transformer, prw_config_from_dict(config["prw"]))
+        model = CoLoGenTransformer(backbone.transformer, coerce(PRWConfig, config["prw"]))
         state = load_file(str(folder / ADAPTER_FILE))
         with torch.no_grad():
             model.entry_offset.copy_(state.pop("prw.entry_offset"))
@@ -131,10 +126,9 @@ class CoLoGenPipeline(DiffusionPipeline):
                              f"unexpected {unexpected[:3]}")
         model.num_active = int(config["num_active"])
         model.eval()
-        pos = config.get("positions", {})
-        positions = SourcePositionConfig(**pos) if pos else None
+        positions = coerce(SourcePositionConfig, config.get("positions") or None)
         pipe = cls(model, backbone.text_encoder, backbone.codec, config["preset"], positions,
-                   SamplerConfig(**config["sampler"]), bool(config["guidance_embeds"]), config.get("metadata"),
+                   coerce(SamplerConfig, config["sampler"]), bool(config["guidance_embeds"]), config.get("metadata"),
                    config.get("sample_size"))
         if torch_dtype is not None:
             backbone.transformer.to(torch_dtype)

@@ -26,7 +26,7 @@ from cologen.callbacks.routing import (
     timestep_bin,
     write_usage_tables,
 )
-from cologen.callbacks.summary import merge_dataloader_keys
+from cologen.callbacks.summary import merge_task_keys
 from cologen.data import MixtureDataModule
 from cologen.model.config import PRWConfig
 from cologen.model.presets import TinyPreset
@@ -98,9 +98,9 @@ def test_every_n_val_and_validate_always_samples():
 
 
 def test_merged_dataloader_keys():
-    merged = merge_dataloader_keys({"val/loss/dataloader_idx_0": 1.0, "val/loss/dataloader_idx_1": 3.0,
-                                    "val/x/dataloader_idx_0": 5.0, "val/x": 4.0, "train/loss": 2.0})
-    assert merged == {"val/loss": 2.0}  # val/x is logged without the suffix already
+    merged = merge_task_keys({"val/loss/inpainting": 1.0, "val/loss/grounding": 3.0, "val/x/control": 5.0,
+                              "val/x": 4.0, "train/loss_task/control": 2.0, "val/loss/notatask": 7.0})
+    assert merged == {"val/loss": 2.0}  # val/x is logged without the task already; train keys stay per task
 
 
 def test_tensorboard_gets_images_and_tables(tmp_path):
@@ -189,7 +189,9 @@ def test_fit_logs_samples_routing_and_metrics_to_wandb_offline_and_files(shapewo
         assert {"lr-AdamW/experts", "lr-AdamW/routers", "val_metrics/inpainting/psnr_in"} <= set(columns)
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["val/loss_task"] == pytest.approx(
-            (summary["val/loss_task/dataloader_idx_0"] + summary["val/loss_task/dataloader_idx_1"]) / 2)
+            (summary["val/loss_task/inpainting"] + summary["val/loss_task/grounding"]) / 2)
+        assert summary["val/loss"] == pytest.approx((summary["val/loss/inpainting"] + summary["val/loss/grounding"]) / 2)
+        assert not [key for key in summary if "dataloader_idx" in key]  # one name per value
 
         # `validate` on the same weights: same probes, same seeds -> the very same images
         again = L.Trainer(accelerator="cpu", default_root_dir=run_dir, logger=False, callbacks=[sampling],

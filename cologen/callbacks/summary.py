@@ -1,9 +1,9 @@
 """MetricsSummary: the latest value of every logged scalar in `{default_root_dir}/summary.json` (what W&B keeps as a
 run's summary, but readable without a server: the local sweep reads its trials' metric from it).
 
-With several validation loaders (one per task) Lightning suffixes every validation key with `/dataloader_idx_N`;
-the summary also holds each such key without the suffix, averaged over the loaders (so `val/loss_task` is the
-mean over the validated tasks), and sends those merged values to the loggers as well.
+Validation values are logged per task (`val/loss/grounding`, one loader per task); the summary also holds each
+such value without the task, averaged over the validated tasks (`val/loss` is the mean over tasks), and sends
+those merged values to the loggers as well.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from cologen.data.tasks import TASKS
+
 SUMMARY_ENV = "COLOGEN_SUMMARY_FILE"  # set by `cologen.sweep`: where a trial also writes its summary
-_SUFFIX = re.compile(r"/dataloader_idx_\d+$")
+_TASK_SUFFIX = re.compile(rf"^(val/.+)/({'|'.join(TASKS)})$")
 
 
 def scalar_metrics(metrics: dict[str, object]) -> dict[str, float]:
@@ -34,13 +36,13 @@ def scalar_metrics(metrics: dict[str, object]) -> dict[str, float]:
     return out
 
 
-def merge_dataloader_keys(metrics: dict[str, float]) -> dict[str, float]:
-    """`name/dataloader_idx_i` -> `name` (mean over i), for names not logged without the suffix."""
+def merge_task_keys(metrics: dict[str, float]) -> dict[str, float]:
+    """`val/name/{task}` -> `val/name` (mean over the tasks), for names not logged without a task."""
     groups: dict[str, list[float]] = defaultdict(list)
     for key, value in metrics.items():
-        base = _SUFFIX.sub("", key)
-        if base != key:
-            groups[base].append(value)
+        match = _TASK_SUFFIX.match(key)
+        if match:
+            groups[match.group(1)].append(value)
     return {k: sum(v) / len(v) for k, v in groups.items() if k not in metrics}
 
 
@@ -57,7 +59,7 @@ class MetricsSummary(Callback):
         if not trainer.is_global_zero:
             return
         current = scalar_metrics(dict(trainer.callback_metrics))
-        merged = merge_dataloader_keys(current)
+        merged = merge_task_keys(current)
         if log_merged and merged:
             for logger in trainer.loggers:
                 logger.log_metrics(merged, step=trainer.global_step)

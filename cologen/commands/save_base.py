@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 
-from cologen.model.presets import preset_from_hparams, save_tiny_base
+from cologen.model.presets import Preset, save_tiny_base
+from cologen.typed_config import coerce
 
 
 def save_base(checkpoint: str, out_dir: str) -> str:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    preset = preset_from_hparams(ckpt["hyper_parameters"]["preset"])
+    preset = coerce(Preset, ckpt["hyper_parameters"]["preset"])
     prefix = "model.transformer."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix) and ".prw_" not in k}
     transformer = FluxTransformer2DModel(**preset.transformer_config())

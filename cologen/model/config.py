@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..typed_config import check_choices
 from .experts import NOISY_TARGETS, SOURCE_TARGETS
-from .router import WEIGHTINGS
 
 
 @dataclass
@@ -40,8 +40,7 @@ class RouterConfig:
     weighting: Literal["prob", "straight_through"] = "prob"
 
     def __post_init__(self):
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"prw.router.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        check_choices(self, "prw.router")
         if self.entry_warmup_steps < 0:
             raise ValueError(f"prw.router.entry_warmup_steps must be >= 0, got {self.entry_warmup_steps}")
 
@@ -75,10 +74,7 @@ class PRWConfig:
             raise ValueError(f"prw.num_experts must be >= 0, got {self.num_experts}")
         if self.num_experts and self.rank <= 0:
             raise ValueError(f"prw.rank must be > 0, got {self.rank}")
-        if self.blocks not in ("both", "double", "single"):
-            raise ValueError(f"prw.blocks must be 'both', 'double' or 'single', got {self.blocks!r}")
-        if self.init not in ("copy", "zero"):
-            raise ValueError(f"prw.init must be 'copy' or 'zero', got {self.init!r}")
+        check_choices(self, "prw")
         self.targets, self.noisy_targets = list(self.targets), list(self.noisy_targets)
         for name, given, known in (("targets", self.targets, SOURCE_TARGETS),
                                    ("noisy_targets", self.noisy_targets, NOISY_TARGETS)):

@@ -53,23 +53,9 @@ class Preset(ABC):
         """`name` and the constructor arguments (exported with a pipeline so it can rebuild the base)."""
 
     def to_hparams(self) -> dict:
-        """LightningCLI's `{class_path, init_args}` form: plain data in checkpoints, rebuilt by `preset_from_hparams`."""
+        """LightningCLI's `{class_path, init_args}` form: plain data in checkpoints, rebuilt by `typed_config.coerce`."""
         args = {k: v for k, v in self.to_dict().items() if k != "name"}
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
-
-
-def preset_from_hparams(value: Preset | dict | None) -> Preset | None:
-    """A Preset from a checkpoint's hyper-parameters: the object itself, or LightningCLI's
-    `{class_path, init_args}` form."""
-    if value is None or isinstance(value, Preset):
-        return value
-    if isinstance(value, dict) and "class_path" in value:
-        import importlib
-
-        module, _, name = value["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return cls(**value.get("init_args", {}))
-    raise ValueError(f"cannot rebuild a preset from {value!r}")
 
 
 def tiny_transformer_config(width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4,

@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 from cologen.data.tasks import TASKS
-
-T = TypeVar("T")
-
-
-def coerce(cls: type[T], value: Any) -> T | None:
-    """A config dataclass from itself, a dict (a checkpoint's hyper-parameters, nested dicts included) or None."""
-    if value is None or isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise TypeError(f"expected {cls.__name__} or a dict, got {type(value).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in value:
-            continue
-        v, hint = value[f.name], hints[f.name]
-        nested = next((t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)), None)
-        kwargs[f.name] = coerce(nested, v) if nested is not None and isinstance(v, dict) else v
-    if isinstance(kwargs.get("betas"), list):
-        kwargs["betas"] = tuple(kwargs["betas"])
-    return cls(**kwargs)
+from cologen.typed_config import check_choices
 
 
 @dataclass
@@ -121,7 +99,6 @@ class OptimConfig:
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        check_choices(self, "optim")
         if self.schedule == "cosine" and self.total_steps <= 0:
             raise ValueError("optim.total_steps must be > 0 for the cosine schedule")
