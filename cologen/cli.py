@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "predict": (None, "generate images for a JSONL of requests (experiments/tiny/predict.yaml)"),
     "info": ("cologen.commands.info", "JSON summary of a checkpoint (preset, curriculum position, experts)"),
     "export": ("cologen.commands.export", "write a CoLoGenPipeline folder (experts and routers as safetensors)"),
-    "eval": ("cologen.commands.evaluate", "score a checkpoint on ShapeWorld probes, with confidence intervals"),
+    "eval": ("cologen.commands.evaluate", "score a model on a benchmark protocol (ShapeWorld, DreamBench, MagicBrush...)"),
 }
 LIGHTNING_COMMANDS = tuple(name for name, (module, _) in COMMANDS.items() if module is None)
 

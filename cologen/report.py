@@ -1,7 +1,7 @@
 """`python -m cologen.report` (`make report`): the README's results tables, generated from the files runs write.
 
 - the tiny curriculum table, from `runs/tiny/stage{1,2,3}/validation/*/scores.jsonl` (written by `make stage1 stage2
-  stage3`) and `runs/tiny/base_only/scores.jsonl` (`cologen eval --base`, run here when missing): every task's
+  stage3`) and `runs/tiny/base_only/scores.jsonl` (`cologen eval shapeworld --base`, run here when missing): every task's
   headline metrics for the base alone, right after the task's own curriculum step, at the end of stage 3 with the
   routers' choice and with oracle routing, as means with 95% bootstrap intervals over the probes, against the
   goals;
@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(ns.runs)
     base_dir = runs / "base_only"
     if read_eval(base_dir) is None:
-        print(f"[report] scoring the base alone into {base_dir} (cologen eval --base)", flush=True)
-        subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "--base", "--config", ns.config,
+        print(f"[report] scoring the base alone into {base_dir} (cologen eval shapeworld --base)", flush=True)
+        subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--config", ns.config,
                                "--out", str(base_dir)])
     try:
         curriculum, numbers = curriculum_table([runs / f"stage{i}" for i in (1, 2, 3)], base_dir)

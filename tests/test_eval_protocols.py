@@ -12,7 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cologen.eval import run_dreambench, run_editing, run_emu_edit, run_magicbrush, run_multigen
+from cologen.eval.dreambench import DreamBenchScorer
+from cologen.eval.editing import EditingScorer
+from cologen.eval.loop import run_protocol
+from cologen.eval.multigen import MultiGenScorer
 from cologen.metrics.models import MissingModelPath
 from cologen.testing.metric_models import save_tiny_segmenter
 
@@ -36,6 +39,12 @@ def noise(sample: dict) -> Image.Image:
     return Image.fromarray(np.random.default_rng(99).integers(0, 256, (40, 40, 3)).astype(np.uint8))
 
 
+def run(scorer: type, samples, generate, **kwargs) -> dict[str, float]:
+    """`run_protocol` with the scorer built from the scorer's own keyword arguments."""
+    loop = {k: kwargs.pop(k) for k in ("batch_size", "limit", "jsonl_path", "output_dir") if k in kwargs}
+    return run_protocol(samples, generate, scorer(**kwargs), **loop)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -50,7 +59,7 @@ def test_dreambench(models: dict[str, Path], tmp_path: Path) -> None:
         }
         for i in range(5)
     ]
-    copy = run_dreambench(
+    copy = run(DreamBenchScorer,
         samples,
         lambda s: s["reference"],
         clip_path=models["clip"],
@@ -70,7 +79,7 @@ def test_dreambench(models: dict[str, Path], tmp_path: Path) -> None:
     }
     assert len(list((tmp_path / "images").glob("*.png"))) == 5
 
-    wrong = run_dreambench(
+    wrong = run(DreamBenchScorer,
         samples, noise, clip_path=models["clip"], dino_path=models["dino"], device="cpu", limit=3
     )
     assert wrong["num_samples"] == 3 and wrong["dino"] < copy["dino"] - 1e-3
@@ -78,9 +87,9 @@ def test_dreambench(models: dict[str, Path], tmp_path: Path) -> None:
 
 def test_dreambench_without_paths_says_what_to_supply(models: dict[str, Path]) -> None:
     with pytest.raises(MissingModelPath, match="^clip_path is not set"):
-        run_dreambench([], noise, clip_path=None, dino_path=models["dino"])
+        run(DreamBenchScorer, [], noise, clip_path=None, dino_path=models["dino"])
     with pytest.raises(MissingModelPath, match="^dino_path is not set"):
-        run_dreambench([], noise, clip_path=models["clip"], dino_path=None)
+        run(DreamBenchScorer, [], noise, clip_path=models["clip"], dino_path=None)
 
 
 def test_editing_magicbrush_and_emu_edit(models: dict[str, Path], tmp_path: Path) -> None:
@@ -99,21 +108,21 @@ def test_editing_magicbrush_and_emu_edit(models: dict[str, Path], tmp_path: Path
             }
         )
     kw = dict(clip_path=models["clip"], dino_path=models["dino"], device="cpu", batch_size=3)
-    perfect = run_magicbrush(samples, lambda s: s["image"], jsonl_path=tmp_path / "mb.jsonl", **kw)
+    perfect = run(EditingScorer, samples, lambda s: s["image"], jsonl_path=tmp_path / "mb.jsonl", **kw)
     assert perfect["l1_target"] == 0.0
     assert perfect["clip_i_target"] == pytest.approx(1.0, abs=1e-5) and perfect[
         "dino_target"
     ] == pytest.approx(1.0, abs=1e-5)
     assert perfect["l1"] > 0 and {"clip_t", "clip_dir", "clip_i", "dino"} <= set(perfect)
 
-    unchanged = run_emu_edit(
+    unchanged = run(EditingScorer,
         [{k: v for k, v in s.items() if k != "image"} for s in samples], lambda s: s["source"], **kw
     )
     assert unchanged["l1"] == 0.0 and unchanged["clip_i"] == pytest.approx(1.0, abs=1e-5)
     assert "l1_target" not in unchanged
 
     # An output at another size is compared at the source's size.
-    resized = run_editing(samples, lambda s: s["image"].resize((64, 64)), **kw)
+    resized = run(EditingScorer, samples, lambda s: s["image"].resize((64, 64)), **kw)
     assert resized["l1_target"] < 0.05
     assert len(read_jsonl(tmp_path / "mb.jsonl")) == 4
 
@@ -134,7 +143,7 @@ def test_editing_skips_ground_truth_metrics_without_a_target(models: dict[str, P
         samples.append(sample)
     samples[3] = {k: v for k, v in samples[3].items() if k != "eval"} | {"meta": {"record": {"eval": {"has_target": False}}}}
     kw = dict(clip_path=models["clip"], dino_path=models["dino"], device="cpu", batch_size=3)
-    out = run_editing(samples, lambda s: np.asarray(s["source"]), jsonl_path=tmp_path / "e.jsonl", **kw)
+    out = run(EditingScorer, samples, lambda s: np.asarray(s["source"]), jsonl_path=tmp_path / "e.jsonl", **kw)
     rows = {r["key"]: r for r in read_jsonl(tmp_path / "e.jsonl")}
     assert all("l1_target" in rows[k] and "dino_target" in rows[k] for k in ("e0", "e2"))
     assert not any(k.endswith("_target") for key in ("e1", "e3") for k in rows[key])
@@ -165,9 +174,9 @@ def control_samples(n: int = 3) -> list[dict]:
 def test_multigen_canny(models: dict[str, Path], tmp_path: Path) -> None:
     samples = control_samples()
     kw = dict(condition="canny", clip_path=models["clip"], device="cpu", resolution=64)
-    perfect = run_multigen(samples, lambda s: s["image"], jsonl_path=tmp_path / "mg.jsonl", **kw)
+    perfect = run(MultiGenScorer, samples, lambda s: s["image"], jsonl_path=tmp_path / "mg.jsonl", **kw)
     assert perfect["edge_f1"] == 1.0 and 0 <= perfect["clip_score"] <= 100
-    blank = run_multigen(samples, lambda s: Image.new("RGB", (40, 40), (128, 128, 128)), **kw)
+    blank = run(MultiGenScorer, samples, lambda s: Image.new("RGB", (40, 40), (128, 128, 128)), **kw)
     assert blank["edge_f1"] == 0.0
     # A stored canny condition map is used as is.
     with_condition = [
@@ -179,14 +188,14 @@ def test_multigen_canny(models: dict[str, Path], tmp_path: Path) -> None:
         }
         for s in samples
     ]
-    assert run_multigen(with_condition, lambda s: s["image"], **kw)["edge_f1"] == 1.0
+    assert run(MultiGenScorer, with_condition, lambda s: s["image"], **kw)["edge_f1"] == 1.0
     with pytest.raises(MissingModelPath, match="^clip_path is not set"):
-        run_multigen(samples, noise, condition="canny")
+        run(MultiGenScorer, samples, noise, condition="canny")
 
 
 def test_multigen_depth_seg_and_lines(models: dict[str, Path]) -> None:
     samples = control_samples()
-    depth = run_multigen(
+    depth = run(MultiGenScorer,
         samples,
         lambda s: s["image"],
         condition="depth",
@@ -196,7 +205,7 @@ def test_multigen_depth_seg_and_lines(models: dict[str, Path]) -> None:
     )
     assert 0 <= depth["depth_rmse"] <= 255
     no_depth = [{k: v for k, v in s.items() if k != "depth"} for s in samples]
-    self_consistent = run_multigen(
+    self_consistent = run(MultiGenScorer,
         no_depth,
         lambda s: s["image"],
         condition="depth",
@@ -206,7 +215,7 @@ def test_multigen_depth_seg_and_lines(models: dict[str, Path]) -> None:
     )
     assert self_consistent["depth_rmse"] == pytest.approx(0.0, abs=1e-3)  # same network on the same image
 
-    seg = run_multigen(
+    seg = run(MultiGenScorer,
         samples,
         lambda s: s["image"],
         condition="seg",
@@ -217,14 +226,14 @@ def test_multigen_depth_seg_and_lines(models: dict[str, Path]) -> None:
     )
     assert 0 <= seg["miou"] <= 1 and abs(seg["fid"]) < 1e-3
 
-    lines = run_multigen(
+    lines = run(MultiGenScorer,
         samples, lambda s: s["image"], condition="hed", hed_path=models["hed"], device="cpu", resolution=32
     )
     assert lines["ssim"] == pytest.approx(1.0, abs=1e-6)
-    worse = run_multigen(samples, noise, condition="hed", hed_path=models["hed"], device="cpu", resolution=32)
+    worse = run(MultiGenScorer, samples, noise, condition="hed", hed_path=models["hed"], device="cpu", resolution=32)
     assert worse["ssim"] < 0.9
 
-    detector = run_multigen(
+    detector = run(MultiGenScorer,
         samples,
         lambda s: s["image"],
         condition="lineart",
@@ -236,14 +245,14 @@ def test_multigen_depth_seg_and_lines(models: dict[str, Path]) -> None:
 
     for condition, field in [("depth", "depth_path"), ("seg", "segmenter_path"), ("lineart", "lineart_path")]:
         with pytest.raises(MissingModelPath, match=f"^{field} is not set"):
-            run_multigen(samples, noise, condition=condition)
+            run(MultiGenScorer, samples, noise, condition=condition)
     with pytest.raises(ValueError, match="condition must be one of"):
-        run_multigen(samples, noise, condition="pose")  # type: ignore[arg-type]
+        run(MultiGenScorer, samples, noise, condition="pose")  # type: ignore[arg-type]
 
 
 def test_multigen_seg_miou_is_dataset_level(models: dict[str, Path], tmp_path: Path) -> None:
     samples = control_samples(2)
-    out = run_multigen(
+    out = run(MultiGenScorer,
         samples,
         lambda s: s["image"],
         condition="seg",
@@ -257,3 +266,89 @@ def test_multigen_seg_miou_is_dataset_level(models: dict[str, Path], tmp_path: P
     assert len(rows) == 2 and all("miou" in r for r in rows)
     assert out["num_samples"] == 2.0 and (np.isnan(out["miou"]) or 0 <= out["miou"] <= 1)
     assert torch.is_tensor(torch.tensor(out["miou"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CoLoGen checkpoint (random base, two experts) saved the way training saves one."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from cologen.model.config import PRWConfig
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.sampling.sampler import SamplerConfig
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2, seed=3),
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8), sampler=SamplerConfig(steps=2))
+    t = torch.rand(2, 3, 32, 32) * 2 - 1
+    batch = {"target": t, "source": t.flip(-1), "has_source": torch.ones(2, dtype=torch.bool),
+             "prompt": ["a", "b"], "task": ["customized", "editing"]}
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                        default_root_dir=root)
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+    trainer.save_checkpoint(root / "model.ckpt")
+    return root / "model.ckpt"
+
+
+def test_cologen_eval_runs_a_benchmark_from_its_shards(models, tiny_checkpoint, tmp_path, capsys):
+    """`cologen eval dreambench`: the recipe's evaluation shards -> the checkpoint (or its export) -> the scorer,
+    writing metrics.json, table.md, one JSONL line and one image per sample."""
+    from cologen.commands.evaluate import main
+    from cologen.commands.export import export
+    from cologen.testing.recipe_fixtures import dreambench_folder
+    from data_recipes import dreambench
+
+    shards = tmp_path / "shards"
+    dreambench.main(["--input", str(dreambench_folder(tmp_path)), "--output", str(shards), "--quiet"])
+    weights = ["--clip", str(models["clip"]), "--dino", str(models["dino"]), "--device", "cpu"]
+    results = {}
+    for name, model in (("ckpt", tiny_checkpoint), ("export", export(str(tiny_checkpoint), str(tmp_path / "exp")))):
+        out = tmp_path / name
+        main(["dreambench", "--ckpt", str(model), "--data", str(shards), "--out", str(out), "--limit", "3", *weights])
+        results[name] = json.loads((out / "metrics.json").read_text())
+        assert results[name]["num_samples"] == 3 and {"dino", "clip_i", "clip_t"} <= set(results[name])
+        assert len(read_jsonl(out / "scores.jsonl")) == 3 and len(list((out / "images").glob("*.png"))) == 3
+        assert "| dino |" in (out / "table.md").read_text()
+    assert results["ckpt"] == pytest.approx(results["export"], abs=1e-5)  # the export generates the same images
+    assert "clip_t" in capsys.readouterr().out
+
+    for argv, message in ((["--data", str(shards), *weights[2:]], "clip_path is not set"),
+                          (["--data", str(tmp_path / "none"), *weights], "no shards")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["dreambench", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("condition", ["canny", "depth", "seg"])
+def test_multigen_protocol_gives_the_model_its_condition_and_the_scorer_its_references(tmp_path, condition):
+    """What `cologen eval multigen` reads from data_recipes.multigen's evaluation shards."""
+    from argparse import Namespace
+
+    from cologen.data.control import canny
+    from cologen.eval.protocols import PROTOCOLS, read_eval_shards
+    from cologen.testing.recipe_fixtures import multigen_table, write_parquet
+    from data_recipes import multigen
+
+    kind = "canny" if condition == "canny" else condition
+    parquet = write_parquet(multigen_table(kind, 2), tmp_path / "train-00000.parquet")
+    multigen.main(["--input", str(parquet), "--output", str(tmp_path / "shards"), "--quiet", "--eval",
+                   *(["--types", "canny"] if condition == "canny" else [])])
+    pairs = list(read_eval_shards(tmp_path / "shards"))
+    assert len(pairs) == 2
+    args = Namespace(condition=condition, hed=None, lineart=None)
+    for stored, raw in pairs:
+        sample = PROTOCOLS["multigen"].to_sample(stored, raw, args)
+        assert sample["prompt"] == stored.record["prompt"] and sample["image"] is stored.image
+        assert sample["condition"].shape == stored.image.shape  # an RGB image the model takes as its source
+        if condition == "canny":
+            np.testing.assert_array_equal(sample["condition"][..., 0], canny(stored.image))
+        elif condition == "depth":
+            np.testing.assert_array_equal(sample["depth"], stored.depth)
+        else:
+            assert sample["seg_map"].ndim == 2 and sample["seg_map"].shape == stored.image.shape[:2]

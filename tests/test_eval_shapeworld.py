@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cologen.eval import run_shapeworld
-from cologen.eval.shapeworld import score_sample
+from cologen.eval.loop import run_protocol
+from cologen.eval.shapeworld import ShapeWorldScorer, score_sample
 from cologen.metrics.edges import canny_edges
 from cologen.metrics.pixel import PSNR_CAP_DB
 
@@ -75,7 +75,7 @@ def examples() -> list[dict]:
 
 
 def test_target_scores_perfect_on_every_task(tmp_path: Path) -> None:
-    out = run_shapeworld(examples(), lambda s: s["image"], batch_size=2, jsonl_path=tmp_path / "sw.jsonl")
+    out = run_protocol(examples(), lambda s: s["image"], ShapeWorldScorer(), batch_size=2, jsonl_path=tmp_path / "sw.jsonl")
     assert out["num_samples"] == 5
     assert out["inpainting/psnr_in"] == PSNR_CAP_DB and out["inpainting/ssim_in"] == pytest.approx(1.0)
     assert out["grounding/box_iou"] == 1.0 and out["grounding/hit@0.5"] == 1.0
@@ -91,7 +91,7 @@ def test_target_scores_perfect_on_every_task(tmp_path: Path) -> None:
 
 
 def test_blank_output_is_clearly_worse() -> None:
-    blank = run_shapeworld(examples(), lambda s: np.zeros((48, 48, 3), np.uint8))
+    blank = run_protocol(examples(), lambda s: np.zeros((48, 48, 3), np.uint8), ShapeWorldScorer())
     assert blank["inpainting/psnr_in"] < 15
     assert blank["grounding/box_iou"] == 0.0
     assert blank["control/edge_f1"] == 0.0
@@ -123,8 +123,8 @@ def test_builder_examples_from_generated_shards_score_perfect(shapeworld_dir: Pa
                 builder(decode_sample(raw), task, np.random.default_rng(i)) for i, raw in enumerate(stream)
             ]
             assert examples, task
-            perfect = run_shapeworld(examples[:12], lambda ex: ex["target"])
-            blank = run_shapeworld(examples[:12], lambda ex: np.zeros_like(ex["target"]))
+            perfect = run_protocol(examples[:12], lambda ex: ex["target"], ShapeWorldScorer())
+            blank = run_protocol(examples[:12], lambda ex: np.zeros_like(ex["target"]), ShapeWorldScorer())
             for name, value in perfect.items():
                 if name == "num_samples" or name.endswith("edit_l1"):
                     continue
@@ -148,9 +148,9 @@ def test_copying_the_reference_scores_near_zero_on_customized(shapeworld_dir: Pa
     stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
     examples = [builder(decode_sample(raw), "customized", np.random.default_rng(i)) for i, raw in enumerate(stream)]
     assert len(examples) >= 100 and all("subject_box" in ex["meta"]["build"] for ex in examples)
-    copy = run_shapeworld(examples, lambda ex: ex["source"])
+    copy = run_protocol(examples, lambda ex: ex["source"], ShapeWorldScorer())
     assert copy["customized/subject_ncc"] > 0.8  # the old metric's reward for copying
     assert copy["customized/subject_score"] < 0.1
     assert copy["customized/prompt_fidelity"] < 0.25
-    perfect = run_shapeworld(examples, lambda ex: ex["target"])
+    perfect = run_protocol(examples, lambda ex: ex["target"], ShapeWorldScorer())
     assert perfect["customized/subject_score"] == 1.0 and perfect["customized/prompt_fidelity"] == 1.0

@@ -96,7 +96,8 @@ def test_two_level_bootstrap_covers_seeds_and_probes():
 @pytest.mark.timeout(300)
 def test_cologen_eval_scores_the_base_and_names_missing_data(shapeworld_dir, tmp_path):
     out = tmp_path / "eval"
-    done = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "--base", "--data", str(shapeworld_dir),
+    done = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--data",
+                           str(shapeworld_dir),
                            "--tasks", "inpainting", "customized", "--probes", "3", "--steps", "2", "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
@@ -106,7 +107,9 @@ def test_cologen_eval_scores_the_base_and_names_missing_data(shapeworld_dir, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"learned/inpainting/psnr_out", "learned/customized/subject_score"} <= set(metrics)
     assert "learned/inpainting/psnr_out" in done.stdout
-    missing = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "--base", "--data", str(tmp_path / "no")],
+    assert "| learned/inpainting/psnr_out |" in (out / "table.md").read_text()
+    missing = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--data",
+                              str(tmp_path / "no")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "make data" in missing.stderr

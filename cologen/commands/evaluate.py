@@ -1,15 +1,18 @@
-"""`cologen eval CKPT`: score a checkpoint (or the base alone) on ShapeWorld probes, per task, with 95% confidence
-intervals, with the routers' choice and with oracle routing.
+"""`cologen eval PROTOCOL`: score a model on a benchmark protocol and write a JSON and a markdown table.
 
-    cologen eval runs/tiny/stage3/last.ckpt --probes 64 --oracle --out runs/tiny/stage3/eval
-    cologen eval --base --config experiments/tiny/curriculum.yaml --out runs/tiny/base_only   # the base, no expert
+    cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --probes 64 --oracle --out runs/tiny/stage3/eval
+    cologen eval shapeworld --base --config experiments/tiny/curriculum.yaml --out runs/tiny/base_only
+    cologen eval dreambench --ckpt CKPT_OR_EXPORT --data data/eval/dreambench --clip CLIP --dino DINO --out OUT
+    cologen eval multigen --condition canny --ckpt ... --data data/eval/multigen_canny_eval --clip CLIP --out OUT
 
-`--config` takes a training config whose `data.init_args.builder` the probes are built with (box thickness,
-overlay kinds...), so a score compares with that run's validation probe for probe.
+`shapeworld` scores the validation probes of each task (the same ones SampleValidation uses, each with its own
+noise seed) with 95% confidence intervals, with the routers' choice and with oracle routing; `--config` takes a
+training config whose `data.init_args.builder` builds the probes. The benchmark protocols (`dreambench`,
+`magicbrush`, `emu_edit`, `gedit_bench`, `multigen`) read the evaluation shards the data_recipes commands write
+and take the metric networks from local paths (docs/metrics.md names the command for each paper table).
 
-Writes `scores.jsonl` (one line per probe and routing mode) and `metrics.json` (means with intervals) to `--out`
-and prints the table. Probes are the first N validation examples of each task (the same ones SampleValidation
-uses), each with its own noise seed.
+`--out` receives `metrics.json`, `table.md` and `scores.jsonl` (one line per sample; ShapeWorld: per probe and
+routing mode).
 """
 
 from __future__ import annotations
@@ -104,29 +107,70 @@ def _clean(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cologen eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", nargs="?", help="a cologen checkpoint (omit with --base)")
-    parser.add_argument("--base", action="store_true", help="evaluate the tiny base alone (no expert)")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="ShapeWorld folder (default: %(default)s)")
-    parser.add_argument("--tasks", nargs="+", default=list(CURRICULUM_TASKS), choices=CURRICULUM_TASKS)
-    parser.add_argument("--probes", type=int, default=64, help="probes per task (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=16, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--oracle", action="store_true", help="also score with oracle routing")
-    parser.add_argument("--config", help="training config whose data.init_args.builder builds the probes")
-    parser.add_argument("--out", help="folder for scores.jsonl and metrics.json")
-    args = parser.parse_args(argv)
-    if (args.checkpoint is None) == (not args.base):
-        parser.error("give a checkpoint or --base (not both)")
-    try:
-        if args.checkpoint is not None:
-            checkpoints.check(args.checkpoint)  # both checks before the model is built: fail fast
-        probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
-        module = load_module(args.checkpoint)
-    except UsageError as err:
-        print(f"cologen eval: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+def markdown_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    lines = [header, tuple("---" for _ in header), *rows]
+    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
+
+
+class ModelGenerate:
+    """`generate(sample)` for the protocol loop from a checkpoint or an exported `CoLoGenPipeline` folder: the
+    protocol's task, the sample's prompt and condition image, `size` x `size`, seed `seed + index`."""
+
+    def __init__(self, target: str, task: str, *, base_model: str | None, steps: int | None, size: int | None,
+                 seed: int):
+        self.task, self.steps, self.seed, self.count = task, steps, seed, 0
+        if Path(target).is_dir():
+            from cologen.pipeline import CoLoGenPipeline
+
+            self.pipe, self.module = CoLoGenPipeline.from_pretrained(target, base=base_model), None
+            self.size = size or self.pipe.sample_size
+        else:
+            checkpoints.check(target)
+            self.pipe, self.module = None, load_module(target)
+            self.size = size or self.module.preset.sample_size
+
+    def __call__(self, sample: dict):
+        from cologen.inputs import condition_tensor
+
+        seed, self.count = self.seed + self.count, self.count + 1
+        prompt, condition, side = str(sample["prompt"]), sample.get("condition"), self.size
+        if self.pipe is not None:
+            return self.pipe(prompt, image=condition, task=self.task, height=side, width=side,
+                             num_inference_steps=self.steps, seed=seed, progress=False).images[0]
+        overrides = {"steps": self.steps} if self.steps else {}
+        source = condition_tensor(condition, side, side)[None] if condition is not None else None
+        images, _ = self.module.generate([prompt], source, [self.task], side, side, seed=[seed], **overrides)
+        return images[0]
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, float]:
+    """One benchmark protocol end to end: shards -> generate -> score; writes the outputs to `args.out`."""
+    from cologen.eval.loop import run_protocol
+    from cologen.eval.protocols import PROTOCOLS, eval_shards, read_eval_shards
+
+    protocol = PROTOCOLS[args.protocol]
+    eval_shards(args.data)  # every input is checked before a network loads
+    scorer = protocol.scorer(args)  # the metric networks load (or fail with the missing path) before the model
+    generate = ModelGenerate(args.ckpt, protocol.task, base_model=args.base_model, steps=args.steps,
+                             size=args.size, seed=args.seed)
+    samples = (protocol.to_sample(stored, raw, args) for stored, raw in read_eval_shards(args.data))
+    out = Path(args.out)
+    means = run_protocol(samples, generate, scorer, batch_size=args.batch_size, limit=args.limit,
+                         jsonl_path=out / "scores.jsonl", output_dir=out / "images", desc=args.protocol)
+    (out / "metrics.json").write_text(json.dumps({k: _clean(v) for k, v in means.items()}, indent=1) + "\n")
+    rows = [(k, "n/a" if not math.isfinite(v) else f"{v:.4f}") for k, v in means.items()]
+    (out / "table.md").write_text(f"# {args.protocol} ({protocol.table})\n\n" + markdown_table(rows, ("metric",
+                                                                                                  "mean")))
+    return means
+
+
+def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
+    if (args.ckpt is None) == (not args.base):
+        raise UsageError("give --ckpt or --base (not both)")
+    if args.ckpt is not None:
+        checkpoints.check(args.ckpt)  # both checks before the model is built: fail fast
+    probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
+    module = load_module(args.ckpt)
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle)
     table = summarize(lines)
     if args.out:
@@ -137,6 +181,63 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(json.dumps({k: _clean(v) for k, v in line.items()}) + "\n")
         (out / "metrics.json").write_text(json.dumps({k: {m: _clean(x) for m, x in v.items()}
                                                       for k, v in table.items()}, indent=1) + "\n")
-    width = max(len(k) for k in table) if table else 0
-    for key, est in table.items():
-        print(f"{key:<{width}}  {est['mean']:.3f}  [{est['low']:.3f}, {est['high']:.3f}]  n={est['n']}")
+        rows = [(k, f"{e['mean']:.3f}", f"[{e['low']:.3f}, {e['high']:.3f}]", str(e["n"])) for k, e in table.items()]
+        (out / "table.md").write_text("# shapeworld\n\n" + markdown_table(rows, ("routing/task/metric", "mean",
+                                                                                  "95% CI", "n")))
+    return table
+
+
+def _parser() -> argparse.ArgumentParser:
+    from cologen.eval.protocols import PROTOCOLS
+
+    parser = argparse.ArgumentParser(prog="cologen eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    sw = sub.add_parser("shapeworld", help="ShapeWorld probes per task, with 95%% intervals (the tiny preset)")
+    sw.add_argument("--ckpt", help="a cologen checkpoint (or --base)")
+    sw.add_argument("--base", action="store_true", help="evaluate the tiny base alone (no expert)")
+    sw.add_argument("--data", default=DEFAULT_DATA, help="ShapeWorld folder (default: %(default)s)")
+    sw.add_argument("--tasks", nargs="+", default=list(CURRICULUM_TASKS), choices=CURRICULUM_TASKS)
+    sw.add_argument("--probes", type=int, default=64, help="probes per task (default: %(default)s)")
+    sw.add_argument("--steps", type=int, default=16, help="sampler steps (default: %(default)s)")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--oracle", action="store_true", help="also score with oracle routing")
+    sw.add_argument("--config", help="training config whose data.init_args.builder builds the probes")
+    sw.add_argument("--out", help="folder for scores.jsonl, metrics.json and table.md")
+    for name, protocol in PROTOCOLS.items():
+        p = sub.add_parser(name, help=f"{protocol.table}: the {protocol.task} benchmark {name}")
+        p.add_argument("--ckpt", required=True, help="a cologen checkpoint or an exported CoLoGenPipeline folder")
+        p.add_argument("--base-model", help="an export's base: the local FLUX.1 folder (flux_dev exports)")
+        p.add_argument("--data", required=True, help="the benchmark's evaluation shards (a folder of *.tar)")
+        p.add_argument("--out", required=True, help="folder for metrics.json, table.md, scores.jsonl, images/")
+        p.add_argument("--limit", type=int, help="score only the first N samples")
+        p.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+        p.add_argument("--size", type=int, help="output side in pixels (default: the model's sample size)")
+        p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default: %(default)s)")
+        p.add_argument("--batch-size", type=int, default=8, help="samples per scoring batch")
+        p.add_argument("--device", help="device of the metric networks (default: cuda when available)")
+        for weight in ("clip", "dino", "depth", "segmenter", "hed", "lineart", "fid"):
+            helptext = "local path (docs/metrics.md)" if weight in protocol.weights else argparse.SUPPRESS
+            p.add_argument(f"--{weight}", help=helptext)
+        if name == "multigen":
+            p.add_argument("--condition", required=True, choices=("canny", "depth", "hed", "lineart", "seg"))
+            p.add_argument("--resolution", type=int, default=512, help="scoring side (default: %(default)s)")
+            p.add_argument("--reduce-zero-label", action="store_true", help="ADE20K: label 0 is 'other'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    from cologen.metrics.models import MissingModelPath
+
+    try:
+        if args.protocol == "shapeworld":
+            table = run_shapeworld(args)
+            width = max(len(k) for k in table) if table else 0
+            for key, est in table.items():
+                print(f"{key:<{width}}  {est['mean']:.3f}  [{est['low']:.3f}, {est['high']:.3f}]  n={est['n']}")
+        else:
+            for key, value in run_benchmark(args).items():
+                print(f"{key:<24} {value:.4f}")
+    except (UsageError, MissingModelPath) as err:
+        print(f"cologen eval: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -9,13 +9,10 @@ subject's class noun in place of the identifier, e.g. "a dog on the beach"; defa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from cologen.eval.loop import Generate, Sample, run_protocol
+from cologen.eval.loop import Sample
 from cologen.metrics.models import PathLike, load_clip, load_dino
 from cologen.metrics.similarity import clip_image_score, clip_text_score, dino_score
 
@@ -40,29 +37,3 @@ class DreamBenchScorer:
 
     def summary(self) -> dict[str, float]:
         return {}
-
-
-def run_dreambench(
-    samples: Iterable[Sample],
-    generate: Generate,
-    *,
-    clip_path: PathLike | None,
-    dino_path: PathLike | None,
-    device: str | torch.device | None = None,
-    batch_size: int = 8,
-    limit: int | None = None,
-    jsonl_path: str | Path | None = None,
-    output_dir: str | Path | None = None,
-) -> dict[str, float]:
-    """Means of ``dino``, ``clip_i``, ``clip_t`` (cosines) over the samples, plus ``num_samples``."""
-    scorer = DreamBenchScorer(clip_path, dino_path, device)
-    return run_protocol(
-        samples,
-        generate,
-        scorer,
-        batch_size=batch_size,
-        limit=limit,
-        jsonl_path=jsonl_path,
-        output_dir=output_dir,
-        desc="dreambench",
-    )

@@ -15,13 +15,10 @@ optional ``caption`` (target caption), ``source_caption``, ``image`` (ground-tru
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from cologen.eval.loop import Generate, Sample, run_protocol
+from cologen.eval.loop import Sample
 from cologen.metrics.images import resize, to_uint8_rgb
 from cologen.metrics.models import PathLike, load_clip, load_dino
 from cologen.metrics.pixel import l1
@@ -92,40 +89,3 @@ class EditingScorer:
 
     def summary(self) -> dict[str, float]:
         return {}
-
-
-def run_editing(
-    samples: Iterable[Sample],
-    generate: Generate,
-    *,
-    clip_path: PathLike | None,
-    dino_path: PathLike | None,
-    device: str | torch.device | None = None,
-    batch_size: int = 8,
-    limit: int | None = None,
-    jsonl_path: str | Path | None = None,
-    output_dir: str | Path | None = None,
-    desc: str = "editing",
-) -> dict[str, float]:
-    """MagicBrush / Emu Edit test: means of the metrics in the module docstring."""
-    scorer = EditingScorer(clip_path, dino_path, device)
-    return run_protocol(
-        samples,
-        generate,
-        scorer,
-        batch_size=batch_size,
-        limit=limit,
-        jsonl_path=jsonl_path,
-        output_dir=output_dir,
-        desc=desc,
-    )
-
-
-def run_magicbrush(samples: Iterable[Sample], generate: Generate, **kwargs) -> dict[str, float]:
-    """MagicBrush test (samples carry the ground-truth edit as ``image``)."""
-    return run_editing(samples, generate, desc="magicbrush", **kwargs)
-
-
-def run_emu_edit(samples: Iterable[Sample], generate: Generate, **kwargs) -> dict[str, float]:
-    """Emu Edit test (samples carry ``caption`` and ``source_caption``; no ground-truth image)."""
-    return run_editing(samples, generate, desc="emu_edit", **kwargs)

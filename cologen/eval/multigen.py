@@ -24,15 +24,14 @@ accepted as MultiGen's column name), optional ``condition`` (the control map), `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cologen.eval.loop import Generate, Sample, run_protocol
+from cologen.eval.loop import Sample
 from cologen.metrics.edges import as_edge_map, canny_edges, edge_f1
 from cologen.metrics.fid import FeatureLike, fid_update, make_fid
 from cologen.metrics.images import resize, to_gray, to_uint8_rgb
@@ -159,51 +158,3 @@ class MultiGenScorer:
         if self.fid is not None:
             out["fid"] = float(self.fid.compute())
         return out
-
-
-def run_multigen(
-    samples: Iterable[Sample],
-    generate: Generate,
-    *,
-    condition: Condition,
-    clip_path: PathLike | None = None,
-    depth_path: PathLike | None = None,
-    segmenter_path: PathLike | None = None,
-    hed_path: PathLike | Callable[[torch.Tensor], torch.Tensor] | None = None,
-    lineart_path: PathLike | Callable[[torch.Tensor], torch.Tensor] | None = None,
-    fid_features: FeatureLike = None,
-    resolution: int | None = 512,
-    edge_tolerance: float = 0.0,
-    ignore_index: int = 255,
-    reduce_zero_label: bool = False,
-    device: str | torch.device | None = None,
-    batch_size: int = 8,
-    limit: int | None = None,
-    jsonl_path: str | Path | None = None,
-    output_dir: str | Path | None = None,
-) -> dict[str, float]:
-    """MultiGen-20M eval for one ``condition``; metric means as in the module docstring."""
-    scorer = MultiGenScorer(
-        condition,
-        clip_path=clip_path,
-        depth_path=depth_path,
-        segmenter_path=segmenter_path,
-        hed_path=hed_path,
-        lineart_path=lineart_path,
-        fid_features=fid_features,
-        resolution=resolution,
-        edge_tolerance=edge_tolerance,
-        ignore_index=ignore_index,
-        reduce_zero_label=reduce_zero_label,
-        device=device,
-    )
-    return run_protocol(
-        samples,
-        generate,
-        scorer,
-        batch_size=batch_size,
-        limit=limit,
-        jsonl_path=jsonl_path,
-        output_dir=output_dir,
-        desc=f"multigen-{condition}",
-    )

@@ -62,7 +62,7 @@ def read_validations(run_dir: str | Path, subdir: str = "validation") -> list[Va
 
 
 def read_eval(folder: str | Path) -> Validation | None:
-    """A `cologen eval --out` folder as a Validation (e.g. the base alone); None if it is not there."""
+    """A `cologen eval shapeworld --out` folder as a Validation (e.g. the base alone); None if it is not there."""
     scores_file = Path(folder) / "scores.jsonl"
     if not scores_file.is_file():
         return None

@@ -24,13 +24,11 @@ so does a plain dict with the keys below (these win over ``meta``). Scores are r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cologen.eval.loop import Generate, Sample, run_protocol
+from cologen.eval.loop import Sample
 from cologen.metrics.images import to_mask, to_uint8_rgb
 from cologen.metrics.shapeworld import (
     control_scores,
@@ -133,25 +131,3 @@ class ShapeWorldScorer:
 
     def summary(self) -> dict[str, float]:
         return {}
-
-
-def run_shapeworld(
-    samples: Iterable[Sample],
-    generate: Generate,
-    *,
-    batch_size: int = 8,
-    limit: int | None = None,
-    jsonl_path: str | Path | None = None,
-    output_dir: str | Path | None = None,
-) -> dict[str, float]:
-    """Means of every ``{task}/{metric}`` over the samples of that task, plus ``num_samples``."""
-    return run_protocol(
-        samples,
-        generate,
-        ShapeWorldScorer(),
-        batch_size=batch_size,
-        limit=limit,
-        jsonl_path=jsonl_path,
-        output_dir=output_dir,
-        desc="shapeworld",
-    )
