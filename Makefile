@@ -77,12 +77,12 @@ stage3: check-flux data
 	$(COLOGEN) fit $(call stage_configs,3) $(ARGS)
 
 bench: data
-	$(PY) benchmarks/run_all.py $(ARGS)
+	$(PY) -m benchmarks.run_all $(ARGS)
 
 # The README's, docs/data.md's and docs/logging.md's CPU figures from `make bench`'s results file (committed as
 # docs/results/bench_cpu.json).
 bench-docs: install
-	$(PY) benchmarks/docs.py --results runs/bench/results.json
+	$(PY) -m benchmarks.docs --results runs/bench/results.json
 
 # Ablation baselines on the tiny preset, same step budget as the curriculum (docs/ablation in the README).
 cotrain: data

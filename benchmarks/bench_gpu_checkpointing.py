@@ -1,7 +1,7 @@
 """Where a small-batch training step spends its time: the host issuing kernels, and each checkpointed pass.
 
-    python benchmarks/bench_gpu_checkpointing.py            # any single CUDA GPU, FLUX.1-dev-sized (random weights)
-    python benchmarks/bench_gpu_checkpointing.py --tiny     # the same code path on the CPU with a toy-sized FLUX
+    python -m benchmarks.bench_gpu_checkpointing            # any single CUDA GPU, FLUX.1-dev-sized (random weights)
+    python -m benchmarks.bench_gpu_checkpointing --tiny     # the same code path on the CPU with a toy-sized FLUX
 
 The model and inputs are bench_gpu.py's (FLUX.1-dev, 5 experts of rank 128, 512 px target + 512 px condition).
 For each variant (no checkpointing; the source pass, the main pass or both checkpointed; both with the source pass's
@@ -15,17 +15,13 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import cologen.model.cologen_transformer as cologen_transformer  # noqa: E402
-from benchmarks.bench_gpu import FLUX_DEV, TINY  # noqa: E402  (the same model and inputs as bench_gpu.py)
-from benchmarks.flux_models import build_cologen, forward_loss, make_inputs  # noqa: E402
+import cologen.model.cologen_transformer as cologen_transformer
+from benchmarks.bench_gpu import FLUX_DEV, TINY  # the same model and inputs as bench_gpu.py
+from benchmarks.flux_models import build_cologen, forward_loss, make_inputs
 
 # (name, checkpoint the source pass, checkpoint the main pass, preserve the RNG state in the source pass)
 VARIANTS = [("none", False, False, True), ("main pass", False, True, True), ("source pass", True, False, True),

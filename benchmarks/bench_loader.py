@@ -1,7 +1,7 @@
 """Loader throughput: samples per second that `MixtureDataModule` delivers (tiny preset, all tasks mixed), and what
 the shard manifest check costs of it.
 
-    python benchmarks/bench_loader.py [--data DIR] [--workers 2] [--batches 400] [--manifest-repeats 3]
+    python -m benchmarks.bench_loader [--data DIR] [--workers 2] [--batches 400] [--manifest-repeats 3]
 
 Compare with the tiny model's training consumption (samples/s); the goal is loader >= 5x that. The manifest check
 (`cologen/data/reader.py`: each shard's manifest read once per process, its sample count compared at the shard's
@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cologen.data.datamodule import MixtureDataModule  # noqa: E402
-from cologen.data.shards import expand_shards  # noqa: E402
-from data_recipes.shapeworld import ensure_shapeworld, shard_patterns  # noqa: E402
+from cologen.data.datamodule import MixtureDataModule
+from cologen.data.shards import expand_shards
+from data_recipes.shapeworld import ensure_shapeworld, shard_patterns
 
 
 def loader_throughput(data_dir: str | os.PathLike = "data/shapeworld", num_workers: int = 2, batch_size: int = 8,

@@ -10,19 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_model import CONFIGS, BenchConfig, build_variant  # noqa: E402
-from cologen.model.codecs import PixelCodec  # noqa: E402
-from cologen.model.packing import SourcePositionConfig  # noqa: E402
-from cologen.model.text_encoders import TextEmbeddings  # noqa: E402
-from cologen.sampling.sampler import FlowSampler, SamplerConfig  # noqa: E402
+from benchmarks.bench_model import CONFIGS, BenchConfig, build_variant
+from cologen.model.codecs import PixelCodec
+from cologen.model.packing import SourcePositionConfig
+from cologen.model.text_encoders import TextEmbeddings
+from cologen.sampling.sampler import FlowSampler, SamplerConfig
 
 
 def sampler_times(cfg: BenchConfig, timestep_bins: int, steps: int = 28, rounds: int = 3) -> dict:

@@ -1,7 +1,7 @@
 """The cost of a sampling validation on the tiny preset: sampling one task's probes (as `SampleValidation` does
 with the settings of experiments/tiny/curriculum.yaml) against one training step of the same model.
 
-    python benchmarks/bench_validation.py [--data data/shapeworld] [--tasks inpainting control]
+    python -m benchmarks.bench_validation [--data data/shapeworld] [--tasks inpainting control]
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -17,8 +16,6 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 CURRICULUM = ROOT / "experiments" / "tiny" / "curriculum.yaml"
 TASKS = ["inpainting", "grounding", "control", "customized", "editing"]
 

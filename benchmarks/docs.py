@@ -1,8 +1,8 @@
 """`make bench-docs`: the CPU benchmark figures of the README, docs/data.md and docs/logging.md, from one results
 file of `make bench`.
 
-    python benchmarks/docs.py [--results runs/bench/results.json]   # copy the results in, rewrite the docs
-    python benchmarks/docs.py --check                                # exit 1 if a doc disagrees with the file
+    python -m benchmarks.docs [--results runs/bench/results.json]   # copy the results in, rewrite the docs
+    python -m benchmarks.docs --check                                # exit 1 if a doc disagrees with the file
 
 The committed copy is `docs/results/bench_cpu.json`; its date, machine and load are printed with the figures.
 """
@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.goals import rows
+from cologen.docgen import stale, update
 
-from benchmarks.goals import rows  # noqa: E402
-from cologen.docgen import stale, update  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "docs" / "results" / "bench_cpu.json"
 COMMAND = "make bench && make bench-docs"
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             bad += 1
             print(f"{doc}: {'stale: ' if args.check else 'rewrote '}{', '.join(names)}")
     if args.check and bad:
-        print(f"run `{COMMAND}` (or `python benchmarks/docs.py` to re-render the committed results)")
+        print(f"run `{COMMAND}` (or `python -m benchmarks.docs` to re-render the committed results)")
     return 1 if args.check and bad else 0
 
 

@@ -19,16 +19,14 @@ import datetime
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import bench_loader, bench_model, bench_recipes, bench_sampler, bench_validation
+from benchmarks.goals import print_verdicts
 
-from benchmarks import bench_loader, bench_model, bench_recipes, bench_sampler, bench_validation  # noqa: E402
-from benchmarks.goals import print_verdicts  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:

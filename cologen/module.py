@@ -1,4 +1,8 @@
-"""CoLoGenModule: the LightningModule that trains the PRW experts and routers with rectified flow."""
+"""CoLoGenModule: the LightningModule that trains the PRW experts and routers with rectified flow.
+
+Implements method.md, "Training objective" (the loss, dropouts, optimizer groups) and the model side of a
+curriculum step's entry (`enter_curriculum_step`: next expert, frozen veterans, rho / alpha, learning rates).
+"""
 
 from __future__ import annotations
 

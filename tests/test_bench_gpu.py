@@ -123,7 +123,7 @@ def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp
 
 
 def test_checkpointing_breakdown_runs_every_variant_on_the_cpu():
-    proc = subprocess.run([sys.executable, "benchmarks/bench_gpu_checkpointing.py", "--tiny", "--batch-sizes", "1"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu_checkpointing", "--tiny", "--batch-sizes", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=220,
                           env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -186,7 +186,6 @@ def test_generated_sections_render_and_report_staleness(tmp_path):
 
 
 def test_benchmark_figures_in_the_docs_are_the_committed_results():
-    sys.path.insert(0, str(ROOT))
     from benchmarks import docs
     from cologen.docgen import stale
 

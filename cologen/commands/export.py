@@ -1,4 +1,7 @@
-"""`cologen export CKPT OUT`: write a CoLoGenPipeline folder (experts, routers, config, model card)."""
+"""`cologen export CKPT OUT`: write a CoLoGenPipeline folder (experts, routers, config, model card).
+
+The folder loads with `CoLoGenPipeline.from_pretrained` (cologen/pipeline.py) on top of its frozen base.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The curriculum spec: an ordered list of steps, each one task (mixture) with its own expert, length and losses."""
+"""The curriculum spec: an ordered list of steps, each one task (mixture) with its own expert, length and losses.
+
+Implements method.md, "Curriculum: five steps in three stages"; `validate` refuses a spec whose steps are
+shorter than the router's entry warm-up needs.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Noisy top-1 router of one PRW block (Shazeer et al.'s noisy gating, one expert per sample or token)."""
+"""Noisy top-1 router of one PRW block (Shazeer et al.'s noisy gating, one expert per sample or token).
+
+Implements method.md, "Router": the gate on the pooled source hidden states, time-aware bias and entry offset
+(the prompt input and straight-through weighting are this project's options, off in the flux_dev preset).
+"""
 
 from __future__ import annotations
 

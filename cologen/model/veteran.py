@@ -1,5 +1,8 @@
 """Routing supervision (the paper's Veteran Gate and this project's per-sample task routing) and routing
-statistics."""
+statistics.
+
+Implements method.md, "Veteran Gate": `alpha * |U - rho|` on the newest expert's share U of the routing decisions.
+"""
 
 from __future__ import annotations
 
