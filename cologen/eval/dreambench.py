@@ -10,19 +10,12 @@ subject's class noun in place of the identifier, e.g. "a dog on the beach"; defa
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from cologen.eval.loop import Sample
-from cologen.metrics.models import PathLike, load_clip, load_dino
+from cologen.eval.loop import ClipDinoScorer, Sample
 from cologen.metrics.similarity import clip_image_score, clip_text_score, dino_score
 
 
-class DreamBenchScorer:
-    def __init__(
-        self, clip_path: PathLike | None, dino_path: PathLike | None, device: str | torch.device | None = None
-    ) -> None:
-        self.clip = load_clip(clip_path, device)
-        self.dino = load_dino(dino_path, device)
+class DreamBenchScorer(ClipDinoScorer):
 
     def score(self, samples: list[Sample], outputs: list[np.ndarray]) -> list[dict[str, float]]:
         refs = [s["reference"] for s in samples]
@@ -34,6 +27,3 @@ class DreamBenchScorer:
             {"dino": float(d), "clip_i": float(ci), "clip_t": float(ct)}
             for d, ci, ct in zip(dino, clip_i, clip_t)
         ]
-
-    def summary(self) -> dict[str, float]:
-        return {}

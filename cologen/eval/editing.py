@@ -16,11 +16,9 @@ optional ``caption`` (target caption), ``source_caption``, ``image`` (ground-tru
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from cologen.eval.loop import Sample
+from cologen.eval.loop import ClipDinoScorer, Sample
 from cologen.metrics.images import resize, to_uint8_rgb
-from cologen.metrics.models import PathLike, load_clip, load_dino
 from cologen.metrics.pixel import l1
 from cologen.metrics.similarity import clip_direction_score, clip_image_score, clip_text_score, dino_score
 
@@ -38,12 +36,7 @@ def _same_size(output: np.ndarray, like: np.ndarray) -> np.ndarray:
     return output if output.shape[:2] == (h, w) else resize(output, (w, h))
 
 
-class EditingScorer:
-    def __init__(
-        self, clip_path: PathLike | None, dino_path: PathLike | None, device: str | torch.device | None = None
-    ) -> None:
-        self.clip = load_clip(clip_path, device)
-        self.dino = load_dino(dino_path, device)
+class EditingScorer(ClipDinoScorer):
 
     def score(self, samples: list[Sample], outputs: list[np.ndarray]) -> list[dict[str, float]]:
         sources = [to_uint8_rgb(s["source"]) for s in samples]
@@ -86,6 +79,3 @@ class EditingScorer:
         for row, ci, d in zip(rows, clip_i, dino):
             row["clip_i" + suffix] = float(ci)
             row["dino" + suffix] = float(d)
-
-    def summary(self) -> dict[str, float]:
-        return {}

@@ -12,13 +12,18 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from cologen.metrics.images import ImageLike, to_uint8_rgb
 from cologen.metrics.shapeworld import aggregate
+
+if TYPE_CHECKING:  # the metric networks' loaders import transformers: only when a scorer is built
+    import torch
+
+    from cologen.metrics.models import PathLike
 
 Sample = Mapping[str, Any]
 Generate = Callable[[Sample], ImageLike]
@@ -28,6 +33,21 @@ class Scorer(Protocol):
     def score(self, samples: list[Sample], outputs: list[np.ndarray]) -> list[dict[str, float]]: ...
 
     def summary(self) -> dict[str, float]: ...
+
+
+class ClipDinoScorer:
+    """The base of the scorers that compare images with CLIP and DINO loaded from local paths (DreamBench,
+    editing); they add no set-level number."""
+
+    def __init__(self, clip_path: PathLike | None, dino_path: PathLike | None,
+                 device: str | torch.device | None = None) -> None:
+        from cologen.metrics.models import load_clip, load_dino
+
+        self.clip = load_clip(clip_path, device)
+        self.dino = load_dino(dino_path, device)
+
+    def summary(self) -> dict[str, float]:
+        return {}
 
 
 def sample_key(sample: Sample, index: int) -> str:

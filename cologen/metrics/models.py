@@ -8,6 +8,7 @@ Features are computed in batches under ``torch.no_grad``.
 
 from __future__ import annotations
 
+import abc
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -156,15 +157,22 @@ def load_dino(path: PathLike | None, device: str | torch.device | None = None) -
     )
 
 
-class DepthEstimator:
-    """A monocular depth network; maps each image to a depth map at the image's own size,
-    min-max scaled to ``[0, 255]`` with 255 = near (MultiGen-20M's and docs/data.md's convention;
-    MiDaS/DPT predict relative inverse depth, defined only up to scale and shift)."""
+class _DenseHead(abc.ABC):
+    """A transformers vision model with its processor, run over images in batches; each subclass turns one
+    image's output into a map at the image's own size."""
 
     def __init__(self, model: torch.nn.Module, processor: Callable, device: torch.device) -> None:
         self.model = model.to(device).eval()
         self.processor = processor
         self.device = device
+
+    @abc.abstractmethod
+    def _outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The network's per-image outputs for a processed batch."""
+
+    @abc.abstractmethod
+    def _to_map(self, output: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """One image's output as a map of `size` (H, W)."""
 
     @torch.no_grad()
     def __call__(self, images: Sequence[ImageLike], batch_size: int = 8) -> list[np.ndarray]:
@@ -172,43 +180,41 @@ class DepthEstimator:
         arrays = _rgb_list(images)
         for i in range(0, len(arrays), batch_size):
             chunk = arrays[i : i + batch_size]
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-            pred = self.model(pixel_values=pixels.to(self.device)).predicted_depth.float()
-            for arr, d in zip(chunk, pred):
-                d = F.interpolate(d[None, None], size=arr.shape[:2], mode="bicubic", align_corners=False)[
-                    0, 0
-                ]
-                lo, hi = d.min(), d.max()
-                d = (d - lo) / (hi - lo) * 255.0 if hi > lo else torch.zeros_like(d)
-                maps.append(d.cpu().numpy())
+            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
+            for arr, out in zip(chunk, self._outputs(pixels)):
+                maps.append(self._to_map(out, arr.shape[:2]))
         return maps
 
 
-class Segmenter:
+class DepthEstimator(_DenseHead):
+    """A monocular depth network; maps each image to a depth map at the image's own size,
+    min-max scaled to ``[0, 255]`` with 255 = near (MultiGen-20M's and docs/data.md's convention;
+    MiDaS/DPT predict relative inverse depth, defined only up to scale and shift)."""
+
+    def _outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).predicted_depth.float()
+
+    def _to_map(self, output: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        d = F.interpolate(output[None, None], size=size, mode="bicubic", align_corners=False)[0, 0]
+        lo, hi = d.min(), d.max()
+        d = (d - lo) / (hi - lo) * 255.0 if hi > lo else torch.zeros_like(d)
+        return d.cpu().numpy()
+
+
+class Segmenter(_DenseHead):
     """A semantic segmentation network; maps each image to a label map (argmax of the logits
     upsampled bilinearly to the image's size)."""
-
-    def __init__(self, model: torch.nn.Module, processor: Callable, device: torch.device) -> None:
-        self.model = model.to(device).eval()
-        self.processor = processor
-        self.device = device
 
     @property
     def num_classes(self) -> int:
         return int(self.model.config.num_labels)
 
-    @torch.no_grad()
-    def __call__(self, images: Sequence[ImageLike], batch_size: int = 8) -> list[np.ndarray]:
-        maps = []
-        arrays = _rgb_list(images)
-        for i in range(0, len(arrays), batch_size):
-            chunk = arrays[i : i + batch_size]
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-            logits = self.model(pixel_values=pixels.to(self.device)).logits.float()
-            for arr, lg in zip(chunk, logits):
-                up = F.interpolate(lg[None], size=arr.shape[:2], mode="bilinear", align_corners=False)[0]
-                maps.append(up.argmax(0).cpu().numpy().astype(np.int32))
-        return maps
+    def _outputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).logits.float()
+
+    def _to_map(self, output: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        up = F.interpolate(output[None], size=size, mode="bilinear", align_corners=False)[0]
+        return up.argmax(0).cpu().numpy().astype(np.int32)
 
 
 def load_depth_model(path: PathLike | None, device: str | torch.device | None = None) -> DepthEstimator:
