@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from cologen.testing import recipe_fixtures as F
-from data_recipes._common import Job, run
 from data_recipes._editing import EditingConverter
 from data_recipes._sources import ParquetSource
+from data_recipes._writer import Job, run
 from data_recipes.omniedit import COLUMNS as OMNIEDIT_COLUMNS
 from data_recipes.subjects200k import Subjects200KConverter
 

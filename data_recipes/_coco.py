@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_recipes._common import Skip
+from data_recipes._rows import Skip
 
 log = logging.getLogger("data_recipes")
 

@@ -12,17 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from data_recipes._common import (
-    RowContext,
-    Sample,
-    Skip,
-    check_thresholds,
-    clean_text,
-    encoded_image,
-    image_bytes,
-    numeric_fields,
-    white_region_mask,
-)
+from data_recipes._images import encoded_image, image_bytes, white_region_mask
+from data_recipes._rows import RowContext, Sample, Skip, check_thresholds, clean_text, numeric_fields
 
 OMNIEDIT_OPERATIONS = {"object_addition": "add", "object_removal": "remove"}
 

@@ -17,17 +17,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from data_recipes._common import (
-    RowContext,
-    Sample,
-    Skip,
-    clean_text,
-    encoded_image,
-    execute,
-    fail,
-    make_parser,
-    require_path,
-)
+from data_recipes._cli import execute, fail, make_parser, require_path
+from data_recipes._images import encoded_image
+from data_recipes._rows import RowContext, Sample, Skip, clean_text
 from data_recipes._sources import ListSource
 
 NAME = "dreambench"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from data_recipes._common import execute, make_parser, resolve_inputs
+from data_recipes._cli import execute, make_parser, resolve_inputs
 from data_recipes._editing import EditColumns, EditingConverter
 from data_recipes._sources import ParquetSource
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from data_recipes._common import RowContext, Sample, Skip, execute, make_parser, resolve_inputs
+from data_recipes._cli import execute, make_parser, resolve_inputs
 from data_recipes._editing import EditColumns, EditingConverter
+from data_recipes._rows import RowContext, Sample, Skip
 from data_recipes._sources import ParquetSource
 
 NAME = "gedit_bench"

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from data_recipes._cli import execute, fail, make_parser, require_path, resolve_inputs
 from data_recipes._coco import (
     CocoIndex,
     clean_polygons,
@@ -33,21 +34,8 @@ from data_recipes._coco import (
     segmentation_mask,
     xywh_to_box,
 )
-from data_recipes._common import (
-    RowContext,
-    Sample,
-    Skip,
-    clean_text,
-    encode_png,
-    encoded_image,
-    execute,
-    fail,
-    image_size,
-    make_parser,
-    require_path,
-    resolve_inputs,
-    sniff_ext,
-)
+from data_recipes._images import encode_png, encoded_image, image_size, sniff_ext
+from data_recipes._rows import RowContext, Sample, Skip, clean_text
 from data_recipes._sources import ListSource, TarSource
 
 NAME = "inpainting"

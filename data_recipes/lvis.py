@@ -17,19 +17,11 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from data_recipes._cli import execute, make_parser, require_path, resolve_inputs
 from data_recipes._coco import CocoIndex, clean_polygons, find_image, image_file_name, xywh_to_box
-from data_recipes._common import (
-    RowContext,
-    Sample,
-    Skip,
-    execute,
-    image_size,
-    make_parser,
-    require_path,
-    resolve_inputs,
-    sniff_ext,
-)
 from data_recipes._grounding import grounding_block
+from data_recipes._images import image_size, sniff_ext
+from data_recipes._rows import RowContext, Sample, Skip
 from data_recipes._sources import ListSource
 
 NAME = "lvis"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_recipes._common import execute, fail, make_parser, resolve_inputs
+from data_recipes._cli import execute, fail, make_parser, resolve_inputs
 from data_recipes._editing import EditColumns, EditingConverter
 from data_recipes._sources import ListSource, ParquetSource
 

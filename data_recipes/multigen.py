@@ -21,20 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from data_recipes._common import (
-    RowContext,
-    Sample,
-    Skip,
-    clean_text,
-    encoded_image,
-    execute,
-    image_bytes,
-    image_size,
-    make_parser,
-    resolve_inputs,
-    rgb_png,
-    single_channel_png,
-)
+from data_recipes._cli import execute, make_parser, resolve_inputs
+from data_recipes._images import encoded_image, image_bytes, image_size, rgb_png, single_channel_png
+from data_recipes._rows import RowContext, Sample, Skip, clean_text
 from data_recipes._sources import ParquetSource
 
 NAME = "multigen"

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from cologen.data.manifest import ShardWriter
 from cologen.data.precomputed import ARRAY_KEYS, load_npy, stack_precomputed  # noqa: F401 - re-exported (recipes API)
-from data_recipes._common import fail, require_path, resolve_inputs
+from data_recipes._cli import fail, require_path, resolve_inputs
 
 NAME = "precompute"
 WITH_SOURCE = ("editing", "customized")

@@ -33,22 +33,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from data_recipes._cli import execute, fail, make_parser, require_path, resolve_inputs
 from data_recipes._coco import COCO_NAMES, CocoIndex, clean_polygons, find_image, xywh_to_box, xyxy_to_box
-from data_recipes._common import (
-    RowContext,
-    Sample,
-    Skip,
-    clean_text,
-    encoded_image,
-    execute,
-    fail,
-    image_size,
-    make_parser,
-    require_path,
-    resolve_inputs,
-    sniff_ext,
-)
 from data_recipes._grounding import grounding_block
+from data_recipes._images import encoded_image, image_size, sniff_ext
+from data_recipes._rows import RowContext, Sample, Skip, clean_text
 from data_recipes._sources import ListSource, ParquetSource
 
 NAME = "refcoco"

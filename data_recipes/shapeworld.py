@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -32,9 +31,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from cologen.data.manifest import ShardWriter, describe, keys_in_tar, manifest_path, write_manifest
+from data_recipes._images import encode_png
+from data_recipes._writer import run_jobs
 
 FORMAT_VERSION = 2  # 2: customized subjects at their named cell and size, backgrounds with their RGB
 MANIFEST = "shapeworld.json"
@@ -419,17 +419,8 @@ def _obj_record(o: Obj, inst: np.ndarray, index: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- encoding
 
-def _png(a: np.ndarray) -> bytes:
-    if a.ndim == 3:
-        a = cv2.cvtColor(a, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", a)
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def _mask_png(m: np.ndarray) -> bytes:
-    return _png((m > 0).astype(np.uint8) * 255)
+    return encode_png((m > 0).astype(np.uint8) * 255)
 
 
 def _json(rec: dict[str, Any]) -> bytes:
@@ -461,11 +452,11 @@ def make_scene_sample(rng, cfg, task, split, index) -> dict[str, bytes]:
     cap = caption(objs, bg, cfg.size)
     rec = _base_record(task, cap, cap, cfg, bg, split, index)
     rec["objects"] = [_obj_record(o, r.instances, i) for i, o in enumerate(objs)]
-    out = {"image.png": _png(r.image), "instances.png": _png(r.instances)}
+    out = {"image.png": encode_png(r.image), "instances.png": encode_png(r.instances)}
     if task == "control":
         rec["control"] = {"types": ["depth", "seg", "canny"],
                           "seg_palette": {k: list(v) for k, v in SEG_PALETTE.items()}}
-        out.update({"depth.png": _png(r.depth), "seg.png": _png(r.seg)})
+        out.update({"depth.png": encode_png(r.depth), "seg.png": encode_png(r.seg)})
     return {"json": _json(rec), **out}
 
 
@@ -489,7 +480,7 @@ def make_grounding(rng, cfg, split, index) -> dict[str, bytes]:
         "object_index": t, "box": rec["objects"][t]["box"], "polygon": rec["objects"][t]["polygon"],
         "instances": [rec["objects"][i]["box"] for i in same], "instance_indices": same,
     }
-    return {"json": _json(rec), "image.png": _png(r.image), "instances.png": _png(r.instances)}
+    return {"json": _json(rec), "image.png": encode_png(r.image), "instances.png": encode_png(r.instances)}
 
 
 def subject_pool(cfg: ShapeWorldConfig) -> list[dict[str, Any]]:
@@ -551,9 +542,9 @@ def make_customized(rng, cfg, split, index, pool) -> dict[str, bytes]:
                       "target_description": desc_b,
                       "source_objects": [_obj_record(o, ra.instances, i) for i, o in enumerate(objs_a)],
                       "source_background": _background_record(bg_a)}
-    return {"json": _json(rec), "image.png": _png(rb.image), "source.png": _png(ra.image),
+    return {"json": _json(rec), "image.png": encode_png(rb.image), "source.png": encode_png(ra.image),
             "mask.png": _mask_png(rb.instances == 1), "source_mask.png": _mask_png(ra.instances == 1),
-            "instances.png": _png(rb.instances)}
+            "instances.png": encode_png(rb.instances)}
 
 
 _SIZE_ORDER = ("small", "medium", "large")
@@ -637,8 +628,8 @@ def make_editing(rng, cfg, split, index) -> dict[str, bytes]:
     rec["edit"] = {"operation": op, "instruction": instruction, "source_caption": cap_s,
                    "source_object_index": si, "object_index": ti,
                    "source_objects": [_obj_record(o, rs.instances, i) for i, o in enumerate(objs)]}
-    return {"json": _json(rec), "image.png": _png(rt.image), "source.png": _png(rs.image),
-            "mask.png": _mask_png(region), "instances.png": _png(rt.instances)}
+    return {"json": _json(rec), "image.png": encode_png(rt.image), "source.png": encode_png(rs.image),
+            "mask.png": _mask_png(region), "instances.png": encode_png(rt.instances)}
 
 
 _TASK_IDS = {t: k for k, t in enumerate(TASKS)}
@@ -712,15 +703,8 @@ def generate(out_dir: str | os.PathLike, train: int = 2000, val: int = 256, seed
                 jobs.append((cfg, str(out), task, split, shard, count, seed))
     workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1, 8)
     started = time.time()
-    bar = tqdm(total=sum(j[5] for j in jobs), desc="shapeworld", unit="sample", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            bar.update(_write_shard(job))
-    else:
-        with multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
-            for n in pool.imap_unordered(_write_shard, jobs):
-                bar.update(n)
-    bar.close()
+    run_jobs(_write_shard, jobs, workers, desc="shapeworld", unit="sample", weight=lambda job: job[5],
+             progress=progress)
     shards = {}
     for task in cfg.tasks:
         shards[task] = {split: _pattern(task, split, len(_shard_counts(n, cfg.shard_size)))

@@ -21,19 +21,9 @@ import argparse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from data_recipes._common import (
-    RowContext,
-    Sample,
-    Skip,
-    clean_text,
-    decode_image,
-    encode_jpeg,
-    encode_png,
-    execute,
-    image_bytes,
-    make_parser,
-    resolve_inputs,
-)
+from data_recipes._cli import execute, make_parser, resolve_inputs
+from data_recipes._images import decode_image, encode_jpeg, encode_png, image_bytes
+from data_recipes._rows import RowContext, Sample, Skip, clean_text
 from data_recipes._sources import ParquetSource
 
 NAME = "subjects200k"

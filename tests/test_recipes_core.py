@@ -10,8 +10,10 @@ import pytest
 
 from cologen.testing import recipe_fixtures as F
 from data_recipes import omniedit
-from data_recipes._common import Job, RowContext, Sample, Skip, run
+from data_recipes._rows import RowContext, Sample, Skip
 from data_recipes._sources import ListSource, ParquetSource, TarSource
+from data_recipes import _writer
+from data_recipes._writer import Job, run, run_jobs
 
 
 def _omniedit_input(tmp_path, n=10):
@@ -95,6 +97,17 @@ def test_workers_give_the_same_shards(tmp_path):
     summary = _convert(inp, tmp_path / "two", "--workers", "2")
     assert summary.samples == 11 and summary.shards_written == 5
     assert _tars(tmp_path / "one") == _tars(tmp_path / "two")
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_job_runner_pools_closures_by_fork_and_module_functions_by_spawn_on_macos(monkeypatch, platform):
+    monkeypatch.setattr(_writer.sys, "platform", platform)
+    assert _writer._spawn_needed(abs) is (platform == "darwin")
+    assert not _writer._spawn_needed(lambda j: j)  # a closure cannot be sent to a spawned worker: fork
+    results, offset = [], 10
+    run_jobs(abs, [-1, -2, 3], workers=2, desc="t", on_done=results.append, progress=False)
+    run_jobs(lambda j: j + offset, [1, 2], workers=2, desc="t", on_done=results.append, progress=False)
+    assert sorted(results) == [1, 2, 3, 11, 12]
 
 
 def test_unexpected_errors_are_counted_not_fatal(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from cologen.testing import recipe_fixtures as F
 from data_recipes import lvis, refcoco
 from data_recipes._coco import _rle_counts_from_string, rle_to_mask, segmentation_mask, xywh_to_box
-from data_recipes._common import Skip
+from data_recipes._rows import Skip
 
 # The fixture's three annotations per image, COCO x, y, w, h -> the project's exclusive integer boxes.
 DOG_A, DOG_B, PERSON = [4, 6, 24, 24], [40, 10, 65, 40], [70, 20, 85, 60]
