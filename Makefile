@@ -7,6 +7,8 @@
 #   make bench-docs                 the docs' CPU benchmark figures from make bench's results file
 #   make ablation / sweep / report  the tiny ablation, the gate-temperature sweep, the README's results tables
 #   make examples                   the README's figure of the predict examples (CKPT=... picks the checkpoint)
+#   make demo                       try a model in the browser (default: the committed tiny experts; MODEL=...)
+#   make tiny-experts               package stage 3's experts as the ones committed for the demo
 #
 # GPU users: make install TORCH="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128 (your CUDA version)
 
@@ -29,13 +31,13 @@ stage_configs = --config $(CFG)/curriculum.yaml $(if $(wildcard $(CFG)/data_stag
 	--config $(CFG)/stage$(1).yaml $(if $(STRATEGY),--config $(CFG)/$(STRATEGY).yaml) \
 	$(if $(filter flux_dev,$(PRESET)),--model.preset.init_args.path $(FLUX_PATH))
 
-.PHONY: install test lint data check-flux base stage1 stage2 stage3 cotrain no_pretrain bench bench-docs sweep ablation report bench-gpu examples
+.PHONY: install test lint data check-flux base stage1 stage2 stage3 cotrain no_pretrain bench bench-docs sweep ablation report bench-gpu examples demo tiny-experts
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -117,3 +119,15 @@ examples: install
 # GPU benchmark (FLUX.1-dev-sized model, PRW with 5 experts of rank 128); ARGS=--tiny runs the same code on the CPU.
 bench-gpu: install
 	$(PY) -m benchmarks.bench_gpu $(ARGS)
+
+# The Gradio demo on http://127.0.0.1:7860 (MODEL: a checkpoint or an exported folder; default the committed tiny
+# experts, so it works on a fresh clone).
+MODEL ?=
+demo: install
+	$(COLOGEN) demo $(MODEL) $(ARGS)
+
+# cologen/assets/tiny_experts: stage 3's final experts as float16 adapters with their sha256 and the ShapeWorld
+# examples (what `make demo` serves before any training).
+tiny-experts: install
+	@test -f runs/tiny/stage3/last.ckpt || { echo "runs/tiny/stage3/last.ckpt is missing: run 'make stage1 stage2 stage3' first"; exit 1; }
+	$(PY) -m cologen.commands.save_experts runs/tiny/stage3/last.ckpt cologen/assets/tiny_experts

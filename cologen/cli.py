@@ -1,5 +1,5 @@
 """The `cologen` command: LightningCLI's `fit | validate | test | predict --config experiments/...`, plus `info`,
-`export` and `eval` (`cologen --help` lists them all).
+`export`, `eval` and `demo` (`cologen --help` lists them all).
 
 Configs are YAML with omegaconf interpolation (`${trainer.default_root_dir}`); the resolved config of every run is
 written to its run directory (`trainer.default_root_dir`) as `config.yaml`. Mistakes the user fixes (a config key,
@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str | None, str]] = {
     "info": ("cologen.commands.info", "JSON summary of a checkpoint (preset, curriculum position, experts)"),
     "export": ("cologen.commands.export", "write a CoLoGenPipeline folder (experts and routers as safetensors)"),
     "eval": ("cologen.commands.evaluate", "score a model on a benchmark protocol (ShapeWorld, DreamBench, MagicBrush...)"),
+    "demo": ("cologen.commands.demo", "try a model in the browser (Gradio; default: the committed tiny experts)"),
 }
 LIGHTNING_COMMANDS = tuple(name for name, (module, _) in COMMANDS.items() if module is None)
 

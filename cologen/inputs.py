@@ -80,6 +80,16 @@ def fit(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     return warp(rgb, fit_frame(rgb.shape[1], rgb.shape[0], width, height))
 
 
+MASK_GREY = 128  # the builders' default: the masked area of an inpainting source
+
+
+def masked_source(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """An inpainting source as training builds one: `rgb` with the pixels where `mask` is true greyed."""
+    out = rgb.copy()
+    out[mask] = MASK_GREY
+    return out
+
+
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """(3, H, W) float in [-1, 1] of an (H, W, 3) uint8 image."""
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1

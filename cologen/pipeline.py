@@ -21,7 +21,7 @@ the *source tokens only*, weighted by its router: a plain LoRA loaded into a sto
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from cologen.model.cologen_transformer import CoLoGenTransformer
 from cologen.model.config import PRWConfig
 from cologen.model.packing import SourcePositionConfig
 from cologen.model.presets import FluxDevPreset, TinyPreset
-from cologen.sampling.sampler import FlowSampler, SamplerConfig
+from cologen.sampling.sampler import FlowSampler, SamplerConfig, SampleStats
 from cologen.typed_config import coerce
 
 ADAPTER_FILE = "prw_adapters.safetensors"
@@ -46,12 +46,20 @@ FORMAT_VERSION = 1
 PRESETS = {"tiny": TinyPreset, "flux_dev": FluxDevPreset}
 
 
-def adapter_state(model: CoLoGenTransformer) -> dict[str, torch.Tensor]:
-    """The expert bank and routers under their stable names."""
-    state = {k: v.detach().float().contiguous().cpu() for k, v in model.transformer.state_dict().items()
+def adapter_state(model: CoLoGenTransformer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The expert bank and routers under their stable names (stored as `dtype`; loading casts them back)."""
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.transformer.state_dict().items()
              if ".prw_" in k}
     state["prw.entry_offset"] = model.entry_offset.detach().float().cpu()
     return state
+
+
+@dataclass
+class CoLoGenPipelineOutput(ImagePipelineOutput):
+    """The images, and what the sampler saw: source passes, cache hits and the expert each PRW block chose at
+    each denoising step (`SampleStats`)."""
+
+    stats: SampleStats | None = None
 
 
 class CoLoGenPipeline(DiffusionPipeline):
@@ -72,11 +80,13 @@ class CoLoGenPipeline(DiffusionPipeline):
         self.metadata = metadata or {}
 
     # ---------------------------------------------------------------------------------------------- saving
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | Path, adapter_dtype: torch.dtype = torch.float32,
+                        **kwargs) -> None:
+        """`adapter_dtype`: how the experts and routers are stored (float16 halves the file; they load as float32)."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         model: CoLoGenTransformer = self.model
-        save_file(adapter_state(model), str(out / ADAPTER_FILE),
+        save_file(adapter_state(model, adapter_dtype), str(out / ADAPTER_FILE),
                   metadata={"format": "cologen-prw", "version": str(FORMAT_VERSION),
                             "num_active": str(model.num_active)})
         config = {
@@ -140,7 +150,7 @@ class CoLoGenPipeline(DiffusionPipeline):
                  task: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  cfg_scale: float | None = None, image_cfg_scale: float | None = None,
-                 seed: int | list[int] = 0, output_type: str = "pil", progress: bool = True) -> ImagePipelineOutput:
+                 seed: int | list[int] = 0, output_type: str = "pil", progress: bool = True) -> CoLoGenPipelineOutput:
         """Generate one image per prompt.
 
         image: the condition image(s): a path, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor in
@@ -180,13 +190,14 @@ class CoLoGenPipeline(DiffusionPipeline):
         sampler = FlowSampler(self.model, self.codec, self.positions, self.guidance_embeds, config)
         if progress:
             with self.progress_bar(total=config.steps) as bar:
-                out, _ = sampler.sample(text, height, width, sources, tasks, seed, on_step=lambda n: bar.update())
+                out, stats = sampler.sample(text, height, width, sources, tasks, seed,
+                                            on_step=lambda n: bar.update())
         else:
-            out, _ = sampler.sample(text, height, width, sources, tasks, seed)
+            out, stats = sampler.sample(text, height, width, sources, tasks, seed)
         if output_type == "pt":
-            return ImagePipelineOutput(images=out)
+            return CoLoGenPipelineOutput(images=out, stats=stats)
         arr = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return ImagePipelineOutput(images=[Image.fromarray(a) for a in arr])
+        return CoLoGenPipelineOutput(images=[Image.fromarray(a) for a in arr], stats=stats)
 
 
 def model_card(config: dict[str, Any]) -> str:

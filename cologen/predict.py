@@ -38,10 +38,9 @@ from torch.utils.data import DataLoader
 
 from cologen.data.control import canny
 from cologen.errors import MissingInput, UsageError, one_line
-from cologen.inputs import GENERATION_TASKS, check_task, fit, read_rgb, to_tensor
+from cologen.inputs import GENERATION_TASKS, check_task, fit, masked_source, read_rgb, to_tensor
 
 PREDICT_TASKS = GENERATION_TASKS
-MASK_GREY = 128  # the builders' default: the masked area of an inpainting source
 FIELDS = ("id", "task", "prompt", "instruction", "source", "mask", "control", "seed", "steps", "width", "height",
           "cfg_scale", "image_cfg_scale", "guidance")
 RESULTS = "results.jsonl"
@@ -131,9 +130,7 @@ def parse_request(raw: Any, line: int, base: Path, patch: int, default_size: int
     if raw.get("mask") is not None:
         if task != "inpainting":
             raise BadRequest(f"mask: only inpainting requests take a mask (this one is {task})")
-        mask = fit(_image(base, raw, "mask"), width, height).mean(-1) > 127
-        rgb = rgb.copy()
-        rgb[mask] = MASK_GREY
+        rgb = masked_source(rgb, fit(_image(base, raw, "mask"), width, height).mean(-1) > 127)
     if raw.get("control") is not None:
         if raw["control"] != "canny" or task != "control":
             raise BadRequest(f"control: only 'canny', on control requests, got {raw['control']!r} on {task}")

@@ -9,10 +9,9 @@ import os
 import pytest
 
 from cologen.testing import recipe_fixtures as F
-from data_recipes import omniedit
+from data_recipes import _writer, omniedit
 from data_recipes._rows import RowContext, Sample, Skip
 from data_recipes._sources import ListSource, ParquetSource, TarSource
-from data_recipes import _writer
 from data_recipes._writer import Job, run, run_jobs
 
 

@@ -9,11 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from cologen import checkpoints
 from cologen.errors import UsageError
 
 
-def export(checkpoint: str, out: str) -> Path:
+def pipeline_from_checkpoint(checkpoint: str):
+    """A CoLoGenPipeline holding a training checkpoint's experts and routers (what `export` saves)."""
     from cologen.module import CoLoGenModule
     from cologen.pipeline import CoLoGenPipeline
 
@@ -34,9 +37,15 @@ def export(checkpoint: str, out: str) -> Path:
     text_encoder = module.text_encoder
     if text_encoder is None and getattr(module, "_offloaded", None):
         text_encoder = module._offloaded[0]
-    pipe = CoLoGenPipeline(module.model, text_encoder, module.codec, preset, module.positions,
+    return CoLoGenPipeline(module.model, text_encoder, module.codec, preset, module.positions,
                            module.sampler_config, module.guidance_embeds, metadata, module.preset.sample_size)
-    pipe.save_pretrained(out)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export(checkpoint: str, out: str, dtype: str = "float32") -> Path:
+    pipeline_from_checkpoint(checkpoint).save_pretrained(out, adapter_dtype=DTYPES[dtype])
     return Path(out)
 
 
@@ -44,9 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cologen export", description=__doc__)
     parser.add_argument("checkpoint")
     parser.add_argument("out")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="storage type of the adapters (float16: half the size; they load as float32)")
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out)
+        path = export(args.checkpoint, args.out, args.dtype)
     except UsageError as err:
         print(f"cologen export: {err}", file=sys.stderr)
         raise SystemExit(2) from None
