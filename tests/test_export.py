@@ -80,6 +80,16 @@ def test_export_round_trip_reproduces_samples(tmp_path, options):
     pil = pipe("flip it", image=src[0], task="editing", seed=11).images[0]
     assert pil.size == (32, 32)
     assert pipe("a red circle", seed=0, progress=False).images[0].size == (32, 32)  # t2i: the model's size
+    result = pipe(prompts, image=list(src), task=tasks, seed=[11, 12], output_type="pt", progress=False)
+    assert result.stats.source_passes >= 1 and result.stats.routing  # what the sampler saw comes with the images
+
+    # float16 storage (the committed demo experts): half the file, loaded back as float32, nearly the same samples
+    half = export(str(ckpt), str(tmp_path / "half"), "float16")
+    ratio = (half / ADAPTER_FILE).stat().st_size / (out / ADAPTER_FILE).stat().st_size
+    assert 0.45 < ratio < 0.6  # (the header of names is not halved)
+    got16 = CoLoGenPipeline.from_pretrained(half)(prompts, image=list(src), task=tasks, seed=[11, 12],
+                                                  output_type="pt", progress=False).images
+    assert 0 < (got16 - expected).abs().max() < 0.05
 
 
 def test_the_pipeline_takes_paths_pil_images_arrays_and_tensors_and_checks_tasks(tmp_path, capfd):
