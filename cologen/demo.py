@@ -126,15 +126,14 @@ class DemoModel:
         if target is None:
             _check_asset(TINY_EXPERTS)
             return cls(CoLoGenPipeline.from_pretrained(TINY_EXPERTS), "the committed tiny experts")
-        path = Path(target)
-        if path.is_dir():
-            return cls(CoLoGenPipeline.from_pretrained(path, base=base_model), str(path))
-        if not path.is_file():
-            raise DemoError(f"{target} is neither a checkpoint nor an exported pipeline folder")
         from cologen import checkpoints
         from cologen.commands.export import pipeline_from_checkpoint
+        from cologen.pipeline import CONFIG_FILE
 
-        checkpoints.check(str(path))
+        path = Path(target)
+        if (path / CONFIG_FILE).is_file():
+            return cls(CoLoGenPipeline.from_pretrained(path, base=base_model), str(path))
+        checkpoints.check(str(path))  # anything else must be a checkpoint: one line saying what it is not
         return cls(pipeline_from_checkpoint(str(path)), str(path))
 
     def request(self, task: str | None, editor: Any, prompt: str | None, seed: float | None = 0,

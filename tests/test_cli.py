@@ -170,7 +170,8 @@ def test_every_command_says_not_a_cologen_checkpoint_in_one_line(capfd, bad_chec
     commands = {
         "info": ["info", path],
         "export": ["export", path, tmp_path / "out"],
-        "eval": ["eval", path, "--data", bad_checkpoints],  # the checkpoint is read before the data
+        "eval": ["eval", "shapeworld", "--ckpt", path, "--data", bad_checkpoints],  # read before the data
+        "demo": ["demo", path],  # checked before anything is served
         "predict": ["predict", "--config", TINY / "curriculum.yaml", "--config", TINY / "predict.yaml",
                     "--ckpt_path", path],
         "fit": ["fit", "--config", TINY / "curriculum.yaml", "--ckpt_path", path,

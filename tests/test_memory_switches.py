@@ -13,7 +13,7 @@ import pytest
 import torch
 from jsonargparse import set_parsing_settings
 
-from cologen.cli import CoLoGenCLI
+from cologen.lightning_cli import CoLoGenCLI
 from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.model.text_encoders import FluxTextEncoder, TextEncoder
