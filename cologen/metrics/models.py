@@ -73,6 +73,14 @@ def _rgb_list(images: Sequence[ImageLike]) -> list[np.ndarray]:
     return [to_uint8_rgb(im) for im in images]
 
 
+def _pixel_batches(processor: Callable, images: Sequence[ImageLike], batch_size: int, device: torch.device):
+    """(RGB arrays, processed `pixel_values` on `device`) per batch of `images`: the loop every network runs."""
+    arrays = _rgb_list(images)
+    for i in range(0, len(arrays), batch_size):
+        chunk = arrays[i : i + batch_size]
+        yield chunk, processor(images=chunk, return_tensors="pt")["pixel_values"].to(device)
+
+
 def _pooled(output: object) -> torch.Tensor:
     # transformers >= 5 returns a model output from get_*_features, 4.x a tensor.
     return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
@@ -92,10 +100,8 @@ class ClipEncoder:
         self, images: Sequence[ImageLike], batch_size: int = 32, normalize: bool = True
     ) -> torch.Tensor:
         feats = []
-        arrays = _rgb_list(images)
-        for i in range(0, len(arrays), batch_size):
-            pixels = self.processor(images=arrays[i : i + batch_size], return_tensors="pt")["pixel_values"]
-            out = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.device))).float()
+        for _, pixels in _pixel_batches(self.processor, images, batch_size, self.device):
+            out = _pooled(self.model.get_image_features(pixel_values=pixels)).float()
             feats.append((F.normalize(out, dim=-1) if normalize else out).cpu())
         return torch.cat(feats) if feats else torch.empty(0)
 
@@ -135,10 +141,8 @@ class DinoEncoder:
         self, images: Sequence[ImageLike], batch_size: int = 32, normalize: bool = True
     ) -> torch.Tensor:
         feats = []
-        arrays = _rgb_list(images)
-        for i in range(0, len(arrays), batch_size):
-            pixels = self.processor(images=arrays[i : i + batch_size], return_tensors="pt")["pixel_values"]
-            out = self.model(pixel_values=pixels.to(self.device))
+        for _, pixels in _pixel_batches(self.processor, images, batch_size, self.device):
+            out = self.model(pixel_values=pixels)
             last = out.last_hidden_state
             feat = (last[:, 0] if last.ndim == 3 else out.pooler_output.reshape(len(pixels), -1)).float()
             feats.append((F.normalize(feat, dim=-1) if normalize else feat).cpu())
@@ -177,10 +181,7 @@ class _DenseHead(abc.ABC):
     @torch.no_grad()
     def __call__(self, images: Sequence[ImageLike], batch_size: int = 8) -> list[np.ndarray]:
         maps = []
-        arrays = _rgb_list(images)
-        for i in range(0, len(arrays), batch_size):
-            chunk = arrays[i : i + batch_size]
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
+        for chunk, pixels in _pixel_batches(self.processor, images, batch_size, self.device):
             for arr, out in zip(chunk, self._outputs(pixels)):
                 maps.append(self._to_map(out, arr.shape[:2]))
         return maps
