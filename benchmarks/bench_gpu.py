@@ -18,7 +18,7 @@ step time; MFU = TFLOP/s / the GPU's dense bf16 peak (table by device name below
 (--tiny) steps are timed with perf_counter and peak memory is "n/a": the CPU allocator keeps no peak statistic.
 A configuration that runs out of memory prints OOM in its row.
 
-Model FLOPs per step (benchmarks/flops.py, checked op by op against torch's FlopCounterMode), per sample:
+Model FLOPs per step (cologen/training/flops.py, checked op by op against torch's FlopCounterMode), per sample:
   forward  = sum over the 57 blocks of [24 D^2 (S_main + S_src)                      base matmuls, both streams
                                         + 4 D S_main (S_main + S_src) + 4 D S_src^2    attention
                                         + 8 D r S_src]                                 LoRA on the source K/V
@@ -46,7 +46,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.flops import training_step_flops
 from benchmarks.flux_models import (
     FLUX_DEV_TRANSFORMER,
     PAPER_PRW,
@@ -61,6 +60,7 @@ from cologen.model.packing import SourcePositionConfig
 from cologen.model.text_encoders import TextEmbeddings
 from cologen.sampling.sampler import FlowSampler, SamplerConfig
 from cologen.testing.flux import TINY_TRANSFORMER
+from cologen.training.flops import training_step_flops
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),

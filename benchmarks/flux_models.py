@@ -11,11 +11,11 @@ from contextlib import contextmanager
 import torch
 from diffusers import FluxTransformer2DModel
 
-from benchmarks.flops import Workload
 from cologen.model.cologen_transformer import CoLoGenTransformer
 from cologen.model.config import PRWConfig
 from cologen.model.packing import source_ids, target_ids, text_ids
 from cologen.model.text_encoders import TextEmbeddings
+from cologen.training.flops import Workload
 
 # black-forest-labs/FLUX.1-dev, transformer/config.json
 FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.flops import Workload, flux_workload, training_step_flops
 from benchmarks.flux_models import (
     FLUX_DEV_TRANSFORMER,
     build_cologen,
@@ -24,6 +23,7 @@ from benchmarks.flux_models import (
 from benchmarks.memory import activation_bytes, count_params
 from cologen.model.config import PRWConfig
 from cologen.testing.flux import TINY_TRANSFORMER
+from cologen.training.flops import Workload, flux_workload, training_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 3, "num_attention_heads": 4,

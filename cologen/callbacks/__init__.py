@@ -2,5 +2,6 @@
 
 from .sample_validation import SampleValidation
 from .summary import MetricsSummary
+from .throughput import RunThroughput
 
-__all__ = ["MetricsSummary", "SampleValidation"]
+__all__ = ["MetricsSummary", "RunThroughput", "SampleValidation"]
