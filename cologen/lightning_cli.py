@@ -24,6 +24,7 @@ from .config_errors import explain, unknown_top_level_key  # noqa: E402
 from .curriculum.callback import CurriculumCallback  # noqa: E402
 from .errors import UsageError  # noqa: E402
 from .module import CoLoGenModule  # noqa: E402
+from .training.wandb_logger import wandb_mode  # noqa: E402
 
 
 class RunFinished(Exception):
@@ -137,7 +138,8 @@ def _run_lightning_cli() -> None:
     # trainer.default_root_dir and everything pointing at it follows); relative paths keep them valid under the
     # subcommand (fit/validate/...) level.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    os.environ.setdefault("WANDB_MODE", "offline")  # no account needed; `wandb sync` uploads later
+    # online for a logged-in user, else offline (no account needed; `wandb sync` uploads later)
+    os.environ.setdefault("WANDB_MODE", wandb_mode())
     no_exit = {"exit_on_error": False}  # errors come back as exceptions and are said in one line
     CoLoGenCLI(
         CoLoGenModule,
