@@ -121,20 +121,14 @@ class DemoModel:
     @classmethod
     def load(cls, target: str | None = None, base_model: str | None = None) -> DemoModel:
         """`target`: a training checkpoint, an exported pipeline folder, or None for the committed tiny experts."""
-        from cologen.pipeline import CoLoGenPipeline
-
         if target is None:
+            from cologen.pipeline import CoLoGenPipeline
+
             _check_asset(TINY_EXPERTS)
             return cls(CoLoGenPipeline.from_pretrained(TINY_EXPERTS), "the committed tiny experts")
-        from cologen import checkpoints
-        from cologen.commands.export import pipeline_from_checkpoint
-        from cologen.pipeline import CONFIG_FILE
+        from cologen.commands.export import load_pipeline
 
-        path = Path(target)
-        if (path / CONFIG_FILE).is_file():
-            return cls(CoLoGenPipeline.from_pretrained(path, base=base_model), str(path))
-        checkpoints.check(str(path))  # anything else must be a checkpoint: one line saying what it is not
-        return cls(pipeline_from_checkpoint(str(path)), str(path))
+        return cls(load_pipeline(target, base_model), str(target))
 
     def request(self, task: str | None, editor: Any, prompt: str | None, seed: float | None = 0,
                 steps: float | None = None, guidance: float | None = None, size: float | None = None) -> DemoRequest:
@@ -204,14 +198,16 @@ class DemoModel:
 
 def _check_asset(folder: Path) -> None:
     """The committed experts are what their sha256 says (a truncated clone or a merge accident is one line)."""
-    from cologen.model.presets import file_sha256
+    from cologen.model.presets import check_recorded_sha256
     from cologen.pipeline import ADAPTER_FILE
 
-    weights, digest = folder / ADAPTER_FILE, folder / "sha256"
-    if not weights.is_file() or not digest.is_file():
+    weights = folder / ADAPTER_FILE
+    if not weights.is_file() or not (folder / "sha256").is_file():
         raise DemoError(f"{folder} lacks {ADAPTER_FILE} or sha256: run `make tiny-experts` after `make stage3`")
-    if file_sha256(weights) != digest.read_text().split()[0]:
-        raise DemoError(f"{weights} does not match its sha256 (a partial checkout?): git checkout {folder}")
+    try:
+        check_recorded_sha256(weights)
+    except ValueError:
+        raise DemoError(f"{weights} does not match its sha256 (a partial checkout?): git checkout {folder}") from None
 
 
 def examples() -> list[list[str]]:

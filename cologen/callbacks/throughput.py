@@ -27,6 +27,7 @@ class RunThroughput(Callback):
         self._reset()
         self._last_end: float | None = None
         self._peak_flops: float | None = None
+        self._flops_by_shape: dict[Shape, float] = {}
 
     def _reset(self) -> None:
         self._steps = self._samples = self._tokens = 0
@@ -56,7 +57,11 @@ class RunThroughput(Callback):
         now = time.perf_counter()
         self._compute += now - self._start
         self._last_end = now
-        samples, tokens, flops = workload(pl_module, batch)
+        shape = batch_shape(pl_module, batch)
+        if shape not in self._flops_by_shape:  # counted once per batch shape: batches repeat a few shapes
+            self._flops_by_shape[shape] = shape_flops(pl_module, shape)
+        samples, with_source, noisy, src_tokens, _ = shape
+        tokens, flops = samples * noisy + with_source * src_tokens, self._flops_by_shape[shape]
         self._samples += samples * trainer.world_size
         self._tokens += tokens * trainer.world_size
         self._flops += flops * trainer.world_size
@@ -87,24 +92,32 @@ class RunThroughput(Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
 
-def workload(pl_module: L.LightningModule, batch: dict) -> tuple[int, int, float]:
-    """(samples, image tokens, model FLOPs) of one training batch on this rank (cologen/training/flops.py, which
-    counts the paper's K/V experts; options on more projections add their LoRA matmuls, a few percent)."""
-    from cologen.training.flops import Workload, training_step_flops
+Shape = tuple[int, int, int, int, int]  # samples, samples with a source, noisy / source / text tokens per sample
 
+
+def batch_shape(pl_module: L.LightningModule, batch: dict) -> Shape:
     target = batch["target"]
     patch = pl_module.codec.patch_pixels
     b, noisy = int(target.shape[0]), int(target.shape[-2] * target.shape[-1]) // patch**2
     source = batch.get("source")
     with_source = int(batch["has_source"].sum()) if source is not None and "has_source" in batch else 0
     src_tokens = int(source.shape[-2] * source.shape[-1]) // patch**2 if with_source else 0
-    prw = pl_module.prw_config
-    text = int(getattr(pl_module.preset, "text_max_length", 0))
-    flops = 0.0
-    if with_source:
-        flops += training_step_flops(pl_module.model.transformer.config, Workload(with_source, noisy, src_tokens, text),
-                                     prw.rank, prw.num_experts, prw.blocks).total
-    if b - with_source:
-        flops += training_step_flops(pl_module.model.transformer.config, Workload(b - with_source, noisy, 0, text),
-                                     prw.rank, prw.num_experts, prw.blocks).total
-    return b, b * noisy + with_source * src_tokens, flops
+    return b, with_source, noisy, src_tokens, int(getattr(pl_module.preset, "text_max_length", 0))
+
+
+def shape_flops(pl_module: L.LightningModule, shape: Shape) -> float:
+    """Model FLOPs of a training step on a batch of this shape (cologen/training/flops.py, which counts the paper's
+    K/V experts; options on more projections add their LoRA matmuls, a few percent)."""
+    from cologen.training.flops import Workload, training_step_flops
+
+    b, with_source, noisy, src_tokens, text = shape
+    config, prw = pl_module.model.transformer.config, pl_module.prw_config
+    parts = [Workload(with_source, noisy, src_tokens, text), Workload(b - with_source, noisy, 0, text)]
+    return sum(training_step_flops(config, w, prw.rank, prw.num_experts, prw.blocks).total for w in parts if w.batch)
+
+
+def workload(pl_module: L.LightningModule, batch: dict) -> tuple[int, int, float]:
+    """(samples, image tokens, model FLOPs) of one training batch on this rank."""
+    shape = batch_shape(pl_module, batch)
+    b, with_source, noisy, src_tokens, _ = shape
+    return b, b * noisy + with_source * src_tokens, shape_flops(pl_module, shape)

@@ -118,29 +118,16 @@ class ModelGenerate:
 
     def __init__(self, target: str, task: str, *, base_model: str | None, steps: int | None, size: int | None,
                  seed: int):
-        self.task, self.steps, self.seed, self.count = task, steps, seed, 0
-        if Path(target).is_dir():
-            from cologen.pipeline import CoLoGenPipeline
+        from cologen.commands.export import load_pipeline
 
-            self.pipe, self.module = CoLoGenPipeline.from_pretrained(target, base=base_model), None
-            self.size = size or self.pipe.sample_size
-        else:
-            checkpoints.check(target)
-            self.pipe, self.module = None, load_module(target)
-            self.size = size or self.module.preset.sample_size
+        self.task, self.steps, self.seed, self.count = task, steps, seed, 0
+        self.pipe = load_pipeline(target, base_model)
+        self.size = size or self.pipe.sample_size
 
     def __call__(self, sample: dict):
-        from cologen.inputs import condition_tensor
-
         seed, self.count = self.seed + self.count, self.count + 1
-        prompt, condition, side = str(sample["prompt"]), sample.get("condition"), self.size
-        if self.pipe is not None:
-            return self.pipe(prompt, image=condition, task=self.task, height=side, width=side,
-                             num_inference_steps=self.steps, seed=seed, progress=False).images[0]
-        overrides = {"steps": self.steps} if self.steps else {}
-        source = condition_tensor(condition, side, side)[None] if condition is not None else None
-        images, _ = self.module.generate([prompt], source, [self.task], side, side, seed=[seed], **overrides)
-        return images[0]
+        return self.pipe(str(sample["prompt"]), image=sample.get("condition"), task=self.task, height=self.size,
+                         width=self.size, num_inference_steps=self.steps, seed=seed, progress=False).images[0]
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, float]:

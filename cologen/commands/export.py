@@ -41,6 +41,17 @@ def pipeline_from_checkpoint(checkpoint: str):
                            module.sampler_config, module.guidance_embeds, metadata, module.preset.sample_size)
 
 
+def load_pipeline(target: str, base_model: str | None = None):
+    """A CoLoGenPipeline from an exported folder (its frozen base: `base_model`, or the tiny one shipped) or from a
+    training checkpoint (checked first: anything else is one line saying what it is not)."""
+    from cologen.pipeline import CONFIG_FILE, CoLoGenPipeline
+
+    if (Path(target) / CONFIG_FILE).is_file():
+        return CoLoGenPipeline.from_pretrained(target, base=base_model)
+    checkpoints.check(str(target))
+    return pipeline_from_checkpoint(str(target))
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

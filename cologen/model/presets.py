@@ -81,6 +81,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_recorded_sha256(weights: Path) -> None:
+    """`weights` matches the sha256 recorded beside it (the `sha256` file of its folder), when there is one."""
+    digest_file = weights.parent / "sha256"
+    if digest_file.is_file() and digest_file.read_text().split()[0] != file_sha256(weights):
+        raise ValueError(f"{weights} does not match its recorded sha256 (corrupt or partially written)")
+
+
 class TinyPreset(Preset):
     """A ~2.3M-parameter FLUX for ShapeWorld at 32 x 32 on a CPU.
 
@@ -164,9 +171,7 @@ def load_tiny_base(folder: Path, expected_config: dict) -> FluxTransformer2DMode
     want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in expected_config.items()}
     if {k: config.get(k) for k in want} != want:
         raise ValueError(f"tiny base in {folder} was trained with another transformer config: {config} != {want}")
-    digest_file = folder / "sha256"
-    if digest_file.is_file() and digest_file.read_text().strip() != file_sha256(weights):
-        raise ValueError(f"{weights} does not match its recorded sha256 (corrupt or partially written)")
+    check_recorded_sha256(weights)
     transformer = FluxTransformer2DModel(**expected_config)
     transformer.load_state_dict(load_file(str(weights)))
     return transformer
