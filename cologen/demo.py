@@ -77,8 +77,8 @@ def editor_parts(value: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     for layer in layers:
         if layer is None:
             continue
-        ink = np.asarray(_open(layer))
-        ink = ink[..., 3] > 0 if ink.ndim == 3 and ink.shape[2] == 4 else np.asarray(ink).reshape(ink.shape[:2]) > 0
+        pixels = np.asarray(_open(layer))
+        ink = pixels[..., 3] > 0 if pixels.ndim == 3 and pixels.shape[2] == 4 else pixels.reshape(pixels.shape[:2]) > 0
         mask = ink if mask is None else mask | ink
     if mask is not None and mask.shape != rgb.shape[:2]:
         raise DemoError(f"mask: the drawing is {mask.shape[1]}x{mask.shape[0]}, the source {rgb.shape[1]}x"

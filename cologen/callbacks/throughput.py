@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+Shape = tuple[int, int, int, int, int]  # samples, samples with a source, noisy / source / text tokens per sample
+
 
 class RunThroughput(Callback):
     """Args:
@@ -90,9 +92,6 @@ class RunThroughput(Callback):
         for logger in trainer.loggers if trainer.is_global_zero else []:
             logger.log_metrics(metrics, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-
-
-Shape = tuple[int, int, int, int, int]  # samples, samples with a source, noisy / source / text tokens per sample
 
 
 def batch_shape(pl_module: L.LightningModule, batch: dict) -> Shape:
