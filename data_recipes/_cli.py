@@ -29,6 +29,11 @@ def make_parser(name: str, description: str, shard_size: int = 1000) -> argparse
     p.add_argument("--seed", type=int, default=0, help="seed of the per-row random choices")
     p.add_argument("--strict", action="store_true", help="stop on unexpected errors instead of counting them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--holdout", choices=("train", "val"), default=None,
+                   help="'val': only the held-out rows (a hash of each row's index), e.g. the validation folder of "
+                        "a flux_dev run; 'train': only the others (default: every row)")
+    p.add_argument("--holdout-fraction", type=float, default=0.01,
+                   help="share of the rows held out (default: %(default)s)")
     return p
 
 
@@ -92,8 +97,11 @@ def execute(args: argparse.Namespace, name: str, source: RowSource, convert: Con
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.shard_size < 1 or args.workers < 1:
         fail("--shard-size and --workers must be >= 1")
+    if not 0.0 < args.holdout_fraction < 1.0:
+        fail(f"--holdout-fraction must be between 0 and 1, got {args.holdout_fraction}")
     job = Job(source=source, convert=convert, output=args.output, prefix=args.prefix or name,
-              shard_size=args.shard_size, max_samples=args.max_samples, seed=args.seed, strict=args.strict)
+              shard_size=args.shard_size, max_samples=args.max_samples, seed=args.seed, strict=args.strict,
+              holdout=args.holdout, holdout_fraction=args.holdout_fraction)
     summary = run(job, workers=args.workers, progress=not args.quiet, desc=name)
     print(summary.text())
     return summary

@@ -6,6 +6,7 @@ bar; `run` and the ShapeWorld generator both use it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -98,6 +99,8 @@ class Job:
     max_samples: int | None = None
     seed: int = 0
     strict: bool = False
+    holdout: str | None = None  # 'val': only the held-out rows (`held_out`); 'train': only the others; None: all
+    holdout_fraction: float = 0.01
 
     def shard_name(self, index: int) -> str:
         return f"{self.prefix}-{index:06d}"
@@ -153,8 +156,18 @@ class _ShardWriter:
         return self.stats
 
 
+def held_out(index: int, fraction: float) -> bool:
+    """Whether input row `index` is held out for validation: a hash of the row's index, so the two sides of the
+    same inputs never share a row (every sample a row gives stays on its side) and need no shared state."""
+    digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < fraction
+
+
 def _convert_row(job: Job, index: int, row: dict[str, Any], counter: Counter) -> tuple[list[Sample], bool]:
     """(samples, row_was_skipped)."""
+    if job.holdout is not None and held_out(index, job.holdout_fraction) != (job.holdout == "val"):
+        counter["held out for validation" if job.holdout == "train" else "not held out"] += 1
+        return [], True
     ctx = RowContext(index, job.seed, counter)
     try:
         return list(job.convert(row, ctx)), False

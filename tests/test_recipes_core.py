@@ -90,6 +90,20 @@ def test_max_samples_is_a_dry_run_that_a_full_run_completes(tmp_path):
     assert _tars(out) == _tars(tmp_path / "reference")
 
 
+def test_holdout_splits_the_rows_into_two_disjoint_folders(tmp_path):
+    inp = _omniedit_input(tmp_path)
+    _convert(inp, tmp_path / "all")
+    everything = {s["__key__"] for s in F.read_samples(tmp_path / "all")}
+    train = _convert(inp, tmp_path / "train", "--holdout", "train", "--holdout-fraction", "0.3")
+    val = _convert(inp, tmp_path / "val", "--holdout", "val", "--holdout-fraction", "0.3")
+    train_keys = {s["__key__"] for s in F.read_samples(tmp_path / "train")}
+    val_keys = {s["__key__"] for s in F.read_samples(tmp_path / "val")}
+    assert train_keys and val_keys and not train_keys & val_keys
+    assert train_keys | val_keys == everything  # every row on exactly one side
+    held = sum(_writer.held_out(i, 0.3) for i in range(train.rows_read))
+    assert train.skipped["held out for validation"] == held and val.skipped["not held out"] == train.rows_read - held
+
+
 def test_workers_give_the_same_shards(tmp_path):
     inp = _omniedit_input(tmp_path)
     _convert(inp, tmp_path / "one")

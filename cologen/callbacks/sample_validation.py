@@ -1,10 +1,12 @@
-"""SampleValidation: sample a fixed probe set per task at validation, write and log image grids, ShapeWorld
-metrics (per probe and as means), the same with oracle routing, and the routing of the sampled images.
+"""SampleValidation: sample a fixed probe set per task at validation, write and log image grids, scores (ShapeWorld
+metrics, or reference scores on real data; per probe and as means), the same with oracle routing, and the routing
+of the sampled images.
 
-Probes are the first `probes_per_task` examples each task's validation loader yields (the validation set is
-fixed and rebuilt identically every time, so the probes are the same at every validation; under DDP they are
-rank zero's first batches). Every probe has its own noise seed (`seed + index`), so a probe's image depends only
-on the model. Files go to `{default_root_dir}/{subdir}/step{global_step:06d}/`:
+Probes are the first `probes_per_task` examples of each task's validation set (the set is fixed and rebuilt
+identically every time, so the probes are the same at every validation and on any number of ranks). Every probe
+has its own noise seed (`seed + index`), so a probe's image depends only on the model. Under DDP and FSDP every
+rank samples an equal share of the probes (FSDP must: each forward gathers the sharded weights on all ranks) and
+rank zero writes and logs everything. Files go to `{default_root_dir}/{subdir}/step{global_step:06d}/`:
 `{task}.png` (rows source | output | ground truth), `routing.png`, `routing_usage.csv/.json`, `metrics.json`
 (means, oracle means under `val_metrics_oracle/`, routing shares, the curriculum step) and `scores.jsonl` (one
 line per probe and routing mode, for confidence intervals).
@@ -27,7 +29,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cologen.eval.probes import Probe, ProbeRun, own_expert_share, probes_from_batch, run_probes
+from cologen.eval.probes import (
+    SCORERS,
+    Probe,
+    ProbeRun,
+    own_expert_share,
+    probe_group,
+    probes_from_batch,
+    run_probes,
+)
 from cologen.metrics.shapeworld import aggregate
 
 from .grids import probe_caption, probe_grid
@@ -41,7 +51,9 @@ class SampleValidation(Callback):
     steps: sampler (Euler) steps; null keeps the model's `sampler.steps`.
     seed: noise seed of probe 0 (probe i uses seed + i).
     every_n_val: sample at every N-th validation of `fit` (`cologen validate` always samples).
-    metrics: score the samples with the ShapeWorld metrics (ShapeWorld tasks only).
+    metrics: how the samples are scored: 'shapeworld' (the synthetic scenes' exact ground truth, ShapeWorld tasks
+        only), 'reference' (real data: PSNR/SSIM against the target, preservation outside the region, canny edge
+        F1; `cologen/eval/reference_scores.py`) or 'none'.
     subdir: folder under `trainer.default_root_dir` for the files.
     sampler: further sampler settings for these samples (cfg_scale, image_cfg_scale, ...).
     min_side: grid cells are upscaled (nearest) to at least this many pixels.
@@ -58,10 +70,12 @@ class SampleValidation(Callback):
     """
 
     def __init__(self, probes_per_task: int = 8, steps: int | None = 28, seed: int = 0, every_n_val: int = 1,
-                 metrics: bool = True, subdir: str = "validation", sampler: dict[str, Any] | None = None,
+                 metrics: str = "shapeworld", subdir: str = "validation", sampler: dict[str, Any] | None = None,
                  min_side: int = 128, oracle: bool = False, scope: str = "all", grid_probes: int = 16):
         if scope not in ("all", "curriculum"):
             raise ValueError(f"SampleValidation scope must be 'all' or 'curriculum', got {scope!r}")
+        if metrics not in SCORERS:
+            raise ValueError(f"SampleValidation metrics must be one of {', '.join(SCORERS)}, got {metrics!r}")
         if probes_per_task < 1 or every_n_val < 1:
             raise ValueError(f"probes_per_task and every_n_val must be >= 1, got {probes_per_task}, {every_n_val}")
         self.probes_per_task, self.steps, self.seed = probes_per_task, steps, seed
@@ -84,10 +98,13 @@ class SampleValidation(Callback):
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not isinstance(batch, Mapping) or not {"task", "prompt", "target"} <= set(batch):
             return
-        for probe in probes_from_batch(batch, self.probes_per_task):
+        if "valid" in batch and not bool(batch["valid"].all()):
+            return  # a DDP padding batch
+        place = int(batch.get("batch_index", batch_idx))  # the batch's place in the fixed set, on any rank
+        for i, probe in enumerate(probes_from_batch(batch, self.probes_per_task)):
             have = self.probes.setdefault(probe["task"], [])
             if len(have) < self.probes_per_task:
-                have.append(probe)
+                have.append({**probe, "order": (place, i)})
 
     # ------------------------------------------------------------------------------------------------ sampling
     def _due(self, trainer: L.Trainer) -> bool:
@@ -124,23 +141,73 @@ class SampleValidation(Callback):
         return getattr(pl_module, "text_encoder", None) is not None or getattr(pl_module, "offload_text_encoder", False)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._due(trainer) or not self.probes:
+        if not self._due(trainer):
+            return
+        probes = self._all_probes(trainer)
+        if not probes:
             return
         if not self._can_encode_prompts(pl_module):
             warnings.warn("SampleValidation: the model has no text encoder (model.load_text_encoder: false), "
                           "so it cannot sample; skipped", stacklevel=2)
             return
+        with torch.random.fork_rng(devices=[]):  # sampling must not shift the training's random streams
+            runs = self._sample(trainer, pl_module, probes)
         if trainer.is_global_zero:
-            with torch.random.fork_rng(devices=[]):  # sampling must not shift the training's random streams
-                self._sample_and_report(trainer, pl_module)
+            self._report(trainer, pl_module, probes, runs)
         trainer.strategy.barrier("sample_validation")
 
+    def _all_probes(self, trainer: L.Trainer) -> dict[str, list[Probe]]:
+        """The first `probes_per_task` examples of each task's validation set, on every rank. Each rank holds the
+        first ones of its own batches (batch b is on rank b mod W), so together they hold the set's first ones:
+        the same probes on any number of ranks."""
+        if trainer.world_size == 1:
+            return self.probes
+        import torch.distributed as dist
+
+        gathered: list[dict[str, list[Probe]]] = [{} for _ in range(trainer.world_size)]
+        dist.all_gather_object(gathered, self.probes)
+        merged: dict[str, list[Probe]] = {}
+        for per_rank in gathered:
+            for task, probes in per_rank.items():
+                merged.setdefault(task, []).extend(probes)
+        return {task: sorted(probes, key=lambda p: p["order"])[:self.probes_per_task]
+                for task, probes in merged.items()}
+
     def _score(self, run: ProbeRun, prefix: str) -> dict[str, float]:
-        if not self.metrics or not run.rows:
+        if self.metrics == "none" or not run.rows:
             return {}
         return {f"{prefix}/{k}": v for k, v in aggregate(run.rows).items() if math.isfinite(v)}
 
-    def _sample_and_report(self, trainer: L.Trainer, pl_module) -> None:
+    def _tasks(self, pl_module, probes: dict[str, list[Probe]], curriculum: dict[str, Any]) -> list[str]:
+        if self.scope == "curriculum" and not curriculum.get("curriculum_last", True):
+            own = {t for t, e in getattr(pl_module, "task_experts", {}).items()
+                   if e == curriculum.get("curriculum_step")}
+            return [t for t in probes if t in own]
+        return list(probes)
+
+    def _sample(self, trainer: L.Trainer, pl_module, probes: dict[str, list[Probe]]) -> dict[tuple[str, bool], ProbeRun]:
+        """Every rank samples its share of each task's probes; rank zero gets the runs merged in probe order."""
+        experts = max(int(getattr(pl_module.model, "num_active", 1)), 1)
+        curriculum = self._curriculum_position(trainer)
+        oracle_too = self.oracle and self.metrics != "none" and experts > 1 and curriculum.get("curriculum_last", True)
+        runs: dict[tuple[str, bool], ProbeRun] = {}
+        tasks = self._tasks(pl_module, probes, curriculum)
+        bar = tqdm(tasks, desc="validation samples", leave=False,
+                   disable=trainer.progress_bar_callback is None or not trainer.is_global_zero)
+        for task in bar:
+            bar.set_postfix_str(task)
+            share, ids, keep = rank_share(probes[task], trainer.global_rank, trainer.world_size)
+            for oracle in [False, True] if oracle_too else [False]:
+                run = run_probes(pl_module, task, share, seed=self.seed, oracle=oracle, ids=ids, keep=keep,
+                                 metrics=self.metrics, **self.sampler_overrides)
+                kept = [i for i, k in zip(ids, keep) if k]
+                shares = _gather(trainer, (kept, run))
+                if shares:  # rank zero
+                    runs[(task, oracle)] = merge_runs(shares)
+        return runs
+
+    def _report(self, trainer: L.Trainer, pl_module, probes: dict[str, list[Probe]],
+                runs: dict[tuple[str, bool], ProbeRun]) -> None:
         step = _global_step(trainer, pl_module)
         out_dir = Path(trainer.default_root_dir) / self.subdir / f"step{step:06d}"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,39 +218,28 @@ class SampleValidation(Callback):
         per_task: dict[str, RoutingCounts] = {}
         hits = misses = 0
         curriculum = self._curriculum_position(trainer)
-        last_step = curriculum.get("curriculum_last", True)
-        tasks = self.probes
-        if self.scope == "curriculum" and not last_step:
-            own = {t for t, e in getattr(pl_module, "task_experts", {}).items()
-                   if e == curriculum.get("curriculum_step")}
-            tasks = {t: p for t, p in self.probes.items() if t in own}
-        bar = tqdm(tasks.items(), desc="validation samples", leave=False, disable=trainer.progress_bar_callback is None)
-        for task, probes in bar:
-            bar.set_postfix_str(task)
-            modes = [False, True] if self.oracle and self.metrics and experts > 1 and last_step else [False]
-            for oracle in modes:
-                run = run_probes(pl_module, task, probes, seed=self.seed, oracle=oracle, **self.sampler_overrides)
-                prefix = "val_metrics_oracle" if oracle else "val_metrics"
-                scalars.update(self._score(run, prefix))
-                lines += [{"task": task, "key": p["key"], "index": i, "routing": "oracle" if oracle else "learned",
-                           **row} for i, (p, row) in enumerate(zip(probes, run.rows))]
-                if oracle:
-                    continue
-                hits, misses = hits + run.cache_hits, misses + run.cache_misses
-                shown = probes[:self.grid_probes]
-                scores = run.rows[:len(shown)] if run.rows else [{}] * len(shown)
-                grid = probe_grid([p["source"] for p in shown], run.outputs[:len(shown)],
-                                  [p["target"] for p in shown], self.min_side,
-                                  captions=[probe_caption(p["prompt"], row) for p, row in zip(shown, scores)])
-                Image.fromarray(grid).save(out_dir / f"{task}.png")
-                log_image(trainer, f"val_samples/{task}", grid, step,
-                          caption="rows: source | output | ground truth; under each column its prompt and scores")
-                counts = count_routing(run.routing, experts, bins)
-                if counts is not None:
-                    per_task[task] = counts
-                    own = pl_module.task_experts.get(task) if hasattr(pl_module, "task_experts") else None
-                    if own is not None:
-                        scalars[f"val_routing/{task}/own_expert"] = own_expert_share(run.routing, own)
+        for (task, oracle), run in runs.items():
+            task_probes = probes[task]
+            scalars.update(self._score(run, "val_metrics_oracle" if oracle else "val_metrics"))
+            lines += [{"task": task, "key": p["key"], "index": i, "routing": "oracle" if oracle else "learned",
+                       **row} for i, (p, row) in enumerate(zip(task_probes, run.rows))]
+            if oracle:
+                continue
+            hits, misses = hits + run.cache_hits, misses + run.cache_misses
+            shown = task_probes[:self.grid_probes]
+            scores = run.rows[:len(shown)] if run.rows else [{}] * len(shown)
+            grid = probe_grid([p["source"] for p in shown], run.outputs[:len(shown)],
+                              [p["target"] for p in shown], self.min_side,
+                              captions=[probe_caption(p["prompt"], row) for p, row in zip(shown, scores)])
+            Image.fromarray(grid).save(out_dir / f"{task}.png")
+            log_image(trainer, f"val_samples/{task}", grid, step,
+                      caption="rows: source | output | ground truth; under each column its prompt and scores")
+            counts = count_routing(run.routing, experts, bins)
+            if counts is not None:
+                per_task[task] = counts
+                own = pl_module.task_experts.get(task) if hasattr(pl_module, "task_experts") else None
+                if own is not None:
+                    scalars[f"val_routing/{task}/own_expert"] = own_expert_share(run.routing, own)
         if hits + misses:
             scalars["sampler/cache_hit_rate"] = hits / (hits + misses)
         if per_task:
@@ -224,6 +280,53 @@ class SampleValidation(Callback):
             for column, share in zip(columns[1:], row[1:]):
                 if share is not None:
                     scalars[f"val_routing/{row[0]}/{column}"] = float(share)
+
+
+def rank_share(probes: list[Probe], rank: int, world: int) -> tuple[list[Probe], list[int], list[bool]]:
+    """This rank's share of a task's probes as (probes, their indices in `probes`, keep flags): per `probe_group`,
+    every `world`-th probe from `rank` on, topped up with fillers (the group's first probe, keep False) so that every
+    rank samples the same groups with the same counts, i.e. makes the same model calls."""
+    groups: dict[tuple[bool, int, int], list[int]] = {}
+    for i, p in enumerate(probes):
+        groups.setdefault(probe_group(p), []).append(i)
+    share: list[Probe] = []
+    ids: list[int] = []
+    keep: list[bool] = []
+    for group in sorted(groups):
+        idx = groups[group]
+        mine = idx[rank::world]
+        fill = -(-len(idx) // world) - len(mine)
+        share += [probes[i] for i in mine] + [probes[idx[0]]] * fill
+        ids += mine + [idx[0]] * fill
+        keep += [True] * len(mine) + [False] * fill
+    return share, ids, keep
+
+
+def merge_runs(shares: list[tuple[list[int], ProbeRun]]) -> ProbeRun:
+    """One run from every rank's (probe indices, run), in probe order."""
+    by_index: dict[int, tuple[torch.Tensor, dict[str, float] | None]] = {}
+    routing: list = []
+    hits = misses = 0
+    for ids, run in shares:
+        rows = run.rows or [None] * len(ids)
+        by_index.update({i: (out, row) for i, out, row in zip(ids, run.outputs, rows)})
+        routing += run.routing
+        hits, misses = hits + run.cache_hits, misses + run.cache_misses
+    order = sorted(by_index)
+    rows = [by_index[i][1] for i in order]
+    return ProbeRun(shares[0][1].task, [by_index[i][0] for i in order],
+                    [] if any(r is None for r in rows) else rows, routing, hits, misses)
+
+
+def _gather(trainer: L.Trainer, obj: Any) -> list[Any]:
+    """Every rank's `obj` on rank zero (a one-element list on one process; others get [])."""
+    if trainer.world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * trainer.world_size if trainer.is_global_zero else None  # type: ignore[assignment]
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered if trainer.is_global_zero else []
 
 
 def _global_step(trainer: L.Trainer, pl_module) -> int:

@@ -1,5 +1,6 @@
-"""Probe evaluation: sample a fixed set of examples with a model and score each one against ShapeWorld's exact
-ground truth, with the routers' choice or with oracle routing (every sample on its task's own expert).
+"""Probe evaluation: sample a fixed set of examples with a model and score each one, against ShapeWorld's exact
+ground truth or (real data) against its own reference images (`reference_scores.py`), with the routers' choice or
+with oracle routing (every sample on its task's own expert).
 
 One function for every caller: `SampleValidation` (after each curriculum step), `cologen eval`, the gate
 temperature sweep and `make ablation`. Scores are kept per probe, so means come with confidence intervals
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cologen.eval.reference_scores import reference_scores
 from cologen.eval.shapeworld import TASKS as SHAPEWORLD_TASKS
 from cologen.eval.shapeworld import score_sample
 from cologen.metrics.images import to_uint8_rgb
@@ -47,48 +49,74 @@ class ProbeRun:
 
     task: str
     outputs: list[torch.Tensor]
-    rows: list[dict[str, float]]  # `{task}/{metric}` per probe (empty without ShapeWorld ground truth)
+    rows: list[dict[str, float]]  # `{task}/{metric}` per probe (empty when not scored)
     routing: list = field(default_factory=list)  # SampleStats.routing of every chunk, concatenated
     cache_hits: int = 0
     cache_misses: int = 0
 
 
+def probe_group(probe: Probe) -> tuple[bool, int, int]:
+    """Probes sampled in one call share this: whether they have a condition image, and the output size."""
+    h, w = probe["target"].shape[-2:]
+    return probe["source"] is None, int(h), int(w)
+
+
 def sample_probes(module, probes: Sequence[Probe], *, seed: int = 0, oracle: bool = False, batch_size: int = 64,
-                  **sampler_overrides) -> tuple[list[torch.Tensor], list, int, int]:
-    """Outputs in probe order (probe i uses noise seed `seed + i`); probes with and without a source go in
-    separate calls. Returns (outputs, routing steps, cache hits, cache misses)."""
+                  ids: Sequence[int] | None = None, keep: Sequence[bool] | None = None,
+                  **sampler_overrides) -> tuple[list[torch.Tensor | None], list, int, int]:
+    """Outputs in probe order (probe i uses noise seed `seed + ids[i]`, `ids` defaulting to 0, 1, ...: a probe's
+    place in the whole probe set when this is a share of it). Probes go in calls of up to `batch_size` per
+    `probe_group` (groups in sorted order, so ranks holding equal group counts make the same calls: FSDP needs it).
+    A probe with `keep[i]` False is a filler that only keeps such ranks in step: its output is None and its
+    routing is dropped. Returns (outputs, routing steps, cache hits, cache misses)."""
+    ids = list(range(len(probes))) if ids is None else list(ids)
+    keep = [True] * len(probes) if keep is None else list(keep)
     outputs: list[torch.Tensor | None] = [None] * len(probes)
     routing: list = []
     hits = misses = 0
-    for with_source in (True, False):
-        idx = [i for i, p in enumerate(probes) if (p["source"] is not None) == with_source]
+    for group in sorted({probe_group(p) for p in probes}):
+        without_source, h, w = group
+        idx = [i for i, p in enumerate(probes) if probe_group(p) == group]
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
-            h, w = probes[chunk[0]]["target"].shape[-2:]
-            sources = torch.stack([probes[i]["source"] for i in chunk]) if with_source else None
+            sources = None if without_source else torch.stack([probes[i]["source"] for i in chunk])
             images, stats = module.generate([probes[i]["prompt"] for i in chunk], sources,
                                             [probes[i]["task"] for i in chunk], height=h, width=w,
-                                            seed=[seed + i for i in chunk], oracle_routing=oracle and with_source,
-                                            **sampler_overrides)
+                                            seed=[seed + ids[i] for i in chunk],
+                                            oracle_routing=oracle and not without_source, **sampler_overrides)
+            kept = torch.tensor([keep[i] for i in chunk])
             for j, i in enumerate(chunk):
-                outputs[i] = images[j].float().cpu()
-            routing += stats.routing
+                outputs[i] = images[j].float().cpu() if keep[i] else None
+            routing += stats.routing if kept.all() else [(t, {k: v[kept] for k, v in per_block.items()})
+                                                         for t, per_block in stats.routing]
             hits, misses = hits + stats.cache_hits, misses + stats.cache_misses
-    return outputs, routing, hits, misses  # type: ignore[return-value]
+    return outputs, routing, hits, misses
 
 
-def score_probes(probes: Sequence[Probe], outputs: Sequence[torch.Tensor]) -> list[dict[str, float]]:
-    """ShapeWorld scores per probe (`{task}/{metric}`); [] for tasks without ShapeWorld ground truth."""
-    if not probes or probes[0]["task"] not in SHAPEWORLD_TASKS:
+SCORERS = ("shapeworld", "reference", "none")
+
+
+def score_probes(probes: Sequence[Probe], outputs: Sequence[torch.Tensor],
+                 metrics: str = "shapeworld") -> list[dict[str, float]]:
+    """Scores per probe (`{task}/{metric}`): 'shapeworld' against the scenes' exact ground truth ([] for tasks
+    without it), 'reference' against the probe's own target, region and condition, 'none' nothing."""
+    if metrics not in SCORERS:
+        raise ValueError(f"metrics must be one of {', '.join(SCORERS)}, got {metrics!r}")
+    if not probes or metrics == "none" or (metrics == "shapeworld" and probes[0]["task"] not in SHAPEWORLD_TASKS):
         return []
-    return [score_sample(p, to_uint8_rgb(o)) for p, o in zip(probes, outputs)]
+    score = score_sample if metrics == "shapeworld" else reference_scores
+    return [score(p, to_uint8_rgb(o)) for p, o in zip(probes, outputs)]
 
 
 def run_probes(module, task: str, probes: Sequence[Probe], *, seed: int = 0, oracle: bool = False,
-               batch_size: int = 64, **sampler_overrides) -> ProbeRun:
+               batch_size: int = 64, ids: Sequence[int] | None = None, keep: Sequence[bool] | None = None,
+               metrics: str = "shapeworld", **sampler_overrides) -> ProbeRun:
+    """Sample and score `probes` (`sample_probes`); the run holds the kept probes only, in order."""
     outputs, routing, hits, misses = sample_probes(module, probes, seed=seed, oracle=oracle, batch_size=batch_size,
-                                                   **sampler_overrides)
-    return ProbeRun(task, outputs, score_probes(probes, outputs), routing, hits, misses)
+                                                   ids=ids, keep=keep, **sampler_overrides)
+    kept = [i for i, out in enumerate(outputs) if out is not None]
+    images = [outputs[i] for i in kept]
+    return ProbeRun(task, images, score_probes([probes[i] for i in kept], images, metrics), routing, hits, misses)
 
 
 def own_expert_share(routing: Sequence, own: int) -> float:
