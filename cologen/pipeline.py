@@ -186,7 +186,12 @@ class CoLoGenPipeline(DiffusionPipeline):
         sources = (torch.stack([condition_tensor(im, width, height) for im in images])
                    if images is not None else None)
         device = next(self.model.parameters()).device
-        text = self.text_encoder.encode(prompts).to(device, torch.float32)
+        encoder_device = next(self.text_encoder.parameters(), torch.empty(0)).device
+        if encoder_device != device and hasattr(self.text_encoder, "encode_offloaded"):
+            text = self.text_encoder.encode_offloaded(prompts, device)  # an offloaded encoder visits the model's device
+        else:
+            text = self.text_encoder.encode(prompts)
+        text = text.to(device, torch.float32)
         sampler = FlowSampler(self.model, self.codec, self.positions, self.guidance_embeds, config)
         if progress:
             with self.progress_bar(total=config.steps) as bar:

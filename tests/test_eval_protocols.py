@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import cv2
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from cologen.errors import UsageError
 from cologen.eval.dreambench import DreamBenchScorer
 from cologen.eval.editing import EditingScorer
 from cologen.eval.loop import run_protocol
@@ -352,3 +354,67 @@ def test_multigen_protocol_gives_the_model_its_condition_and_the_scorer_its_refe
             np.testing.assert_array_equal(sample["depth"], stored.depth)
         else:
             assert sample["seg_map"].ndim == 2 and sample["seg_map"].shape == stored.image.shape[:2]
+
+
+@pytest.mark.timeout(300)
+def test_stage_end_benchmark_scores_the_step_that_ends_and_logs_its_table(models, shapeworld_dir, tmp_path):
+    """StageEndBenchmark: at the validation that closes the customized step, DreamBench on the recipe's shards with
+    the live model (metrics.json, table, `benchmark/dreambench/*` scalars); nothing after the inpainting step;
+    bad inputs are one-line errors when the run starts."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from cologen.callbacks import StageEndBenchmark
+    from cologen.curriculum.callback import CurriculumCallback
+    from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
+    from cologen.data.datamodule import MixtureDataModule
+    from cologen.errors import MissingInput
+    from cologen.model.config import PRWConfig, RouterConfig
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.testing.recipe_fixtures import dreambench_folder
+    from data_recipes import dreambench
+
+    shards = tmp_path / "dreambench"
+    dreambench.main(["--input", str(dreambench_folder(tmp_path)), "--output", str(shards), "--quiet"])
+    weights = f"--clip {models['clip']} --dino {models['dino']} --device cpu"
+    tasks = ("inpainting", "customized")
+    spec = CurriculumSpec(steps=[
+        CurriculumStep(name="inpainting", mixture={"inpainting": 1.0}, steps=2, lr=1e-2, rho=1.0, alpha=0.0),
+        CurriculumStep(name="customized", mixture={"customized": 1.0}, steps=2, lr=1e-2, rho=0.8, alpha=0.5)])
+
+    def fit(benchmarks: dict[str, str]) -> Path:
+        root = tmp_path / "run"
+        module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                               prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=1)))
+        data = MixtureDataModule(train_shards={t: str(shapeworld_dir / t / "train-*.tar") for t in tasks},
+                                 val_shards={t: str(shapeworld_dir / t / "val-*.tar") for t in tasks},
+                                 val_tasks=list(tasks), mixture={"inpainting": 1.0}, batch_size=2, num_workers=0,
+                                 batches_per_epoch=4, shuffle_buffer=8, val_samples_per_task=2)
+        trainer = L.Trainer(accelerator="cpu", default_root_dir=root, val_check_interval=2,
+                            check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0,
+                            logger=CSVLogger(root, name="csv"), enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False,
+                            callbacks=[CurriculumCallback(spec), StageEndBenchmark(benchmarks, limit=2, steps=2)])
+        trainer.fit(module, datamodule=data)
+        return root
+
+    root = fit({"customized": f"dreambench --data {shards} {weights}"})
+    assert [p.name for p in (root / "benchmarks").iterdir()] == ["step0000004_dreambench"]
+    out = root / "benchmarks" / "step0000004_dreambench"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and len(list((out / "images").glob("*.png"))) == 2
+    (path,) = (root / "csv").glob("version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(open(path)) if r.get("benchmark/dreambench/dino")]
+    assert len(rows) == 1 and float(rows[0]["benchmark/dreambench/dino"]) == pytest.approx(metrics["dino"])
+
+    for benchmarks, error, message in (
+            ({"editing": f"dreambench --data {shards} {weights}"}, ValueError, "not curriculum steps"),
+            ({"inpainting": f"dreambench --data {shards} {weights}"}, ValueError, "scores customized"),
+            ({"customized": f"dreambench --data {tmp_path / 'none'} {weights}"}, MissingInput, "no shards"),
+            ({"customized": f"dreambench --data {shards} --clip {tmp_path / 'no_clip'}"}, MissingInput,
+             "does not exist"),
+            ({"customized": f"dreambench --ckpt x --data {shards}"}, UsageError, "neither --ckpt")):
+        with pytest.raises(error, match=message):
+            fit(benchmarks)

@@ -7,6 +7,7 @@ and the ETA survive an exact resume; the validation's cost at the configs' caden
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -226,3 +227,18 @@ def test_the_configs_validation_costs_under_five_percent_as_their_comment_says(c
     for stage in (1, 2, 3):  # every stage validates every 1,000 optimizer steps
         trainer = yaml.safe_load((ROOT / "experiments" / "flux_dev" / f"stage{stage}.yaml").read_text())["trainer"]
         assert trainer["val_check_interval"] == 1000 * trainer["accumulate_grad_batches"]
+
+
+def test_the_configs_optional_stage_benchmarks_parse_as_cologen_eval_commands(tmp_path):
+    from cologen.commands.evaluate import benchmark_args
+    from cologen.eval.protocols import PROTOCOLS
+
+    text = (ROOT / "experiments" / "flux_dev" / "curriculum.yaml").read_text()
+    lines = text[text.index("    # - class_path: cologen.callbacks.StageEndBenchmark"):].splitlines()
+    block = [line.replace("# ", "", 1) for line in itertools.takewhile(lambda x: x.startswith("    # "), lines)]
+    (callback,) = yaml.safe_load("\n".join(block))
+    benchmarks = callback["init_args"]["benchmarks"]
+    assert set(benchmarks) == {"control", "customized", "editing"}
+    for step, command in benchmarks.items():
+        args = benchmark_args(command, tmp_path, limit=64)
+        assert PROTOCOLS[args.protocol].task == step and args.limit == 64

@@ -113,7 +113,7 @@ class SampleValidation(Callback):
         if trainer.state.fn != TrainerFn.FITTING:
             return True
         if self.scope == "curriculum":
-            curriculum = _curriculum_callback(trainer)
+            curriculum = curriculum_callback(trainer)
             if curriculum is not None:
                 return curriculum.done >= curriculum.step.steps  # the validation closing a curriculum step
         self.validations += 1
@@ -122,7 +122,7 @@ class SampleValidation(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self.scope != "curriculum":
             return
-        curriculum = _curriculum_callback(trainer, require_index=False)
+        curriculum = curriculum_callback(trainer, require_index=False)
         interval = trainer.val_check_interval
         if curriculum is None or not isinstance(interval, int):
             return
@@ -260,7 +260,7 @@ class SampleValidation(Callback):
     def _curriculum_position(trainer: L.Trainer) -> dict[str, Any]:
         """The curriculum step this validation closes (`curriculum_step`, `curriculum_name`, and whether it is the
         curriculum's last step, `curriculum_last`), if any."""
-        cb = _curriculum_callback(trainer)
+        cb = curriculum_callback(trainer)
         if cb is None:
             return {}
         return {"curriculum_step": int(cb.index), "curriculum_name": cb.step.name,
@@ -268,7 +268,7 @@ class SampleValidation(Callback):
 
     def _report_routing(self, trainer: L.Trainer, per_task: dict[str, RoutingCounts], out_dir: Path, step: int,
                         scalars: dict[str, float]) -> None:
-        cb = _curriculum_callback(trainer, require_index=False)
+        cb = curriculum_callback(trainer, require_index=False)
         names = [st.name for st in cb.spec.steps] if cb is not None else None
         path = routing_figure(per_task, out_dir / "routing.png", title=f"expert usage at step {step}",
                               expert_names=names)
@@ -337,7 +337,7 @@ def _global_step(trainer: L.Trainer, pl_module) -> int:
     return int(getattr(pl_module, "checkpoint_step", None) or trainer.global_step)
 
 
-def _curriculum_callback(trainer: L.Trainer, require_index: bool = True):
+def curriculum_callback(trainer: L.Trainer, require_index: bool = True):
     """The run's CurriculumCallback with a curriculum (in a step, unless `require_index` is False), else None."""
     from cologen.curriculum.callback import CurriculumCallback
 

@@ -18,9 +18,12 @@ routing mode).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from cologen import checkpoints
@@ -113,15 +116,11 @@ def markdown_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 
 
 class ModelGenerate:
-    """`generate(sample)` for the protocol loop from a checkpoint or an exported `CoLoGenPipeline` folder: the
-    protocol's task, the sample's prompt and condition image, `size` x `size`, seed `seed + index`."""
+    """`generate(sample)` for the protocol loop with a `CoLoGenPipeline`: the protocol's task, the sample's prompt
+    and condition image, `size` x `size`, seed `seed + index`."""
 
-    def __init__(self, target: str, task: str, *, base_model: str | None, steps: int | None, size: int | None,
-                 seed: int):
-        from cologen.commands.export import load_pipeline
-
-        self.task, self.steps, self.seed, self.count = task, steps, seed, 0
-        self.pipe = load_pipeline(target, base_model)
+    def __init__(self, pipe, task: str, *, steps: int | None, size: int | None, seed: int):
+        self.pipe, self.task, self.steps, self.seed, self.count = pipe, task, steps, seed, 0
         self.size = size or self.pipe.sample_size
 
     def __call__(self, sample: dict):
@@ -130,25 +129,65 @@ class ModelGenerate:
                          width=self.size, num_inference_steps=self.steps, seed=seed, progress=False).images[0]
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, float]:
-    """One benchmark protocol end to end: shards -> generate -> score; writes the outputs to `args.out`."""
-    from cologen.eval.loop import run_protocol
-    from cologen.eval.protocols import PROTOCOLS, eval_shards, read_eval_shards
+def check_benchmark_inputs(args: argparse.Namespace) -> None:
+    """The protocol's shards and every metric-network path given, checked before anything loads (one line each)."""
+    from cologen.eval.protocols import PROTOCOLS, eval_shards
+
+    eval_shards(args.data)
+    for weight in PROTOCOLS[args.protocol].weights:
+        path = getattr(args, weight, None)
+        if path is not None and not Path(path).exists():
+            raise MissingInput(f"--{weight}: {path} does not exist")
+
+
+def benchmark_samples(args: argparse.Namespace) -> Iterator[dict]:
+    """The protocol's samples from its evaluation shards, at most `args.limit`."""
+    from cologen.eval.protocols import PROTOCOLS, read_eval_shards
 
     protocol = PROTOCOLS[args.protocol]
-    eval_shards(args.data)  # every input is checked before a network loads
-    scorer = protocol.scorer(args)  # the metric networks load (or fail with the missing path) before the model
-    generate = ModelGenerate(args.ckpt, protocol.task, base_model=args.base_model, steps=args.steps,
-                             size=args.size, seed=args.seed)
     samples = (protocol.to_sample(stored, raw, args) for stored, raw in read_eval_shards(args.data))
+    return itertools.islice(samples, args.limit)
+
+
+def run_benchmark(args: argparse.Namespace, pipe=None) -> dict[str, float]:
+    """One benchmark protocol end to end: shards -> generate -> score; writes the outputs to `args.out`. `pipe`:
+    the model to score (default: loaded from `args.ckpt`, a checkpoint or an exported folder)."""
+    from cologen.commands.export import load_pipeline
+    from cologen.eval.loop import run_protocol
+    from cologen.eval.protocols import PROTOCOLS
+
+    protocol = PROTOCOLS[args.protocol]
+    check_benchmark_inputs(args)  # every input is checked before a network loads
+    scorer = protocol.scorer(args)  # the metric networks load (or fail with the missing path) before the model
+    pipe = load_pipeline(args.ckpt, args.base_model) if pipe is None else pipe
+    generate = ModelGenerate(pipe, protocol.task, steps=args.steps, size=args.size, seed=args.seed)
     out = Path(args.out)
-    means = run_protocol(samples, generate, scorer, batch_size=args.batch_size, limit=args.limit,
+    means = run_protocol(benchmark_samples(args), generate, scorer, batch_size=args.batch_size, limit=args.limit,
                          jsonl_path=out / "scores.jsonl", output_dir=out / "images", desc=args.protocol)
     (out / "metrics.json").write_text(json.dumps({k: _clean(v) for k, v in means.items()}, indent=1) + "\n")
     rows = [(k, "n/a" if not math.isfinite(v) else f"{v:.4f}") for k, v in means.items()]
     (out / "table.md").write_text(f"# {args.protocol} ({protocol.table})\n\n" + markdown_table(rows, ("metric",
                                                                                                   "mean")))
     return means
+
+
+def benchmark_args(command: str, out: str | Path, limit: int | None = None) -> argparse.Namespace:
+    """The arguments of `cologen eval COMMAND` (e.g. "dreambench --data ... --clip ... --dino ...") for a model in
+    hand rather than on disk (no --ckpt), writing to `out`."""
+    argv = shlex.split(command)
+    if "--ckpt" in argv or "--out" in argv:
+        raise UsageError(f"benchmark {command!r}: give neither --ckpt (the model is the training run's) nor --out")
+    if argv and argv[0] == "shapeworld":
+        raise UsageError("benchmark 'shapeworld': SampleValidation scores the ShapeWorld probes")
+    argv[1:1] = ["--ckpt", "(the training run)", "--out", str(out)] + (["--limit", str(limit)] if limit else [])
+    parser = _parser()
+    parser.exit_on_error = False
+    for sub in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        sub.exit_on_error = False
+    try:
+        return parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise UsageError(f"benchmark {command!r}: {err}") from None
 
 
 def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:

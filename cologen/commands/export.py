@@ -15,10 +15,20 @@ from cologen import checkpoints
 from cologen.errors import UsageError
 
 
+def pipeline_from_module(module, metadata: dict | None = None):
+    """A CoLoGenPipeline around a CoLoGenModule's own model, text encoder and codec (shared, not copied)."""
+    from cologen.pipeline import CoLoGenPipeline
+
+    text_encoder = module.text_encoder
+    if text_encoder is None and getattr(module, "_offloaded", None):
+        text_encoder = module._offloaded[0]
+    return CoLoGenPipeline(module.model, text_encoder, module.codec, module.preset.to_dict(), module.positions,
+                           module.sampler_config, module.guidance_embeds, metadata, module.preset.sample_size)
+
+
 def pipeline_from_checkpoint(checkpoint: str):
     """A CoLoGenPipeline holding a training checkpoint's experts and routers (what `export` saves)."""
     from cologen.module import CoLoGenModule
-    from cologen.pipeline import CoLoGenPipeline
 
     ckpt = checkpoints.load(checkpoint)
     module = CoLoGenModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
@@ -33,12 +43,7 @@ def pipeline_from_checkpoint(checkpoint: str):
         "curriculum": (curriculum or {}).get("spec"),
         "curriculum_position": {"step": (curriculum or {}).get("index"), "done": (curriculum or {}).get("done")},
     }
-    preset = module.preset.to_dict()
-    text_encoder = module.text_encoder
-    if text_encoder is None and getattr(module, "_offloaded", None):
-        text_encoder = module._offloaded[0]
-    return CoLoGenPipeline(module.model, text_encoder, module.codec, preset, module.positions,
-                           module.sampler_config, module.guidance_embeds, metadata, module.preset.sample_size)
+    return pipeline_from_module(module, metadata)
 
 
 def load_pipeline(target: str, base_model: str | None = None):
