@@ -203,10 +203,12 @@ class CoLoGenModule(L.LightningModule):
                             device=self.device)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sources: torch.Tensor | None = None, tasks: list[str] | None = None,
+    def generate(self, prompts: list[str], sources: torch.Tensor | list[torch.Tensor] | None = None,
+                 tasks: list[str] | None = None,
                  height: int | None = None, width: int | None = None, seed: int | list[int] = 0,
                  oracle_routing: bool = False, **sampler_overrides) -> tuple[torch.Tensor, SampleStats]:
-        """Images (B, 3, H, W) in [-1, 1] for `prompts` (and condition images `sources`), eval-mode routing.
+        """Images (B, 3, H, W) in [-1, 1] for `prompts` (and condition images `sources`: a (B, 3, Hs, Ws) batch, or
+        a list of them, one per condition), eval-mode routing.
         `oracle_routing` sends every sample to its task's own expert (`own_experts`) instead of the routers'
         choice (an evaluation of what the routers lose)."""
         was_training = self.training
@@ -216,7 +218,7 @@ class CoLoGenModule(L.LightningModule):
             if height is None or width is None:
                 if sources is None:
                     raise ValueError("generate needs height and width for text-to-image")
-                height, width = sources.shape[-2:]
+                height, width = (sources if isinstance(sources, torch.Tensor) else sources[0]).shape[-2:]
             experts = None
             if oracle_routing:
                 if tasks is None:

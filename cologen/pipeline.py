@@ -146,7 +146,7 @@ class CoLoGenPipeline(DiffusionPipeline):
 
     # --------------------------------------------------------------------------------------------- calling
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], image: ImageInput | list[ImageInput] | None = None,
+    def __call__(self, prompt: str | list[str], image: ImageInput | list[ImageInput] | list[list[ImageInput]] | None = None,
                  task: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  cfg_scale: float | None = None, image_cfg_scale: float | None = None,
@@ -154,7 +154,9 @@ class CoLoGenPipeline(DiffusionPipeline):
         """Generate one image per prompt.
 
         image: the condition image(s): a path, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor in
-            [-1, 1]; one for all prompts or one per prompt. None: text-to-image.
+            [-1, 1]; one for all prompts or one per prompt. Several conditions (each its own source stream): a
+            list of images for a single prompt, or one such list per prompt (every prompt with as many). None:
+            text-to-image.
         task: the task of each prompt (inpainting, grounding, control, customized, editing; t2i without an image);
             required with an image, t2i without one.
         height, width: output size; default the condition image's size, else the model's sample size.
@@ -169,22 +171,23 @@ class CoLoGenPipeline(DiffusionPipeline):
         if len(tasks) != b:
             raise UsageError(f"task: {len(tasks)} tasks for {b} prompts")
         tasks = [check_task(t) for t in tasks]
-        images = None if image is None else (list(image) if isinstance(image, list) else [image] * b)
-        if images is not None and len(images) != b:
-            raise UsageError(f"image: {len(images)} images for {b} prompts")
-        if images is None and any(t != "t2i" for t in tasks):
+        conditions = per_prompt_conditions(image, b)
+        if conditions is None and any(t != "t2i" for t in tasks):
             raise UsageError(f"image: task {next(t for t in tasks if t != 't2i')} needs a condition image")
-        if images is not None and "t2i" in tasks:
+        if conditions is not None and "t2i" in tasks:
             raise UsageError("task: t2i takes no image (give the image's task, or no image)")
         if height is None or width is None:
-            w, h = image_size(images[0]) if images is not None else (self.sample_size, self.sample_size)
+            w, h = image_size(conditions[0][0]) if conditions is not None else (self.sample_size, self.sample_size)
             width, height = width or w, height or h
         overrides = {k: v for k, v in (("steps", num_inference_steps), ("guidance", guidance_scale),
                                        ("cfg_scale", cfg_scale), ("image_cfg_scale", image_cfg_scale))
                      if v is not None}
         config = SamplerConfig(**{**asdict(self.sampler_config), **overrides})
-        sources = (torch.stack([condition_tensor(im, width, height) for im in images])
-                   if images is not None else None)
+        sources = None if conditions is None else [
+            torch.stack([condition_tensor(per[i], width, height) for per in conditions])
+            for i in range(len(conditions[0]))]
+        if sources is not None and len(sources) == 1:
+            sources = sources[0]
         device = next(self.model.parameters()).device
         encoder_device = next(self.text_encoder.parameters(), torch.empty(0)).device
         if encoder_device != device and hasattr(self.text_encoder, "encode_offloaded"):
@@ -203,6 +206,25 @@ class CoLoGenPipeline(DiffusionPipeline):
             return CoLoGenPipelineOutput(images=out, stats=stats)
         arr = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return CoLoGenPipelineOutput(images=[Image.fromarray(a) for a in arr], stats=stats)
+
+
+def per_prompt_conditions(image, prompts: int) -> list[list[ImageInput]] | None:
+    """`image` of `CoLoGenPipeline.__call__` as each prompt's list of condition images (None: text-to-image)."""
+    if image is None:
+        return None
+    if not isinstance(image, list):
+        return [[image]] * prompts
+    if image and all(isinstance(x, list) for x in image):
+        per = [list(x) for x in image]
+    elif prompts == 1:
+        per = [list(image)]  # several conditions of the one prompt
+    else:
+        per = [[x] for x in image]
+    if len(per) != prompts:
+        raise UsageError(f"image: {len(per)} images (or image lists) for {prompts} prompts")
+    if not per[0] or any(len(x) != len(per[0]) for x in per):
+        raise UsageError("image: every prompt needs the same number of condition images (at least one)")
+    return per
 
 
 def model_card(config: dict[str, Any]) -> str:

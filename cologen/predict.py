@@ -8,6 +8,9 @@ One request per line:
 `task` is one of the five tasks or `t2i`; `source` (an image path, relative to the JSONL file) is required except
 for `t2i`; `mask` (inpainting only; white = the region to fill) turns a full image into the inpainting source (the
 masked area greyed as in training); `control: "canny"` (control only) computes the canny map of `source`.
+Several conditions (each its own source stream, docs/multi_condition.md): `"sources": ["subject.png",
+{"image": "depth.png", "role": "depth"}]` instead of `source`, paths or objects with a `role` (one of
+CONDITION_ROLES; recorded in results.jsonl), in the order the model was trained with.
 Optional: `seed` (>= 0), `steps` (>= 1), `width` / `height` (multiples of the model's patch size; default: the
 model's sample size), `cfg_scale`, `image_cfg_scale`, `guidance`.
 
@@ -41,8 +44,10 @@ from cologen.errors import MissingInput, UsageError, one_line
 from cologen.inputs import GENERATION_TASKS, check_task, fit, masked_source, read_rgb, to_tensor
 
 PREDICT_TASKS = GENERATION_TASKS
-FIELDS = ("id", "task", "prompt", "instruction", "source", "mask", "control", "seed", "steps", "width", "height",
-          "cfg_scale", "image_cfg_scale", "guidance")
+FIELDS = ("id", "task", "prompt", "instruction", "source", "sources", "mask", "control", "seed", "steps", "width",
+          "height", "cfg_scale", "image_cfg_scale", "guidance")
+# What a condition image is; the shard format's per-condition `role` uses the same names (docs/data.md).
+CONDITION_ROLES = ("image", "subject", "depth", "seg", "canny", "mask", "layout")
 RESULTS = "results.jsonl"
 
 
@@ -61,7 +66,8 @@ class Request:
     seed: int = 0
     steps: int | None = None
     overrides: dict[str, float] = field(default_factory=dict)
-    source: torch.Tensor | None = None  # (3, H, W) in [-1, 1]
+    sources: list[torch.Tensor] = field(default_factory=list)  # per condition (3, H, W) in [-1, 1]
+    roles: list[str] = field(default_factory=list)
 
 
 def _int(raw: dict[str, Any], name: str, default: int | None, minimum: int, multiple: int = 1) -> int | None:
@@ -120,9 +126,14 @@ def parse_request(raw: Any, line: int, base: Path, patch: int, default_size: int
                   height=height, seed=_int(raw, "seed", 0, 0), steps=_int(raw, "steps", None, 1),
                   overrides={k: _number(raw, k) for k in ("cfg_scale", "image_cfg_scale", "guidance") if k in raw})
     if task == "t2i":
-        for name in ("source", "mask", "control"):
+        for name in ("source", "sources", "mask", "control"):
             if raw.get(name) is not None:
                 raise BadRequest(f"{name}: a t2i request takes no condition image")
+        return req
+    if raw.get("sources") is not None:
+        if raw.get("source") is not None or raw.get("mask") is not None or raw.get("control") is not None:
+            raise BadRequest("sources: give either 'sources' or 'source' (with its 'mask' / 'control'), not both")
+        req.sources, req.roles = _conditions(base, raw["sources"], width, height)
         return req
     if raw.get("source") is None:
         raise BadRequest(f"source: missing (task {task} needs a condition image)")
@@ -135,8 +146,25 @@ def parse_request(raw: Any, line: int, base: Path, patch: int, default_size: int
         if raw["control"] != "canny" or task != "control":
             raise BadRequest(f"control: only 'canny', on control requests, got {raw['control']!r} on {task}")
         rgb = np.repeat(canny(rgb)[..., None], 3, axis=2)
-    req.source = to_tensor(rgb)
+    req.sources, req.roles = [to_tensor(rgb)], ["image"]
     return req
+
+
+def _conditions(base: Path, value: Any, width: int, height: int) -> tuple[list[torch.Tensor], list[str]]:
+    if not isinstance(value, list) or not value:
+        raise BadRequest(f"sources: expected a non-empty list of image paths or {{image, role}} objects, got {value!r}")
+    tensors, roles = [], []
+    for i, item in enumerate(value):
+        entry = {"image": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or set(entry) - {"image", "role"} or "image" not in entry:
+            raise BadRequest(f"sources[{i}]: expected an image path or {{\"image\": path, \"role\": role}}, got {item!r}")
+        role = entry.get("role", "image")
+        if role not in CONDITION_ROLES:
+            raise BadRequest(f"sources[{i}].role: expected one of {', '.join(CONDITION_ROLES)}, got {role!r}")
+        tensors.append(to_tensor(fit(_image(base, {f"sources[{i}]": entry["image"]}, f"sources[{i}]"), width,
+                                     height)))
+        roles.append(role)
+    return tensors, roles
 
 
 class RequestsDataModule(L.LightningDataModule):
@@ -240,6 +268,8 @@ class PredictionWriter(BasePredictionWriter):
             row = {"line": req.line, "id": req.id, "status": "ok", "task": req.task, "image": path.name,
                    "seed": req.seed, "steps": prediction["steps"], "width": req.width, "height": req.height,
                    "seconds": round(prediction["seconds"], 3), "cache_hit_rate": prediction["cache_hit_rate"]}
+            if len(req.sources) > 1:
+                row["roles"] = req.roles
         self.rows.append(row)
         with open(self.results_path, "a", encoding="utf-8") as f:  # a crash still leaves what was done
             f.write(json.dumps(row) + "\n")
@@ -279,7 +309,7 @@ def predict_one(module, req: Request) -> dict[str, Any]:
     if req.steps is not None:
         overrides["steps"] = req.steps
     start = time.perf_counter()
-    sources = req.source[None] if req.source is not None else None
+    sources = [s[None] for s in req.sources] or None
     try:
         images, stats = module.generate([req.prompt], sources, [req.task], req.height, req.width, seed=[req.seed],
                                         **overrides)

@@ -44,6 +44,14 @@ REQUESTS = [
      "mask: only inpainting requests take a mask"),
     ({"id": "edit", "task": "t2i", "prompt": "again"}, "id: 'edit' is already used by line 1"),
     ({"id": "noprompt", "task": "t2i"}, "prompt: expected a non-empty string"),
+    ({"id": "two", "task": "customized", "prompt": "the subject where the map puts it",
+      "sources": ["scene.png", {"image": "mask.png", "role": "layout"}]}, None),
+    ({"id": "both", "task": "customized", "prompt": "x", "source": "scene.png", "sources": ["scene.png"]},
+     "sources: give either 'sources' or 'source'"),
+    ({"id": "role", "task": "customized", "prompt": "x", "sources": [{"image": "scene.png", "role": "colour"}]},
+     "sources[0].role: expected one of"),
+    ({"id": "nofile", "task": "customized", "prompt": "x", "sources": ["scene.png", "nope.png"]},
+     "sources[1]: file not found"),
 ]
 
 
@@ -80,8 +88,9 @@ def test_predict_writes_images_and_one_error_line_per_bad_request(tmp_path, capf
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rows] == list(range(1, len(REQUESTS) + 3))
     ok = {r["id"]: r for r in rows if r["status"] == "ok"}
-    assert set(ok) == {"edit", "inpaint", "t2i"}
+    assert set(ok) == {"edit", "inpaint", "t2i", "two"}
     assert ok["inpaint"]["steps"] == 3 and ok["edit"]["steps"] == 2
+    assert ok["two"]["roles"] == ["image", "layout"] and "roles" not in ok["edit"]  # two conditions, two streams
     for rid in ok:
         assert Image.open(out / f"{rid}.png").size == (32, 32)
     errors = {r["line"]: r["error"] for r in rows if r["status"] == "error"}

@@ -3,10 +3,15 @@
 Nothing of the diffusers forward is copied: the noisy stream is the model's own `forward`; the source stream calls
 the same diffusers blocks on the source tokens alone; the two meet only inside `PRWAttnProcessor` (attention
 processors and `joint_attention_kwargs` are diffusers' supported extension points).
+
+A sample may have several conditions (a subject and a depth map, two references): each is its own source stream
+through the same blocks, attending to its own tokens only and routed by its own pooled hidden state in every PRW
+block; the main pass appends every condition's keys/values. One condition is exactly the single-condition model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +34,30 @@ class SourceState:
     routing: dict[str, Routing]
 
 
+Tokens = torch.Tensor | Sequence[torch.Tensor]  # one condition, or one tensor per condition
+
+
+def conditions_of(source_tokens: Tokens | None, source_ids: Tokens | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens, ids) per condition: a tensor is one condition, a list one per condition (ids alike)."""
+    if source_tokens is None:
+        return []
+    if isinstance(source_tokens, torch.Tensor):
+        return [(source_tokens, source_ids)]  # type: ignore[list-item]
+    if isinstance(source_ids, torch.Tensor) or source_ids is None or len(source_ids) != len(source_tokens):
+        raise ValueError("several conditions need one position-id tensor per condition (source_ids as a list)")
+    return list(zip(source_tokens, source_ids))
+
+
+def condition_key(block: str, condition: int) -> str:
+    """The routing key of one (PRW block, condition) decision: the block's name for the first condition (so one
+    condition is keyed as before), `{block}/cond{i}` for condition i."""
+    return block if condition == 0 else f"{block}/cond{condition}"
+
+
 @dataclass
 class ConditionCache:
-    """Holds SourceStates of one request (one classifier-free-guidance branch), keyed by the timestep bins
-    that produced their routing, so a hit is exact."""
+    """Holds SourceStates of one request (one classifier-free-guidance branch), keyed by the condition's index and
+    the timestep bins that produced its routing, so a hit is exact."""
 
     entries: dict[tuple, SourceState] = field(default_factory=dict)
     hits: int = 0
@@ -42,7 +67,7 @@ class ConditionCache:
 @dataclass
 class CoLoGenOutput:
     sample: torch.Tensor  # (B, N, C) velocity prediction for the noisy tokens
-    routing: dict[str, Routing]  # per PRW block, empty without source tokens or experts
+    routing: dict[str, Routing]  # per PRW block and condition (`condition_key`), empty without sources or experts
 
 
 class CoLoGenTransformer(nn.Module):
@@ -159,10 +184,39 @@ class CoLoGenTransformer(nn.Module):
         bins = self.prw.router.timestep_bins
         return (timestep.float() * bins).long().clamp(0, bins - 1)
 
-    def cache_key(self, timestep: torch.Tensor) -> tuple:
-        """The routing inputs that vary over denoising: the timestep bins (none without time-aware routing)."""
+    def cache_key(self, timestep: torch.Tensor, condition: int = 0) -> tuple:
+        """A condition's cache key: its index and the routing inputs that vary over denoising (the timestep bins;
+        none without time-aware routing)."""
         tbin = self.timestep_bin(timestep)
-        return tuple(tbin.tolist()) if tbin is not None else ()
+        return (condition, *(tbin.tolist() if tbin is not None else ()))
+
+    def prefill(self, cache: ConditionCache, source_tokens: Tokens, source_ids: Tokens, pooled: torch.Tensor,
+                timestep: torch.Tensor, guidance: torch.Tensor | None = None,
+                experts: torch.Tensor | None = None) -> int:
+        """Compute every condition's source stream for `timestep` into `cache` (once per request, before the first
+        denoising step); returns the number of source passes."""
+        conditions = conditions_of(source_tokens, source_ids)
+        for i, (tokens, ids) in enumerate(conditions):
+            cache.entries[self.cache_key(timestep, i)] = self.encode_source(tokens, ids, pooled, timestep, guidance,
+                                                                            experts)
+        return len(conditions)
+
+    def _source_states(self, conditions, pooled, timestep, guidance, experts,
+                       cache: ConditionCache | None) -> list[SourceState]:
+        states = []
+        for i, (tokens, ids) in enumerate(conditions):
+            if cache is None:
+                states.append(self.encode_source(tokens, ids, pooled, timestep, guidance, experts))
+                continue
+            key = self.cache_key(timestep, i)
+            state = cache.entries.get(key)
+            if state is None:
+                cache.misses += 1
+                state = cache.entries[key] = self.encode_source(tokens, ids, pooled, timestep, guidance, experts)
+            else:
+                cache.hits += 1
+            states.append(state)
+        return states
 
     def _rope(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if ids.dim() == 2:
@@ -214,34 +268,29 @@ class CoLoGenTransformer(nn.Module):
         return state
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings, img_ids: torch.Tensor,
-                txt_ids: torch.Tensor, source_tokens: torch.Tensor | None = None,
-                source_ids: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                cache: ConditionCache | None = None, experts: torch.Tensor | None = None) -> CoLoGenOutput:
+                txt_ids: torch.Tensor, source_tokens: Tokens | None = None, source_ids: Tokens | None = None,
+                guidance: torch.Tensor | None = None, cache: ConditionCache | None = None,
+                experts: torch.Tensor | None = None) -> CoLoGenOutput:
         """Velocity prediction for the noisy `latents` (B, N, C) at `timestep` in [0, 1] (s of x_t = (1-s)x0 + s n).
 
-        `source_tokens` (B, Ns, C) are the packed condition latents with ids (Ns, 3) or per sample (B, Ns, 3).
-        With a `cache`, the source stream is computed once per routing key and reused. `experts` (B,) forces each
-        sample's expert (oracle routing, for evaluation).
+        `source_tokens` (B, Ns, C) are the packed condition latents with ids (Ns, 3) or per sample (B, Ns, 3); or a
+        list of such tensors, one per condition (every sample of the batch has as many), with a list of ids.
+        With a `cache`, each condition's source stream is computed once per routing key and reused. `experts` (B,)
+        forces each sample's expert (oracle routing, for evaluation). The noisy-stream experts (options
+        `prw.noisy_targets`) follow the first condition's routing.
         """
-        source = None
-        if source_tokens is not None:
-            if cache is None:
-                source = self.encode_source(source_tokens, source_ids, text.pooled, timestep, guidance, experts)
-            else:
-                key = self.cache_key(timestep)
-                source = cache.entries.get(key)
-                if source is None:
-                    cache.misses += 1
-                    source = cache.entries[key] = self.encode_source(
-                        source_tokens, source_ids, text.pooled, timestep, guidance, experts)
-                else:
-                    cache.hits += 1
-        ctx = PRWContext(mode="main", kv=source.kv if source is not None else {},
-                         routing=source.routing if source is not None else {}, num_active=self.num_active,
+        states = self._source_states(conditions_of(source_tokens, source_ids), text.pooled, timestep, guidance,
+                                     experts, cache)
+        routing = {condition_key(name, i): r for i, state in enumerate(states) for name, r in state.routing.items()}
+        kv = {}
+        for name in states[0].kv if states else ():
+            keys, values = zip(*(state.kv[name] for state in states))
+            kv[name] = (keys[0], values[0]) if len(states) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
+        ctx = PRWContext(mode="main", kv=kv, routing=states[0].routing if states else {}, num_active=self.num_active,
                          text_len=text.tokens.shape[1])
         dtype = self.transformer.x_embedder.weight.dtype
         sample = self.transformer(
             hidden_states=latents.to(dtype), encoder_hidden_states=text.tokens.to(dtype),
             pooled_projections=text.pooled.to(dtype), timestep=timestep.to(dtype), img_ids=img_ids, txt_ids=txt_ids,
             guidance=guidance, joint_attention_kwargs={"prw": ctx}, return_dict=False)[0]
-        return CoLoGenOutput(sample=sample, routing=source.routing if source is not None else {})
+        return CoLoGenOutput(sample=sample, routing=routing)

@@ -2,7 +2,9 @@
 
 Position ids of the condition tokens are the paper's per-task position scheme (method.md, "Source tokens"):
 `SourcePositionConfig` picks a scheme per task and `SourcePositionConfig.ids` builds a batch's ids; training
-(`CoLoGenModule.prepare`) and sampling (`FlowSampler`) both use it.
+(`CoLoGenModule.prepare`) and sampling (`FlowSampler`) both use it. With several conditions per sample, condition
+i sits on its own plane, axis0 = 1 + i, with the same scheme: the noisy tokens, which attend to every condition,
+can tell them apart, and one condition keeps the single-condition ids exactly (docs/multi_condition.md).
 """
 
 from __future__ import annotations
@@ -47,25 +49,28 @@ def target_ids(rows: int, cols: int, device=None) -> torch.Tensor:
     return grid_ids(rows, cols, device=device)
 
 
-def source_ids(scheme: str, rows: int, cols: int, target_rows: int, target_cols: int, device=None) -> torch.Tensor:
-    """Ids of the source (condition) tokens on a packed grid of rows x cols.
+def source_ids(scheme: str, rows: int, cols: int, target_rows: int, target_cols: int, device=None,
+               condition: int = 0) -> torch.Tensor:
+    """Ids of the source (condition) tokens on a packed grid of rows x cols; `condition` is the condition's index
+    in its sample (axis0 = 1 + condition).
 
     aligned: the target grid with axis0 = 1 (FLUX Kontext's convention for spatially aligned conditions).
     shifted: axis0 = 1 and columns moved left by the condition width, off the target grid (OminiControl's
              subject condition), so the model cannot confuse the reference with the target layout.
     scaled:  a low-resolution condition spread over the target grid (row/col stride target/condition).
     """
+    plane = 1.0 + condition
     if scheme == "aligned":
         if (rows, cols) != (target_rows, target_cols):
             raise ValueError(
                 f"aligned source grid {rows}x{cols} differs from the target grid {target_rows}x{target_cols}; "
                 "use the 'scaled' position scheme for a condition of another size"
             )
-        return grid_ids(rows, cols, axis0=1.0, device=device)
+        return grid_ids(rows, cols, axis0=plane, device=device)
     if scheme == "shifted":
-        return grid_ids(rows, cols, axis0=1.0, col_offset=-float(cols), device=device)
+        return grid_ids(rows, cols, axis0=plane, col_offset=-float(cols), device=device)
     if scheme == "scaled":
-        return grid_ids(rows, cols, axis0=1.0, row_scale=target_rows / rows, col_scale=target_cols / cols,
+        return grid_ids(rows, cols, axis0=plane, row_scale=target_rows / rows, col_scale=target_cols / cols,
                         device=device)
     raise ValueError(f"unknown source position scheme {scheme!r}; expected one of {POSITION_SCHEMES}")
 
@@ -86,9 +91,11 @@ class SourcePositionConfig:
         return self.per_task.get(task, self.default)
 
     def ids(self, tasks: list[str], rows: int, cols: int, target_rows: int, target_cols: int,
-            device=None) -> torch.Tensor:
-        """Ids of a batch's source tokens (a rows x cols packed grid, target grid target_rows x target_cols):
-        (N, 3) when every task of `tasks` uses the same scheme, else (B, N, 3), one row per sample."""
+            device=None, condition: int = 0) -> torch.Tensor:
+        """Ids of a batch's source tokens (a rows x cols packed grid, target grid target_rows x target_cols) for the
+        samples' condition number `condition`: (N, 3) when every task of `tasks` uses the same scheme, else
+        (B, N, 3), one row per sample."""
         schemes = [self.scheme(t) for t in tasks]
-        per = {s: source_ids(s, rows, cols, target_rows, target_cols, device=device) for s in set(schemes)}
+        per = {s: source_ids(s, rows, cols, target_rows, target_cols, device=device, condition=condition)
+               for s in set(schemes)}
         return per[schemes[0]] if len(per) == 1 else torch.stack([per[s] for s in schemes])

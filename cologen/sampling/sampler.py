@@ -7,7 +7,7 @@ timestep bin with time-aware routing) and reused at every denoising step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -82,14 +82,15 @@ class FlowSampler:
         return scheduler, scheduler.timesteps
 
     @torch.no_grad()
-    def sample(self, text: TextEmbeddings, height: int, width: int, sources: torch.Tensor | None = None,
+    def sample(self, text: TextEmbeddings, height: int, width: int,
+               sources: torch.Tensor | Sequence[torch.Tensor] | None = None,
                tasks: list[str] | None = None, seed: int | list[int] = 0,
                experts: torch.Tensor | None = None,
                on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, SampleStats]:
         """Generate images (B, 3, height, width) in [-1, 1].
 
-        text: prompt embeddings (B, ...); sources: condition images (B, 3, Hs, Ws) in [-1, 1] or None
-        (text-to-image); tasks: per-sample task names (choose the source position scheme); seed: one seed for the
+        text: prompt embeddings (B, ...); sources: condition images (B, 3, Hs, Ws) in [-1, 1], a list of such
+        batches (several conditions per sample: each its own source stream), or None (text-to-image); tasks: per-sample task names (choose the source position scheme); seed: one seed for the
         batch or one per sample (each sample's noise depends only on its own seed); experts: (B,) forced expert per
         sample in every PRW block (oracle routing, for evaluation; None: the routers decide); on_step: called with
         the number of denoising steps done after each one (a progress bar).
@@ -107,25 +108,26 @@ class FlowSampler:
             for s in seeds]).to(device)
         latents = pack_latents(noise)
 
-        src_tokens = sids = None
-        if sources is not None:
-            src = codec.encode(sources.to(device)).float()
-            src_tokens = pack_latents(src)
-            tasks = tasks or ["editing"] * b
-            sids = self.positions.ids(tasks, src.shape[2] // 2, src.shape[3] // 2, rows, cols, device=device)
+        conditions = [] if sources is None else [sources] if isinstance(sources, torch.Tensor) else list(sources)
+        tasks = tasks or ["editing"] * b
+        src_tokens, sids = [], []
+        for i, condition in enumerate(conditions):
+            src = codec.encode(condition.to(device)).float()
+            src_tokens.append(pack_latents(src))
+            sids.append(self.positions.ids(tasks, src.shape[2] // 2, src.shape[3] // 2, rows, cols, device=device,
+                                           condition=i))
 
         # Classifier-free guidance branches, batched into one forward: (text, source) kept or zeroed.
         branches = [(True, True)]
-        if cfg.image_cfg_scale != 1.0 and src_tokens is not None:
+        if cfg.image_cfg_scale != 1.0 and src_tokens:
             branches += [(False, True), (False, False)]  # InstructPix2Pix: (I, 0) and (0, 0)
         elif cfg.cfg_scale != 1.0:
             branches += [(False, True)]
         text_b = TextEmbeddings(
             torch.cat([text.tokens.to(device) * float(keep_t) for keep_t, _ in branches]),
             torch.cat([text.pooled.to(device) * float(keep_t) for keep_t, _ in branches]))
-        src_b = (torch.cat([src_tokens * float(keep_s) for _, keep_s in branches])
-                 if src_tokens is not None else None)
-        sids_b = sids if sids is None or sids.dim() == 2 else sids.repeat(len(branches), 1, 1)
+        src_b = [torch.cat([tokens * float(keep_s) for _, keep_s in branches]) for tokens in src_tokens] or None
+        sids_b = [ids if ids.dim() == 2 else ids.repeat(len(branches), 1, 1) for ids in sids] or None
         nb = len(branches)
         experts_b = experts.repeat(nb) if experts is not None else None
         img_ids = target_ids(rows, cols, device=device)
@@ -137,9 +139,7 @@ class FlowSampler:
         cache = ConditionCache() if (cfg.use_cache and src_b is not None) else None
         if cache is not None:  # computed once per request, before the first step
             t0 = (timesteps[0] / 1000).expand(b * nb)
-            cache.entries[model.cache_key(t0)] = model.encode_source(
-                src_b, sids_b, text_b.pooled, t0, guidance, experts_b)
-            stats.source_passes += 1
+            stats.source_passes += model.prefill(cache, src_b, sids_b, text_b.pooled, t0, guidance, experts_b)
         for t in timesteps:
             s = (t / 1000).expand(b * nb).to(latents.dtype)
             out = model(latents.repeat(nb, 1, 1), s, text_b, img_ids, txt_ids, src_b, sids_b, guidance, cache=cache,
@@ -160,6 +160,6 @@ class FlowSampler:
             stats.cache_hits, stats.cache_misses = cache.hits, cache.misses
             stats.source_passes += cache.misses
         elif src_b is not None:
-            stats.source_passes = len(timesteps)
+            stats.source_passes = len(timesteps) * len(src_b)
         images = codec.decode(unpack_latents(latents.float(), 2 * rows, 2 * cols))
         return images.clamp(-1, 1), stats

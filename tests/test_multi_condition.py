@@ -1,0 +1,159 @@
+"""Several conditions per sample (issue 15): each condition is its own source stream through the same blocks,
+routed by its own content and cached on its own; the main pass sees every condition; one condition given as a list
+is exactly the single-condition model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cologen.model.codecs import PixelCodec
+from cologen.model.cologen_transformer import CoLoGenTransformer, ConditionCache, condition_key
+from cologen.model.config import PRWConfig, RouterConfig
+from cologen.model.packing import SourcePositionConfig, source_ids
+from cologen.model.veteran import newest_usage
+from cologen.sampling.sampler import FlowSampler, SamplerConfig
+from tests.test_model_prw import B, make_inputs, make_source, make_transformer, randomize_experts, run
+
+
+def model_with_experts(num_experts: int = 3, bins: int = 4, scale: float = 1.0) -> CoLoGenTransformer:
+    model = CoLoGenTransformer(make_transformer(), PRWConfig(num_experts=num_experts, rank=4, alpha=8,
+                                                             router=RouterConfig(timestep_bins=bins)))
+    for _ in range(num_experts - 1):
+        model.activate_next_expert()
+    model.set_entry_progress(1.0)
+    randomize_experts(model, scale=scale)
+    return model.eval()
+
+
+def second_condition(seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, _ = make_source(seed)
+    return tokens, source_ids("shifted", 4, 4, 4, 4, condition=1)
+
+
+def test_condition_planes_keep_the_first_conditions_ids():
+    for scheme in ("aligned", "shifted", "scaled"):
+        first, second = source_ids(scheme, 4, 4, 4, 4), source_ids(scheme, 4, 4, 4, 4, condition=1)
+        assert (first[:, 0] == 1).all() and (second[:, 0] == 2).all()
+        torch.testing.assert_close(first[:, 1:], second[:, 1:], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_one_condition_as_a_list_is_bit_identical_to_the_tensor():
+    model, x = model_with_experts(), make_inputs()
+    tokens, ids = make_source()
+    single, listed = run(model, x, (tokens, ids)), run(model, x, ([tokens], [ids]))
+    assert torch.equal(single.sample, listed.sample)
+    assert single.routing.keys() == listed.routing.keys() == set(model.prw_block_names)
+    for name in single.routing:
+        assert torch.equal(single.routing[name].index, listed.routing[name].index)
+
+
+@torch.no_grad()
+def test_each_condition_is_its_own_stream_and_never_sees_the_noisy_tokens():
+    model = model_with_experts()
+    first, second = make_source(), second_condition()
+    conditions = ([first[0], second[0]], [first[1], second[1]])
+    x = make_inputs()
+    cache = ConditionCache()
+    out = run(model, x, conditions, cache=cache)
+    # condition 2 perturbed: condition 1's keys/values and routing unchanged, the output changed
+    moved = ([first[0], second[0] + torch.randn_like(second[0])], conditions[1])
+    cache_moved = ConditionCache()
+    out_moved = run(model, x, moved, cache=cache_moved)
+    key = model.cache_key(x["timestep"], 0)
+    for name, (k, v) in cache.entries[key].kv.items():
+        assert torch.equal(k, cache_moved.entries[key].kv[name][0]) and torch.equal(v, cache_moved.entries[key].kv[name][1])
+    assert (out.sample - out_moved.sample).abs().max() > 1e-4  # the main pass sees condition 2
+    # noisy tokens and timestep inside one bin changed: no source stream moves
+    y = make_inputs(seed=9)
+    y["timestep"], y["text"] = x["timestep"], x["text"]
+    cache_y = ConditionCache()
+    run(model, y, conditions, cache=cache_y)
+    for key, state in cache.entries.items():
+        for name, (k, v) in state.kv.items():
+            assert torch.equal(k, cache_y.entries[key].kv[name][0]) and torch.equal(v, cache_y.entries[key].kv[name][1])
+
+
+@torch.no_grad()
+def test_each_condition_is_routed_by_its_own_content():
+    model = model_with_experts(scale=2.0)
+    first, second = make_source(), second_condition()
+    x = make_inputs()
+    both = run(model, x, ([first[0], second[0]], [first[1], second[1]]))
+    assert set(both.routing) == {condition_key(n, i) for n in model.prw_block_names for i in (0, 1)}
+    alone = model.encode_source(second[0], second[1], x["text"].pooled, x["timestep"])
+    for name in model.prw_block_names:  # the second condition decides as it would alone
+        assert torch.equal(both.routing[f"{name}/cond1"].index, alone.routing[name].index)
+    assert any(not torch.equal(both.routing[n].index, both.routing[f"{n}/cond1"].index)
+               for n in model.prw_block_names)  # and here differently from the first condition
+    # the veteran gate's U counts every (block, condition) decision alike
+    hard, _ = newest_usage(both.routing, model.newest_expert)
+    shares = [float((r.index == model.newest_expert).float().mean()) for r in both.routing.values()]
+    assert len(shares) == 2 * len(model.prw_block_names)
+    assert float(hard) == sum(shares) / len(shares)
+
+
+@torch.no_grad()
+def test_the_cache_holds_one_entry_per_condition_and_timestep_bin():
+    model = model_with_experts()
+    first, second = make_source(), second_condition()
+    conditions = ([first[0], second[0]], [first[1], second[1]])
+    x, cache = make_inputs(), ConditionCache()
+    for t in (0.9, 0.8, 0.1):  # bins 3, 3, 0
+        x["timestep"] = torch.full((B,), t)
+        torch.testing.assert_close(run(model, x, conditions, cache=cache).sample, run(model, x, conditions).sample,
+                                   rtol=0, atol=1e-6)
+    assert (cache.hits, cache.misses) == (2, 4) and len(cache.entries) == 4
+
+
+@torch.no_grad()
+def test_sampler_takes_a_list_of_conditions_and_prefills_each_once():
+    model = model_with_experts(bins=0)  # no time-aware routing: one source pass per condition per request
+    codec, positions = PixelCodec(), SourcePositionConfig()
+    sampler = FlowSampler(model, codec, positions, guidance_embeds=False, config=SamplerConfig(steps=3))
+    text = make_inputs()["text"]
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(B, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+    tasks = ["editing"] * B
+    one, stats_one = sampler.sample(text, 16, 16, a, tasks, seed=1)
+    listed, _ = sampler.sample(text, 16, 16, [a], tasks, seed=1)
+    assert torch.equal(one, listed)
+    two, stats = sampler.sample(text, 16, 16, [a, b], tasks, seed=1)
+    assert stats_one.source_passes == 1 and stats.source_passes == 2 and stats.cache_hits == 2 * 3
+    assert (two - one).abs().max() > 1e-4
+    assert {k for step in stats.routing for k in step[1]} == {
+        condition_key(n, i) for n in model.prw_block_names for i in (0, 1)}
+
+
+def test_an_exported_pipeline_takes_several_condition_images_per_prompt(tmp_path):
+    from cologen.commands.export import pipeline_from_module
+    from cologen.errors import UsageError
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.pipeline import CoLoGenPipeline
+
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2, seed=3),
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8), sampler=SamplerConfig(steps=3))
+    module.model.activate_next_expert()
+    module.model.set_entry_progress(1.0)
+    randomize_experts(module.model)
+    g = torch.Generator().manual_seed(4)
+    subject, layout = (torch.rand(3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    expected, stats = module.generate(["the subject where the map puts it"], [subject[None], layout[None]],
+                                      ["customized"], seed=[7])
+    assert stats.source_passes >= 2
+    pipeline_from_module(module).save_pretrained(tmp_path / "exported")
+    pipe = CoLoGenPipeline.from_pretrained(tmp_path / "exported")
+    kwargs = dict(task="customized", seed=7, output_type="pt", progress=False)
+    got = pipe("the subject where the map puts it", image=[subject, layout], **kwargs).images
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # one list per prompt; a single condition as a one-element list is the plain call
+    two = pipe(["a", "b"], image=[[subject, layout], [layout, subject]], task="customized", seed=[1, 2],
+               output_type="pt", progress=False).images
+    assert two.shape == (2, 3, 32, 32)
+    assert torch.equal(pipe("a", image=[subject], **kwargs).images, pipe("a", image=subject, **kwargs).images)
+    for image, message in (([[subject], [subject, layout]], "same number"), ([subject, layout, subject], "for 2")):
+        with pytest.raises(UsageError, match=message):
+            pipe(["a", "b"], image=image, task="customized", progress=False)
