@@ -31,7 +31,7 @@ stage_configs = --config $(CFG)/curriculum.yaml $(if $(wildcard $(CFG)/data_stag
 	--config $(CFG)/stage$(1).yaml $(if $(STRATEGY),--config $(CFG)/$(STRATEGY).yaml) \
 	$(if $(filter flux_dev,$(PRESET)),--model.preset.init_args.path $(FLUX_PATH))
 
-.PHONY: install test lint data check-flux base stage1 stage2 stage3 cotrain no_pretrain bench bench-docs sweep ablation report bench-gpu examples demo tiny-experts
+.PHONY: install test lint data check-flux base stage1 stage2 stage3 cotrain no_pretrain multi-condition bench bench-docs sweep ablation report bench-gpu examples demo tiny-experts
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -92,6 +92,10 @@ cotrain: data
 
 no_pretrain: data
 	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/no_pretrain.yaml $(ARGS)
+
+# The tiny curriculum plus a sixth step on a two-condition task (docs/multi_condition.md), in one fit.
+multi-condition: data
+	$(COLOGEN) fit --config $(CFG)/curriculum.yaml --config $(CFG)/multi_condition.yaml $(ARGS)
 
 # W&B sweep over the router temperature and rho (local W&B sweep engine when no server is reachable): a table and
 # a plot of the control step's SSIM and the routing statistics per trial in runs/sweeps/gate_temperature/.

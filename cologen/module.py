@@ -161,6 +161,14 @@ class CoLoGenModule(L.LightningModule):
             source_tokens = pack_latents(source) * keep.float()[:, None, None]
             sids = self.positions.ids(list(batch["task"]), source.shape[2] // 2, source.shape[3] // 2, h // 2,
                                       w // 2, device=self.device)
+            if batch.get("extra_sources"):  # several conditions: one stream each, dropped together
+                tokens, ids = [source_tokens], [sids]
+                for i, extra in enumerate(batch["extra_sources"], start=1):
+                    latent = self.codec.encode(extra.to(self.device)).float()
+                    tokens.append(pack_latents(latent) * keep.float()[:, None, None])
+                    ids.append(self.positions.ids(list(batch["task"]), latent.shape[2] // 2, latent.shape[3] // 2,
+                                                  h // 2, w // 2, device=self.device, condition=i))
+                source_tokens, sids = tokens, ids
 
         s = torch.sigmoid(torch.randn(b, generator=generator, device=self.device) * self.flow.logit_std
                           + self.flow.logit_mean)
@@ -172,7 +180,9 @@ class CoLoGenModule(L.LightningModule):
         return dict(latents=x_t, timestep=s, text=text, img_ids=target_ids(h // 2, w // 2, device=self.device),
                     txt_ids=text_ids(text.tokens.shape[1], device=self.device), source_tokens=source_tokens,
                     source_ids=sids, guidance=guidance, velocity=noise - x0,
-                    token_weight=self.change_weights(x0, source_tokens, has_source, list(batch["task"])))
+                    token_weight=self.change_weights(
+                        x0, source_tokens if not isinstance(source_tokens, list) else source_tokens[0], has_source,
+                        list(batch["task"])))
 
     def change_weights(self, x0: torch.Tensor, source_tokens: torch.Tensor | None,
                        has_source: torch.Tensor | None, tasks: list[str] | None = None) -> torch.Tensor | None:

@@ -4,6 +4,8 @@ is exactly the single-condition model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -157,3 +159,110 @@ def test_an_exported_pipeline_takes_several_condition_images_per_prompt(tmp_path
     for image, message in (([[subject], [subject, layout]], "same number"), ([subject, layout, subject], "for 2")):
         with pytest.raises(UsageError, match=message):
             pipe(["a", "b"], image=image, task="customized", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ data and training
+def _layout_datamodule(shapeworld_dir, **kwargs):
+    from cologen.data import MixtureDataModule
+
+    customized = str(shapeworld_dir / "customized" / "train-*.tar")
+    return MixtureDataModule(
+        train_shards={"inpainting": str(shapeworld_dir / "inpainting" / "train-*.tar"), "customized_layout": customized},
+        val_shards={"customized_layout": str(shapeworld_dir / "customized" / "val-*.tar")},
+        val_tasks=["customized_layout"], batch_size=4, num_workers=0, batches_per_epoch=6, shuffle_buffer=8,
+        val_samples_per_task=4, **kwargs)
+
+
+def test_customized_layout_adds_the_subjects_box_as_a_second_condition(shapeworld_dir):
+    from cologen.data.geometry import box_of
+
+    dm = _layout_datamodule(shapeworld_dir, mixture={"customized_layout": 1.0})
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["task"] == ["customized_layout"] * 4 and len(batch["extra_sources"]) == 1
+    layout = batch["extra_sources"][0]
+    assert layout.shape == batch["source"].shape
+    for i in range(4):  # white exactly over the subject's box in the target, black elsewhere
+        x0, y0, x1, y1 = box_of(batch["region"][i, 0].numpy())
+        expected = -torch.ones_like(layout[i])
+        expected[:, y0:y1, x0:x1] = 1.0
+        assert torch.equal(layout[i], expected)
+        assert batch["meta"][i]["build"]["roles"] == ["subject", "layout"]
+
+
+def test_batches_hold_one_condition_count_and_train_both_streams(shapeworld_dir):
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+
+    dm = _layout_datamodule(shapeworld_dir, mixture={"inpainting": 0.5, "customized_layout": 0.5})
+    seen = set()
+    for batch, _ in zip(dm.train_dataloader(), range(6)):
+        tasks = set(batch["task"])
+        assert len(tasks) == 1  # the two tasks have different condition counts: never in one batch
+        seen |= tasks
+        assert ("extra_sources" in batch) == (tasks == {"customized_layout"})
+    assert seen == {"inpainting", "customized_layout"}
+    batch = next(b for b in dm.train_dataloader() if "extra_sources" in b)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=1),
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8))
+    inputs = module.prepare(batch, train=True, generator=torch.Generator().manual_seed(0))
+    assert isinstance(inputs["source_tokens"], list) and len(inputs["source_tokens"]) == 2
+    assert (inputs["source_ids"][0][..., 0] == 1).all() and (inputs["source_ids"][1][..., 0] == 2).all()
+    assert (inputs["source_ids"][0][..., 2] < 0).any()  # the reference is shifted off the grid, the layout is not
+    assert (inputs["source_ids"][1][..., 2] >= 0).all()
+    losses = module.compute_losses(batch, train=True, generator=torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.expert_parameters(0))
+
+
+def test_layout_iou_rewards_the_layout_and_not_a_copy_of_the_reference(shapeworld_dir):
+    from cologen.eval.probes import probes_from_batch, score_probes
+
+    dm = _layout_datamodule(shapeworld_dir, mixture={"customized_layout": 1.0})
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()[0]))
+    probes = probes_from_batch(batch, 4)
+    assert all(len(p["extra_sources"]) == 1 for p in probes)
+    target = score_probes(probes, [p["target"] for p in probes])
+    copy = score_probes(probes, [p["source"] for p in probes])
+    mean = lambda rows: sum(r["customized_layout/layout_iou"] for r in rows) / len(rows)  # noqa: E731
+    assert mean(target) > 0.8 and mean(copy) < 0.3
+    assert all("customized_layout/subject_score" in r for r in target)
+
+
+@torch.no_grad()
+def test_probes_with_two_conditions_are_sampled_with_both(shapeworld_dir):
+    from cologen.eval.probes import probes_from_batch, run_probes
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+
+    dm = _layout_datamodule(shapeworld_dir, mixture={"customized_layout": 1.0})
+    dm.setup("fit")
+    probes = probes_from_batch(next(iter(dm.val_dataloader()[0])), 2)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=1),
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8), sampler=SamplerConfig(steps=2))
+    run = run_probes(module, "customized_layout", probes)
+    assert len(run.outputs) == 2 and "customized_layout/layout_iou" in run.rows[0]
+    assert {k for _, per_block in run.routing for k in per_block} >= {
+        condition_key(n, i) for n in module.model.prw_block_names for i in (0, 1)}
+
+
+def test_the_tiny_multi_condition_config_adds_a_sixth_step_after_the_papers_five(shapeworld_dir):
+    import yaml
+
+    from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
+    from cologen.data import MixtureDataModule
+
+    root = Path(__file__).resolve().parents[1] / "experiments" / "tiny"
+    base = yaml.safe_load((root / "curriculum.yaml").read_text())
+    layer = yaml.safe_load((root / "multi_condition.yaml").read_text())
+    steps = layer["curriculum"]["spec"]["steps"]
+    assert steps[:5] == base["curriculum"]["spec"]["steps"]  # the paper's five, as the default runs them
+    assert steps[5]["name"] == "customized_layout" and layer["model"]["prw"]["num_experts"] == 6
+    spec = CurriculumSpec(steps=[CurriculumStep(**s) for s in steps])
+    spec.validate(6, available_tasks=list(layer["data"]["init_args"]["train_shards"]), entry_warmup_steps=50)
+    shards = layer["data"]["init_args"]["train_shards"]
+    rebase = {t: str(shapeworld_dir / Path(p).parent.name / Path(p).name) for t, p in shards.items()}
+    dm = MixtureDataModule(train_shards=rebase, mixture=steps[5]["mixture"], batch_size=4, num_workers=0,
+                           batches_per_epoch=8, shuffle_buffer=8)
+    counts = {len(b.get("extra_sources") or ()) for b, _ in zip(dm.train_dataloader(), range(8))}
+    assert counts == {0, 1}  # the step's own task with two conditions, the replayed tasks with one

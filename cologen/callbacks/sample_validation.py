@@ -286,7 +286,7 @@ def rank_share(probes: list[Probe], rank: int, world: int) -> tuple[list[Probe],
     """This rank's share of a task's probes as (probes, their indices in `probes`, keep flags): per `probe_group`,
     every `world`-th probe from `rank` on, topped up with fillers (the group's first probe, keep False) so that every
     rank samples the same groups with the same counts, i.e. makes the same model calls."""
-    groups: dict[tuple[bool, int, int], list[int]] = {}
+    groups: dict[tuple[bool, int, int, int], list[int]] = {}
     for i, p in enumerate(probes):
         groups.setdefault(probe_group(p), []).append(i)
     share: list[Probe] = []

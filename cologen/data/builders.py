@@ -37,7 +37,7 @@ from cologen.data.objects import FramedObject, framed_objects, object_mask
 from cologen.data.overlays import DEFAULT_OVERLAY_COLORS, OVERLAY_KINDS, box_thickness, draw_box, paint_mask
 from cologen.data.prompts import PromptTemplates, plural
 from cologen.data.records import BadSample, Sample
-from cologen.data.tasks import SCENE_TASKS, TASKS, check_task
+from cologen.data.tasks import SCENE_TASKS, TASKS, check_task, stored_task
 
 Example = dict[str, Any]
 
@@ -107,6 +107,7 @@ TASK_FIELDS: dict[str, frozenset[str]] = {
     "grounding": frozenset({"instances"}),
     "control": frozenset({"depth", "seg"}),
     "customized": frozenset({"source", "mask", "source_mask"}),
+    "customized_layout": frozenset({"source", "mask", "source_mask"}),
     "editing": frozenset({"source", "mask"}),
     "t2i": frozenset(),
     "reconstruct": frozenset(),
@@ -149,7 +150,7 @@ class TaskBuilder:
     def __call__(self, sample: Sample, task: str, rng: np.random.Generator, index: int | None = None) -> Example:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}")
-        if task not in SCENE_TASKS and sample.task != task:
+        if task not in SCENE_TASKS and sample.task != stored_task(task):
             raise BadSample("record", f"a {sample.task!r} record in the {task!r} stream", sample.key)
         self._index = index
         return getattr(self, f"_{task}")(sample, rng)
@@ -349,6 +350,23 @@ class TaskBuilder:
         ex["meta"]["build"].update(swapped=swap, subject_id=subject.get("id"), description=description,
                                    **self._target_layout(sample.record, swap, frame))
         ex["prompt"] = self.templates.render("customized", rng, {"description": description}, sample.key)
+        return ex
+
+    def _customized_layout(self, sample: Sample, rng: np.random.Generator) -> Example:
+        """A customized pair with a second condition: the layout, the subject's box in the target filled white on
+        black (where to put the subject; its shape and pattern come from the reference)."""
+        ex = self._customized(sample, rng)
+        if ex["region"] is None or not ex["region"].any():
+            raise BadSample("missing", "customized_layout needs the subject's mask in the target (mask.png)",
+                            sample.key)
+        x0, y0, x1, y1 = box_of(ex["region"])
+        layout = np.zeros_like(ex["target"])
+        layout[y0:y1, x0:x1] = 255
+        ex["task"] = "customized_layout"
+        ex["extra_sources"] = [layout]  # conditions after the first ("source")
+        ex["meta"]["build"]["roles"] = ["subject", "layout"]
+        ex["prompt"] = self.templates.render("customized_layout", rng,
+                                             {"description": ex["meta"]["build"]["description"]}, sample.key)
         return ex
 
     def _edit_region(self, sample: Sample) -> np.ndarray:

@@ -48,6 +48,12 @@ def collate(examples: Sequence[Example], arrays: PrecomputedArrays | None = None
         "region": torch.from_numpy(regions),
         "meta": [e["meta"] for e in examples],
     }
+    counts = {len(e.get("extra_sources") or ()) for e in examples}
+    if len(counts) > 1:
+        raise ValueError("examples of one batch must have as many conditions (bucket the batch by condition count)")
+    extra = counts.pop()
+    if extra:  # conditions after the first, each (B, 3, H, W) like `source` (docs/multi_condition.md)
+        batch["extra_sources"] = [_to_unit(np.stack([e["extra_sources"][i] for e in examples])) for i in range(extra)]
     if arrays is not None:
         batch.update(arrays.stack(examples))
     return batch

@@ -20,6 +20,7 @@ DEFAULT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "t2i": ("{caption}",),
     "reconstruct": ("{caption}",),
     "customized": ("{description}",),
+    "customized_layout": ("{description}",),
     "editing": ("{instruction}",),
     "grounding/box": (
         "draw a {color} box around {expression}",

@@ -13,7 +13,9 @@ a dealer per (stream, schedule entry) indexed by the sample's position in that e
 and a pure function of the batch index. So a stream can start at any batch m0: count the tasks of batches
 0..m0-1 (arithmetic) and skip that many raw samples per task (tar reading and the shuffle buffer, no image
 decoding, no building). With aspect-ratio buckets a batch is the first bucket to fill, which depends on
-the decoded samples, so there the stream replays batches 0..m0-1 (decode and build, no collation).
+the decoded samples, so there the stream replays batches 0..m0-1 (decode and build, no collation). Tasks with
+several conditions (`MULTI_CONDITION_TASKS`) are bucketed the same way, by target size and condition count, so a
+batch holds one condition count (docs/multi_condition.md).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from cologen.data.reader import ShardReader
 from cologen.data.records import decode_sample
 from cologen.data.schedule import MixtureState, Schedule, entry_at
 from cologen.data.skips import SkipCounter
-from cologen.data.tasks import TASKS
+from cologen.data.tasks import MULTI_CONDITION_TASKS, TASKS
 
 Finish = Callable[[Example, dict[str, Any]], Example]  # (built example, its raw sample) -> example
 _DEAL_TAG = 1000  # seeds of the task dealers, apart from the task streams' seeds
@@ -138,7 +140,8 @@ class LogicalStream:
                  seed: int, rank: int, world_size: int, epoch: int, stream: int, n_streams: int,
                  batches_per_epoch: int, resampled: bool, shuffle_buffer: int,
                  arrays: PrecomputedArrays | None = None):
-        self.state, self.batch_size, self.bucketed, self.arrays = state, batch_size, bool(buckets), arrays
+        self.state, self.batch_size, self.arrays = state, batch_size, arrays
+        self.bucketed = bool(buckets) or any(t in MULTI_CONDITION_TASKS for t in shards)
         finish = arrays.attach if arrays is not None else None
         self.epoch, self.stream, self.n_streams, self.bpe = epoch, stream, n_streams, batches_per_epoch
         self.base = [seed, rank, epoch, stream]
@@ -186,7 +189,7 @@ class LogicalStream:
             yield collate([self.streams[t].next() for t in tasks], self.arrays)
 
     def _bucketed(self, m0: int) -> Iterator[dict[str, Any]]:
-        """A batch is the first bucket (output size) to fill; examples left in other buckets wait for later
+        """A batch is the first bucket (output size, condition count) to fill; examples left in other buckets wait for later
         batches of the same schedule entry, and are dropped when the entry changes (so a batch never mixes
         two entries' weights). Batches before m0 are replayed (built, not collated)."""
         pending: dict[tuple[int, ...], list[Example]] = {}
@@ -200,10 +203,11 @@ class LogicalStream:
                 pending.clear()
             ex = self.streams[dealer.at(slot)].next()
             slot += 1
-            group = pending.setdefault(ex["target"].shape[:2], [])
+            bucket = (*ex["target"].shape[:2], len(ex.get("extra_sources") or ()))
+            group = pending.setdefault(bucket, [])
             group.append(ex)
             if len(group) == self.batch_size:
-                del pending[ex["target"].shape[:2]]
+                del pending[bucket]
                 if m >= m0:
                     yield collate(group, self.arrays)
                 m += 1

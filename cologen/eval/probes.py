@@ -36,6 +36,8 @@ def probes_from_batch(batch: Mapping[str, Any], limit: int) -> list[Probe]:
             "key": batch["key"][i] if "key" in batch else str(i),
             "target": batch["target"][i].detach().cpu().clone(),
             "source": batch["source"][i].detach().cpu().clone() if has_source else None,
+            # conditions after the first (tasks with several, docs/multi_condition.md)
+            "extra_sources": [x[i].detach().cpu().clone() for x in batch.get("extra_sources") or ()],
             # collate stores an absent region as zeros; the scorers expect None then
             "region": region if region is not None and region.any() else None,
             "meta": batch["meta"][i] if "meta" in batch else {},
@@ -55,10 +57,11 @@ class ProbeRun:
     cache_misses: int = 0
 
 
-def probe_group(probe: Probe) -> tuple[bool, int, int]:
-    """Probes sampled in one call share this: whether they have a condition image, and the output size."""
+def probe_group(probe: Probe) -> tuple[bool, int, int, int]:
+    """Probes sampled in one call share this: whether they have a condition image, the output size and the number
+    of further conditions."""
     h, w = probe["target"].shape[-2:]
-    return probe["source"] is None, int(h), int(w)
+    return probe["source"] is None, int(h), int(w), len(probe.get("extra_sources") or ())
 
 
 def sample_probes(module, probes: Sequence[Probe], *, seed: int = 0, oracle: bool = False, batch_size: int = 64,
@@ -75,11 +78,14 @@ def sample_probes(module, probes: Sequence[Probe], *, seed: int = 0, oracle: boo
     routing: list = []
     hits = misses = 0
     for group in sorted({probe_group(p) for p in probes}):
-        without_source, h, w = group
+        without_source, h, w, extra = group
         idx = [i for i, p in enumerate(probes) if probe_group(p) == group]
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             sources = None if without_source else torch.stack([probes[i]["source"] for i in chunk])
+            if extra:
+                sources = [sources, *(torch.stack([probes[i]["extra_sources"][k] for i in chunk])
+                                      for k in range(extra))]
             images, stats = module.generate([probes[i]["prompt"] for i in chunk], sources,
                                             [probes[i]["task"] for i in chunk], height=h, width=w,
                                             seed=[seed + ids[i] for i in chunk],

@@ -37,9 +37,10 @@ from cologen.metrics.shapeworld import (
     editing_scores,
     grounding_scores,
     inpainting_scores,
+    layout_iou,
 )
 
-TASKS = ("inpainting", "grounding", "control", "customized", "editing")
+TASKS = ("inpainting", "grounding", "control", "customized", "editing", "customized_layout")
 
 
 def _first(sample: Sample, *names: str) -> Any:
@@ -120,6 +121,11 @@ def score_sample(sample: Sample, output: np.ndarray) -> dict[str, float]:
         scores = _customized(sample, output)
     elif task == "editing":
         scores = _editing(sample, output)
+    elif task == "customized_layout":  # the customized scores, and whether the layout was followed
+        scores = _customized(sample, output)
+        build = _build(sample)
+        if build.get("subject_rgbs") and _first(sample, "mask", "region") is not None:
+            scores["layout_iou"] = layout_iou(output, _first(sample, "mask", "region"), build["subject_rgbs"])
     else:
         raise ValueError(f"unknown ShapeWorld task {task!r}: expected one of {TASKS}")
     return {f"{task}/{k}": v for k, v in scores.items()}

@@ -424,6 +424,20 @@ def customized_layout_scores(
     }
 
 
+def layout_iou(output: ImageLike, subject_mask: MaskLike, subject_rgbs: Sequence[RGB], *,
+               tolerance: int = COLOR_TOLERANCE) -> float:
+    """IoU of the output's pixels in the subject's colours with the subject's pixels in the target: whether the
+    subject was drawn where, and as large as, the layout condition says (customized_layout). A copy of the
+    reference, whose subject sits in another cell, scores near 0."""
+    out = to_uint8_rgb(output)
+    drawn = np.zeros(out.shape[:2], bool)
+    for rgb in subject_rgbs:
+        drawn |= color_mask(out, rgb, tolerance)
+    truth = to_mask(subject_mask, drawn.shape)
+    union = int((drawn | truth).sum())
+    return float((drawn & truth).sum() / union) if union else float("nan")
+
+
 # ----------------------------------------------------------------------------- editing
 
 

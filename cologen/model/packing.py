@@ -82,20 +82,23 @@ def text_ids(length: int, device=None) -> torch.Tensor:
 
 @dataclass
 class SourcePositionConfig:
-    """Position scheme of the source tokens per task ('aligned', 'shifted', 'scaled'); others use `default`."""
+    """Position scheme of the source tokens per task ('aligned', 'shifted', 'scaled'); others use `default`. A task
+    with several conditions may give a list, one scheme per condition (the last one for any further condition)."""
 
     default: str = "aligned"
-    per_task: dict[str, str] = field(default_factory=lambda: {"customized": "shifted"})
+    per_task: dict[str, str | list[str]] = field(default_factory=lambda: {
+        "customized": "shifted", "customized_layout": ["shifted", "aligned"]})  # reference off-grid, layout on it
 
-    def scheme(self, task: str) -> str:
-        return self.per_task.get(task, self.default)
+    def scheme(self, task: str, condition: int = 0) -> str:
+        scheme = self.per_task.get(task, self.default)
+        return scheme if isinstance(scheme, str) else scheme[min(condition, len(scheme) - 1)]
 
     def ids(self, tasks: list[str], rows: int, cols: int, target_rows: int, target_cols: int,
             device=None, condition: int = 0) -> torch.Tensor:
         """Ids of a batch's source tokens (a rows x cols packed grid, target grid target_rows x target_cols) for the
         samples' condition number `condition`: (N, 3) when every task of `tasks` uses the same scheme, else
         (B, N, 3), one row per sample."""
-        schemes = [self.scheme(t) for t in tasks]
+        schemes = [self.scheme(t, condition) for t in tasks]
         per = {s: source_ids(s, rows, cols, target_rows, target_cols, device=device, condition=condition)
                for s in set(schemes)}
         return per[schemes[0]] if len(per) == 1 else torch.stack([per[s] for s in schemes])
