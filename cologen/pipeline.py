@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from cologen.errors import UsageError
 from cologen.inputs import ImageInput, check_task, condition_tensor, image_size
-from cologen.model.cologen_transformer import CoLoGenTransformer
+from cologen.model.cologen_transformer import CoLoGenTransformer, ConditionCache
 from cologen.model.config import PRWConfig
 from cologen.model.packing import SourcePositionConfig
 from cologen.model.presets import FluxDevPreset, TinyPreset
@@ -78,6 +78,15 @@ class CoLoGenPipeline(DiffusionPipeline):
         self.sampler_config = sampler or SamplerConfig()
         self.guidance_embeds = guidance_embeds
         self.metadata = metadata or {}
+        self.condition_cache: ConditionCache | None = None
+
+    def enable_condition_cache(self, max_entries: int = 64) -> None:
+        """Keep each condition's source stream across calls, keyed by its content (and the prompt, which the stream
+        depends on): a call that changes one condition of a request recomputes only that condition's stream."""
+        self.condition_cache = ConditionCache(max_entries=max_entries)
+
+    def disable_condition_cache(self) -> None:
+        self.condition_cache = None
 
     # ---------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | Path, adapter_dtype: torch.dtype = torch.float32,
@@ -199,9 +208,9 @@ class CoLoGenPipeline(DiffusionPipeline):
         if progress:
             with self.progress_bar(total=config.steps) as bar:
                 out, stats = sampler.sample(text, height, width, sources, tasks, seed,
-                                            on_step=lambda n: bar.update())
+                                            on_step=lambda n: bar.update(), cache=self.condition_cache)
         else:
-            out, stats = sampler.sample(text, height, width, sources, tasks, seed)
+            out, stats = sampler.sample(text, height, width, sources, tasks, seed, cache=self.condition_cache)
         if output_type == "pt":
             return CoLoGenPipelineOutput(images=out, stats=stats)
         arr = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

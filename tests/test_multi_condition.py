@@ -266,3 +266,33 @@ def test_the_tiny_multi_condition_config_adds_a_sixth_step_after_the_papers_five
                            batches_per_epoch=8, shuffle_buffer=8)
     counts = {len(b.get("extra_sources") or ()) for b, _ in zip(dm.train_dataloader(), range(8))}
     assert counts == {0, 1}  # the step's own task with two conditions, the replayed tasks with one
+
+
+@torch.no_grad()
+def test_a_kept_condition_cache_recomputes_only_the_condition_that_changed():
+    from cologen.commands.export import pipeline_from_module
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=1),
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8), sampler=SamplerConfig(steps=6))
+    randomize_experts(module.model)
+    pipe = pipeline_from_module(module)
+    g = torch.Generator().manual_seed(2)
+    a, b, b2 = (torch.rand(3, 32, 32, generator=g) * 2 - 1 for _ in range(3))
+    kwargs = dict(task="customized", seed=3, output_type="pt", progress=False)
+    fresh = {name: pipe("p", image=images, **kwargs) for name, images in (("ab", [a, b]), ("ab2", [a, b2]))}
+    per_condition = fresh["ab"].stats.source_passes // 2  # one pass per timestep bin the steps visit
+    assert per_condition >= 1 and fresh["ab"].stats.source_passes == 2 * per_condition
+
+    pipe.enable_condition_cache()
+    first = pipe("p", image=[a, b], **kwargs)
+    again = pipe("p", image=[a, b], **kwargs)
+    changed = pipe("p", image=[a, b2], **kwargs)
+    new_prompt = pipe("q", image=[a, b2], **kwargs)
+    assert first.stats.source_passes == 2 * per_condition
+    assert again.stats.source_passes == 0 and changed.stats.source_passes == per_condition  # only b2's stream
+    assert new_prompt.stats.source_passes == 2 * per_condition  # the streams depend on the prompt
+    for got, want in ((first, fresh["ab"]), (again, fresh["ab"]), (changed, fresh["ab2"])):
+        assert torch.equal(got.images, want.images)  # a hit is exact

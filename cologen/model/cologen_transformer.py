@@ -11,6 +11,8 @@ block; the main pass appends every condition's keys/values. One condition is exa
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -56,12 +58,42 @@ def condition_key(block: str, condition: int) -> str:
 
 @dataclass
 class ConditionCache:
-    """Holds SourceStates of one request (one classifier-free-guidance branch), keyed by the condition's index and
-    the timestep bins that produced its routing, so a hit is exact."""
+    """Holds SourceStates, keyed by the timestep bins that produced their routing (so a hit is exact) and by the
+    condition: within one request, its index; in a cache kept across requests (`FlowSampler.sample(cache=...)`,
+    `CoLoGenPipeline.enable_condition_cache`), its content (`keys`: a fingerprint per condition of what its stream
+    depends on: tokens, ids, pooled prompt, guidance, forced experts), so a request that changes one condition
+    recomputes only that condition's stream. `max_entries` bounds a kept cache (least recently used go first)."""
 
-    entries: dict[tuple, SourceState] = field(default_factory=dict)
+    entries: OrderedDict[tuple, SourceState] = field(default_factory=OrderedDict)
     hits: int = 0
     misses: int = 0
+    keys: list[str] | None = None
+    max_entries: int | None = None
+
+    def get(self, key: tuple) -> SourceState | None:
+        state = self.entries.get(key)
+        if state is not None:
+            self.entries.move_to_end(key)
+        return state
+
+    def put(self, key: tuple, state: SourceState) -> SourceState:
+        self.entries[key] = state
+        while self.max_entries is not None and len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return state
+
+
+def fingerprint(*tensors: torch.Tensor | None) -> str:
+    """A content key of tensors: a hash of their shapes, dtypes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        if t is None:
+            digest.update(b"-")
+            continue
+        t = t.detach().contiguous().cpu()
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -184,22 +216,25 @@ class CoLoGenTransformer(nn.Module):
         bins = self.prw.router.timestep_bins
         return (timestep.float() * bins).long().clamp(0, bins - 1)
 
-    def cache_key(self, timestep: torch.Tensor, condition: int = 0) -> tuple:
-        """A condition's cache key: its index and the routing inputs that vary over denoising (the timestep bins;
-        none without time-aware routing)."""
+    def cache_key(self, timestep: torch.Tensor, condition: int = 0, cache: ConditionCache | None = None) -> tuple:
+        """A condition's cache key: the condition (its index, or its fingerprint in a cache kept across requests) and
+        the routing inputs that vary over denoising (the timestep bins; none without time-aware routing)."""
         tbin = self.timestep_bin(timestep)
-        return (condition, *(tbin.tolist() if tbin is not None else ()))
+        ident = cache.keys[condition] if cache is not None and cache.keys else condition
+        return (ident, *(tbin.tolist() if tbin is not None else ()))
 
     def prefill(self, cache: ConditionCache, source_tokens: Tokens, source_ids: Tokens, pooled: torch.Tensor,
                 timestep: torch.Tensor, guidance: torch.Tensor | None = None,
                 experts: torch.Tensor | None = None) -> int:
-        """Compute every condition's source stream for `timestep` into `cache` (once per request, before the first
-        denoising step); returns the number of source passes."""
-        conditions = conditions_of(source_tokens, source_ids)
-        for i, (tokens, ids) in enumerate(conditions):
-            cache.entries[self.cache_key(timestep, i)] = self.encode_source(tokens, ids, pooled, timestep, guidance,
-                                                                            experts)
-        return len(conditions)
+        """Compute each condition's source stream for `timestep` into `cache` unless it is there (once per request,
+        before the first denoising step); returns the number of source passes."""
+        passes = 0
+        for i, (tokens, ids) in enumerate(conditions_of(source_tokens, source_ids)):
+            key = self.cache_key(timestep, i, cache)
+            if key not in cache.entries:
+                cache.put(key, self.encode_source(tokens, ids, pooled, timestep, guidance, experts))
+                passes += 1
+        return passes
 
     def _source_states(self, conditions, pooled, timestep, guidance, experts,
                        cache: ConditionCache | None) -> list[SourceState]:
@@ -208,11 +243,11 @@ class CoLoGenTransformer(nn.Module):
             if cache is None:
                 states.append(self.encode_source(tokens, ids, pooled, timestep, guidance, experts))
                 continue
-            key = self.cache_key(timestep, i)
-            state = cache.entries.get(key)
+            key = self.cache_key(timestep, i, cache)
+            state = cache.get(key)
             if state is None:
                 cache.misses += 1
-                state = cache.entries[key] = self.encode_source(tokens, ids, pooled, timestep, guidance, experts)
+                state = cache.put(key, self.encode_source(tokens, ids, pooled, timestep, guidance, experts))
             else:
                 cache.hits += 1
             states.append(state)

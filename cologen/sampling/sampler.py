@@ -15,7 +15,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from cologen.model.codecs import LatentCodec
-from cologen.model.cologen_transformer import CoLoGenTransformer, ConditionCache
+from cologen.model.cologen_transformer import CoLoGenTransformer, ConditionCache, fingerprint
 from cologen.model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids, unpack_latents
 from cologen.model.text_encoders import TextEmbeddings
 
@@ -85,15 +85,17 @@ class FlowSampler:
     def sample(self, text: TextEmbeddings, height: int, width: int,
                sources: torch.Tensor | Sequence[torch.Tensor] | None = None,
                tasks: list[str] | None = None, seed: int | list[int] = 0,
-               experts: torch.Tensor | None = None,
-               on_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, SampleStats]:
+               experts: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None,
+               cache: ConditionCache | None = None) -> tuple[torch.Tensor, SampleStats]:
         """Generate images (B, 3, height, width) in [-1, 1].
 
         text: prompt embeddings (B, ...); sources: condition images (B, 3, Hs, Ws) in [-1, 1], a list of such
         batches (several conditions per sample: each its own source stream), or None (text-to-image); tasks: per-sample task names (choose the source position scheme); seed: one seed for the
         batch or one per sample (each sample's noise depends only on its own seed); experts: (B,) forced expert per
         sample in every PRW block (oracle routing, for evaluation; None: the routers decide); on_step: called with
-        the number of denoising steps done after each one (a progress bar).
+        the number of denoising steps done after each one (a progress bar); cache: a condition cache kept across
+        requests (keyed by each condition's content: a request that repeats a condition reuses its stream; None: one
+        cache for this request).
         """
         cfg, model, codec = self.config, self.model, self.codec
         device = next(model.parameters()).device
@@ -136,7 +138,14 @@ class FlowSampler:
 
         scheduler, timesteps = self._timesteps(latents.shape[1], device)
         stats = SampleStats()
-        cache = ConditionCache() if (cfg.use_cache and src_b is not None) else None
+        if not (cfg.use_cache and src_b is not None):
+            cache = None
+        elif cache is None:
+            cache = ConditionCache()
+        else:  # kept across requests: conditions are keyed by their content
+            cache.keys = [fingerprint(tokens, ids, text_b.pooled, guidance, experts_b)
+                          for tokens, ids in zip(src_b, sids_b)]
+        hits0, misses0 = (cache.hits, cache.misses) if cache is not None else (0, 0)
         if cache is not None:  # computed once per request, before the first step
             t0 = (timesteps[0] / 1000).expand(b * nb)
             stats.source_passes += model.prefill(cache, src_b, sids_b, text_b.pooled, t0, guidance, experts_b)
@@ -157,8 +166,8 @@ class FlowSampler:
             if on_step is not None:
                 on_step(len(stats.routing))
         if cache is not None:
-            stats.cache_hits, stats.cache_misses = cache.hits, cache.misses
-            stats.source_passes += cache.misses
+            stats.cache_hits, stats.cache_misses = cache.hits - hits0, cache.misses - misses0
+            stats.source_passes += stats.cache_misses
         elif src_b is not None:
             stats.source_passes = len(timesteps) * len(src_b)
         images = codec.decode(unpack_latents(latents.float(), 2 * rows, 2 * cols))
