@@ -12,6 +12,10 @@ Every kept row gives two samples, one per direction: the target is one half (its
 the source (the subject reference) is the other half. The halves are cropped, so they are re-encoded: JPEG
 quality 95 with 4:4:4 chroma by default, or PNG (`--crop-format png`).
 
+`--second-condition canny` makes two-condition samples (docs/multi_condition.md): the subject reference as
+`source`, and the canny map of the target view (OpenCV, thresholds 100 / 200, as the control builder draws it) as
+`source.1.png`, with `conditions: [{role: subject}, {role: canny}]`: the subject placed as the edges say.
+
     python -m data_recipes.subjects200k --input 'Subjects200K/data/train-*.parquet' --output data/real/subjects200k
 """
 
@@ -21,6 +25,9 @@ import argparse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
+from cologen.data.control import canny
 from data_recipes._cli import execute, make_parser, resolve_inputs
 from data_recipes._images import decode_image, encode_jpeg, encode_png, image_bytes
 from data_recipes._rows import RowContext, Sample, Skip, clean_text
@@ -50,8 +57,10 @@ def view_crops(width: int, height: int, padding: int | None = None) -> tuple[tup
 class Subjects200KConverter:
     def __init__(self, min_quality: int = 5, collections: Sequence[str] | None = None,
                  crop_format: str = "jpg", jpeg_quality: int = 95, keep_invalid_descriptions: bool = False,
-                 padding: int | None = None):
-        self.padding = padding
+                 padding: int | None = None, second_condition: str | None = None):
+        if second_condition not in (None, "canny"):
+            raise ValueError(f"second_condition must be 'canny' or None, got {second_condition!r}")
+        self.padding, self.second_condition = padding, second_condition
         self.min_quality = min_quality
         self.collections = set(collections) if collections else None
         self.crop_format = crop_format
@@ -97,7 +106,12 @@ class Subjects200KConverter:
             }
             if quality:
                 record["quality"] = dict(quality)
-            yield Sample(ctx.key(target), record, {f"image.{t_ext}": t_bytes, f"source.{s_ext}": s_bytes})
+            files = {f"image.{t_ext}": t_bytes, f"source.{s_ext}": s_bytes}
+            if self.second_condition == "canny":
+                view = np.asarray(composite.crop(crops[target]).convert("RGB"))
+                files["source.1.png"] = encode_png(canny(view))
+                record["conditions"] = [{"role": "subject"}, {"role": "canny"}]
+            yield Sample(ctx.key(target), record, files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-invalid-descriptions", action="store_true")
     p.add_argument("--padding", type=int, default=None,
                    help="pixels of padding around each view (default: read from the composite's size)")
+    p.add_argument("--second-condition", choices=("canny",), default=None,
+                   help="also store the target view's canny map as a second condition (source.1.png)")
     return p
 
 
@@ -117,7 +133,7 @@ def main(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
     source = ParquetSource(resolve_inputs(args.input, (".parquet",)), columns=COLUMNS)
     convert = Subjects200KConverter(args.min_quality, args.collections, args.crop_format, args.jpeg_quality,
-                                    args.keep_invalid_descriptions, args.padding)
+                                    args.keep_invalid_descriptions, args.padding, args.second_condition)
     return execute(args, NAME, source, convert)
 
 

@@ -296,3 +296,58 @@ def test_a_kept_condition_cache_recomputes_only_the_condition_that_changed():
     assert new_prompt.stats.source_passes == 2 * per_condition  # the streams depend on the prompt
     for got, want in ((first, fresh["ab"]), (again, fresh["ab"]), (changed, fresh["ab2"])):
         assert torch.equal(got.images, want.images)  # a hit is exact
+
+
+# ------------------------------------------------------------------------------------- stored two-condition data
+def test_subjects200k_with_a_canny_map_of_the_target_gives_two_condition_samples(tmp_path):
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from cologen.data.builders import TaskBuilder
+    from cologen.data.control import canny
+    from cologen.data.records import BadSample, decode_sample
+    from cologen.testing import recipe_fixtures as F
+    from data_recipes import subjects200k
+
+    table = F.write_parquet(F.subjects200k_table(2), tmp_path / "in" / "train-00000-of-00001.parquet")
+    subjects200k.main(["--input", str(table), "--output", str(tmp_path / "out"), "--crop-format", "png",
+                       "--second-condition", "canny", "--quiet"])
+    raws = F.read_samples(tmp_path / "out")
+    assert len(raws) == 4
+    for raw in raws:
+        assert raw["json"]["conditions"] == [{"role": "subject"}, {"role": "canny"}]
+        target = np.asarray(Image.open(io.BytesIO(raw["image.png"])).convert("RGB"))
+        edges = np.asarray(Image.open(io.BytesIO(raw["source.1.png"])))
+        assert np.array_equal(edges, canny(target))  # the target view's edges, as the control builder draws them
+        members = {k: v for k, v in raw.items() if k not in ("__shard__",)}
+        members["json"] = json.dumps(raw["json"]).encode()
+        sample = decode_sample(members)
+        assert len(sample.extra_sources) == 1 and sample.extra_sources[0].shape == target.shape
+        ex = TaskBuilder(resolution=64)(sample, "customized", np.random.default_rng(0))
+        assert len(ex["extra_sources"]) == 1 and ex["extra_sources"][0].shape == ex["target"].shape
+        assert ex["meta"]["build"]["roles"] == ["subject", "canny"] and not ex["meta"]["build"]["swapped"]
+    # a record whose conditions disagree with its members is one counted, one-line skip
+    bad = {**members, "json": json.dumps({**raws[0]["json"], "conditions": [{"role": "subject"}]}).encode()}
+    with pytest.raises(BadSample, match="conditions lists 1 conditions but the sample has 2"):
+        decode_sample(bad)
+    bad = {**members, "json": json.dumps({**raws[0]["json"], "conditions": [{"role": "subject"}, {"role": "x"}]}).encode()}
+    with pytest.raises(BadSample, match=r"conditions\[1\].role must be one of"):
+        decode_sample(bad)
+
+
+def test_aspect_buckets_also_bucket_stored_samples_by_condition_count(tmp_path):
+    from cologen.data import MixtureDataModule
+    from cologen.testing import recipe_fixtures as F
+    from data_recipes import subjects200k
+
+    table = F.write_parquet(F.subjects200k_table(4), tmp_path / "in" / "train-00000-of-00001.parquet")
+    for name, extra in (("two", ["--second-condition", "canny"]), ("one", [])):
+        subjects200k.main(["--input", str(table), "--output", str(tmp_path / name), "--quiet", *extra])
+    dm = MixtureDataModule(train_shards={"customized": [str(tmp_path / "two"), str(tmp_path / "one")]},
+                           mixture={"customized": 1.0}, batch_size=2, num_workers=0, resolution=64,
+                           aspect_buckets=True, batches_per_epoch=8, shuffle_buffer=4)
+    counts = [len(b.get("extra_sources") or ()) for b, _ in zip(dm.train_dataloader(), range(8))]
+    assert set(counts) == {0, 1}  # both kinds arrive, never in one batch (collate would refuse)

@@ -332,7 +332,9 @@ class TaskBuilder:
         if sample.source is None:
             raise BadSample("missing", "customized sample without source.png (the subject reference)", sample.key)
         subject = sample.record.get("subject") or {}
-        swap = bool(subject.get("source_description")) and rng.random() < self.cfg.swap_subject_pairs
+        # stored further conditions (a depth map of the target, ...) belong to the target view: no swap then
+        swap = (bool(subject.get("source_description")) and not sample.extra_sources
+                and rng.random() < self.cfg.swap_subject_pairs)
         image, reference = (sample.source, sample.image) if swap else (sample.image, sample.source)
         region = sample.source_mask if swap else sample.mask
         frame, ex = self._start(sample, "customized", image)
@@ -350,6 +352,9 @@ class TaskBuilder:
         ex["meta"]["build"].update(swapped=swap, subject_id=subject.get("id"), description=description,
                                    **self._target_layout(sample.record, swap, frame))
         ex["prompt"] = self.templates.render("customized", rng, {"description": description}, sample.key)
+        if sample.extra_sources:  # stored further conditions, in the target's frame
+            ex["extra_sources"] = [np.ascontiguousarray(warp(x, frame)) for x in sample.extra_sources]
+            ex["meta"]["build"]["roles"] = [c["role"] for c in sample.record.get("conditions") or []] or None
         return ex
 
     def _customized_layout(self, sample: Sample, rng: np.random.Generator) -> Example:

@@ -50,7 +50,8 @@ def collate(examples: Sequence[Example], arrays: PrecomputedArrays | None = None
     }
     counts = {len(e.get("extra_sources") or ()) for e in examples}
     if len(counts) > 1:
-        raise ValueError("examples of one batch must have as many conditions (bucket the batch by condition count)")
+        raise ValueError("examples of one batch must have as many conditions: bucket them by condition count "
+                         "(data.aspect_buckets: true buckets by size and condition count)")
     extra = counts.pop()
     if extra:  # conditions after the first, each (B, 3, H, W) like `source` (docs/multi_condition.md)
         batch["extra_sources"] = [_to_unit(np.stack([e["extra_sources"][i] for e in examples])) for i in range(extra)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -27,6 +27,10 @@ IMAGE_EXTS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
 COLOR_FIELDS: tuple[str, ...] = ("image", "source", "seg")
 GRAY_FIELDS: tuple[str, ...] = ("mask", "source_mask", "depth", "instances")
 ALL_FIELDS: frozenset[str] = frozenset(COLOR_FIELDS + GRAY_FIELDS)
+# Conditions after the first (`source`): members `source.1.png`, `source.2.png`, ... in order, decoded with
+# `source`; the record's optional `conditions` list names each condition's role (docs/multi_condition.md).
+MAX_CONDITIONS = 8
+CONDITION_ROLES: tuple[str, ...] = ("image", "subject", "depth", "seg", "canny", "mask", "layout")
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -59,6 +63,7 @@ class Sample:
     depth: np.ndarray | None = None
     seg: np.ndarray | None = None
     instances: np.ndarray | None = None
+    extra_sources: list[np.ndarray] = field(default_factory=list)  # conditions 2, 3, ... (`source.1.png`, ...)
 
     @property
     def task(self) -> str:
@@ -169,6 +174,23 @@ def decode_sample(raw: dict[str, Any], fields: Iterable[str] | None = None) -> S
         member, data = item
         arr = _decode_image(data, member, key, color=name in COLOR_FIELDS)
         out[name] = arr
+    extra = []
+    if "source" in wanted:
+        for i in range(1, MAX_CONDITIONS):
+            item = _member(raw, f"source.{i}")
+            if item is None:
+                break
+            extra.append(_decode_image(item[1], item[0], key, color=True))
+    if extra and "source" not in out:
+        raise BadSample("missing", "source.1 without source (the first condition)", key)
+    conditions = rec.get("conditions")
+    if conditions is not None:
+        if not isinstance(conditions, list) or len(conditions) != 1 + len(extra):
+            raise BadSample("record", f"conditions lists {len(conditions) if isinstance(conditions, list) else '?'} "
+                            f"conditions but the sample has {1 + len(extra)} (source, source.1, ...)", key)
+        for i, c in enumerate(conditions):
+            if not isinstance(c, dict) or c.get("role") not in CONDITION_ROLES:
+                raise BadSample("record", f"conditions[{i}].role must be one of {', '.join(CONDITION_ROLES)}", key)
     image = out.pop("image")
     h, w = image.shape[:2]
     if (w, h) != (rec["width"], rec["height"]):
@@ -178,4 +200,4 @@ def decode_sample(raw: dict[str, Any], fields: Iterable[str] | None = None) -> S
             raise BadSample("record", f"{name} is {out[name].shape[1]}x{out[name].shape[0]}, image is {w}x{h}", key)
     if "source" in out and "source_mask" in out and out["source_mask"].shape[:2] != out["source"].shape[:2]:
         raise BadSample("record", "source_mask and source differ in size", key)
-    return Sample(key=key, url=str(raw.get("__url__", "")), record=rec, image=image, **out)
+    return Sample(key=key, url=str(raw.get("__url__", "")), record=rec, image=image, extra_sources=extra, **out)
