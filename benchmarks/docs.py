@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "docs" / "results" / "bench_cpu.json"
 COMMAND = "make bench && make bench-docs"
-DOCS = {"README.md": ["bench.cpu"], "docs/data.md": ["bench.loader"], "docs/logging.md": ["bench.validation"]}
+DOCS = {"README.md": ["bench.cpu"], "docs/data.md": ["bench.loader"], "docs/logging.md": ["bench.validation"],
+        "docs/multi_condition.md": ["bench.conditions"]}
 
 
 def provenance(results: dict[str, Any]) -> str:
@@ -72,11 +73,36 @@ def validation_cost(results: dict[str, Any] | None) -> str:
             f"samples only what its tables need (`scope: curriculum`). Measured with {provenance(results)}.")
 
 
+def conditions_tables(results: dict[str, Any] | None) -> str:
+    c = (results or {}).get("conditions")
+    if not c:
+        return f"`{COMMAND}` measures what each added condition costs (`benchmarks/bench_conditions.py`) and writes it here."
+    counts = sorted(c["speed"][0]["train_ratio"], key=int)
+    lines = [f"Measured with {provenance(results)}; every condition has as many tokens as the target; ratios to "
+             "one condition, variants interleaved in one process, medians:", "",
+             "| config | " + " | ".join(f"training, K={k} (tokens)" for k in counts) + " | "
+             + " | ".join(f"denoising step, K={k}" for k in counts) + " |",
+             "|---|" + "---|" * (2 * len(counts))]
+    for r in c["speed"]:
+        lines.append(f"| {r['config']} | " + " | ".join(f"{r['train_ratio'][k]:.2f}x ({r['token_ratio'][k]:.2f}x)"
+                                                        for k in counts)
+                     + " | " + " | ".join(f"{r['denoise_ratio'][k]:.2f}x" for k in counts) + " |")
+    memory = c.get("memory")
+    if memory:
+        lines += ["", "FLUX.1-dev, 512 px target and K 512 px conditions, batch 1, computed by the memory plan "
+                  "(benchmarks/memory.py's method): ", "",
+                  "| K | activations | with checkpointing | with the persistent weights and states |", "|---|---|---|---|"]
+        lines += [f"| {k} | {m['activations_gb']:.1f} GB | {m['activations_checkpointed_gb']:.1f} GB | "
+                  f"{m['total_checkpointed_gb']:.1f} GB |" for k, m in sorted(memory.items(), key=lambda x: int(x[0]))]
+    return "\n".join(lines)
+
+
 def sections(results: dict[str, Any] | None) -> dict[str, dict[str, str]]:
     """doc -> {section name: text}."""
     return {"README.md": {"bench.cpu": cpu_table(results)},
             "docs/data.md": {"bench.loader": loader_paragraph(results)},
-            "docs/logging.md": {"bench.validation": validation_cost(results)}}
+            "docs/logging.md": {"bench.validation": validation_cost(results)},
+            "docs/multi_condition.md": {"bench.conditions": conditions_tables(results)}}
 
 
 def load(path: Path = RESULTS) -> dict[str, Any] | None:

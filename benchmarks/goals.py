@@ -47,6 +47,15 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out.append(Row(f"sampling validation of one task ({v['probes']} probes, {v['steps']} steps) / a training "
                        "step (batch 8)", f"{mean:.1f} s vs {v['train_step_s']:.2f} s: "
                        f"{mean / v['train_step_s']:.0f} steps"))
+    conditions = results.get("conditions") or {}
+    for c in conditions.get("speed", []):
+        k = max(c["train_ratio"], key=int)  # the most conditions measured
+        train, tokens = c["train_ratio"][k], c["token_ratio"][k]
+        out.append(Row(f"training step with {k} conditions / 1 condition, over the token ratio ({tokens:.2f}x), "
+                       f"{c['config']}", f"{train:.2f}x: {train / tokens:.2f} of linear", train / tokens, "<= 1.0"))
+        out.append(Row(f"denoising step with the condition cache: the most one added condition costs, {c['config']}",
+                       f"+{100 * c['added_condition_per_step']:.0f}%", 1 + c["added_condition_per_step"],
+                       "<= 1.15x" if c["config"] == "wide" else ""))
     return out
 
 

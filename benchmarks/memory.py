@@ -165,7 +165,9 @@ def activation_bytes(model: CoLoGenTransformer, inputs: dict, checkpointing: boo
             h.remove()
     report = ActivationBytes(saved=sum(seen.values()), per_block={} if checkpointing else per_block)
     if checkpointing:
-        b, ns = inputs["source_tokens"].shape[:2]
+        sources = inputs["source_tokens"]  # one condition, or one tensor per condition (each stashes its K/V)
+        sources = sources if isinstance(sources, list) else [sources]
+        b, ns = sources[0].shape[0], sum(s.shape[1] for s in sources)
         cfg = model.transformer.config
         width = cfg.num_attention_heads * cfg.attention_head_dim
         itemsize = model.transformer.x_embedder.weight.element_size()

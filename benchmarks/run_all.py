@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_loader, bench_model, bench_recipes, bench_sampler, bench_validation
+from benchmarks import (
+    bench_conditions,
+    bench_loader,
+    bench_model,
+    bench_recipes,
+    bench_sampler,
+    bench_validation,
+)
 from benchmarks.goals import print_verdicts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +58,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default="data/shapeworld")
     parser.add_argument("--out", default="runs/bench/results.json")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["model", "data", "sampler", "recipes", "validation"])
+                        choices=["model", "data", "sampler", "recipes", "validation", "conditions"])
     args = parser.parse_args(argv)
     results: dict = {"machine": machine()}
     train_step_s = None
@@ -72,6 +79,8 @@ def main(argv=None) -> dict:
               f"without manifests, medians of 3 interleaved runs; goal < 5%)")
     if "sampler" not in args.skip:
         results["sampler"] = bench_sampler.main([])
+    if "conditions" not in args.skip:
+        results["conditions"] = bench_conditions.main(["--memory"])
     if "recipes" not in args.skip:
         rec = bench_recipes.conversion_throughput()
         results["recipes"] = rec
