@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
         step = "  ".join(f"K={k} {res['denoise_ratio'][str(k)]:.2f}x" for k in COUNTS)
         print(f"[conditions/{name}] training step: {train}")
         print(f"[conditions/{name}] denoising step with the cache: {step}; each added condition at most "
-              f"+{100 * res['added_condition_per_step']:.0f}% (goal <= 15% at the wide config)")
+              f"{100 * res['added_condition_per_step']:+.0f}% (goal <= 15% at the wide config)")
     if args.memory:
         results["memory"] = _keyed(memory_by_conditions())
         for k, m in results["memory"].items():

@@ -54,7 +54,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
         out.append(Row(f"training step with {k} conditions / 1 condition, over the token ratio ({tokens:.2f}x), "
                        f"{c['config']}", f"{train:.2f}x: {train / tokens:.2f} of linear", train / tokens, "<= 1.0"))
         out.append(Row(f"denoising step with the condition cache: the most one added condition costs, {c['config']}",
-                       f"+{100 * c['added_condition_per_step']:.0f}%", 1 + c["added_condition_per_step"],
+                       f"{100 * c['added_condition_per_step']:+.0f}%", 1 + c["added_condition_per_step"],
                        "<= 1.15x" if c["config"] == "wide" else ""))
     return out
 

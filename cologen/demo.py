@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cologen.errors import UsageError
-from cologen.inputs import GENERATION_TASKS, fit, masked_source
+from cologen.inputs import SINGLE_CONDITION_TASKS, fit, masked_source
 
 TINY_EXPERTS = Path(__file__).parent / "assets" / "tiny_experts"
 # the phrasing each task was trained with (ShapeWorld's prompt templates, docs/data.md)
@@ -133,8 +133,8 @@ class DemoModel:
     def request(self, task: str | None, editor: Any, prompt: str | None, seed: float | None = 0,
                 steps: float | None = None, guidance: float | None = None, size: float | None = None) -> DemoRequest:
         """A checked request from the page's fields; a DemoError naming the first bad one."""
-        if task not in GENERATION_TASKS:
-            raise DemoError(f"task: pick one of {', '.join(GENERATION_TASKS)}, got {task!r}")
+        if task not in SINGLE_CONDITION_TASKS:
+            raise DemoError(f"task: pick one of {', '.join(SINGLE_CONDITION_TASKS)}, got {task!r}")
         if not isinstance(prompt, str) or not prompt.strip():
             raise DemoError(f"prompt: empty; for {task}, e.g. \"{PLACEHOLDERS[task]}\"")
         size = int(size or self.sample_size)
@@ -242,7 +242,7 @@ def build_app(model: DemoModel):
                     "to fill with the brush), write the prompt, and generate.")
         with gr.Row():
             with gr.Column():
-                task = gr.Radio(list(GENERATION_TASKS), value="inpainting", label="task", elem_id="task")
+                task = gr.Radio(list(SINGLE_CONDITION_TASKS), value="inpainting", label="task", elem_id="task")
                 source = gr.ImageEditor(label="source (brush: the inpainting mask)", type="numpy",
                                         image_mode="RGBA", sources=("upload", "clipboard"), layers=False,
                                         transforms=(), brush=gr.Brush(colors=["#ff00ff"], default_size=4),

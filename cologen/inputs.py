@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cologen.data.tasks import CURRICULUM_TASKS
+from cologen.data.tasks import CURRICULUM_TASKS, MULTI_CONDITION_TASKS
 from cologen.errors import MissingInput, UsageError
 
-# The five curriculum tasks, and plain text-to-image (no condition image).
-GENERATION_TASKS: tuple[str, ...] = (*CURRICULUM_TASKS, "t2i")
+# The five curriculum tasks and plain text-to-image (no condition image): one condition image at most ...
+SINGLE_CONDITION_TASKS: tuple[str, ...] = (*CURRICULUM_TASKS, "t2i")
+# ... and the tasks with several (docs/multi_condition.md)
+GENERATION_TASKS: tuple[str, ...] = (*SINGLE_CONDITION_TASKS, *MULTI_CONDITION_TASKS)
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
 

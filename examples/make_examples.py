@@ -1,6 +1,6 @@
 """The examples of `cologen predict` and the figure of what a model does with them.
 
-    python examples/make_examples.py sources                        # requests.jsonl and its condition images
+    python examples/make_examples.py sources                        # requests.jsonl (and two_conditions.jsonl)
     python examples/make_examples.py figure [--ckpt CKPT]           # examples/results.png (`make examples`)
 
 `sources` takes the first validation probes of the default ShapeWorld dataset (seed 0; the same examples
@@ -67,7 +67,26 @@ def sources() -> list[dict]:
         r.update(seed=0, steps=STEPS, width=SIZE, height=SIZE)
     REQUESTS.write_text("".join(json.dumps(r) + "\n" for r in requests))
     (EXAMPLES / "inpainting_source.png").unlink(missing_ok=True)  # replaced by the image + mask pair
+    two_condition_request()
     return requests
+
+
+def two_condition_request() -> dict:
+    """examples/two_conditions.jsonl: a customized_layout request (docs/multi_condition.md), a subject reference
+    and the layout map of where it goes, from the first validation probe of that task."""
+    from cologen.commands.evaluate import load_probes
+    from data_recipes.shapeworld import ShapeWorldConfig, generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(tmp, train=1, val=16, seed=0, config=ShapeWorldConfig(), workers=1, progress=False)
+        probe = load_probes(tmp, ["customized_layout"], 1)["customized_layout"][0]
+    request = {"id": "subject_and_layout", "task": "customized_layout", "prompt": probe["prompt"],
+               "sources": [{"image": _save(probe["source"], EXAMPLES / "subject_reference.png"), "role": "subject"},
+                           {"image": _save(probe["extra_sources"][0], EXAMPLES / "subject_layout.png"),
+                            "role": "layout"}],
+               "seed": 0, "steps": STEPS, "width": SIZE, "height": SIZE}
+    (EXAMPLES / "two_conditions.jsonl").write_text(json.dumps(request) + "\n")
+    return request
 
 
 def figure(ckpt: str | None) -> Path:

@@ -169,3 +169,13 @@ def test_the_command_exits_non_zero_saying_how_many_failed(tmp_path, capfd):
                        f"{tmp_path / 'mine_outputs' / 'results.jsonl'} say why"]
     assert Image.open(tmp_path / "mine_outputs" / "ok.png").size == (32, 32)  # the model's sample size
     assert (tmp_path / "mine_outputs" / "config.yaml").is_file()  # the resolved config beside its outputs
+
+
+def test_the_two_condition_example_request_is_valid():
+    from cologen.predict import parse_request
+
+    path = ROOT / "examples" / "two_conditions.jsonl"
+    (raw,) = [json.loads(line) for line in path.read_text().splitlines()]
+    req = parse_request(raw, 1, path.parent, patch=4, default_size=32)
+    assert req.task == "customized_layout" and req.roles == ["subject", "layout"]
+    assert [tuple(s.shape) for s in req.sources] == [(3, 32, 32), (3, 32, 32)]
