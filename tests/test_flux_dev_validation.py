@@ -9,10 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +26,7 @@ from cologen.eval.probes import ProbeRun
 from cologen.model.config import PRWConfig
 from cologen.model.presets import TinyPreset
 from cologen.module import CoLoGenModule
+from cologen.testing.cli import run_fit
 from cologen.testing.wandb_records import history
 from data_recipes.shapeworld import shard_patterns
 
@@ -65,16 +63,10 @@ def _overlay(root: Path, flux: Path, data: Path, strategy: dict | None = None) -
     return path
 
 
-def _fit(overlay: Path, processes: int = 1, timeout: int = 400) -> subprocess.CompletedProcess:
-    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                          str(processes)]
-    cmd = [sys.executable, *launcher, "-m", "cologen.cli", "fit", "--config", "experiments/flux_dev/curriculum.yaml",
-           "--config", str(overlay)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+def _fit(overlay: Path, processes: int = 1, timeout: int = 400):
+    offline = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": ""}
+    return run_fit("experiments/flux_dev/curriculum.yaml", overlay, processes=processes, env=offline,
+                   timeout=timeout)
 
 
 def _wandb_run(root: Path) -> Path:

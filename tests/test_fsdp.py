@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from benchmarks.flux_models import build_cologen, forward_loss, make_inputs
 from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset
 from cologen.module import CoLoGenModule
+from cologen.testing.cli import run_fit
 from cologen.testing.flux import TINY_TRANSFORMER
 from cologen.training.fsdp import data_parallel_mesh, shard_cologen
 from cologen.training.replicas import read_reports
@@ -141,13 +141,8 @@ def _config(root: Path, flux: Path, data: Path) -> Path:
     return path
 
 
-def _torchrun(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cologen.cli", "fit", "--config", str(config), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+def _torchrun(config: Path, *extra: str):
+    return run_fit(config, extra=extra, processes=2)
 
 
 @pytest.fixture(scope="module")

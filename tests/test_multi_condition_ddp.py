@@ -4,18 +4,14 @@ of that step replays the run (docs/multi_condition.md)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cologen.testing.cli import run_fit
 from cologen.training.replicas import read_reports
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overlay(root: Path, data: Path) -> Path:
@@ -49,13 +45,8 @@ def _overlay(root: Path, data: Path) -> Path:
     return path
 
 
-def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cologen.cli", "fit", "--config", "experiments/tiny/curriculum.yaml",
-           "--config", str(config), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+def _fit(config: Path, *extra: str):
+    return run_fit("experiments/tiny/curriculum.yaml", config, extra=extra)
 
 
 @pytest.mark.timeout(600)
