@@ -39,6 +39,9 @@ from data_recipes._writer import run_jobs
 FORMAT_VERSION = 2  # 2: customized subjects at their named cell and size, backgrounds with their RGB
 MANIFEST = "shapeworld.json"
 TASKS = ("inpainting", "grounding", "control", "customized", "editing")
+# Opt-in (`--tasks ... two_subjects`, not in the default dataset): two subject references, one scene with both
+# (docs/multi_condition.md). Appended: a task's index seeds its samples.
+EXTRA_TASKS = ("two_subjects",)
 SPLITS = ("train", "val")
 EDIT_OPERATIONS = ("recolor", "remove", "add", "move", "resize")
 SUBJECT_PATTERNS = ("split_v", "split_h", "ring", "quadrants", "stripes", "diagonal")
@@ -114,8 +117,8 @@ class ShapeWorldConfig:
             if c not in COLORS:
                 raise ValueError(f"unknown colour {c!r}; known: {', '.join(COLORS)}")
         for t in self.tasks:
-            if t not in TASKS:
-                raise ValueError(f"unknown ShapeWorld task {t!r}; known: {', '.join(TASKS)}")
+            if t not in TASKS + EXTRA_TASKS:
+                raise ValueError(f"unknown ShapeWorld task {t!r}; known: {', '.join(TASKS + EXTRA_TASKS)}")
         for op in self.edit_operations:
             if op not in EDIT_OPERATIONS:
                 raise ValueError(f"unknown edit operation {op!r}; known: {', '.join(EDIT_OPERATIONS)}")
@@ -547,6 +550,45 @@ def make_customized(rng, cfg, split, index, pool) -> dict[str, bytes]:
             "instances.png": encode_png(rb.instances)}
 
 
+def make_two_subjects(rng, cfg, split, index, pool) -> dict[str, bytes]:
+    """Two subjects of the pool in one scene, the first in the left column and the second in the right one
+    (rows drawn), small; each subject's reference is a view of it alone (with distractors) on another background,
+    as in the customized pairs. Conditions: `source.png` (the first reference), `source.1.png` (the second)."""
+    first = pool[index % len(pool)]
+    second = pool[(index * 7 + 1) % len(pool)]
+    if second["id"] == first["id"]:
+        second = pool[(index * 7 + 2) % len(pool)]
+    s = cfg.size
+    bg = _background(rng, cfg)
+    for _ in range(200):
+        size_word = "small"
+        r = cfg.subject_sizes[size_word] * s / 2
+        objs = []
+        for subject, col in ((first, 0), (second, 2)):
+            cx, cy = _cell_centre((int(rng.integers(3)), col), r, s)
+            objs.append(Obj(subject["shape"], subject["colors"][0], size_word, cx, cy, r, 1.0, subject=subject))
+        rend = render(objs, bg, s)
+        if _visible_ok(rend, len(objs), cfg.min_visible):
+            break
+    else:
+        raise RuntimeError("could not place two subjects")
+    references = []
+    for subject in (first, second):
+        bg_ref = _background(rng, cfg, avoid_color=bg.color)
+        cell = (int(rng.integers(3)), int(rng.integers(3)))
+        references.append(_subject_scene(rng, cfg, subject, bg_ref, cell))
+    prompt = (f"the first subject {_position_word(objs[0].cx, objs[0].cy, s)} and the second "
+              f"{_position_word(objs[1].cx, objs[1].cy, s)}, on {_article(bg.describe())}")
+    rec = _base_record("two_subjects", prompt, prompt, cfg, bg, split, index)
+    rec["objects"] = [_obj_record(o, rend.instances, i) for i, o in enumerate(objs)]
+    rec["subjects"] = [{"id": sub["id"], "shape": sub["shape"], "pattern": sub["pattern"],
+                        "colors": list(sub["colors"]), "reference_description": desc}
+                       for sub, (_, _, desc) in zip((first, second), references)]
+    rec["conditions"] = [{"role": "subject"}, {"role": "subject"}]
+    return {"json": _json(rec), "image.png": encode_png(rend.image), "source.png": encode_png(references[0][1].image),
+            "source.1.png": encode_png(references[1][1].image), "instances.png": encode_png(rend.instances)}
+
+
 _SIZE_ORDER = ("small", "medium", "large")
 
 
@@ -632,7 +674,7 @@ def make_editing(rng, cfg, split, index) -> dict[str, bytes]:
             "mask.png": _mask_png(region), "instances.png": encode_png(rt.instances)}
 
 
-_TASK_IDS = {t: k for k, t in enumerate(TASKS)}
+_TASK_IDS = {t: k for k, t in enumerate(TASKS + EXTRA_TASKS)}
 _SPLIT_IDS = {s: k for k, s in enumerate(SPLITS)}
 
 
@@ -648,6 +690,8 @@ def make_sample(cfg: ShapeWorldConfig, task: str, split: str, index: int, seed: 
         members = make_customized(rng, cfg, split, index, pool if pool is not None else subject_pool(cfg))
     elif task == "editing":
         members = make_editing(rng, cfg, split, index)
+    elif task == "two_subjects":
+        members = make_two_subjects(rng, cfg, split, index, pool if pool is not None else subject_pool(cfg))
     else:
         raise ValueError(f"unknown ShapeWorld task {task!r}")
     return {"__key__": f"sw-{task}-{split}-{index:07d}", **members}
@@ -662,7 +706,7 @@ def _shard_name(split: str, shard: int) -> str:
 def _write_shard(job: tuple[ShapeWorldConfig, str, str, int, int, int, int]) -> int:
     cfg, out_dir, task, split, shard, count, seed = job
     path = Path(out_dir) / task / _shard_name(split, shard)
-    pool = subject_pool(cfg) if task == "customized" else None
+    pool = subject_pool(cfg) if task in ("customized", "two_subjects") else None
     start = shard * cfg.shard_size
     # fixed mtime, owner and mode: byte-identical tars for the same seed (members sorted by name, as
     # webdataset's TarWriter wrote them before). An integer mtime also keeps tarfile from adding a PAX header
@@ -764,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--size", type=int, help="image side in pixels (overrides the preset)")
     ap.add_argument("--max-objects", type=int, help="objects per scene, at most (overrides the preset)")
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, help="only these tasks")
+    ap.add_argument("--tasks", nargs="+", choices=TASKS + EXTRA_TASKS, help="only these tasks (two_subjects: opt-in)")
     ap.add_argument("--workers", type=int, help="processes (default: one per core)")
     ap.add_argument("--if-missing", action="store_true",
                     help="keep a complete dataset already there with the same settings (used by make targets)")

@@ -351,3 +351,27 @@ def test_aspect_buckets_also_bucket_stored_samples_by_condition_count(tmp_path):
                            aspect_buckets=True, batches_per_epoch=8, shuffle_buffer=4)
     counts = [len(b.get("extra_sources") or ()) for b, _ in zip(dm.train_dataloader(), range(8))]
     assert set(counts) == {0, 1}  # both kinds arrive, never in one batch (collate would refuse)
+
+
+def test_two_subjects_in_one_scene_from_two_references(tmp_path):
+    from cologen.data import MixtureDataModule
+    from cologen.eval.probes import probes_from_batch, score_probes
+    from data_recipes.shapeworld import ShapeWorldConfig, generate
+
+    generate(tmp_path, train=8, val=8, seed=0, config=ShapeWorldConfig(tasks=("two_subjects",), shard_size=8),
+             workers=1, progress=False)
+    shards = {"two_subjects": str(tmp_path / "two_subjects" / "val-*.tar")}
+    dm = MixtureDataModule(train_shards=shards, val_shards=shards, val_tasks=["two_subjects"],
+                           mixture={"two_subjects": 1.0}, batch_size=4, num_workers=0, val_samples_per_task=8)
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch["extra_sources"]) == 1 and batch["task"] == ["two_subjects"] * 4
+    probes = [p for b in dm.val_dataloader()[0] for p in probes_from_batch(b, 8)]
+    for p in probes:
+        first, second = p["meta"]["build"]["subject_boxes"]
+        assert first[2] <= 16 <= second[0] + 4  # the first subject on the left, the second on the right
+        assert p["meta"]["build"]["roles"] == ["subject", "subject"]
+    mean = lambda rows: sum(r["two_subjects/both_placed"] for r in rows) / len(rows)  # noqa: E731
+    target = score_probes(probes, [p["target"] for p in probes])
+    copies = score_probes(probes, [p["source"] for p in probes]) + score_probes(
+        probes, [p["extra_sources"][0] for p in probes])
+    assert mean(target) == 1.0 and mean(copies) < 0.2

@@ -108,6 +108,7 @@ TASK_FIELDS: dict[str, frozenset[str]] = {
     "control": frozenset({"depth", "seg"}),
     "customized": frozenset({"source", "mask", "source_mask"}),
     "customized_layout": frozenset({"source", "mask", "source_mask"}),
+    "two_subjects": frozenset({"source", "instances"}),
     "editing": frozenset({"source", "mask"}),
     "t2i": frozenset(),
     "reconstruct": frozenset(),
@@ -372,6 +373,26 @@ class TaskBuilder:
         ex["meta"]["build"]["roles"] = ["subject", "layout"]
         ex["prompt"] = self.templates.render("customized_layout", rng,
                                              {"description": ex["meta"]["build"]["description"]}, sample.key)
+        return ex
+
+    def _two_subjects(self, sample: Sample, rng: np.random.Generator) -> Example:
+        """Two references (`source`, `source.1`), a scene with both: the subjects' pixels in the target are the
+        region; their boxes and colours, in the output frame, are the metric's ground truth."""
+        if sample.source is None or len(sample.extra_sources) != 1:
+            raise BadSample("missing", "two_subjects needs source.png and source.1.png (one reference each)",
+                            sample.key)
+        frame, ex = self._start(sample, "two_subjects")
+        objects = self._objects(sample, frame, ex)
+        subjects = [o for o in objects if o.record.get("subject_id")]
+        if len(subjects) != 2 or any(o.mask is None or not o.mask.any() for o in subjects):
+            raise BadSample("crop", "two_subjects: both subjects must be inside the frame", sample.key)
+        ex["source"] = np.ascontiguousarray(warp(sample.source, frame))
+        ex["extra_sources"] = [np.ascontiguousarray(warp(sample.extra_sources[0], frame))]
+        ex["region"] = (subjects[0].mask | subjects[1].mask).astype(np.uint8)
+        ex["meta"]["build"].update(roles=["subject", "subject"],
+                                   subject_masks=[o.mask for o in subjects], subject_boxes=[o.box for o in subjects],
+                                   subject_rgbs=[o.record["rgbs"] for o in subjects])
+        ex["prompt"] = self.templates.render("two_subjects", rng, {"caption": self._caption(sample)}, sample.key)
         return ex
 
     def _edit_region(self, sample: Sample) -> np.ndarray:

@@ -21,6 +21,7 @@ DEFAULT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "reconstruct": ("{caption}",),
     "customized": ("{description}",),
     "customized_layout": ("{description}",),
+    "two_subjects": ("{caption}",),
     "editing": ("{instruction}",),
     "grounding/box": (
         "draw a {color} box around {expression}",

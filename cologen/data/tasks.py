@@ -7,8 +7,9 @@ from __future__ import annotations
 CURRICULUM_TASKS: tuple[str, ...] = ("inpainting", "grounding", "control", "customized", "editing")
 SCENE_TASKS: tuple[str, ...] = ("t2i", "reconstruct")
 # Tasks with several condition images (docs/multi_condition.md), and the task whose stored samples each is built
-# from: customized_layout is a customized pair plus a layout map of the target (where the subject goes).
-MULTI_CONDITION_TASKS: dict[str, str] = {"customized_layout": "customized"}
+# from: customized_layout is a customized pair plus a layout map of the target (where the subject goes);
+# two_subjects has two stored references (ShapeWorld's opt-in task).
+MULTI_CONDITION_TASKS: dict[str, str] = {"customized_layout": "customized", "two_subjects": "two_subjects"}
 # appended last: a task's index seeds its data streams, so earlier tasks keep theirs
 TASKS: tuple[str, ...] = CURRICULUM_TASKS + SCENE_TASKS + tuple(MULTI_CONDITION_TASKS)
 

@@ -38,9 +38,10 @@ from cologen.metrics.shapeworld import (
     grounding_scores,
     inpainting_scores,
     layout_iou,
+    two_subjects_scores,
 )
 
-TASKS = ("inpainting", "grounding", "control", "customized", "editing", "customized_layout")
+TASKS = ("inpainting", "grounding", "control", "customized", "editing", "customized_layout", "two_subjects")
 
 
 def _first(sample: Sample, *names: str) -> Any:
@@ -121,6 +122,8 @@ def score_sample(sample: Sample, output: np.ndarray) -> dict[str, float]:
         scores = _customized(sample, output)
     elif task == "editing":
         scores = _editing(sample, output)
+    elif task == "two_subjects":
+        scores = two_subjects_scores(output, target, _build(sample)["subject_masks"])
     elif task == "customized_layout":  # the customized scores, and whether the layout was followed
         scores = _customized(sample, output)
         build = _build(sample)

@@ -438,6 +438,15 @@ def layout_iou(output: ImageLike, subject_mask: MaskLike, subject_rgbs: Sequence
     return float((drawn & truth).sum() / union) if union else float("nan")
 
 
+def two_subjects_scores(output: ImageLike, target: ImageLike, subject_masks: Sequence[MaskLike], *,
+                        tolerance: int = COLOR_TOLERANCE) -> dict[str, float]:
+    """Two subjects in one scene (two_subjects): ``first_placed`` and ``second_placed``, each subject's
+    ``placed_subject_score`` (its pixels, with their pattern, where the prompt puts it), and ``both_placed``, the
+    smaller of the two. A copy of either reference, whose subject sits elsewhere and alone, scores near 0."""
+    first, second = (placed_subject_score(output, target, m, tolerance=tolerance) for m in subject_masks)
+    return {"first_placed": first, "second_placed": second, "both_placed": min(first, second)}
+
+
 # ----------------------------------------------------------------------------- editing
 
 

@@ -87,7 +87,8 @@ class SourcePositionConfig:
 
     default: str = "aligned"
     per_task: dict[str, str | list[str]] = field(default_factory=lambda: {
-        "customized": "shifted", "customized_layout": ["shifted", "aligned"]})  # reference off-grid, layout on it
+        # references off the target grid (each on its own plane), a layout on it
+        "customized": "shifted", "customized_layout": ["shifted", "aligned"], "two_subjects": "shifted"})
 
     def scheme(self, task: str, condition: int = 0) -> str:
         scheme = self.per_task.get(task, self.default)
