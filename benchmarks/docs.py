@@ -90,7 +90,7 @@ def conditions_tables(results: dict[str, Any] | None) -> str:
     memory = c.get("memory")
     if memory:
         lines += ["", "FLUX.1-dev, 512 px target and K 512 px conditions, batch 1, computed by the memory plan "
-                  "(benchmarks/memory.py's method): ", "",
+                  "(benchmarks/memory.py's method):", "",
                   "| K | activations | with checkpointing | with the persistent weights and states |", "|---|---|---|---|"]
         lines += [f"| {k} | {m['activations_gb']:.1f} GB | {m['activations_checkpointed_gb']:.1f} GB | "
                   f"{m['total_checkpointed_gb']:.1f} GB |" for k, m in sorted(memory.items(), key=lambda x: int(x[0]))]

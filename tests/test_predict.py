@@ -179,3 +179,15 @@ def test_the_two_condition_example_request_is_valid():
     req = parse_request(raw, 1, path.parent, patch=4, default_size=32)
     assert req.task == "customized_layout" and req.roles == ["subject", "layout"]
     assert [tuple(s.shape) for s in req.sources] == [(3, 32, 32), (3, 32, 32)]
+
+
+def test_a_one_source_request_is_the_single_condition_sample(tmp_path):
+    """predict hands the sampler a list of conditions: with one, the very image of the single-condition call."""
+    from cologen.predict import parse_request, predict_one
+
+    write_inputs(tmp_path)
+    module = small_module()
+    req = parse_request({"task": "editing", "prompt": "make it blue", "source": "scene.png", "seed": 3}, 1,
+                        tmp_path, patch=4, default_size=32)
+    expected, _ = module.generate([req.prompt], req.sources[0][None], [req.task], 32, 32, seed=[3])
+    assert torch.equal(predict_one(module, req)["image"], expected[0])
