@@ -32,7 +32,7 @@ def _build(samples, task, builder=None, seed=0):
 def test_task_names_in_one_place():
     # a task's index seeds its data streams: new tasks come last, so the others keep their streams
     assert TASKS == ("inpainting", "grounding", "control", "customized", "editing", "t2i", "reconstruct",
-                     "customized_layout")
+                     "customized_layout", "two_subjects")
     with pytest.raises(ValueError, match="unknown task 'inpaint'"):
         check_task("inpaint")
 

@@ -111,7 +111,8 @@ def test_the_pipeline_takes_paths_pil_images_arrays_and_tensors_and_checks_tasks
     assert pipe("a red circle", progress=False).images[0].size == (32, 32)
 
     with pytest.raises(UsageError, match=r"unknown task 'grnding' \(did you mean 'grounding'\? known tasks: "
-                                         r"inpainting, grounding, control, customized, editing, t2i\)"):
+                                         r"inpainting, grounding, control, customized, editing, t2i, "
+                                         r"customized_layout, two_subjects\)"):
         pipe("box it", image=rgb, task="grnding")
     with pytest.raises(UsageError, match="task= is required with an image"):
         pipe("box it", image=rgb)
