@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_DOC = ROOT / "docs" / "benchmarks.md"
@@ -44,17 +44,9 @@ def read_gpu_figures(doc: Path = BENCHMARKS_DOC) -> GpuFigures:
 
 
 def _layered(*paths: Path) -> dict:
-    """The configs merged the way LightningCLI layers them (later files win, dicts merge)."""
-    def merge(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
-
-    config: dict = {}
-    for path in paths:
-        config = merge(config, yaml.safe_load(path.read_text()) or {})
-    return config
+    """The configs merged the way LightningCLI layers them (later files win, dicts merge, lists are replaced)."""
+    merged = OmegaConf.merge(*(OmegaConf.load(path) for path in paths))
+    return OmegaConf.to_container(merged, resolve=False)
 
 
 @dataclass

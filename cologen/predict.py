@@ -40,14 +40,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cologen.data.control import canny
+from cologen.data.records import CONDITION_ROLES
 from cologen.errors import MissingInput, UsageError, one_line
 from cologen.inputs import GENERATION_TASKS, check_task, fit, masked_source, read_rgb, to_tensor
 
 PREDICT_TASKS = GENERATION_TASKS
 FIELDS = ("id", "task", "prompt", "instruction", "source", "sources", "mask", "control", "seed", "steps", "width",
           "height", "cfg_scale", "image_cfg_scale", "guidance")
-# What a condition image is; the shard format's per-condition `role` uses the same names (docs/data.md).
-CONDITION_ROLES = ("image", "subject", "depth", "seg", "canny", "mask", "layout")
 RESULTS = "results.jsonl"
 
 

@@ -415,6 +415,7 @@ def test_stage_end_benchmark_scores_the_step_that_ends_and_logs_its_table(models
             ({"customized": f"dreambench --data {tmp_path / 'none'} {weights}"}, MissingInput, "no shards"),
             ({"customized": f"dreambench --data {shards} --clip {tmp_path / 'no_clip'}"}, MissingInput,
              "does not exist"),
-            ({"customized": f"dreambench --ckpt x --data {shards}"}, UsageError, "neither --ckpt")):
+            ({"customized": f"dreambench --ckpt x --data {shards}"}, UsageError, "neither --ckpt"),
+            ({"customized": f"dreambench --data {shards} --clipp x"}, UsageError, "unrecognized arguments: --clipp")):
         with pytest.raises(error, match=message):
             fit(benchmarks)

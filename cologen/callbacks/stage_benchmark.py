@@ -81,9 +81,8 @@ class StageEndBenchmark(Callback):
         from cologen.eval.protocols import PROTOCOLS
 
         step = int(trainer.global_step)
-        probe = self._args(step_name, Path())
-        out = Path(trainer.default_root_dir) / "benchmarks" / f"step{step:07d}_{probe.protocol}"
-        args = self._args(step_name, out)
+        args = self._args(step_name, Path())
+        args.out = str(Path(trainer.default_root_dir) / "benchmarks" / f"step{step:07d}_{args.protocol}")
         pipe = pipeline_from_module(pl_module)  # the module is in eval mode here (validation)
         if not trainer.is_global_zero:  # the same model calls as rank zero, nothing scored or written
             generate = ModelGenerate(pipe, PROTOCOLS[args.protocol].task, steps=args.steps, size=args.size,

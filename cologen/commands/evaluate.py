@@ -18,6 +18,8 @@ routing mode).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import math
@@ -180,14 +182,13 @@ def benchmark_args(command: str, out: str | Path, limit: int | None = None) -> a
     if argv and argv[0] == "shapeworld":
         raise UsageError("benchmark 'shapeworld': SampleValidation scores the ShapeWorld probes")
     argv[1:1] = ["--ckpt", "(the training run)", "--out", str(out)] + (["--limit", str(limit)] if limit else [])
-    parser = _parser()
-    parser.exit_on_error = False
-    for sub in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
-        sub.exit_on_error = False
+    errors = io.StringIO()
     try:
-        return parser.parse_args(argv)
-    except (argparse.ArgumentError, SystemExit) as err:
-        raise UsageError(f"benchmark {command!r}: {err}") from None
+        with contextlib.redirect_stderr(errors):  # argparse prints its usage and error, then exits
+            return _parser().parse_args(argv)
+    except SystemExit:
+        reason = (errors.getvalue().strip().splitlines() or ["not a cologen eval command"])[-1]
+        raise UsageError(f"benchmark {command!r}: {reason}") from None
 
 
 def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
