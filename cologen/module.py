@@ -21,7 +21,7 @@ from .model.config import PRWConfig
 from .model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids
 from .model.presets import Preset, TinyPreset
 from .model.text_encoders import TextEmbeddings
-from .model.veteran import expert_usage, routing_entropy, task_routing_loss, veteran_loss
+from .model.veteran import expert_usage, routing_entropy, task_routing_loss, token_gate_loss, veteran_loss
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
 from .training.config import FlowMatchingConfig, OptimConfig, VeteranConfig
 from .training.lr_schedule import LRSchedule
@@ -34,6 +34,19 @@ def flux_time_shift(s: torch.Tensor, seq_len: int) -> torch.Tensor:
 
     mu = calculate_shift(seq_len)
     return math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+
+
+def changed_tokens(x0: torch.Tensor, source_tokens: torch.Tensor | None,
+                   has_source: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, N) bool: the target tokens that differ from the source token at the same place (the hole of an
+    inpainting source, a grounding overlay, an edit); None without a source of the target's token grid. A dropped
+    source (zeros) or a sample without one counts as everything changed."""
+    if source_tokens is None or source_tokens.shape != x0.shape:
+        return None
+    changed = (x0 - source_tokens).abs().amax(-1) > 1e-3
+    if has_source is not None:
+        changed = changed | ~has_source.to(changed.device).bool()[:, None]
+    return changed
 
 
 class CoLoGenModule(L.LightningModule):
@@ -73,6 +86,10 @@ class CoLoGenModule(L.LightningModule):
         self.optim = coerce(OptimConfig, optim) or OptimConfig()
         self.positions = coerce(SourcePositionConfig, positions) or SourcePositionConfig()
         sampler = coerce(SamplerConfig, sampler)
+        if self.veteran.gate_weight and not self.prw_config.token_gate:
+            raise ValueError("veteran.gate_weight supervises token gates: set prw.token_gate: true (or gate_weight: 0)")
+        if self.prw_config.hard_gate and not self.veteran.gate_weight:
+            raise ValueError("prw.hard_gate learns only from its supervision: set veteran.gate_weight > 0")
         self.train_base = train_base
         # Plain data only: checkpoints load with torch.load(weights_only=True) and loggers show readable values.
         self.save_hyperparameters({
@@ -179,22 +196,16 @@ class CoLoGenModule(L.LightningModule):
         guidance = (torch.full((b,), self.flow.guidance, device=self.device) if self.guidance_embeds else None)
         return dict(latents=x_t, timestep=s, text=text, img_ids=target_ids(h // 2, w // 2, device=self.device),
                     txt_ids=text_ids(text.tokens.shape[1], device=self.device), source_tokens=source_tokens,
-                    source_ids=sids, guidance=guidance, velocity=noise - x0,
-                    token_weight=self.change_weights(
-                        x0, source_tokens if not isinstance(source_tokens, list) else source_tokens[0], has_source,
-                        list(batch["task"])))
+                    source_ids=sids, guidance=guidance, velocity=noise - x0, tasks=list(batch["task"]),
+                    changed=changed_tokens(x0, source_tokens[0] if isinstance(source_tokens, list) else source_tokens,
+                                           has_source))
 
-    def change_weights(self, x0: torch.Tensor, source_tokens: torch.Tensor | None,
-                       has_source: torch.Tensor | None, tasks: list[str] | None = None) -> torch.Tensor | None:
-        """(B, N) loss weights: `1 + flow.change_weight` on tokens whose target differs from the (unpacked, same
-        grid) source token, 1 elsewhere, for samples of `flow.change_weight_tasks` (all when None); None when the
-        option is off or no sample has a source of the target's size. Dropped sources (zeros) count as "everything
-        changed": uniform weights."""
-        if not self.flow.change_weight or source_tokens is None or source_tokens.shape != x0.shape:
+    def change_weights(self, changed: torch.Tensor | None, tasks: list[str] | None = None) -> torch.Tensor | None:
+        """(B, N) loss weights: `1 + flow.change_weight` on the `changed` tokens (`changed_tokens`), 1 elsewhere,
+        for samples of `flow.change_weight_tasks` (all when None); None when the option is off or no sample has a
+        source of the target's size."""
+        if not self.flow.change_weight or changed is None:
             return None
-        changed = (x0 - source_tokens).abs().amax(-1) > 1e-3
-        if has_source is not None:
-            changed = changed & has_source.to(changed.device)[:, None]
         if self.flow.change_weight_tasks is not None and tasks is not None:
             weighted = torch.tensor([t in self.flow.change_weight_tasks for t in tasks], device=changed.device)
             changed = changed & weighted[:, None]
@@ -247,7 +258,7 @@ class CoLoGenModule(L.LightningModule):
         inputs = self.prepare(batch, train, generator)
         out = self(inputs)
         per_token = F.mse_loss(out.sample.float(), inputs["velocity"], reduction="none").mean(dim=2)
-        weight = inputs.get("token_weight")
+        weight = self.change_weights(inputs["changed"], inputs["tasks"])
         if weight is None:
             per_sample = per_token.mean(dim=1)
         else:
@@ -265,6 +276,14 @@ class CoLoGenModule(L.LightningModule):
                 if self.veteran.task_weight > 0:
                     losses["loss_routing"] = self.veteran.task_weight * routed
                     losses["loss"] = losses["loss"] + losses["loss_routing"]
+        if out.token_gates and self.veteran.gate_weight > 0 and inputs["changed"] is not None:
+            changed = inputs["changed"]
+            if self.veteran.gate_tasks is not None:  # the other tasks' gates stay open
+                other = torch.tensor([t not in self.veteran.gate_tasks for t in inputs["tasks"]], device=changed.device)
+                changed = changed | other[:, None]
+            gate_loss, accuracy = token_gate_loss(out.token_gates, changed)
+            losses.update(loss_gate=self.veteran.gate_weight * gate_loss, gate_accuracy=accuracy)
+            losses["loss"] = losses["loss"] + losses["loss_gate"]
         return losses
 
     def _log_losses(self, losses: dict, tasks: list[str], stage: str, counted: bool = True) -> None:
@@ -277,8 +296,8 @@ class CoLoGenModule(L.LightningModule):
         # Validation has one loader per task: its values are named by the task (`val/loss/grounding`), never by the
         # loader's position as well (Lightning's `/dataloader_idx_N`); MetricsSummary adds the mean over tasks.
         suffix = f"/{tasks[0]}" if stage == "val" and len(set(tasks)) == 1 else ""
-        for key in ("loss", "loss_task", "loss_veteran", "loss_routing", "usage_newest", "routing_entropy",
-                    "routing_own_expert"):
+        for key in ("loss", "loss_task", "loss_veteran", "loss_routing", "loss_gate", "gate_accuracy", "usage_newest",
+                    "routing_entropy", "routing_own_expert"):
             if key in losses and not (suffix and key == "loss_task"):  # loss_task/{task} is logged below
                 self.log(f"{stage}/{key}{suffix}", losses[key], on_step=on_step, on_epoch=not on_step,
                          batch_size=weight * len(tasks), prog_bar=key == "loss" and not suffix,

@@ -25,7 +25,10 @@ def test_tiny_curriculum_and_stages_cover_the_five_steps_once():
     assert [s.name for s in full.steps] == ["inpainting", "grounding", "control", "customized", "editing"]
     assert [s.stage for s in full.steps] == [1, 1, 2, 3, 3]
     assert (full.steps[0].rho, full.steps[0].alpha) == (1.0, 0.0)
-    assert all((s.rho, s.alpha) == (0.8, 0.5) for s in full.steps[1:])
+    # with replay, rho is the new task's share of the batch (more would send replayed samples to the newest expert)
+    assert all((s.rho, s.alpha) == (s.mixture[s.name], 0.5) for s in full.steps[1:])
+    paper = load_spec("experiments/flux_dev/curriculum.yaml")  # no replay: the paper's rho
+    assert all((s.rho, s.alpha, s.mixture) == (0.8, 0.5, {s.name: 1.0}) for s in paper.steps[1:])
     covered = []
     for stage in ("stage1", "stage2", "stage3"):
         spec = load_spec("experiments/tiny/curriculum.yaml", f"experiments/tiny/{stage}.yaml")

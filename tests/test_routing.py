@@ -9,7 +9,7 @@ from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
 from cologen.model.cologen_transformer import CoLoGenTransformer
 from cologen.model.config import PRWConfig, RouterConfig
 from cologen.model.router import NoisyTop1Router
-from cologen.model.veteran import task_routing_loss, veteran_loss
+from cologen.model.veteran import task_routing_loss, token_gate_loss, veteran_loss
 from tests.test_model_prw import make_inputs, make_source, make_transformer, randomize_experts, run
 
 FULL = dict(targets=["to_q", "to_k", "to_v", "to_out"], noisy_targets=["to_q", "to_k", "to_v", "to_out"],
@@ -212,6 +212,123 @@ def test_a_closed_token_gate_silences_the_expert_on_its_tokens():
         torch.testing.assert_close(run(model, x, src).sample, run(base, x, src).sample, rtol=0, atol=1e-6)
 
 
+def test_token_gate_loss_is_the_cross_entropy_of_the_first_condition_gates():
+    changed = torch.tensor([[True, False, False, True]])
+    right = torch.tensor([[9.0, -9.0, -9.0, 9.0]])
+    loss, accuracy = token_gate_loss({"a": right, "b": right, "a/cond1": -right}, changed)
+    assert accuracy == 1.0 and loss < 1e-3  # the second condition's gates are not supervised
+    loss, accuracy = token_gate_loss({"a": torch.zeros(1, 4)}, changed)
+    assert accuracy == 0.5 and loss == pytest.approx(torch.log(torch.tensor(2.0)).item())
+
+
+def test_the_model_returns_the_routed_expert_gate_logits_per_block():
+    model = model_with(**FULL).eval()
+    randomize_experts(model)
+    with torch.no_grad():
+        for attn in model.prw_modules():
+            for e, expert in enumerate(attn.prw_experts.experts):
+                expert.token_gate.weight.zero_()
+                expert.token_gate.bias.fill_(e + 1.0)  # each expert's logit names it
+        out = run(model, make_inputs(), make_source())
+    assert out.token_gates and set(out.token_gates) == set(out.routing)
+    for name, logits in out.token_gates.items():
+        assert logits.shape == make_source()[0].shape[:2]
+        expected = (out.routing[name].index.float() + 1)[:, None].expand_as(logits)
+        assert torch.equal(logits, expected)
+    assert not run(model_with(), make_inputs(), make_source()).token_gates  # no gates, no logits
+
+
+def test_gate_supervision_teaches_the_gates_which_tokens_change():
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.training.config import VeteranConfig
+
+    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
+    prw = PRWConfig(num_experts=1, rank=4, alpha=8, token_gate=True)
+    with pytest.raises(ValueError, match="set prw.token_gate: true"):
+        CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=1, rank=4), veteran=VeteranConfig(gate_weight=1.0))
+    module = CoLoGenModule(preset=preset, prw=prw, veteran=VeteranConfig(gate_weight=1.0))
+    torch.manual_seed(0)
+    target = torch.rand(4, 3, 16, 16) * 2 - 1
+    source = target.clone()
+    source[:, :, :8] = 0.0  # the top half is a hole: its tokens change, the bottom half is copied
+    batch = {"target": target, "source": source, "has_source": torch.ones(4, dtype=torch.bool),
+             "prompt": ["fill the hole"] * 4, "task": ["inpainting"] * 4}
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    first = None
+    for _ in range(30):
+        losses = module.compute_losses(batch, train=True, generator=torch.Generator().manual_seed(0))
+        if first is None:
+            first = (losses["loss_gate"].item(), losses["gate_accuracy"].item())
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert first[1] == pytest.approx(0.5, abs=0.01)  # gates start open everywhere: half the tokens right
+    assert losses["gate_accuracy"].item() > 0.9 and losses["loss_gate"].item() < first[0] / 2
+    # a task outside gate_tasks: its gates learn to stay open on every token
+    others = CoLoGenModule(preset=preset, prw=prw, veteran=VeteranConfig(gate_weight=1.0, gate_tasks=["editing"]))
+    opt = torch.optim.Adam([p for p in others.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(30):
+        losses = others.compute_losses(batch, train=True, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert losses["gate_accuracy"].item() > 0.95  # (nearly) every token open
+    with pytest.raises(ValueError, match="gate_tasks: unknown tasks"):
+        VeteranConfig(gate_tasks=["inpaint"])
+    with pytest.raises(ValueError, match="hard_gate learns only from its supervision"):
+        CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=1, rank=4, token_gate=True, hard_gate=True))
+    plain = CoLoGenModule(preset=preset, prw=prw).compute_losses(batch, train=True)
+    assert "loss_gate" not in plain  # off by default (the paper)
+
+
+def test_noisy_gate_closes_the_noisy_tokens_where_the_source_gate_is_closed():
+    base = CoLoGenTransformer(make_transformer(), PRWConfig(num_experts=0)).eval()
+    x, src = make_inputs(), make_source()
+    outputs = {}
+    for noisy_gate in (False, True):
+        model = model_with(**FULL, noisy_gate=noisy_gate).eval()
+        randomize_experts(model)
+        with torch.no_grad():
+            for attn in model.prw_modules():
+                for expert in attn.prw_experts.experts:
+                    expert.token_gate.weight.zero_()
+                    expert.token_gate.bias.fill_(-50.0)  # every source token's gate closed
+            outputs[noisy_gate] = run(model, x, src).sample
+            reference = run(base, x, src).sample
+    torch.testing.assert_close(outputs[True], reference, rtol=0, atol=1e-6)  # noisy deltas closed with them
+    assert (outputs[False] - reference).abs().max() > 1e-3  # ungated noisy-stream experts still act
+    with pytest.raises(ValueError, match="needs prw.token_gate: true and prw.noisy_targets"):
+        PRWConfig(token_gate=True, noisy_gate=True)
+    with pytest.raises(ValueError, match="hard_gate is a kind of token gate"):
+        PRWConfig(hard_gate=True)
+
+
+def test_a_hard_gate_passes_or_stops_each_token_exactly_and_learns_only_from_its_supervision():
+    from cologen.model.experts import ExpertBank
+
+    torch.manual_seed(0)
+    soft, hard = ExpertBank(8, 2, 4, 8.0, token_gate=True), ExpertBank(8, 2, 4, 8.0, token_gate=True, hard_gate=True)
+    hard.load_state_dict(soft.state_dict())
+    for bank in (soft, hard):
+        for p in bank.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    hard.load_state_dict(soft.state_dict())
+    hidden, index, weight = torch.randn(2, 6, 8), torch.tensor([0, 1]), torch.ones(2)
+    logits = hard.gate_logits(hidden, index)
+    assert (logits >= 0).any() and (logits < 0).any()
+    (gated,) = hard(hidden, index, weight, 2, ["to_k"], gate_from=hidden)
+    (plain,) = hard(hidden, index, weight, 2, ["to_k"])
+    open_ = (logits >= 0)[..., None]
+    assert torch.equal(gated, torch.where(open_, plain, torch.zeros_like(plain)))
+    gated.sum().backward()
+    assert all(e.token_gate.weight.grad is None for e in hard.experts)  # no gradient through a hard gate
+    (soft_gated,) = soft(hidden, index, weight, 2, ["to_k"], gate_from=hidden)
+    soft_gated.sum().backward()
+    assert any(e.token_gate.weight.grad is not None for e in soft.experts)
+
+
 def test_capacity_options_are_checked():
     with pytest.raises(ValueError, match=r"prw\.targets must be distinct names"):
         PRWConfig(targets=["to_k", "to_x"])
@@ -237,7 +354,7 @@ def test_spec_switches_change_every_step_for_ablations():
 
 def test_change_weight_weighs_the_changed_tokens_of_the_chosen_tasks():
     from cologen.model.presets import TinyPreset
-    from cologen.module import CoLoGenModule
+    from cologen.module import CoLoGenModule, changed_tokens
     from cologen.training.config import FlowMatchingConfig as FlowConfig
 
     preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
@@ -246,11 +363,15 @@ def test_change_weight_weighs_the_changed_tokens_of_the_chosen_tasks():
     source[:, 1] = 1.0  # token 1 differs from the target in every sample
     has_source = torch.tensor([True, True, False])
     tasks = ["inpainting", "grounding", "grounding"]
+    changed = changed_tokens(x0, source, has_source)
+    assert changed.tolist() == [[False, True, False, False]] * 2 + [[True] * 4]  # no source: everything changes
+    assert changed_tokens(x0, source[:, :3], has_source) is None  # another grid: nothing is aligned
     everywhere = CoLoGenModule(preset=preset, flow=FlowConfig(change_weight=4.0))
-    w = everywhere.change_weights(x0, source, has_source, tasks)
-    assert w[:, 1].tolist() == [5.0, 5.0, 1.0] and (w[:, [0, 2, 3]] == 1).all()  # a dropped source: uniform
+    w = everywhere.change_weights(changed, tasks)
+    assert w[:2, 1].tolist() == [5.0, 5.0] and (w[:2, [0, 2, 3]] == 1).all()
+    assert (w[2] == w[2, 0]).all()  # a sample without a source: uniform
     chosen = CoLoGenModule(preset=preset, flow=FlowConfig(change_weight=4.0, change_weight_tasks=["grounding"]))
-    assert chosen.change_weights(x0, source, has_source, tasks)[:, 1].tolist() == [1.0, 5.0, 1.0]
-    assert CoLoGenModule(preset=preset).change_weights(x0, source, has_source, tasks) is None  # the paper's loss
+    assert chosen.change_weights(changed, tasks)[:, 1].tolist() == [1.0, 5.0, 5.0]
+    assert CoLoGenModule(preset=preset).change_weights(changed, tasks) is None  # the paper's loss
     with pytest.raises(ValueError, match="unknown tasks"):
         FlowConfig(change_weight=1.0, change_weight_tasks=["grnding"])

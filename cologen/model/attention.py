@@ -41,6 +41,9 @@ class PRWContext:
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # source pass: filled per PRW block; main pass: the source pass's decisions (noisy-stream experts follow them)
     routing: dict[str, Routing] = field(default_factory=dict)
+    # source pass: the routed expert's token-gate logits (B, N) per PRW block with token gates (their supervision);
+    # main pass with `prw.noisy_gate`: the first condition's, which gate the noisy tokens at the same places
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -141,12 +144,18 @@ class PRWAttnProcessor:
         if prw.mode == "source":
             routing = route(attn.prw_router, hidden_states, prw)
             prw.routing[self.name] = routing
-            return _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gated=True)
+            adapter = _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gated=True)
+            adapter.gate_sink = (prw.gates, self.name)
+            return adapter
         if bank.noisy_targets and self.name in prw.routing:
             # single-stream blocks see text + noisy tokens; the experts adapt the noisy ones
             skip = prw.text_len if encoder_hidden_states is None else 0
-            return _RoutedAdapter(bank, prw.routing[self.name], prw.num_active,
-                                  [noisy_name(t) for t in bank.noisy_targets], hidden_states, skip, gated=False)
+            adapter = _RoutedAdapter(bank, prw.routing[self.name], prw.num_active,
+                                     [noisy_name(t) for t in bank.noisy_targets], hidden_states, skip, gated=False)
+            logits = prw.gates.get(self.name)
+            if logits is not None and logits.shape == adapter.hidden.shape[:2]:  # the same token grid
+                adapter.gate_logits = logits
+            return adapter
         return None
 
 
@@ -158,10 +167,21 @@ class _RoutedAdapter:
         self.names, self.skip = list(names), skip
         self.hidden = hidden[:, skip:] if skip else hidden
         self.gate_from = self.hidden if gated else None  # the token gates read the attention's input tokens
+        self.gate_sink: tuple[dict, str] | None = None  # where the first call leaves the gate logits (the loss's)
+        self.gate_logits: torch.Tensor | None = None  # given logits (the noisy stream's, from the source pass)
 
     def _deltas(self, hidden: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         r = self.routing
-        return self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from)
+        if self.gate_logits is not None:
+            return self.bank(hidden, r.index, r.weight, self.num_active, names, gate_logits=self.gate_logits)
+        if self.gate_sink is None or self.gate_from is None or not self.bank.has_token_gate:
+            return self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from)
+        deltas, logits = self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from,
+                                   return_gate_logits=True)
+        sink, name = self.gate_sink
+        sink[name] = logits
+        self.gate_sink = None
+        return deltas
 
     def add_qkv(self, query, key, value):
         names = [n for n in self.names if not n.endswith("to_out")]

@@ -34,6 +34,7 @@ class SourceState:
 
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
     routing: dict[str, Routing]
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)  # token-gate logits (B, N) per block with gates
 
 
 Tokens = torch.Tensor | Sequence[torch.Tensor]  # one condition, or one tensor per condition
@@ -100,6 +101,7 @@ def fingerprint(*tensors: torch.Tensor | None) -> str:
 class CoLoGenOutput:
     sample: torch.Tensor  # (B, N, C) velocity prediction for the noisy tokens
     routing: dict[str, Routing]  # per PRW block and condition (`condition_key`), empty without sources or experts
+    token_gates: dict[str, torch.Tensor] = field(default_factory=dict)  # gate logits (B, N), keyed like routing
 
 
 class CoLoGenTransformer(nn.Module):
@@ -119,7 +121,8 @@ class CoLoGenTransformer(nn.Module):
                 # Registered on the diffusers attention module, as peft injects adapters: the keys read
                 # `transformer_blocks.3.attn.prw_experts.experts.1.to_k.lora_A.weight`.
                 block.attn.prw_experts = ExpertBank(dim, self.prw.num_experts, self.prw.rank, self.prw.alpha,
-                                                    self.prw.targets, self.prw.noisy_targets, self.prw.token_gate)
+                                                    self.prw.targets, self.prw.noisy_targets, self.prw.token_gate,
+                                                    self.prw.hard_gate)
                 r = self.prw.router
                 prompt_dim = transformer.config.pooled_projection_dim if r.prompt_input else 0
                 block.attn.prw_router = (
@@ -268,7 +271,7 @@ class CoLoGenTransformer(nn.Module):
                           image_rotary_emb=(cos, sin), joint_attention_kwargs={"prw": ctx})
         key, value = ctx.kv[name]
         r = ctx.routing.get(name)
-        return (hidden, key, value) + ((r.index, r.weight, r.probs) if r is not None else ())
+        return hidden, key, value, (r.index, r.weight, r.probs) if r is not None else None, ctx.gates.get(name)
 
     def encode_source(self, source_tokens: torch.Tensor, source_ids: torch.Tensor, pooled: torch.Tensor,
                       timestep: torch.Tensor, guidance: torch.Tensor | None = None,
@@ -296,10 +299,12 @@ class CoLoGenTransformer(nn.Module):
                 out = checkpoint(self._source_block, *args, use_reentrant=False)
             else:
                 out = self._source_block(*args)
-            hidden, key, value = out[:3]
+            hidden, key, value, routing, gate = out
             state.kv[name] = (key, value)
-            if len(out) > 3:
-                state.routing[name] = Routing(*out[3:])
+            if routing is not None:
+                state.routing[name] = Routing(*routing)
+            if gate is not None:
+                state.gates[name] = gate
         return state
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings, img_ids: torch.Tensor,
@@ -317,15 +322,17 @@ class CoLoGenTransformer(nn.Module):
         states = self._source_states(conditions_of(source_tokens, source_ids), text.pooled, timestep, guidance,
                                      experts, cache)
         routing = {condition_key(name, i): r for i, state in enumerate(states) for name, r in state.routing.items()}
+        gates = {condition_key(name, i): g for i, state in enumerate(states) for name, g in state.gates.items()}
         kv = {}
         for name in states[0].kv if states else ():
             keys, values = zip(*(state.kv[name] for state in states))
             kv[name] = (keys[0], values[0]) if len(states) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
         ctx = PRWContext(mode="main", kv=kv, routing=states[0].routing if states else {}, num_active=self.num_active,
+                         gates=states[0].gates if states and self.prw.noisy_gate else {},
                          text_len=text.tokens.shape[1])
         dtype = self.transformer.x_embedder.weight.dtype
         sample = self.transformer(
             hidden_states=latents.to(dtype), encoder_hidden_states=text.tokens.to(dtype),
             pooled_projections=text.pooled.to(dtype), timestep=timestep.to(dtype), img_ids=img_ids, txt_ids=txt_ids,
             guidance=guidance, joint_attention_kwargs={"prw": ctx}, return_dict=False)[0]
-        return CoLoGenOutput(sample=sample, routing=routing)
+        return CoLoGenOutput(sample=sample, routing=routing, token_gates=gates)

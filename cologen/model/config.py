@@ -57,6 +57,12 @@ class PRWConfig:
     noisy_targets: (ours) noisy-stream projections each expert also adapts, with the same routing (empty: the
         paper's experts act on the source tokens only).
     token_gate: (ours) scale each expert's source deltas per token by a learned gate (needs sample routing).
+    hard_gate: (ours) each token's gate is 1 where its logit is >= 0 and 0 elsewhere, so an expert acts exactly on
+        the tokens its gate predicts the output changes and leaves the rest exactly alone; the gates then learn only
+        from their supervision (`veteran.gate_weight`, which must be > 0).
+    noisy_gate: (ours) scale the noisy-stream deltas of each token by the first condition's gate at the same token
+        (needs `token_gate` and `noisy_targets`; applies where the condition has the target's token grid, ungated
+        elsewhere), so an expert that leaves a copied source token alone leaves its output token alone too.
     """
 
     num_experts: int = 5
@@ -67,6 +73,8 @@ class PRWConfig:
     targets: list[str] = field(default_factory=lambda: ["to_k", "to_v"])
     noisy_targets: list[str] = field(default_factory=list)
     token_gate: bool = False
+    hard_gate: bool = False
+    noisy_gate: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self):
@@ -83,5 +91,10 @@ class PRWConfig:
                 raise ValueError(f"prw.{name} must be distinct names among {known}, got {given}")
         if self.num_experts and not self.targets:
             raise ValueError("prw.targets is empty: an expert needs at least one source projection")
+        if self.hard_gate and not self.token_gate:
+            raise ValueError("prw.hard_gate is a kind of token gate: it needs prw.token_gate: true")
+        if self.noisy_gate and not (self.token_gate and self.noisy_targets):
+            raise ValueError("prw.noisy_gate reuses the token gates on the noisy stream: it needs prw.token_gate: true "
+                             "and prw.noisy_targets")
         if (self.noisy_targets or self.token_gate) and self.router.granularity != "sample":
             raise ValueError("prw.noisy_targets and prw.token_gate need prw.router.granularity: sample")

@@ -8,7 +8,9 @@ options add capacity where K/V cannot reach (both ours, off in the paper's setti
   in the main pass with the same routing decision, so a task's expert also changes how the noisy tokens read the
   prompt and the source;
 - `token_gate` scales an expert's source deltas per token by `2 * sigmoid(w . h + b)` (1 at init), so an expert
-  can leave tokens alone (the unmasked area of an inpainting source).
+  can leave tokens alone (the unmasked area of an inpainting source); `hard_gate` makes it 0 or 1 (the sign of
+  `w . h + b`), learned from the supervision of which tokens change (`veteran.gate_weight`); `noisy_gate` applies
+  the first condition's gates to the noisy tokens at the same places.
 
 All experts are allocated up front (one per curriculum step) so checkpoint and optimizer shapes never change; the
 router masks the inactive ones. Parameter names follow peft (`lora_A.weight`, `lora_B.weight`) so each expert is a
@@ -62,9 +64,10 @@ class ExpertBank(nn.Module):
     """`num_experts` experts of one PRW block; computes the routed expert's deltas for a set of projections."""
 
     def __init__(self, dim: int, num_experts: int, rank: int, alpha: float, targets: Sequence[str] = ("to_k", "to_v"),
-                 noisy_targets: Sequence[str] = (), token_gate: bool = False):
+                 noisy_targets: Sequence[str] = (), token_gate: bool = False, hard_gate: bool = False):
         super().__init__()
         self.rank = rank
+        self.hard_gate = hard_gate
         self.scale = alpha / rank
         self.targets = tuple(targets)
         self.noisy_targets = tuple(noisy_targets)
@@ -86,26 +89,43 @@ class ExpertBank(nn.Module):
         ups = [torch.stack([getattr(e, n).lora_B.weight for e in self.experts]) for n in names]
         return down, ups  # (E, len(names) * r, D), [(E, D, r)] * len(names)
 
-    def _gate(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Per-token gate (B, N, 1) of the routed expert for `hidden` (B, N, D) (sample routing)."""
+    def gate_logits(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Per-token gate logits (B, N) of the routed expert for `hidden` (B, N, D) (sample routing); `gate` turns
+        them into the scale of each token's deltas."""
         if index.dim() != 1:
             raise ValueError("token gates need sample routing (prw.router.granularity: sample)")
         w = torch.stack([e.token_gate.weight[0] for e in self.experts]).to(hidden.dtype)  # (E, D)
         b = torch.stack([e.token_gate.bias[0] for e in self.experts]).to(hidden.dtype)  # (E,)
-        logits = torch.bmm(hidden, w[index].unsqueeze(-1)) + b[index][:, None, None]
-        return 2 * torch.sigmoid(logits)
+        return torch.bmm(hidden, w[index].unsqueeze(-1)).squeeze(-1) + b[index][:, None]
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, N, 1) scale of each token's deltas: `2 * sigmoid(logits)` (1 at init), or with hard gates
+        `1[logits >= 0]` (no gradient: hard gates learn from their supervision alone)."""
+        if self.hard_gate:
+            return (logits.detach() >= 0).to(logits.dtype).unsqueeze(-1)
+        return 2 * torch.sigmoid(logits).unsqueeze(-1)
 
     def forward(self, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, num_active: int,
-                names: Sequence[str] = ("to_k", "to_v"), gate_from: torch.Tensor | None = None) -> list[torch.Tensor]:
+                names: Sequence[str] = ("to_k", "to_v"), gate_from: torch.Tensor | None = None,
+                return_gate_logits: bool = False, gate_logits: torch.Tensor | None = None):
         """Deltas of the projections `names` (module names of the expert) for `hidden` (B, N, D).
 
         Sample routing: `index`, `weight` are (B,). Token routing: (B, N); then every active expert runs on all
         tokens and the result is masked (dense over the active experts, documented as the slower option).
         `gate_from` (B, N, D): with token gates, the tokens whose gate scales each token's deltas (the pass's input
         to the attention, also for the output projection's delta); None: ungated. Everything the bank computes
-        happens in this forward, so FSDP gathers the bank's weights for it.
+        happens in this forward, so FSDP gathers the bank's weights for it. `return_gate_logits`: also return the
+        gate logits (B, N) (token-gate supervision, `veteran.gate_weight`). `gate_logits` (B, N): gate with these
+        logits instead (`prw.noisy_gate`: the noisy tokens take the source pass's gates).
         """
-        gate = self._gate(gate_from, index) if gate_from is not None and self.has_token_gate else None
+        logits = gate_logits
+        if logits is None and gate_from is not None and self.has_token_gate:
+            logits = self.gate_logits(gate_from, index)
+        deltas = self._deltas(hidden, index, weight, num_active, names, None if logits is None else self.gate(logits))
+        return (deltas, logits) if return_gate_logits else deltas
+
+    def _deltas(self, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, num_active: int,
+                names: Sequence[str], gate: torch.Tensor | None) -> list[torch.Tensor]:
         down, ups = self._stacked(names)
         # Compute in the activations' dtype (bf16 on FLUX; the fp32 master weights are cast, as autocast would):
         # fp32 copies of (B, N, D) activations would cost ~45 MB per block and sample.

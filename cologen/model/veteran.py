@@ -57,3 +57,16 @@ def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor) -> tuple[t
         losses.append(-torch.log(p.float().clamp_min(1e-12)).mean())
         hits.append((r.index == target).float().mean())
     return torch.stack(losses).mean(), torch.stack(hits).mean().detach()
+
+
+def token_gate_loss(gates: dict[str, torch.Tensor], changed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-gate supervision (ours): mean over PRW blocks of the binary cross-entropy between each token's gate
+    `sigmoid(logit)` and whether the target changes there (`changed` (B, N), the first condition's grid), so an
+    expert learns to leave alone what the output copies (outside an inpainting hole, around an edit). Only the
+    first condition's gates are supervised: the others have no grid of their own in the target. Returns (loss,
+    accuracy of "open" (`logit >= 0`) against `changed`)."""
+    first = [g for key, g in gates.items() if "/cond" not in key]
+    target = changed.float()
+    losses = [torch.nn.functional.binary_cross_entropy_with_logits(g.float(), target.to(g.device)) for g in first]
+    hits = [((g >= 0) == changed.to(g.device)).float().mean() for g in first]  # open: logit >= 0
+    return torch.stack(losses).mean(), torch.stack(hits).mean().detach()

@@ -59,15 +59,28 @@ class VeteranConfig:
     task_weight: (ours) weight of the per-sample task routing loss, `-log p[own expert]` averaged over the PRW
         blocks, where a sample's own expert is the one of the curriculum step that introduced its task (replayed
         samples go to their veterans); 0 turns it off (the paper).
+    gate_weight: (ours) weight of the token-gate supervision (needs `prw.token_gate`): each routed expert's gate
+        learns which tokens the output changes (target != source at the same place), so the expert leaves the
+        copied ones alone; 0 turns it off.
+    gate_tasks: the tasks whose gates learn the changed tokens (None: every task); the other tasks' gates learn to
+        stay open everywhere. Where the source does not show what changes (an edit or an overlay named only by the
+        prompt), a gate that guesses costs the task (measured: see the README).
     """
 
     rho: float = 1.0
     alpha: float = 0.0
     task_weight: float = 0.0
+    gate_weight: float = 0.0
+    gate_tasks: list[str] | None = None
 
     def __post_init__(self):
         if self.task_weight < 0:
             raise ValueError(f"veteran.task_weight must be >= 0, got {self.task_weight}")
+        if self.gate_weight < 0:
+            raise ValueError(f"veteran.gate_weight must be >= 0, got {self.gate_weight}")
+        unknown = sorted(set(self.gate_tasks or ()) - set(TASKS))
+        if unknown:
+            raise ValueError(f"veteran.gate_tasks: unknown tasks {unknown} (known: {', '.join(TASKS)})")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"veteran.rho must be in [0, 1], got {self.rho}")
         if self.alpha < 0:
