@@ -49,6 +49,11 @@ def changed_tokens(x0: torch.Tensor, source_tokens: torch.Tensor | None,
     return changed
 
 
+def samples_of(tasks: list[str], chosen: list[str], device) -> torch.Tensor:
+    """(B,) bool: which samples' tasks are among `chosen`."""
+    return torch.tensor([t in chosen for t in tasks], dtype=torch.bool, device=device)
+
+
 class CoLoGenModule(L.LightningModule):
     """The backbone (frozen), the PRW expert bank and routers, the flow-matching objective.
 
@@ -207,8 +212,7 @@ class CoLoGenModule(L.LightningModule):
         if not self.flow.change_weight or changed is None:
             return None
         if self.flow.change_weight_tasks is not None and tasks is not None:
-            weighted = torch.tensor([t in self.flow.change_weight_tasks for t in tasks], device=changed.device)
-            changed = changed & weighted[:, None]
+            changed = changed & samples_of(tasks, self.flow.change_weight_tasks, changed.device)[:, None]
         return 1.0 + self.flow.change_weight * changed.float()
 
     # --------------------------------------------------------------------------------------------- sampling
@@ -279,8 +283,7 @@ class CoLoGenModule(L.LightningModule):
         if out.token_gates and self.veteran.gate_weight > 0 and inputs["changed"] is not None:
             changed = inputs["changed"]
             if self.veteran.gate_tasks is not None:  # the other tasks' gates stay open
-                other = torch.tensor([t not in self.veteran.gate_tasks for t in inputs["tasks"]], device=changed.device)
-                changed = changed | other[:, None]
+                changed = changed | ~samples_of(inputs["tasks"], self.veteran.gate_tasks, changed.device)[:, None]
             gate_loss, accuracy = token_gate_loss(out.token_gates, changed)
             losses.update(loss_gate=self.veteran.gate_weight * gate_loss, gate_accuracy=accuracy)
             losses["loss"] = losses["loss"] + losses["loss_gate"]

@@ -144,9 +144,8 @@ class PRWAttnProcessor:
         if prw.mode == "source":
             routing = route(attn.prw_router, hidden_states, prw)
             prw.routing[self.name] = routing
-            adapter = _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gated=True)
-            adapter.gate_sink = (prw.gates, self.name)
-            return adapter
+            return _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gated=True,
+                                  gates=prw.gates, name=self.name)
         if bank.noisy_targets and self.name in prw.routing:
             # single-stream blocks see text + noisy tokens; the experts adapt the noisy ones
             skip = prw.text_len if encoder_hidden_states is None else 0
@@ -162,25 +161,25 @@ class PRWAttnProcessor:
 class _RoutedAdapter:
     """The routed expert's LoRA deltas on one pass's tokens (all of them, or those after `skip` text tokens)."""
 
-    def __init__(self, bank, routing: Routing, num_active: int, names, hidden: torch.Tensor, skip: int, gated: bool):
+    def __init__(self, bank, routing: Routing, num_active: int, names, hidden: torch.Tensor, skip: int, gated: bool,
+                 gates: dict[str, torch.Tensor] | None = None, name: str = ""):
         self.bank, self.routing, self.num_active = bank, routing, num_active
         self.names, self.skip = list(names), skip
         self.hidden = hidden[:, skip:] if skip else hidden
-        self.gate_from = self.hidden if gated else None  # the token gates read the attention's input tokens
-        self.gate_sink: tuple[dict, str] | None = None  # where the first call leaves the gate logits (the loss's)
-        self.gate_logits: torch.Tensor | None = None  # given logits (the noisy stream's, from the source pass)
+        # the token gates read the attention's input tokens; their logits are computed by the pass's first call
+        # and reused by the second (q/k/v, then the output projection), and left in `gates[name]` for the loss
+        self.gate_from = self.hidden if gated and bank.has_token_gate else None
+        self.gate_logits: torch.Tensor | None = None  # computed, or given (the noisy stream's, from the source pass)
+        self.gates, self.name = gates, name
 
     def _deltas(self, hidden: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         r = self.routing
-        if self.gate_logits is not None:
+        if self.gate_logits is not None or self.gate_from is None:
             return self.bank(hidden, r.index, r.weight, self.num_active, names, gate_logits=self.gate_logits)
-        if self.gate_sink is None or self.gate_from is None or not self.bank.has_token_gate:
-            return self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from)
-        deltas, logits = self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from,
-                                   return_gate_logits=True)
-        sink, name = self.gate_sink
-        sink[name] = logits
-        self.gate_sink = None
+        deltas, self.gate_logits = self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from,
+                                             return_gate_logits=True)
+        if self.gates is not None:
+            self.gates[self.name] = self.gate_logits
         return deltas
 
     def add_qkv(self, query, key, value):

@@ -101,7 +101,8 @@ def fingerprint(*tensors: torch.Tensor | None) -> str:
 class CoLoGenOutput:
     sample: torch.Tensor  # (B, N, C) velocity prediction for the noisy tokens
     routing: dict[str, Routing]  # per PRW block and condition (`condition_key`), empty without sources or experts
-    token_gates: dict[str, torch.Tensor] = field(default_factory=dict)  # gate logits (B, N), keyed like routing
+    # the first condition's token-gate logits (B, N) per PRW block (the one condition on the target's grid)
+    token_gates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class CoLoGenTransformer(nn.Module):
@@ -322,7 +323,6 @@ class CoLoGenTransformer(nn.Module):
         states = self._source_states(conditions_of(source_tokens, source_ids), text.pooled, timestep, guidance,
                                      experts, cache)
         routing = {condition_key(name, i): r for i, state in enumerate(states) for name, r in state.routing.items()}
-        gates = {condition_key(name, i): g for i, state in enumerate(states) for name, g in state.gates.items()}
         kv = {}
         for name in states[0].kv if states else ():
             keys, values = zip(*(state.kv[name] for state in states))
@@ -335,4 +335,4 @@ class CoLoGenTransformer(nn.Module):
             hidden_states=latents.to(dtype), encoder_hidden_states=text.tokens.to(dtype),
             pooled_projections=text.pooled.to(dtype), timestep=timestep.to(dtype), img_ids=img_ids, txt_ids=txt_ids,
             guidance=guidance, joint_attention_kwargs={"prw": ctx}, return_dict=False)[0]
-        return CoLoGenOutput(sample=sample, routing=routing, token_gates=gates)
+        return CoLoGenOutput(sample=sample, routing=routing, token_gates=states[0].gates if states else {})

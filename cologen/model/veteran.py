@@ -61,12 +61,12 @@ def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor) -> tuple[t
 
 def token_gate_loss(gates: dict[str, torch.Tensor], changed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-gate supervision (ours): mean over PRW blocks of the binary cross-entropy between each token's gate
-    `sigmoid(logit)` and whether the target changes there (`changed` (B, N), the first condition's grid), so an
-    expert learns to leave alone what the output copies (outside an inpainting hole, around an edit). Only the
-    first condition's gates are supervised: the others have no grid of their own in the target. Returns (loss,
-    accuracy of "open" (`logit >= 0`) against `changed`)."""
-    first = [g for key, g in gates.items() if "/cond" not in key]
+    `sigmoid(logit)` and whether the target changes there (`changed` (B, N)), so an expert learns to leave alone
+    what the output copies (outside an inpainting hole). `gates` are the first condition's (`CoLoGenOutput.
+    token_gates`): the others have no grid of their own in the target. Returns (loss, accuracy of "open"
+    (`logit >= 0`) against `changed`)."""
     target = changed.float()
-    losses = [torch.nn.functional.binary_cross_entropy_with_logits(g.float(), target.to(g.device)) for g in first]
-    hits = [((g >= 0) == changed.to(g.device)).float().mean() for g in first]  # open: logit >= 0
+    losses = [torch.nn.functional.binary_cross_entropy_with_logits(g.float(), target.to(g.device))
+              for g in gates.values()]
+    hits = [((g >= 0) == changed.to(g.device)).float().mean() for g in gates.values()]  # open: logit >= 0
     return torch.stack(losses).mean(), torch.stack(hits).mean().detach()

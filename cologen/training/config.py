@@ -9,6 +9,13 @@ from cologen.data.tasks import TASKS
 from cologen.typed_config import check_choices
 
 
+def check_tasks(field_name: str, tasks: list[str] | None) -> None:
+    """One line naming the unknown tasks of a config's task list (None: every task)."""
+    unknown = sorted(set(tasks or ()) - set(TASKS))
+    if unknown:
+        raise ValueError(f"{field_name}: unknown tasks {unknown} (known: {', '.join(TASKS)})")
+
+
 @dataclass
 class FlowMatchingConfig:
     """Rectified flow as FLUX: x_t = (1 - s) x0 + s noise, target noise - x0, MSE on the noisy tokens.
@@ -39,9 +46,7 @@ class FlowMatchingConfig:
     def __post_init__(self):
         if self.change_weight < 0:
             raise ValueError(f"flow.change_weight must be >= 0, got {self.change_weight}")
-        unknown = sorted(set(self.change_weight_tasks or ()) - set(TASKS))
-        if unknown:
-            raise ValueError(f"flow.change_weight_tasks: unknown tasks {unknown} (known: {', '.join(TASKS)})")
+        check_tasks("flow.change_weight_tasks", self.change_weight_tasks)
         for name in ("text_dropout", "source_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -78,9 +83,7 @@ class VeteranConfig:
             raise ValueError(f"veteran.task_weight must be >= 0, got {self.task_weight}")
         if self.gate_weight < 0:
             raise ValueError(f"veteran.gate_weight must be >= 0, got {self.gate_weight}")
-        unknown = sorted(set(self.gate_tasks or ()) - set(TASKS))
-        if unknown:
-            raise ValueError(f"veteran.gate_tasks: unknown tasks {unknown} (known: {', '.join(TASKS)})")
+        check_tasks("veteran.gate_tasks", self.gate_tasks)
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"veteran.rho must be in [0, 1], got {self.rho}")
         if self.alpha < 0:
