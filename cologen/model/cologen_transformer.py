@@ -27,6 +27,10 @@ from .router import NoisyTop1Router, Routing
 from .text_encoders import TextEmbeddings
 
 
+def _full_checkpoint(function, *args):
+    return checkpoint(function, *args, use_reentrant=False)
+
+
 @dataclass
 class SourceState:
     """The source stream's per-block keys/values and routing: independent of the denoising step (t = 0
@@ -133,6 +137,7 @@ class CoLoGenTransformer(nn.Module):
                 self.prw_block_names.append(kind)
         self.register_buffer("entry_offset", torch.zeros(max(self.prw.num_experts, 1)), persistent=True)
         self.gradient_checkpointing = False
+        self._checkpoint_fn = _full_checkpoint
 
     # ----------------------------------------------------------------------------------------------- structure
     def _named_blocks(self):
@@ -201,10 +206,14 @@ class CoLoGenTransformer(nn.Module):
     def set_extra_state(self, state) -> None:
         self.num_active = int(state["num_active"])
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+    def enable_gradient_checkpointing(self, enabled: bool = True, checkpoint_fn=None) -> None:
+        """Recompute each block's activations in the backward pass, in both streams. `checkpoint_fn(function,
+        *args)` checkpoints one block call (default: torch's non-reentrant checkpoint, everything recomputed;
+        `cologen.model.checkpointing.checkpoint_function` builds the selective one)."""
         self.gradient_checkpointing = enabled
+        self._checkpoint_fn = checkpoint_fn or _full_checkpoint
         if enabled:
-            self.transformer.enable_gradient_checkpointing()
+            self.transformer.enable_gradient_checkpointing(self._checkpoint_fn)
         else:
             self.transformer.disable_gradient_checkpointing()
 
@@ -297,7 +306,7 @@ class CoLoGenTransformer(nn.Module):
         for name, block in self._named_blocks():
             args = (block, name, hidden, temb, cos, sin, tbin, prompt, forced)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                out = checkpoint(self._source_block, *args, use_reentrant=False)
+                out = self._checkpoint_fn(self._source_block, *args)
             else:
                 out = self._source_block(*args)
             hidden, key, value, routing, gate = out
