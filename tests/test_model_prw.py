@@ -131,8 +131,8 @@ def capture_source_kv(model, inputs, source):
 
     def spy(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
             prw=None):
-        if prw is not None and prw.mode == "main" and self.name in prw.kv:
-            seen[self.name] = tuple(t.detach().clone() for t in prw.kv[self.name])
+        if prw is not None and prw.mode == "main" and prw.source is not None:
+            seen[self.name] = tuple(t.detach().clone() for t in prw.source.kv)
         return original(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, prw)
 
     PRWAttnProcessor.__call__ = spy

@@ -10,8 +10,9 @@ With no context (or no stash for this block) the processor computes exactly what
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -28,8 +29,22 @@ _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 
 @dataclass
+class BlockSource:
+    """What one block's main pass reads from the source pass: the source keys/values (every condition's,
+    concatenated), the first condition's routing and token-gate logits (the noisy-stream experts follow them)."""
+
+    kv: tuple[torch.Tensor, torch.Tensor]
+    routing: Routing | None = None
+    gate: torch.Tensor | None = None
+
+
+@dataclass
 class PRWContext:
-    """Per-forward state handed to every processor through `joint_attention_kwargs={"prw": ctx}`."""
+    """Per-call state handed to a block's processor through `joint_attention_kwargs={"prw": ctx}`.
+
+    Nothing in it is keyed by block: a source-pass context serves one block call, and the main pass's is bound to
+    each block by `bind_block` (a forward pre-hook, outside any compiled region). So the blocks of one class run the
+    same code on the same kinds of inputs, and `torch.compile` builds one graph per block class and pass."""
 
     mode: str  # "source" or "main"
     num_active: int = 1
@@ -38,12 +53,39 @@ class PRWContext:
     prompt: torch.Tensor | None = None  # pooled prompt embeddings (B, P), for routers with prompt input
     forced: torch.Tensor | None = None  # (B,) expert per sample: oracle routing (evaluation)
     text_len: int = 0  # main pass: text tokens in front of the noisy tokens of single-stream blocks
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # source pass: filled per PRW block; main pass: the source pass's decisions (noisy-stream experts follow them)
-    routing: dict[str, Routing] = field(default_factory=dict)
-    # source pass: the routed expert's token-gate logits (B, N) per PRW block with token gates (their supervision);
-    # main pass with `prw.noisy_gate`: the first condition's, which gate the noisy tokens at the same places
-    gates: dict[str, torch.Tensor] = field(default_factory=dict)
+    use_gates: bool = False  # main pass: the noisy tokens take the source pass's token gates (`prw.noisy_gate`)
+    # main pass: every block's source state by block name, and, once bound to a block, that block's
+    sources: dict[str, BlockSource] = field(default_factory=dict)
+    source: BlockSource | None = None
+    # source pass: what the block's processor leaves for the caller (its rotated K/V, routing, token-gate logits)
+    kv_out: tuple[torch.Tensor, torch.Tensor] | None = None
+    routing_out: Routing | None = None
+    gate_out: torch.Tensor | None = None
+
+    def for_block(self, name: str) -> PRWContext:
+        """The main-pass context of block `name`: its own source state, the other blocks' left out."""
+        return replace(self, sources={}, source=self.sources.get(name))
+
+
+def bind_block(name: str, block: torch.nn.Module):
+    """A forward pre-hook (with kwargs) for block `name` that hands its processor the main-pass context bound to the
+    block (`PRWContext.for_block`). It runs in the block's eager `__call__`, so a block compiled per class
+    (`CoLoGenTransformer.compile_repeated_blocks`) never sees the block's name; it finds `joint_attention_kwargs`
+    whether diffusers passes it by keyword or, under gradient checkpointing, by position."""
+    position = list(inspect.signature(block.forward).parameters).index("joint_attention_kwargs")
+
+    def hook(module, args, kwargs):
+        by_keyword = "joint_attention_kwargs" in kwargs
+        jak = kwargs["joint_attention_kwargs"] if by_keyword else args[position] if len(args) > position else None
+        prw = (jak or {}).get("prw")
+        if prw is None or prw.mode != "main":
+            return None
+        bound = {**jak, "prw": prw.for_block(name)}
+        if by_keyword:
+            return args, {**kwargs, "joint_attention_kwargs": bound}
+        return (*args[:position], bound, *args[position + 1:]), kwargs
+
+    return hook
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -77,7 +119,7 @@ class PRWAttnProcessor:
     _parallel_config = None
 
     def __init__(self, name: str):
-        self.name = name
+        self.name = name  # for reading a model's processors; never read in a call (compiled graphs would key on it)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None,
@@ -112,9 +154,9 @@ class PRWAttnProcessor:
             key = apply_rope(key, image_rotary_emb)
 
         if source_pass:
-            prw.kv[self.name] = (key, value)  # the source pass has no text tokens: all of it is source
-        elif prw is not None and self.name in prw.kv:
-            source_key, source_value = prw.kv[self.name]
+            prw.kv_out = (key, value)  # the source pass has no text tokens: all of it is source
+        elif prw is not None and prw.source is not None:
+            source_key, source_value = prw.source.kv
             key = torch.cat([key, source_key.to(key.dtype)], dim=1)
             value = torch.cat([value, source_value.to(value.dtype)], dim=1)
 
@@ -143,17 +185,16 @@ class PRWAttnProcessor:
             return None
         if prw.mode == "source":
             routing = route(attn.prw_router, hidden_states, prw)
-            prw.routing[self.name] = routing
-            return _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gated=True,
-                                  gates=prw.gates, name=self.name)
-        if bank.noisy_targets and self.name in prw.routing:
+            prw.routing_out = routing
+            return _RoutedAdapter(bank, routing, prw.num_active, bank.targets, hidden_states, 0, gated=True, ctx=prw)
+        source = prw.source
+        if bank.noisy_targets and source is not None and source.routing is not None:
             # single-stream blocks see text + noisy tokens; the experts adapt the noisy ones
             skip = prw.text_len if encoder_hidden_states is None else 0
-            adapter = _RoutedAdapter(bank, prw.routing[self.name], prw.num_active,
+            adapter = _RoutedAdapter(bank, source.routing, prw.num_active,
                                      [noisy_name(t) for t in bank.noisy_targets], hidden_states, skip, gated=False)
-            logits = prw.gates.get(self.name)
-            if logits is not None and logits.shape == adapter.hidden.shape[:2]:  # the same token grid
-                adapter.gate_logits = logits
+            if prw.use_gates and source.gate is not None and source.gate.shape == adapter.hidden.shape[:2]:
+                adapter.gate_logits = source.gate  # the same token grid
             return adapter
         return None
 
@@ -162,15 +203,16 @@ class _RoutedAdapter:
     """The routed expert's LoRA deltas on one pass's tokens (all of them, or those after `skip` text tokens)."""
 
     def __init__(self, bank, routing: Routing, num_active: int, names, hidden: torch.Tensor, skip: int, gated: bool,
-                 gates: dict[str, torch.Tensor] | None = None, name: str = ""):
+                 ctx: PRWContext | None = None):
         self.bank, self.routing, self.num_active = bank, routing, num_active
         self.names, self.skip = list(names), skip
         self.hidden = hidden[:, skip:] if skip else hidden
         # the token gates read the attention's input tokens; their logits are computed by the pass's first call
-        # and reused by the second (q/k/v, then the output projection), and left in `gates[name]` for the loss
+        # and reused by the second (q/k/v, then the output projection), and left in the source pass's `ctx.gate_out`
+        # (their supervision; the noisy stream's gates)
         self.gate_from = self.hidden if gated and bank.has_token_gate else None
         self.gate_logits: torch.Tensor | None = None  # computed, or given (the noisy stream's, from the source pass)
-        self.gates, self.name = gates, name
+        self.ctx = ctx
 
     def _deltas(self, hidden: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         r = self.routing
@@ -178,8 +220,8 @@ class _RoutedAdapter:
             return self.bank(hidden, r.index, r.weight, self.num_active, names, gate_logits=self.gate_logits)
         deltas, self.gate_logits = self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from,
                                              return_gate_logits=True)
-        if self.gates is not None:
-            self.gates[self.name] = self.gate_logits
+        if self.ctx is not None:
+            self.ctx.gate_out = self.gate_logits
         return deltas
 
     def add_qkv(self, query, key, value):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import PRWAttnProcessor, PRWContext
+from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
 from .config import PRWConfig
 from .experts import ExpertBank
 from .router import NoisyTop1Router, Routing
@@ -121,6 +121,7 @@ class CoLoGenTransformer(nn.Module):
         selected = {"both": ("double", "single"), "double": ("double",), "single": ("single",)}[self.prw.blocks]
         for kind, block in self._named_blocks():
             block.attn.set_processor(PRWAttnProcessor(kind))
+            block.register_forward_pre_hook(bind_block(kind, block), with_kwargs=True)
             self.block_names.append(kind)
             if self.prw.num_experts and kind.split(".")[0] in selected:
                 # Registered on the diffusers attention module, as peft injects adapters: the keys read
@@ -217,6 +218,16 @@ class CoLoGenTransformer(nn.Module):
         else:
             self.transformer.disable_gradient_checkpointing()
 
+    def compile_repeated_blocks(self, **compile_kwargs) -> None:
+        """Regional compilation (as diffusers' `compile_repeated_blocks`): `torch.compile` each block's `forward`
+        with `compile_kwargs`. Blocks of one class share their graphs (one per block class and pass, since nothing in
+        a block call depends on which block it is: see `PRWContext`), so the compile cost does not grow with depth
+        and FLUX.1-dev's 57 blocks stay far below Dynamo's recompile limit; routing decisions are tensors, so they
+        never recompile. The block's `__call__` (and the forward pre-hook that binds each block's source state) stay
+        eager; compiling `__call__` itself (`block.compile()`) would trace that hook and key a graph on each name."""
+        for _, block in self._named_blocks():
+            block.forward = torch.compile(block.forward, **compile_kwargs)
+
     # --------------------------------------------------------------------------------------------- computation
     @property
     def time_aware_routing(self) -> bool:
@@ -249,14 +260,14 @@ class CoLoGenTransformer(nn.Module):
                 passes += 1
         return passes
 
-    def _source_states(self, conditions, pooled, timestep, guidance, experts,
-                       cache: ConditionCache | None) -> list[SourceState]:
+    def _source_states(self, conditions, pooled, timestep, guidance, experts, cache: ConditionCache | None,
+                       key_timestep: torch.Tensor | None = None) -> list[SourceState]:
         states = []
         for i, (tokens, ids) in enumerate(conditions):
             if cache is None:
                 states.append(self.encode_source(tokens, ids, pooled, timestep, guidance, experts))
                 continue
-            key = self.cache_key(timestep, i, cache)
+            key = self.cache_key(timestep if key_timestep is None else key_timestep, i, cache)
             state = cache.get(key)
             if state is None:
                 cache.misses += 1
@@ -279,9 +290,9 @@ class CoLoGenTransformer(nn.Module):
         empty_text = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[2])
         _, hidden = block(hidden_states=hidden, encoder_hidden_states=empty_text, temb=temb,
                           image_rotary_emb=(cos, sin), joint_attention_kwargs={"prw": ctx})
-        key, value = ctx.kv[name]
-        r = ctx.routing.get(name)
-        return hidden, key, value, (r.index, r.weight, r.probs) if r is not None else None, ctx.gates.get(name)
+        key, value = ctx.kv_out
+        r = ctx.routing_out
+        return hidden, key, value, (r.index, r.weight, r.probs) if r is not None else None, ctx.gate_out
 
     def encode_source(self, source_tokens: torch.Tensor, source_ids: torch.Tensor, pooled: torch.Tensor,
                       timestep: torch.Tensor, guidance: torch.Tensor | None = None,
@@ -320,24 +331,26 @@ class CoLoGenTransformer(nn.Module):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings, img_ids: torch.Tensor,
                 txt_ids: torch.Tensor, source_tokens: Tokens | None = None, source_ids: Tokens | None = None,
                 guidance: torch.Tensor | None = None, cache: ConditionCache | None = None,
-                experts: torch.Tensor | None = None) -> CoLoGenOutput:
+                experts: torch.Tensor | None = None, host_timestep: torch.Tensor | None = None) -> CoLoGenOutput:
         """Velocity prediction for the noisy `latents` (B, N, C) at `timestep` in [0, 1] (s of x_t = (1-s)x0 + s n).
 
         `source_tokens` (B, Ns, C) are the packed condition latents with ids (Ns, 3) or per sample (B, Ns, 3); or a
         list of such tensors, one per condition (every sample of the batch has as many), with a list of ids.
         With a `cache`, each condition's source stream is computed once per routing key and reused. `experts` (B,)
         forces each sample's expert (oracle routing, for evaluation). The noisy-stream experts (options
-        `prw.noisy_targets`) follow the first condition's routing.
+        `prw.noisy_targets`) follow the first condition's routing. `host_timestep`: `timestep`'s values in a CPU
+        tensor, which the cache's key reads instead (a sampler knows its schedule on the host: no device-to-host
+        copy per step).
         """
         states = self._source_states(conditions_of(source_tokens, source_ids), text.pooled, timestep, guidance,
-                                     experts, cache)
+                                     experts, cache, host_timestep)
         routing = {condition_key(name, i): r for i, state in enumerate(states) for name, r in state.routing.items()}
-        kv = {}
+        sources = {}
         for name in states[0].kv if states else ():
             keys, values = zip(*(state.kv[name] for state in states))
-            kv[name] = (keys[0], values[0]) if len(states) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
-        ctx = PRWContext(mode="main", kv=kv, routing=states[0].routing if states else {}, num_active=self.num_active,
-                         gates=states[0].gates if states and self.prw.noisy_gate else {},
+            kv = (keys[0], values[0]) if len(states) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
+            sources[name] = BlockSource(kv, states[0].routing.get(name), states[0].gates.get(name))
+        ctx = PRWContext(mode="main", sources=sources, num_active=self.num_active, use_gates=self.prw.noisy_gate,
                          text_len=text.tokens.shape[1])
         dtype = self.transformer.x_embedder.weight.dtype
         sample = self.transformer(

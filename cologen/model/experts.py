@@ -40,6 +40,14 @@ class LoRA(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
 
+def select(stacked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`stacked[index]` (each sample's expert's weights) as a one-hot product: exact (one 1, zeros elsewhere), and
+    its backward is a product too, not a scatter into the stacked experts (inductor's CPU backend crashed on that
+    scatter fused with the router's backward, torch 2.13)."""
+    one_hot = torch.nn.functional.one_hot(index, stacked.shape[0]).to(stacked.dtype)
+    return (one_hot @ stacked.reshape(stacked.shape[0], -1)).reshape(*index.shape, *stacked.shape[1:])
+
+
 def noisy_name(target: str) -> str:
     return f"noisy_{target}"
 
@@ -96,7 +104,7 @@ class ExpertBank(nn.Module):
             raise ValueError("token gates need sample routing (prw.router.granularity: sample)")
         w = torch.stack([e.token_gate.weight[0] for e in self.experts]).to(hidden.dtype)  # (E, D)
         b = torch.stack([e.token_gate.bias[0] for e in self.experts]).to(hidden.dtype)  # (E,)
-        return torch.bmm(hidden, w[index].unsqueeze(-1)).squeeze(-1) + b[index][:, None]
+        return torch.bmm(hidden, select(w, index).unsqueeze(-1)).squeeze(-1) + select(b, index)[:, None]
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, N, 1) scale of each token's deltas: `2 * sigmoid(logits)` (1 at init), or with hard gates
@@ -134,10 +142,10 @@ class ExpertBank(nn.Module):
         r = self.rank
         if index.dim() == 1:
             # the routing weight scales the rank-r intermediate, the smallest tensor on the path
-            z = torch.bmm(hidden, down[index].transpose(1, 2)) * (weight * self.scale).to(dtype)[:, None, None]
+            z = torch.bmm(hidden, select(down, index).transpose(1, 2)) * (weight * self.scale).to(dtype)[:, None, None]
             if gate is not None:
                 z = z * gate.to(dtype)
-            return [torch.bmm(z[..., i * r:(i + 1) * r], up[index].transpose(1, 2)) for i, up in enumerate(ups)]
+            return [torch.bmm(z[..., i * r:(i + 1) * r], select(up, index).transpose(1, 2)) for i, up in enumerate(ups)]
         if gate is not None:
             raise ValueError("token gates need sample routing (prw.router.granularity: sample)")
         deltas = [hidden.new_zeros(*hidden.shape[:2], up.shape[1]) for up in ups]

@@ -139,7 +139,10 @@ def training_step_flops(config: Mapping, work: Workload, rank: int, num_experts:
             fc.add("attention", b * f, b * g)
         if prw[k]:
             lora = 8.0 * d * rank * ns  # down (D -> 2r, K and V stacked) and up (r -> D, twice)
-            fc.add("lora", b * lora, b * (1.5 * lora + (0.5 * lora if src_in[k] else 0.0)))
+            # each sample's expert picked from the E stacked ones by a one-hot product (experts.select), and its
+            # weight gradient back
+            pick = 8.0 * d * rank * num_experts
+            fc.add("lora", b * (lora + pick), b * (1.5 * lora + (0.5 * lora if src_in[k] else 0.0) + pick))
             router = (2 if noisy_router else 1) * 2.0 * d * num_experts
             fc.add("router", b * router, b * router * (2 if src_in[k] else 1))
     return fc

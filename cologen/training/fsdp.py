@@ -49,7 +49,7 @@ def data_parallel_mesh(device_type: str, world_size: int, replicate_groups: int 
                             mesh_dim_names=("replicate", "shard"))
 
 
-def _unshard_before_source_kv_backward(name: str):
+def _unshard_before_source_kv_backward():
     """FSDP gathers a unit's weights for the backward pass when the gradient reaches the unit's outputs. The source
     pass's keys/values leave a block through the PRW context, not through its outputs, so their backward (through
     `to_k` / `to_v`) could run on resharded weights; a gradient hook on them gathers the block first. (With
@@ -57,9 +57,9 @@ def _unshard_before_source_kv_backward(name: str):
 
     def hook(block: nn.Module, args, kwargs, output) -> None:
         ctx = (kwargs.get("joint_attention_kwargs") or {}).get("prw")
-        if ctx is None or ctx.mode != "source" or name not in ctx.kv:
+        if ctx is None or ctx.mode != "source" or ctx.kv_out is None:
             return
-        for t in ctx.kv[name]:
+        for t in ctx.kv_out:
             if t.requires_grad:
                 t.register_hook(lambda grad: (block.unshard(), grad)[1])
 
@@ -84,10 +84,10 @@ def shard_cologen(model: CoLoGenTransformer, mesh: DeviceMesh, reshard_after_for
     if shard_adapters:
         for attn in model.prw_modules():
             units.append(fully_shard(attn.prw_experts, mesh=mesh, reshard_after_forward=reshard_after_forward))
-    for name, block in model._named_blocks():
+    for _, block in model._named_blocks():
         units.append(fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward,
                                  ignored_params=ignored(block)))
-        block.register_forward_hook(_unshard_before_source_kv_backward(name), with_kwargs=True)
+        block.register_forward_hook(_unshard_before_source_kv_backward(), with_kwargs=True)
     units.append(fully_shard(model, mesh=mesh, ignored_params=ignored(model)))
     return units  # FSDP moved the shards to the mesh's device; the replicated parameters stay where they were
 
