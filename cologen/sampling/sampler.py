@@ -79,6 +79,7 @@ class FlowSampler:
         mu = calculate_shift(num_tokens, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
                              sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
         scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
+        scheduler.set_begin_index(0)  # else its first step finds its index by a device-side search (a host sync)
         return scheduler, scheduler.timesteps
 
     @torch.no_grad()
@@ -149,11 +150,16 @@ class FlowSampler:
         if cache is not None:  # computed once per request, before the first step
             t0 = (timesteps[0] / 1000).expand(b * nb)
             stats.source_passes += model.prefill(cache, src_b, sids_b, text_b.pooled, t0, guidance, experts_b)
-        for t in timesteps:
+        # Nothing in the loop waits for the device: the cache keys read the schedule's host copy and the routing
+        # statistics are copied to the host once, after the last step.
+        host_timesteps = timesteps.cpu()
+        routing = []
+        for t, t_host in zip(timesteps, host_timesteps):
             s = (t / 1000).expand(b * nb).to(latents.dtype)
+            s_host = (t_host / 1000).expand(b * nb).to(latents.dtype)
             out = model(latents.repeat(nb, 1, 1), s, text_b, img_ids, txt_ids, src_b, sids_b, guidance, cache=cache,
-                        experts=experts_b)
-            stats.routing.append((float(t) / 1000, {k: r.index[:b].cpu() for k, r in out.routing.items()}))
+                        experts=experts_b, host_timestep=s_host)
+            routing.append({k: r.index[:b] for k, r in out.routing.items()})
             v = out.sample.float().chunk(nb)
             if nb == 1:
                 velocity = v[0]
@@ -164,7 +170,9 @@ class FlowSampler:
                 velocity = none + cfg.image_cfg_scale * (img_only - none) + cfg.cfg_scale * (full - img_only)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if on_step is not None:
-                on_step(len(stats.routing))
+                on_step(len(routing))
+        stats.routing = [(float(t) / 1000, {k: index.cpu() for k, index in step.items()})
+                         for t, step in zip(host_timesteps, routing)]
         if cache is not None:
             stats.cache_hits, stats.cache_misses = cache.hits - hits0, cache.misses - misses0
             stats.source_passes += stats.cache_misses
