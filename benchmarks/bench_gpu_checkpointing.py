@@ -2,10 +2,12 @@
 
     python -m benchmarks.bench_gpu_checkpointing            # any single CUDA GPU, FLUX.1-dev-sized (random weights)
     python -m benchmarks.bench_gpu_checkpointing --tiny     # the same code path on the CPU with a toy-sized FLUX
+    python -m benchmarks.bench_gpu_checkpointing --policies full selective   # + both passes, selective policy
 
 The model and inputs are bench_gpu.py's (FLUX.1-dev, 5 experts of rank 128, 512 px target + 512 px condition).
 For each variant (no checkpointing; the source pass, the main pass or both checkpointed; both with the source pass's
-RNG-state preservation off) it prints the median step time and the median time Python takes to *issue* the step
+RNG-state preservation off; with `--policies`, both passes under each further checkpointing policy of
+cologen/model/checkpointing.py) it prints the median step time and the median time Python takes to *issue* the step
 (forward, backward, AdamW, measured before the closing synchronize). Issue time close to step time means the GPU
 waits for the host (launch-bound), which a larger batch, CUDA graphs or torch.compile address, not fewer FLOPs.
 """
@@ -22,6 +24,7 @@ import torch
 import cologen.model.cologen_transformer as cologen_transformer
 from benchmarks.bench_gpu import FLUX_DEV, TINY  # the same model and inputs as bench_gpu.py
 from benchmarks.flux_models import build_cologen, forward_loss, make_inputs
+from cologen.model.checkpointing import POLICIES, checkpoint_function
 
 # (name, checkpoint the source pass, checkpoint the main pass, preserve the RNG state in the source pass)
 VARIANTS = [("none", False, False, True), ("main pass", False, True, True), ("source pass", True, False, True),
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="toy-sized FLUX on the CPU (tests this script)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (6; --tiny: 2)")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=["full"],
+                        help="checkpointing policies (the variants above are full's; each other adds 'both, POLICY')")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU, or pass --tiny for the CPU mode")
@@ -49,12 +54,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                   fused=cuda)
     checkpoint = cologen_transformer.checkpoint
     results = []
+    variants = [(*v, None) for v in VARIANTS]  # None: the model's default checkpoint function (full)
+    variants += [(f"both, {p}", True, True, True, checkpoint_function(p)) for p in args.policies if p != "full"]
     print(f"{'variant':<28} {'batch':>5} {'step_s':>8} {'issue_s':>8} {'peak_GB':>8}")
     try:
         for batch in args.batch_sizes:
             inputs = make_inputs(config, batch, grid, grid, text_tokens, device=device)
-            for name, source_ckpt, main_ckpt, keep_rng in VARIANTS:
-                model.enable_gradient_checkpointing(main_ckpt)  # diffusers' own per-block checkpointing
+            for name, source_ckpt, main_ckpt, keep_rng, checkpoint_fn in variants:
+                model.enable_gradient_checkpointing(main_ckpt, checkpoint_fn)  # diffusers' own per-block checkpointing
                 model.gradient_checkpointing = source_ckpt  # the source pass's
                 cologen_transformer.checkpoint = checkpoint if keep_rng else functools.partial(
                     checkpoint, preserve_rng_state=False)

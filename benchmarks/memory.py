@@ -9,7 +9,10 @@ efficient: what PyTorch SDPA picks on a GPU for bf16), q, k, v and the probabili
 
 With gradient checkpointing a block keeps only its inputs (each block's input hidden states, the shared temb and
 RoPE tables) and the source stream's keys/values (the main pass reads them); the backward pass recomputes one block
-at a time, so the largest block's activations are added once. Not counted: the allocator's fragmentation and
+at a time, so the largest block's activations are added once. Selective checkpointing (`model.checkpointing_policy:
+selective`, cologen/model/checkpointing.py) keeps, besides, the outputs its policy saves: the bytes are read from the
+selective-checkpoint caches themselves at the end of the forward, with the matmul and attention FLOPs those saved ops
+spare the recomputation (and what full checkpointing recomputes). Not counted: the allocator's fragmentation and
 cache, CUDA/cuBLAS workspaces, transient tensors inside a block and gradient buffers in flight (the GPU benchmark's
 peak-memory column measures all of it).
 """
@@ -24,9 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.flop_counter import flop_registry
 
 import cologen.model.attention as prw_attention
 from benchmarks.flux_models import FLUX_DEV_TRANSFORMER, PAPER_PRW, build_cologen, forward_loss, make_inputs
+from cologen.model.checkpointing import checkpoint_function, selective_policy
 from cologen.model.cologen_transformer import CoLoGenTransformer
 
 GB = 1e9
@@ -34,12 +41,17 @@ GB = 1e9
 
 # ------------------------------------------------------------------------------------------------- attention
 class _FusedAttention(torch.autograd.Function):
-    """Saves what flash / memory-efficient kernels save; the values are never used (meta tensors)."""
+    """Saves what flash / memory-efficient kernels save; the values are never used (meta tensors). The output and
+    log-sum-exp come from the flash kernel's op (its meta kernel on the meta device), so a selective checkpointing
+    policy sees the attention op it would see on a GPU."""
 
     @staticmethod
     def forward(ctx, q, k, v):  # (B, S, H, D) as diffusers' dispatch
-        out = torch.empty_like(q)
-        lse = q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+        aten = torch.ops.aten
+        flash = aten._scaled_dot_product_flash_attention_for_cpu if q.device.type == "cpu" else \
+            aten._scaled_dot_product_flash_attention
+        out, lse = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[:2]  # (B, H, S, D), (B, H, S)
+        out = out.transpose(1, 2)
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -56,7 +68,7 @@ class _MathAttention(torch.autograd.Function):
     def forward(ctx, q, k, v):
         probs = q.new_empty(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
         ctx.save_for_backward(q, k, v, probs)
-        return torch.empty_like(q)
+        return torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2)  # the kernel's last bmm, as the policy sees it
 
     @staticmethod
     def backward(ctx, grad):
@@ -101,19 +113,81 @@ class ActivationBytes:
     kv_stash: int = 0  # with checkpointing: the source keys/values the main pass reads back when recomputed
     recompute: int = 0  # with checkpointing: one block's activations while it is recomputed (the largest)
     per_block: dict[str, int] = field(default_factory=dict)  # without checkpointing: bytes saved per pass:block
+    kept: int = 0  # selective checkpointing: the outputs its policy saves (held until the backward pass)
+    block_flops: int = 0  # with checkpointing: matmul + attention FLOPs of the checkpointed blocks' forward
+    recompute_flops: int = 0  # ... of which the backward pass recomputes (all with full checkpointing)
 
     @property
     def total(self) -> int:
-        return self.saved + self.kv_stash + self.recompute
+        return self.saved + self.kept + self.kv_stash + self.recompute
+
+
+def _flops(op, args, kwargs, out) -> int:
+    count = flop_registry.get(getattr(op, "overloadpacket", None))
+    return int(count(*args, **kwargs, out_val=out)) if count is not None else 0
+
+
+class _BlockFlops(TorchDispatchMode):
+    """Counts the matmul and attention FLOPs of the ops that run inside a block (`inside()` says when)."""
+
+    def __init__(self, inside: Callable[[], bool]):
+        super().__init__()
+        self.inside, self.flops = inside, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.inside():
+            self.flops += _flops(func, args, kwargs or {}, out)
+        return out
+
+
+class _Selective:
+    """The selective `checkpoint_fn`, remembering its caches and the FLOPs of the ops its policy saves."""
+
+    def __init__(self):
+        self.caches: list[weakref.ref] = []  # each checkpointed call's cache (alive while its graph is)
+        self.saved_flops = 0
+
+    def policy(self, ctx, op, *args, **kwargs):
+        decision = selective_policy(ctx, op, *args, **kwargs)
+        if not ctx.is_recompute and decision == CheckpointPolicy.MUST_SAVE:
+            self.saved_flops += _flops(op, args, kwargs, ctx.op_output)
+        return decision
+
+    def context_fn(self):
+        forward, recompute = create_selective_checkpoint_contexts(self.policy)
+        self.caches.append(weakref.ref(recompute))  # the recomputation's mode holds the cache
+        return forward, recompute
+
+    def __call__(self, function, *args):
+        return checkpoint(function, *args, use_reentrant=False, context_fn=self.context_fn)
+
+    def kept_tensors(self) -> Iterator[torch.Tensor]:
+        for ref in self.caches:
+            mode = ref()
+            for entries in (mode.storage.values() if mode is not None else ()):
+                for entry in entries.values():
+                    yield from _cached(entry)
+
+
+def _cached(entry) -> Iterator[torch.Tensor]:
+    """The tensors of a selective-checkpoint cache entry (a wrapped output, or a tuple of them)."""
+    if isinstance(entry, (tuple, list)):
+        for item in entry:
+            yield from _cached(item)
+    elif isinstance(getattr(entry, "val", None), torch.Tensor):
+        yield entry.val
 
 
 def activation_bytes(model: CoLoGenTransformer, inputs: dict, checkpointing: bool, attention: str = "fused",
-                     recompute: int | None = None) -> ActivationBytes:
+                     recompute: int | None = None, policy: str = "full") -> ActivationBytes:
     """Bytes of activations one training step keeps for its backward pass (run it on meta tensors).
 
-    With checkpointing, `recompute` is the largest block's activations (`max(per_block)` of a run without it;
-    measured when not given).
+    With checkpointing, `policy` is the checkpointing policy ("full" or "selective") and `recompute` the largest
+    block's activations (`max(per_block)` of a run without it; measured when not given; with the selective policy
+    an upper bound: the block's saved outputs, counted in `kept`, are not recomputed).
     """
+    checkpoint_function(policy)  # a known policy
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     # Weak references: what counts is what is still alive when the forward ends (a branch that feeds nothing,
     # such as the last source block's output, is freed with its graph, and its storage address may be reused).
@@ -140,13 +214,16 @@ def activation_bytes(model: CoLoGenTransformer, inputs: dict, checkpointing: boo
 
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post, with_kwargs=True))
-    was = model.gradient_checkpointing
+    was, was_fn = model.gradient_checkpointing, model._checkpoint_fn
     model.train()
-    model.enable_gradient_checkpointing(checkpointing)
+    selective = _Selective() if checkpointing and policy == "selective" else None
+    model.enable_gradient_checkpointing(checkpointing, selective or checkpoint_function(policy))
     seen: dict[int, int] = {}  # storage -> bytes: each live storage once, however many ops save it or its views
     per_block: dict[str, int] = {}
+    kept = 0
+    flops = _BlockFlops(lambda: label[0] != "outside")
     try:
-        with attention_standin(attention), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with attention_standin(attention), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), flops:
             loss = forward_loss(model, inputs)
         for ref, where in saved:
             t = ref()
@@ -158,13 +235,21 @@ def activation_bytes(model: CoLoGenTransformer, inputs: dict, checkpointing: boo
                 continue
             seen[sid] = storage.nbytes()
             per_block[where] = per_block.get(where, 0) + storage.nbytes()
+        for t in selective.kept_tensors() if selective is not None else ():
+            storage = t.untyped_storage()
+            if storage._cdata not in params and storage._cdata not in seen:
+                seen[storage._cdata] = storage.nbytes()
+                kept += storage.nbytes()
         del loss
     finally:
-        model.enable_gradient_checkpointing(was)
+        model.enable_gradient_checkpointing(was, was_fn)
         for h in handles:
             h.remove()
-    report = ActivationBytes(saved=sum(seen.values()), per_block={} if checkpointing else per_block)
+    report = ActivationBytes(saved=sum(seen.values()) - kept, per_block={} if checkpointing else per_block,
+                             kept=kept)
     if checkpointing:
+        report.block_flops = flops.flops
+        report.recompute_flops = flops.flops - (selective.saved_flops if selective is not None else 0)
         sources = inputs["source_tokens"]  # one condition, or one tensor per condition (each stashes its K/V)
         sources = sources if isinstance(sources, list) else [sources]
         b, ns = sources[0].shape[0], sum(s.shape[1] for s in sources)
@@ -212,13 +297,16 @@ class MemoryPlan:
     trainable_params: int  # newest expert + routers
     text_encoder_params: dict[str, int]
     vae_params: int
-    activations: dict[tuple[int, bool, str], ActivationBytes]  # (batch, checkpointing, attention)
+    activations: dict[tuple[int, str, str], ActivationBytes]  # (batch, checkpointing: CHECKPOINTING, attention)
 
     def persistent(self, base_bytes: int = 2, eight_bit: bool = False, shards: int = 1) -> float:
         """Weights, gradients and AdamW states that live through a step (one trained expert's states)."""
         adam = 2 if eight_bit else 8
         return (self.base_params * base_bytes / shards + (self.expert_params + self.router_params) * 4
                 + self.trainable_params * (4 + adam))
+
+
+CHECKPOINTING = ("off", "full", "selective")  # the budget's checkpointing column: none, then `checkpointing_policy`
 
 
 def plan(config: dict | None = None, batch_sizes: tuple[int, ...] = (1, 4), rows: int = 32, cols: int = 32,
@@ -233,9 +321,10 @@ def plan(config: dict | None = None, batch_sizes: tuple[int, ...] = (1, 4), rows
     for b in batch_sizes:
         inputs = make_inputs(config, b, rows, cols, text_tokens, device="meta")
         for attention in ("fused", "math"):
-            full = acts[(b, False, attention)] = activation_bytes(model, inputs, False, attention)
-            acts[(b, True, attention)] = activation_bytes(model, inputs, True, attention,
-                                                          recompute=max(full.per_block.values()))
+            off = acts[(b, "off", attention)] = activation_bytes(model, inputs, False, attention)
+            for policy in CHECKPOINTING[1:]:
+                acts[(b, policy, attention)] = activation_bytes(model, inputs, True, attention,
+                                                                recompute=max(off.per_block.values()), policy=policy)
     return MemoryPlan(base, experts, routers, trainable, text_encoder_params(), vae_params(), acts)
 
 
@@ -266,8 +355,8 @@ def switches_table(p: MemoryPlan) -> str:
     """The switches table of docs/memory.md (savings computed from `p`, batch 1 unless stated)."""
     a = p.activations
     enc = sum(p.text_encoder_params.values())
-    fused1, fused1_ck = a[(1, False, "fused")].total, a[(1, True, "fused")].total
-    math1, math1_ck = a[(1, False, "math")].total, a[(1, True, "math")].total
+    fused1, fused1_ck = a[(1, "off", "fused")].total, a[(1, "full", "fused")].total
+    math1, math1_ck = a[(1, "off", "math")].total, a[(1, "full", "math")].total
     adapters = (p.expert_params + p.router_params) * 4
     rows = [
         ("frozen base in bf16, experts and routers fp32",
@@ -276,12 +365,15 @@ def switches_table(p: MemoryPlan) -> str:
          f"in fp32 -> {_gb(p.base_params * 2)} in bf16); the {p.expert_params / 1e6:.0f}M expert and "
          f"{p.router_params / 1e6:.2f}M router parameters stay fp32 ({_gb(adapters)})", MEASURED["bf16"]),
     ]
-    if (4, False, "fused") in a:
-        fused4, fused4_ck = a[(4, False, "fused")].total, a[(4, True, "fused")].total
+    if (4, "off", "fused") in a:
+        fused4, fused4_ck = a[(4, "off", "fused")].total, a[(4, "full", "fused")].total
         rows.append(("gradient checkpointing per block", "`model.gradient_checkpointing: true` (on)",
                      f"{_gb(fused1 - fused1_ck)} of activations at batch 1 ({_gb(fused1)} -> {_gb(fused1_ck)}); "
                      f"{_gb(fused4 - fused4_ck)} at batch 4 ({_gb(fused4)} -> {_gb(fused4_ck)})",
                      MEASURED["checkpointing"]))
+    if (1, "selective", "fused") in a:
+        rows.append(("selective checkpointing: keep attention and the down projections, recompute the rest",
+                     "`model.checkpointing_policy: selective` (off: `full`)", selective_saving(p), "not measured"))
     rows += [
         ("precomputed text embeddings, no text encoders",
          "`model.load_text_encoder: false` (`precomputed.yaml`)",
@@ -308,6 +400,38 @@ def switches_table(p: MemoryPlan) -> str:
     return "\n".join(lines + [f"| {a_} | {b_} | {c_} | {d_} |" for a_, b_, c_, d_ in rows])
 
 
+def selective_saving(p: MemoryPlan) -> str:
+    """The switches table's cell of selective checkpointing: its cost in memory and what it spares (vs full)."""
+    a = p.activations
+    cells = []
+    for b in sorted({k[0] for k in a}):
+        full, sel = a[(b, "full", "fused")], a[(b, "selective", "fused")]
+        cells.append(f"{_gb(sel.total - full.total)} more activations than full checkpointing at batch {b} "
+                     f"({_gb(full.total)} -> {_gb(sel.total)}, peak {_gb(p.persistent() + sel.total)})")
+    sel = a[(1, "selective", "fused")]
+    return ("; ".join(cells) + f"; the backward pass recomputes {sel.recompute_flops / sel.block_flops:.0%} of the "
+            f"blocks' matmul and attention FLOPs instead of all ({sel.recompute_flops / 1e12:.1f} of "
+            f"{sel.block_flops / 1e12:.1f} TFLOP per sample)")
+
+
+def selective_note(p: MemoryPlan) -> str:
+    """What selective checkpointing keeps per block and token, and where it fits the 40 GB goal."""
+    a = p.activations
+    fits = [b for b in sorted({k[0] for k in a}) if p.persistent() + a[(b, "selective", "fused")].total <= GOAL_GB * GB]
+    sel1, full1 = a[(1, "selective", "fused")], a[(1, "full", "fused")]
+    text = (f"Selective checkpointing keeps {_gb(sel1.kept, 2)} per sample (batch 1) of attention outputs, "
+            f"log-sum-exps and down-projection outputs, and the backward pass recomputes "
+            f"{sel1.recompute_flops / 1e12:.1f} TFLOP of matmuls and attention per sample instead of "
+            f"{full1.recompute_flops / 1e12:.1f} TFLOP ({1 - sel1.recompute_flops / full1.recompute_flops:.0%} less). ")
+    text += (f"Its estimated peak stays under {GOAL_GB:.0f} GB at batch {', '.join(map(str, fits))}"
+             if fits else f"Its estimated peak is over {GOAL_GB:.0f} GB at every batch size planned")
+    over = [b for b in sorted({k[0] for k in a}) if b not in fits]
+    if over:
+        text += (f"; at batch {', '.join(map(str, over))} it is over, so there full checkpointing (or selective on "
+                 "fewer blocks) is the one that fits")
+    return text + "."
+
+
 def persistent_line(p: MemoryPlan) -> str:
     trained = p.trainable_params
     return (f"Persistent through a step: base {_gb(p.base_params * 2, 2)} (bf16) + experts and routers "
@@ -320,15 +444,19 @@ def budget_table(p: MemoryPlan) -> str:
     """Activations and the estimated peak per (batch, checkpointing, attention); the flux_dev default in bold."""
     lines = ["| batch | checkpointing | attention | activations | estimated peak (persistent + activations) |",
              "|---|---|---|---|---|"]
-    for (b, ckpt, attention), act in sorted(p.activations.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    order = {mode: i for i, mode in enumerate(CHECKPOINTING)}
+    for (b, ckpt, attention), act in sorted(p.activations.items(), key=lambda kv: (kv[0][0], order[kv[0][1]],
+                                                                                       kv[0][2])):
         peak = p.persistent() + act.total
-        default = b == 1 and ckpt and attention == "fused"
+        default = b == 1 and ckpt == "full" and attention == "fused"
         acts = _gb(act.total, 2)
         if default:
             acts = (f"**{acts}** ({act.saved / GB:.2f} saved: block inputs and the embedders'; "
                     f"{act.kv_stash / GB:.2f} source K/V the main pass reads back; {act.recompute / GB:.2f} one "
                     "recomputed block)")
-        cells = [str(b), "on" if ckpt else "off", attention, acts, _gb(peak)]
+        if ckpt == "selective" and attention == "fused":
+            acts += f" ({act.kept / GB:.2f} kept by the policy)"
+        cells = [str(b), ckpt, attention, acts, _gb(peak)]
         if default:
             cells[1:3] = [f"**{c}**" for c in cells[1:3]]
             cells[4] = f"**{cells[4]}**"
@@ -339,13 +467,13 @@ def budget_table(p: MemoryPlan) -> str:
 def verdict(p: MemoryPlan) -> str:
     """What the budget means for the 40 GB goal (and DDP's extra buckets)."""
     a = p.activations
-    off, on = p.persistent() + a[(1, False, "fused")].total, p.persistent() + a[(1, True, "fused")].total
-    streams = _streams(a[(1, False, "fused")])
+    off, on = p.persistent() + a[(1, "off", "fused")].total, p.persistent() + a[(1, "full", "fused")].total
+    streams = _streams(a[(1, "off", "fused")])
     text = [f"At batch 1 the estimate is {_gb(on)} with checkpointing and {_gb(off)} without it, "
             + ("over" if off > GOAL_GB * GB else "under") + f" the {GOAL_GB:.0f} GB goal before any allocator "
             "overhead (measured on an H200: 29.5 GB and 38.1 GB)"]
-    if (4, True, "fused") in a:
-        text[0] += f"; batch 4 with checkpointing is {_gb(p.persistent() + a[(4, True, 'fused')].total)}"
+    if (4, "full", "fused") in a:
+        text[0] += f"; batch 4 with checkpointing is {_gb(p.persistent() + a[(4, 'full', 'fused')].total)}"
     text[0] += "."
     if {"source", "main"} <= set(streams):
         text.append(f"Without checkpointing the source stream keeps almost as much as the noisy stream "
@@ -361,7 +489,7 @@ def verdict(p: MemoryPlan) -> str:
 
 def offload_note(p: MemoryPlan) -> str:
     enc = sum(p.text_encoder_params.values()) * 2
-    step = p.persistent() + p.activations[(1, True, "fused")].total
+    step = p.persistent() + p.activations[(1, "full", "fused")].total
     return (f"* **Offloading is not a peak saving on its own.** The offloaded T5-XXL moves to the GPU while it "
             f"encodes prompts that are not in its cache. That moment holds the persistent {_gb(p.persistent())} "
             f"plus {_gb(enc)} of encoder weights ({_gb(p.persistent() + enc)}), which with checkpointing at batch 1 "
@@ -374,7 +502,8 @@ def offload_note(p: MemoryPlan) -> str:
 def doc_sections(p: MemoryPlan) -> dict[str, str]:
     """The generated sections of docs/memory.md."""
     return {"memory.switches": switches_table(p), "memory.persistent": persistent_line(p),
-            "memory.budget": budget_table(p), "memory.verdict": verdict(p), "memory.offload": offload_note(p)}
+            "memory.budget": budget_table(p), "memory.verdict": verdict(p), "memory.offload": offload_note(p),
+            "memory.selective": selective_note(p)}
 
 
 def summary(p: MemoryPlan) -> str:
@@ -386,10 +515,13 @@ def summary(p: MemoryPlan) -> str:
              f"{p.persistent() / GB:.2f} GB; 8-bit AdamW: {p.persistent(eight_bit=True) / GB:.2f} GB"]
     for (b, ckpt, attention), act in sorted(a.items()):
         total = p.persistent() + act.total
-        lines.append(f"batch {b} checkpointing {'on ' if ckpt else 'off'} attention {attention:5s}: activations "
-                     f"{act.total / GB:6.2f} GB (saved {act.saved / GB:.2f}, kv stash {act.kv_stash / GB:.2f}, "
+        lines.append(f"batch {b} checkpointing {ckpt:9s} attention {attention:5s}: activations "
+                     f"{act.total / GB:6.2f} GB (saved {act.saved / GB:.2f}, kept {act.kept / GB:.2f}, "
+                     f"kv stash {act.kv_stash / GB:.2f}, "
                      f"recomputed block {act.recompute / GB:.2f}) -> "
-                     f"estimated step peak {total / GB:.1f} GB")
+                     f"estimated step peak {total / GB:.1f} GB"
+                     + (f"; recomputes {act.recompute_flops / 1e12:.1f} of {act.block_flops / 1e12:.1f} TFLOP"
+                        if act.block_flops else ""))
     return "\n".join(lines)
 
 
@@ -405,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs or args.check_docs:
         from cologen.docgen import stale, update
 
-        if (1, False, "fused") not in p.activations or (4, False, "fused") not in p.activations:
+        if (1, "off", "fused") not in p.activations or (4, "off", "fused") not in p.activations:
             parser.error("the docs need --batch-sizes 1 4")
         names = update(DOC, sections) if args.write_docs else stale(DOC, sections)
         verb = "rewrote" if args.write_docs else "stale (run `" + COMMAND + "`)"
