@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 from .compat import set_attention_backend
 from .curriculum.spec import CurriculumStep
+from .model.checkpointing import checkpoint_function
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
 from .model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids
 from .model.presets import Preset, TinyPreset
+from .model.quantize import check_quantize_base, quantize_frozen_base
 from .model.text_encoders import TextEmbeddings
 from .model.veteran import expert_usage, routing_entropy, task_routing_loss, token_gate_loss, veteran_loss
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
@@ -66,11 +68,21 @@ class CoLoGenModule(L.LightningModule):
         positions: position scheme of the source tokens per task.
         train_base: train the whole backbone (the tiny base pretraining of `make base`) instead of the experts.
         gradient_checkpointing: recompute each block's activations in the backward pass.
+        checkpointing_policy: what a checkpointed block recomputes (with `gradient_checkpointing`): 'full'
+            (everything; the least memory) or 'selective' (keeps the attention outputs and the down-projection
+            matmuls, recomputes the cheap rest: less recompute for more memory; docs/memory.md has both).
         load_text_encoder: False when batches carry precomputed text embeddings (`text_tokens`, `text_pooled`).
         offload_text_encoder: keep the frozen text encoder in CPU memory and move it to the accelerator only while
             it encodes prompts that are not cached yet (saves its GPU memory; precomputed embeddings save more).
         attention_backend: a diffusers attention backend name ('native', 'flash', '_native_cudnn', ...);
             null keeps diffusers' default (PyTorch SDPA, which picks flash / memory-efficient kernels itself).
+        quantize_base: store the frozen base's block weights quantized with torchao (`pip install
+            'cologen[quant]'`): 'int8_weight_only' (any device) or 'float8' (CUDA compute capability >= 8.9, bf16
+            base); null keeps the preset's dtype. Experts and routers stay fp32. Not with train_base
+            (docs/quantization.md).
+        compile_blocks: `torch.compile` the transformer blocks (regional compilation: one graph per block class and
+            pass, so the compile cost does not grow with depth; `CoLoGenTransformer.compile_repeated_blocks`). On
+            an H200 it made FLUX.1-dev's batch-4 step 1.32x faster (docs/benchmarks.md); the first step compiles.
         sampler: the sampler used by validation, `predict` and `generate`.
         init_from: a checkpoint of an earlier stage: its experts, routers and active-expert count are loaded
             (the optimizer starts fresh), e.g. `runs/tiny/stage1/last.ckpt` for stage 2.
@@ -79,9 +91,11 @@ class CoLoGenModule(L.LightningModule):
     def __init__(self, preset: Preset | None = None, prw: PRWConfig | None = None,
                  flow: FlowMatchingConfig | None = None, veteran: VeteranConfig | None = None,
                  optim: OptimConfig | None = None, positions: SourcePositionConfig | None = None,
-                 train_base: bool = False, gradient_checkpointing: bool = False, load_text_encoder: bool = True,
+                 train_base: bool = False, gradient_checkpointing: bool = False, checkpointing_policy: str = "full",
+                 load_text_encoder: bool = True,
                  offload_text_encoder: bool = False, attention_backend: str | None = None,
-                 sampler: SamplerConfig | None = None, init_from: str | None = None):
+                 sampler: SamplerConfig | None = None, init_from: str | None = None,
+                 quantize_base: str | None = None, compile_blocks: bool = False):
         super().__init__()
         # Configs arrive as objects (Python, LightningCLI) or as the plain dicts a checkpoint stores.
         self.preset = coerce(Preset, preset) or TinyPreset()
@@ -95,15 +109,18 @@ class CoLoGenModule(L.LightningModule):
             raise ValueError("veteran.gate_weight supervises token gates: set prw.token_gate: true (or gate_weight: 0)")
         if self.prw_config.hard_gate and not self.veteran.gate_weight:
             raise ValueError("prw.hard_gate learns only from its supervision: set veteran.gate_weight > 0")
+        check_quantize_base(quantize_base, train_base)
+        checkpoint_fn = checkpoint_function(checkpointing_policy)  # ValueError naming the policies
         self.train_base = train_base
         # Plain data only: checkpoints load with torch.load(weights_only=True) and loggers show readable values.
         self.save_hyperparameters({
             "preset": self.preset.to_hparams(), "prw": asdict(self.prw_config), "flow": asdict(self.flow),
             "veteran": asdict(self.veteran), "optim": asdict(self.optim), "positions": asdict(self.positions),
             "sampler": asdict(sampler) if sampler is not None else None, "train_base": train_base,
-            "gradient_checkpointing": gradient_checkpointing, "load_text_encoder": load_text_encoder,
+            "gradient_checkpointing": gradient_checkpointing, "checkpointing_policy": checkpointing_policy,
+            "load_text_encoder": load_text_encoder,
             "offload_text_encoder": offload_text_encoder, "attention_backend": attention_backend,
-            "init_from": init_from})
+            "quantize_base": quantize_base, "compile_blocks": compile_blocks, "init_from": init_from})
 
         backbone = self.preset.build(load_text_encoder=load_text_encoder)
         self.guidance_embeds = backbone.guidance_embeds
@@ -123,7 +140,11 @@ class CoLoGenModule(L.LightningModule):
         if train_base:
             for p in self.model.base_parameters():
                 p.requires_grad_(True)
-        self.model.enable_gradient_checkpointing(gradient_checkpointing)
+        if quantize_base is not None:
+            quantize_frozen_base(self.model, quantize_base)
+        self.model.enable_gradient_checkpointing(gradient_checkpointing, checkpoint_fn)
+        if compile_blocks:
+            self.model.compile_repeated_blocks()
         if attention_backend is not None:
             set_attention_backend(self.model.transformer, attention_backend)
         if init_from is not None:

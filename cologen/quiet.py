@@ -5,6 +5,9 @@
 - Lightning's tips advertising its cloud products (litlogger, litmodels), and "Seed set to N" (the config's
   `seed_everything`, which `config.yaml` records).
 - transformers' "Loading weights" bar when the tiny preset loads MiniLM (a 90 MB file, under a second).
+- what importing diffusers prints where torchao is installed (the `quant` extra; diffusers imports it): torchao's
+  "Failed to load" of its CUDA-only extensions on a CPU build of torch, torch's notice about torchao's Enum
+  registrations, and diffusers' "Unable to import `torchao` Tensor objects" (none of which cologen uses).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import sys
 import warnings
 
 # logger -> message prefixes dropped from it
-_DROP = {"lightning.pytorch.utilities.rank_zero": ("💡 Tip:",), "lightning.fabric.utilities.seed": ("Seed set to",)}
+_DROP = {"lightning.pytorch.utilities.rank_zero": ("💡 Tip:",), "lightning.fabric.utilities.seed": ("Seed set to",),
+         "torchao": ("Failed to load",), "torch.utils._pytree": ("<enum ",),
+         "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",)}
 
 
 class _Drop(logging.Filter):
