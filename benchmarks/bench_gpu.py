@@ -2,15 +2,18 @@
 
     make bench-gpu                      # any single CUDA GPU
     make bench-gpu ARGS=--tiny          # the same code path on the CPU with a toy-sized FLUX (tests the script)
-    python -m benchmarks.bench_gpu --batch-sizes 1 4 --checkpointing on off --steps 10 --json out.json
+    python -m benchmarks.bench_gpu --rows 4/off/compile 1/full/int8 --sampler compiled --baseline --json out.json
+    python -m benchmarks.bench_gpu --table out.json     # the markdown tables of docs/benchmarks.md
 
 What is timed: FLUX.1-dev's transformer (19 double + 38 single blocks, 24 heads x 128) built from its published
 config in bf16 directly on the GPU, with the paper's PRW bank (5 experts of rank 128, alpha 256, fp32) and a router
 per block; all 5 experts active, the newest one and the routers train (the last curriculum step). A training step
 at 512 x 512 with a 512 x 512 condition: 1024 noisy tokens, 1024 source tokens, 512 T5 tokens, forward +
-flow-matching loss + backward + AdamW, timed with CUDA events after warmup (median of the timed steps), per batch
-size and with / without gradient checkpointing. Then the 28-step Euler sampler at batch 1 with and without the
-condition cache (a weight-free latent stand-in replaces the VAE, so only the transformer is timed).
+flow-matching loss + backward + AdamW, timed with CUDA events after warmup (median of the timed steps), per row:
+`BATCH/CHECKPOINTING[/compile][/int8|/float8]` (checkpointing off / full / selective, the blocks compiled, a
+quantized frozen base). Then the 28-step Euler sampler at batch 1, eager (with and without the condition cache) and
+compiled (with it); a weight-free latent stand-in replaces the VAE, so only the transformer is timed. `--baseline`
+also times the stock diffusers + peft LoRA baseline (benchmarks/baseline_lora.py) at the eager rows' settings.
 
 Columns: step time (s); tokens/s = batch x (noisy + source + text tokens) / step time; TFLOP/s = model FLOPs /
 step time; MFU = TFLOP/s / the GPU's dense bf16 peak (table by device name below, or --peak-tflops); peak memory =
@@ -30,7 +33,7 @@ with D = 3072, S_main = text + noisy tokens = 1536, S_src = 1024, r = 128. This 
 made trainable-aware: a frozen base costs 2 (forward) + 2 (activation gradients) FLOPs per weight and token, not 6.
 The forward recomputed by gradient checkpointing is not counted (model FLOPs, the usual MFU convention).
 
-Goals on an H100-class GPU: peak memory <= 40 GB at batch 1 with checkpointing; MFU >= 40% at batch 4.
+Goals on an H100-class GPU: docs/benchmarks.md, "Goals" (the script prints the verdicts its rows can judge).
 """
 
 from __future__ import annotations
@@ -128,17 +131,58 @@ class Clock:
         return time.perf_counter() - t0
 
 
+CHECKPOINTING = ("off", "full", "selective")
+QUANTIZATIONS = ("int8", "float8")  # -> cologen.model.quantize modes
+QUANTIZE_MODES = {"int8": "int8_weight_only", "float8": "float8"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row's settings, written `BATCH/CHECKPOINTING[/compile][/int8|/float8]` (e.g. `4/off/compile`)."""
+
+    batch: int
+    checkpointing: str = "off"  # off, full (everything recomputed) or selective (cologen.model.checkpointing)
+    compiled: bool = False  # CoLoGenTransformer.compile_repeated_blocks
+    quantize: str | None = None  # a quantized frozen base (cologen.model.quantize)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        batch, *rest = text.split("/")
+        checkpointing = rest[0] if rest else "off"
+        checkpointing = {"on": "full"}.get(checkpointing, checkpointing)
+        flags = set(rest[1:])
+        unknown = flags - {"compile", *QUANTIZATIONS}
+        if not batch.isdigit() or checkpointing not in CHECKPOINTING or unknown or len(flags & set(QUANTIZATIONS)) > 1:
+            raise ValueError(f"row {text!r}: expected BATCH/{{{','.join(CHECKPOINTING)}}}[/compile][/int8|/float8]")
+        quantize = next((q for q in QUANTIZATIONS if q in flags), None)
+        return cls(int(batch), checkpointing, "compile" in flags, quantize)
+
+    def __str__(self) -> str:
+        return "/".join([str(self.batch), self.checkpointing] + (["compile"] if self.compiled else [])
+                        + ([self.quantize] if self.quantize else []))
+
+
+# the issue's table: today's eager rows, compiled blocks, selective checkpointing and a quantized base
+DEFAULT_ROWS = ("1/full", "1/off", "4/full", "4/off", "4/off/compile", "4/selective", "4/selective/compile",
+                "1/full/compile", "1/full/int8")
+
+
 @dataclass
 class Row:
     batch: int
-    checkpointing: bool
-    status: str = "ok"  # or "OOM"
+    checkpointing: str
+    compiled: bool = False
+    quantize: str | None = None
+    status: str = "ok"  # or "OOM", or the error's first line
     step_s: float | None = None
+    first_step_s: float | None = None  # the first step (with compilation for a compiled row: the cold start)
     tokens_per_s: float | None = None
     tflops: float | None = None
     mfu: float | None = None
+    mfu_6n: float | None = None  # the 6 N tokens convention (benchmarks.baseline_lora.cologen_six_n_flops)
     peak_mem_gb: float | None = None
     model_tflop_per_step: float | None = None
+    losses: list[float] | None = None  # per timed step (the quantized base's loss against bf16's, same batches)
 
 
 def _free(device: torch.device) -> None:
@@ -148,45 +192,65 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def train_row(model, scale: Scale, batch: int, checkpointing: bool, steps: int, warmup: int, device: torch.device,
+def train_row(model, scale: Scale, variant: Variant, steps: int, warmup: int, device: torch.device,
               peak: float | None) -> Row:
-    row = Row(batch, checkpointing)
+    """Time `variant`'s training steps on `model`, which the caller has compiled / quantized as the variant says."""
+    from benchmarks.baseline_lora import cologen_six_n_flops
+    from cologen.model.checkpointing import checkpoint_function
+
+    row = Row(variant.batch, variant.checkpointing, variant.compiled, variant.quantize)
+    batch = variant.batch
     inputs = make_inputs(scale.config, batch, scale.grid, scale.grid, scale.text_tokens, device=device)
     work = workload_of(inputs)
     flops = training_step_flops(scale.config, work, scale.prw.rank, scale.prw.num_experts, scale.prw.blocks).total
     row.model_tflop_per_step = flops / 1e12
-    model.enable_gradient_checkpointing(checkpointing)
+    on = variant.checkpointing != "off"
+    model.enable_gradient_checkpointing(on, checkpoint_function(variant.checkpointing) if on else None)
     model.train()
     optimizer = torch.optim.AdamW(
         [{"params": model.expert_parameters(), "lr": 1e-4}, {"params": model.router_parameters(), "lr": 5e-5}],
         fused=device.type == "cuda")
+    losses: list[torch.Tensor] = []
 
     def step() -> None:
-        forward_loss(model, inputs).backward()
+        loss = forward_loss(model, inputs)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
 
     clock = Clock(device)
     _free(device)
+    # the same expert weights for every row: rows train from the same state, so their losses compare
+    start = {id(p): p.detach().clone() for p in model.expert_parameters() + model.router_parameters()}
     try:
-        for _ in range(warmup):
+        row.first_step_s = clock.time(step)
+        for _ in range(warmup - 1):
             step()
         times = [clock.time(step) for _ in range(steps)]
     except torch.OutOfMemoryError:
         row.status = "OOM"
+    except Exception as error:  # a failed variant (a compile error, say) is reported in its row; the next one runs
+        row.status = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p in model.expert_parameters() + model.router_parameters():
+            p.copy_(start[id(p)])
     if row.status == "ok":
         row.step_s = statistics.median(times)
         row.tokens_per_s = batch * (work.noisy_tokens + work.source_tokens + work.text_tokens) / row.step_s
         row.tflops = flops / row.step_s / 1e12
         row.mfu = row.tflops / peak if peak else None
+        row.mfu_6n = cologen_six_n_flops(model, work) / row.step_s / 1e12 / peak if peak else None
+        row.losses = [float(x) for x in losses]
         if device.type == "cuda":
             row.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 1e9
     return row  # its inputs, activations and optimizer states are freed on return (the caller empties the cache)
 
 
-def sampler_times(model, scale: Scale, steps: int, device: torch.device) -> dict:
-    """Seconds for one 512 x 512 conditioned sample (batch 1) with and without the condition cache."""
+def sampler_times(model, scale: Scale, steps: int, device: torch.device, cache_off: bool = True) -> dict:
+    """Seconds for one 512 x 512 conditioned sample (batch 1) with the condition cache (and without it, unless
+    `cache_off` is False); `first_s`: the first request's (for a compiled model, with compilation)."""
     model.eval()
     g = torch.Generator().manual_seed(0)
     text = TextEmbeddings(torch.randn(1, scale.text_tokens, scale.config["joint_attention_dim"], generator=g),
@@ -196,18 +260,23 @@ def sampler_times(model, scale: Scale, steps: int, device: torch.device) -> dict
     clock = Clock(device)
     out: dict = {"steps": steps}
     try:
-        for use_cache in (True, False):
+        for use_cache in (True, False) if cache_off else (True,):
             sampler = FlowSampler(model, codec, SourcePositionConfig(), bool(scale.config.get("guidance_embeds")),
                                   SamplerConfig(steps=steps, use_cache=use_cache))
 
             def run(sampler: FlowSampler = sampler) -> None:
                 sampler.sample(text, scale.resolution, scale.resolution, source, ["editing"], seed=0)
 
-            run()  # warmup
-            out["cache_s" if use_cache else "no_cache_s"] = clock.time(run)
-        out["speedup"] = out["no_cache_s"] / out["cache_s"]
+            first = clock.time(run)  # warmup
+            if use_cache:
+                out["first_s"] = first
+            out["cache_s" if use_cache else "no_cache_s"] = statistics.median(clock.time(run) for _ in range(3))
+        if cache_off:
+            out["speedup"] = out["no_cache_s"] / out["cache_s"]
     except torch.OutOfMemoryError:
         out["status"] = "OOM"
+    except Exception as error:
+        out["status"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     _free(device)
     return out
 
@@ -221,56 +290,153 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_rows(rows: list[Row]) -> str:
-    head = f"{'batch':>5} {'ckpt':>4} {'step_s':>9} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak_mem_GB':>11}"
+    head = (f"{'batch':>5} {'ckpt':>9} {'compiled':>8} {'quant':>6} {'step_s':>9} {'first_s':>8} {'tokens/s':>10} "
+            f"{'TFLOP/s':>9} {'MFU':>7} {'MFU_6N':>7} {'peak_mem_GB':>11}")
     # TFLOP/s with 3 significant digits: a GPU shows hundreds, the --tiny CPU run thousandths
     lines = [head]
     for r in rows:
+        first = f"{r.batch:>5} {r.checkpointing:>9} {'yes' if r.compiled else 'no':>8} {r.quantize or 'bf16':>6} "
         if r.status != "ok":
-            lines.append(f"{r.batch:>5} {'on' if r.checkpointing else 'off':>4} " + " ".join(
-                f"{'OOM':>{w}}" for w in (9, 10, 9, 7, 11)))
+            lines.append(first + (r.status if r.status != "OOM" else " ".join(f"{'OOM':>{w}}" for w in
+                                                                                 (9, 8, 10, 9, 7, 7, 11))))
             continue
-        lines.append(f"{r.batch:>5} {'on' if r.checkpointing else 'off':>4} {r.step_s:>9.4f} {r.tokens_per_s:>10.1f} "
-                     f"{r.tflops:>9.3g} {_fmt(r.mfu and 100 * r.mfu, '.1f') + ('%' if r.mfu else ''):>7} "
-                     f"{_fmt(r.peak_mem_gb, '.2f'):>11}")
+        pct = [(_fmt(m and 100 * m, ".1f") + ("%" if m else "")) for m in (r.mfu, r.mfu_6n)]
+        lines.append(first + f"{r.step_s:>9.4f} {_fmt(r.first_step_s, '.2f'):>8} {r.tokens_per_s:>10.1f} "
+                     f"{r.tflops:>9.3g} {pct[0]:>7} {pct[1]:>7} {_fmt(r.peak_mem_gb, '.2f'):>11}")
     return "\n".join(lines)
+
+
+def _best(rows: list[Row], **match) -> Row | None:
+    found = [r for r in rows if r.status == "ok" and all(getattr(r, k) == v for k, v in match.items())]
+    return max(found, key=lambda r: r.mfu or 0.0) if found else None
 
 
 def goals(rows: list[Row], tiny: bool) -> list[str]:
     """The issue's goals, judged on this run (only meaningful for FLUX.1-dev on an H100-class GPU)."""
     out = []
-    b1 = [r for r in rows if r.batch == 1 and r.checkpointing]
-    if b1:
-        r = b1[0]
-        if r.status != "ok":
-            verdict = "OOM -> not met"
-        elif r.peak_mem_gb is None:
-            verdict = "not measured (no CUDA allocator statistics on the CPU)"
-        else:
-            verdict = f"{r.peak_mem_gb:.2f} GB -> {'met' if r.peak_mem_gb <= 40 else 'not met'}"
-        out.append(f"goal peak memory <= 40 GB at batch 1 with checkpointing: {verdict}")
-    b4 = [r for r in rows if r.batch == 4 and r.status == "ok" and r.mfu is not None]
-    if b4:
-        best = max(b4, key=lambda r: r.mfu)
-        out.append(f"goal MFU >= 40% at batch 4: {100 * best.mfu:.1f}% (checkpointing "
-                   f"{'on' if best.checkpointing else 'off'}) -> {'met' if best.mfu >= 0.4 else 'not met'}")
+
+    def mfu_goal(label: str, goal: float, row: Row | None) -> None:
+        if row is None or row.mfu is None:
+            return
+        out.append(f"goal MFU >= {100 * goal:.0f}% at {label}: {100 * row.mfu:.1f}% ({row.checkpointing}"
+                   f"{', compiled' if row.compiled else ''}) -> {'met' if row.mfu >= goal else 'not met'}")
+
+    mfu_goal("batch 4 without checkpointing", 0.45, _best(rows, batch=4, checkpointing="off", quantize=None))
+    b4 = [r for r in rows if r.batch == 4 and r.checkpointing != "off" and r.quantize is None and r.status == "ok"
+          and (r.peak_mem_gb is None or r.peak_mem_gb <= 40)]
+    mfu_goal("batch 4 with checkpointing in <= 40 GB", 0.35, max(b4, key=lambda r: r.mfu or 0.0) if b4 else None)
+    b1 = [r for r in rows if r.batch == 1 and r.checkpointing != "off" and r.quantize is None and r.status == "ok"]
+    mfu_goal("batch 1 with checkpointing", 0.25, max(b1, key=lambda r: r.mfu or 0.0) if b1 else None)
+    for r in rows:
+        if r.batch == 1 and r.checkpointing != "off" and r.quantize is None and not r.compiled:
+            verdict = ("not measured (no CUDA allocator statistics on the CPU)" if r.peak_mem_gb is None
+                       else f"{r.peak_mem_gb:.2f} GB -> {'met' if r.peak_mem_gb <= 40 else 'not met'}"
+                       ) if r.status == "ok" else f"{r.status} -> not met"
+            out.append(f"goal peak memory <= 40 GB at batch 1 with checkpointing ({r.checkpointing}): {verdict}")
+        if r.quantize and r.status == "ok" and r.peak_mem_gb is not None:
+            out.append(f"goal peak memory <= 24 GB at batch {r.batch} with a {r.quantize} base: {r.peak_mem_gb:.2f} GB"
+                       f" -> {'met' if r.peak_mem_gb <= 24 else 'not met'}")
+        if r.quantize and r.losses:
+            ref = next((b for b in rows if b.losses and b.quantize is None and b.batch == r.batch
+                        and b.checkpointing == r.checkpointing and not b.compiled), None)
+            if ref is not None:
+                n = min(len(ref.losses), len(r.losses))
+                worst = max(abs(a - b) / abs(b) for a, b in zip(r.losses[:n], ref.losses[:n]))
+                out.append(f"goal {r.quantize} base's loss within 2% of bf16's on the same {n} batches: worst "
+                           f"{100 * worst:.3f}% -> {'met' if worst <= 0.02 else 'not met'}")
+    cold = [r.first_step_s for r in rows if r.compiled and r.first_step_s is not None]
+    if cold:
+        out.append(f"goal first compiled step <= 90 s: {cold[0]:.1f} s -> {'met' if cold[0] <= 90 else 'not met'}")
     if tiny:
         out.append("(--tiny: toy model on the CPU; the goals apply to FLUX.1-dev on a GPU)")
     return out
 
 
+def compile_blocks(model, device: torch.device, backend: str | None) -> None:
+    """Compile the blocks once for every row and the sampler: static shapes (one graph per block class, pass and
+    shape), with room in Dynamo's per-function cache for this script's shapes (2 batch sizes x train/eval)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    model.compile_repeated_blocks(dynamic=False, **({"backend": backend} if backend else {}))
+
+
+def uncompile_blocks(model) -> None:
+    for _, block in model._named_blocks():
+        block.__dict__.pop("forward", None)  # the class's forward again
+
+
+def baseline_ratios(rows: list[Row], scale: Scale, steps: int, warmup: int, device: torch.device,
+                    peak: float | None) -> list[str]:
+    """Time the stock diffusers + peft LoRA baseline (benchmarks.baseline_lora) at each eager row's batch and
+    checkpointing and print CoLoGen's step time as a ratio to it."""
+    from benchmarks.baseline_lora import format_baseline_rows, step_time_ratio, time_baseline
+
+    lines, base_rows = [], []
+    for r in rows:
+        if r.compiled or r.quantize or r.checkpointing == "selective" or r.status != "ok":
+            continue
+        base = time_baseline(scale, r.batch, r.checkpointing == "full", steps, warmup, device, peak)
+        _free(device)
+        base_rows.append(base)
+        ratio = step_time_ratio(r.step_s, base.step_s)
+        lines.append(f"CoLoGen / baseline step time at batch {r.batch}, checkpointing {r.checkpointing}: "
+                     f"{'n/a' if ratio is None else f'{ratio:.2f}x'}"
+                     f"{' (goal <= 1.0x)' if r.batch == 4 else ''}")
+    if base_rows:
+        print(format_baseline_rows(base_rows))
+    return lines
+
+
+def markdown_table(paths: list[Path]) -> str:
+    """The rows and sampler timings of results files (`--json`) as the markdown tables docs/benchmarks.md shows."""
+    lines = ["| run | batch | checkpointing | compiled | base | step s | first step s | MFU | MFU (6N) | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    samplers = ["| run | sampler | 28 steps, cache on (s) | cache off (s) | first request (s) |", "|---|---|---|---|---|"]
+    for path in paths:
+        results = json.loads(path.read_text())
+        for r in results["rows"]:
+            cells = [path.stem, r["batch"], r["checkpointing"], "yes" if r["compiled"] else "no", r["quantize"] or "bf16"]
+            if r["status"] != "ok":
+                cells += [r["status"], "", "", "", ""]
+            else:
+                cells += [f"{r['step_s']:.3f}", f"{r['first_step_s']:.1f}", f"{100 * r['mfu']:.1f}%",
+                          f"{100 * r['mfu_6n']:.1f}%", f"{r['peak_mem_gb']:.1f}"]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        for label, s in results.get("sampler", {}).items():
+            cells = [path.stem, label] + ([s["status"], "", ""] if s.get("status") else [
+                f"{s['cache_s']:.3f}", _fmt(s.get("no_cache_s"), ".3f"), f"{s['first_s']:.2f}"])
+            samplers.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines + ([""] + samplers if len(samplers) > 2 else []))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy-sized FLUX on the CPU (tests this script)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["on", "off"])
+    parser.add_argument("--table", type=Path, nargs="+", default=None,
+                        help="print the markdown tables of these results files (--json) and exit")
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
+                        help="BATCH/CHECKPOINTING[/compile][/int8|/float8] per row, CHECKPOINTING one of off, "
+                             "full, selective (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (10; --tiny: 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (3; --tiny: 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, the first one timed as the "
+                        "cold start (3; --tiny: 1)")
     parser.add_argument("--sampler-steps", type=int, default=28)
-    parser.add_argument("--no-sampler", action="store_true")
+    parser.add_argument("--sampler", nargs="*", choices=["eager", "compiled"], default=["eager", "compiled"],
+                        help="sampler timings to run (none: skip the sampler)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time the stock diffusers + peft LoRA baseline at the eager rows' settings")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (TFLOP/s)")
     parser.add_argument("--tf32", action="store_true", help="TF32 for the fp32 expert matmuls (training uses fp32)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here (after each phase)")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return {}
+    try:
+        variants = [Variant.parse(r) for r in args.rows]
+    except ValueError as error:
+        parser.error(str(error))
 
     if args.tiny:
         device, scale, name = torch.device("cpu"), TINY, "cpu (--tiny)"
@@ -279,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("no CUDA device: run on a GPU, or pass --tiny for the CPU mode")
         device, scale, name = torch.device("cuda"), FLUX_DEV, torch.cuda.get_device_name()
     steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    warmup = max(1, args.warmup if args.warmup is not None else (1 if args.tiny else 3))
     peak = args.peak_tflops or (None if args.tiny else peak_tflops(name))
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.manual_seed(0)
@@ -287,12 +453,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[bench-gpu] device {name}; dense bf16 peak {_fmt(peak, '.4g')} TFLOP/s"
           f"{'' if peak else ' (unknown: pass --peak-tflops for MFU)'}")
     results: dict = {"device": name, "peak_tflops": peak, "config": scale.config, "prw": asdict(scale.prw),
-                     "resolution": scale.resolution, "text_tokens": scale.text_tokens}
+                     "resolution": scale.resolution, "text_tokens": scale.text_tokens, "torch": torch.__version__,
+                     "rows": [], "goals": []}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
     try:
         model = build_cologen(scale.config, scale.prw, device=device, dtype=torch.bfloat16)
     except torch.OutOfMemoryError:
         print("[bench-gpu] OOM while building the model: FLUX.1-dev in bf16 needs about 26 GB before activations")
-        rows = [Row(b, c == "on", status="OOM") for b in args.batch_sizes for c in args.checkpointing]
+        rows = [Row(v.batch, v.checkpointing, v.compiled, v.quantize, status="OOM") for v in variants]
         print(format_rows(rows))
         return {**results, "rows": [asdict(r) for r in rows]}
     n_base = sum(p.numel() for p in model.base_parameters())
@@ -302,25 +474,74 @@ def main(argv: list[str] | None = None) -> dict:
           f"{scale.prw.num_experts} x rank {scale.prw.rank}), trainable {_count(n_train)}; {scale.resolution} px target + condition: "
           f"{scale.grid ** 2} noisy + {scale.grid ** 2} source + {scale.text_tokens} text tokens")
 
-    rows = []
-    for b in args.batch_sizes:
-        for c in args.checkpointing:
-            rows.append(train_row(model, scale, b, c == "on", steps, warmup, device, peak))
+    rows: list[Row] = []
+
+    def run_rows(selected: list[Variant]) -> None:
+        for v in selected:
+            rows.append(train_row(model, scale, v, steps, warmup, device, peak))
             _free(device)
+            print(format_rows([rows[-1]]).splitlines()[1], flush=True)
+            results["rows"] = [asdict(r) for r in rows]
+            save()
+
+    def run_sampler(label: str) -> None:
+        s = sampler_times(model, scale, args.sampler_steps, device, cache_off=label == "eager")
+        results.setdefault("sampler", {})[label] = s
+        save()
+        if s.get("status"):
+            print(f"[bench-gpu] sampler ({label}) {s['steps']} steps: {s['status']}")
+        else:
+            off = f", cache off {s['no_cache_s']:.3f} s, speedup {s['speedup']:.2f}x" if "no_cache_s" in s else ""
+            print(f"[bench-gpu] sampler ({label}) {s['steps']} steps, batch 1: cache on {s['cache_s']:.3f} s{off}"
+                  f" (first request {s['first_s']:.2f} s)", flush=True)
+
+    # eager rows (and sampler), then compiled, then the quantized base (in place: last)
+    print("[bench-gpu] " + format_rows([]))
+    run_rows([v for v in variants if not v.compiled and not v.quantize])
+    if "eager" in args.sampler:
+        run_sampler("eager")
+    compiled = [v for v in variants if v.compiled and not v.quantize]
+    if compiled or "compiled" in args.sampler:
+        check = make_inputs(scale.config, 1, scale.grid, scale.grid, scale.text_tokens, device=device, seed=1)
+        model.eval()
+        with torch.no_grad():
+            eager_loss = forward_loss(model, check).item()
+        compile_blocks(model, device, args.compile_backend)
+        with torch.no_grad():
+            compiled_loss = forward_loss(model, check).item()
+        results["compiled_vs_eager"] = {"eager_loss": eager_loss, "compiled_loss": compiled_loss}
+        print(f"[bench-gpu] eval loss at batch 1, eager {eager_loss:.6f}, compiled {compiled_loss:.6f} "
+              f"(relative difference {abs(compiled_loss - eager_loss) / abs(eager_loss):.2e})", flush=True)
+        run_rows(compiled)
+        if "compiled" in args.sampler:
+            run_sampler("compiled")
+        uncompile_blocks(model)
+    quantized = [v for v in variants if v.quantize]
+    for mode in dict.fromkeys(v.quantize for v in quantized):
+        from cologen.model.quantize import quantize_frozen_base
+
+        try:
+            quantize_frozen_base(model, QUANTIZE_MODES[mode])
+        except (ValueError, RuntimeError, ImportError) as error:
+            print(f"[bench-gpu] {mode} base: {error}")
+            rows.extend(Row(v.batch, v.checkpointing, v.compiled, v.quantize, status=str(error).splitlines()[0])
+                        for v in quantized if v.quantize == mode)
+            continue
+        selected = [v for v in quantized if v.quantize == mode]
+        if any(v.compiled for v in selected):
+            compile_blocks(model, device, args.compile_backend)
+        run_rows(selected)
+        uncompile_blocks(model)
+        break  # a base is quantized once; another mode needs another process
     print(format_rows(rows))
-    results["rows"] = [asdict(r) for r in rows]
+    if args.baseline:
+        for line in baseline_ratios(rows, scale, steps, warmup, device, peak):
+            print(f"[bench-gpu] {line}")
+            results["goals"].append(line)
     for line in goals(rows, args.tiny):
         print(f"[bench-gpu] {line}")
-    if not args.no_sampler:
-        s = sampler_times(model, scale, args.sampler_steps, device)
-        results["sampler"] = s
-        if s.get("status") == "OOM":
-            print(f"[bench-gpu] sampler {s['steps']} steps: OOM")
-        else:
-            print(f"[bench-gpu] sampler {s['steps']} steps, batch 1: cache on {s['cache_s']:.3f} s, cache off "
-                  f"{s['no_cache_s']:.3f} s, speedup {s['speedup']:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        results["goals"].append(line)
+    save()
     return results
 
 

@@ -57,7 +57,7 @@ def test_flux_dev_flops_per_step():
     assert base < count.parts["blocks"][0] < 1.01 * base  # + the timestep modulation
     attention = 57 * 4 * d * (1536 * 2560 + 1024 * 1024)
     assert count.parts["attention"][0] == attention
-    assert count.parts["lora"][0] == 57 * 8 * d * 128 * 1024
+    assert count.parts["lora"][0] == 57 * 8 * d * 128 * (1024 + 5)  # + each sample's pick among the 5 experts
     batch4 = training_step_flops(FLUX_DEV_TRANSFORMER, flux_workload(512, 512, batch=4), rank=128, num_experts=5)
     assert batch4.total == pytest.approx(4 * count.total)
     assert 70e12 < count.total < 85e12  # ~77 TFLOP per sample
@@ -98,28 +98,48 @@ def test_peak_table_knows_the_common_gpus():
     assert bench.peak_tflops("Some Future GPU") is None
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp_path):
     out = tmp_path / "bench.json"
+    rows_arg = ["1/full", "1/off", "4/off", "4/selective", "4/off/compile", "1/full/int8"]
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_gpu", "--tiny", "--steps", "2", "--sampler-steps", "6",
-         "--peak-tflops", "0.5", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=220, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+         "--peak-tflops", "0.5", "--compile-backend", "aot_eager", "--rows", *rows_arg, "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=380, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.split()[:2] == ["batch", "ckpt"])
-    assert header.split() == ["batch", "ckpt", "step_s", "tokens/s", "TFLOP/s", "MFU", "peak_mem_GB"]
-    rows = [line.split() for line in lines if re.match(r"^\s+[14]\s+(on|off)\s", line)]
-    assert sorted((r[0], r[1]) for r in rows) == [("1", "off"), ("1", "on"), ("4", "off"), ("4", "on")]
+    assert header.split() == ["batch", "ckpt", "compiled", "quant", "step_s", "first_s", "tokens/s", "TFLOP/s", "MFU",
+                              "MFU_6N", "peak_mem_GB"]
+    table = lines[lines.index(header) + 1:lines.index(header) + 1 + len(rows_arg)]
+    rows = [line.split() for line in table]
+    assert sorted(f"{r[0]}/{r[1]}{'/compile' if r[2] == 'yes' else ''}{'/' + r[3] if r[3] != 'bf16' else ''}"
+                  for r in rows) == sorted(rows_arg)
     for r in rows:
-        assert len(r) == 7 and float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0
-        assert r[5].endswith("%") and r[6] == "n/a"  # no allocator statistics on the CPU
-    sampler = next(line for line in lines if "sampler 6 steps" in line)
-    assert "cache on" in sampler and "cache off" in sampler and "speedup" in sampler
-    assert any("goal MFU >= 40% at batch 4" in line for line in lines)
-    assert any("goal peak memory <= 40 GB" in line for line in lines)
+        assert len(r) == 11 and float(r[4]) > 0 and float(r[5]) > 0 and float(r[6]) > 0 and float(r[7]) > 0
+        assert r[8].endswith("%") and r[9].endswith("%") and r[10] == "n/a"  # no allocator statistics on the CPU
+    eager = next(line for line in lines if "sampler (eager) 6 steps" in line)
+    assert "cache on" in eager and "cache off" in eager and "speedup" in eager
+    assert any("sampler (compiled) 6 steps" in line and "cache on" in line for line in lines)
+    assert any("eval loss at batch 1, eager" in line for line in lines)
+    for goal in ("goal MFU >= 45% at batch 4 without checkpointing", "goal peak memory <= 40 GB",
+                 "goal int8 base's loss within 2% of bf16's", "goal first compiled step <= 90 s"):
+        assert any(goal in line for line in lines), goal
     results = json.loads(out.read_text())
-    assert len(results["rows"]) == 4 and results["sampler"]["speedup"] > 0
+    assert len(results["rows"]) == len(rows_arg) and results["sampler"]["eager"]["speedup"] > 0
+    assert all(r["status"] == "ok" for r in results["rows"])
+    assert abs(results["compiled_vs_eager"]["compiled_loss"] / results["compiled_vs_eager"]["eager_loss"] - 1) < 1e-2
+
+
+def test_row_specs_parse_and_refuse_bad_ones():
+    from benchmarks.bench_gpu import Variant
+
+    assert Variant.parse("4/off/compile") == Variant(4, "off", True, None)
+    assert Variant.parse("1/on/int8") == Variant(1, "full", False, "int8")
+    assert str(Variant.parse("2/selective/compile/float8")) == "2/selective/compile/float8"
+    for bad in ("x/off", "4/sometimes", "4/off/fast", "4/off/int8/float8"):
+        with pytest.raises(ValueError, match="expected BATCH"):
+            Variant.parse(bad)
 
 
 def test_checkpointing_breakdown_runs_every_variant_on_the_cpu():
@@ -133,3 +153,35 @@ def test_checkpointing_breakdown_runs_every_variant_on_the_cpu():
     for line in rows:
         step_s, issue_s = (float(x) for x in line[28:].split()[1:3])
         assert 0 < issue_s <= step_s + 1e-6  # issuing a step never takes longer than the step (CPU: equal)
+
+
+def test_docs_gpu_results_table_is_the_commands_output():
+    """docs/benchmarks.md's 2026-11-30 tables are `python -m benchmarks.bench_gpu --table` of the committed files."""
+    from pathlib import Path
+
+    from benchmarks.bench_gpu import markdown_table
+
+    files = sorted(Path("docs/results/bench_gpu").glob("h200_run*.json"))
+    assert len(files) == 3
+    table = markdown_table(files)
+    assert table.count("\n") > 10 and table in Path("docs/benchmarks.md").read_text()
+
+
+def test_readme_compiled_and_quantized_rows_are_the_measured_ones():
+    """The README's 2026-11-30 rows (compiled blocks, int8 base) are those of docs/results/bench_gpu's files."""
+    from pathlib import Path
+
+    measured = {}
+    for path in sorted(Path("docs/results/bench_gpu").glob("h200_run*.json")):
+        for r in json.loads(path.read_text())["rows"]:
+            measured[(r["batch"], r["checkpointing"], r["compiled"], r["quantize"] or "bf16")] = r
+    rows = [line.strip("|").split("|") for line in Path("README.md").read_text().splitlines()
+            if re.match(r"^\| [14] \| (full|off) \| (eager|compiled) \|", line)]
+    checked = 0
+    for batch, ckpt, blocks, base, step, mfu, peak in (map(str.strip, r) for r in rows):
+        key = (int(batch), ckpt, blocks == "compiled", base)
+        if key[2] or base != "bf16":
+            r = measured[key]
+            assert (f"{r['step_s']:.2f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_gb']:.1f} GB") == (step, mfu, peak)
+            checked += 1
+    assert checked == 5
