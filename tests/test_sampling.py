@@ -63,3 +63,46 @@ def test_guidance_branches_and_text_to_image():
     assert t2i.shape == (1, 3, 32, 32) and stats.source_passes == 0
     with pytest.raises(ValueError, match="divisible by the patch size"):
         module.generate(["x"], None, height=30, width=32, steps=2)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host (on a GPU each one waits for the device)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.counting, self.reads = False, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.counting and func.__name__.split(".")[0] in self.SYNCING:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_denoising_loop_never_reads_device_values_on_the_host(use_cache):
+    module = make_module(timestep_bins=4)  # time-aware routing: the cache key changes with the step's bin
+    model, steps_done = module.model, []
+    original = type(model).forward
+    mode = _HostReads()
+
+    def forward(self, *args, **kwargs):
+        mode.counting = True  # from the first denoising step's model call ...
+        return original(self, *args, **kwargs)
+
+    def on_step(done: int) -> None:
+        steps_done.append(done)
+        mode.counting = done < 8  # ... to the end of the last step
+
+    type(model).forward = forward
+    try:
+        with mode:
+            module.eval()
+            text = module.encode_text({"prompt": ["make the red square blue"]})
+            sampler = module.sampler(steps=8, use_cache=use_cache)
+            _, stats = sampler.sample(text, 32, 32, sources(1), ["editing"], seed=1, on_step=on_step)
+    finally:
+        type(model).forward = original
+    assert steps_done == list(range(1, 9)) and len(stats.routing) == 8
+    assert mode.reads == []

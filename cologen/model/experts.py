@@ -44,7 +44,8 @@ def select(stacked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`stacked[index]` (each sample's expert's weights) as a one-hot product: exact (one 1, zeros elsewhere), and
     its backward is a product too, not a scatter into the stacked experts (inductor's CPU backend crashed on that
     scatter fused with the router's backward, torch 2.13)."""
-    one_hot = torch.nn.functional.one_hot(index, stacked.shape[0]).to(stacked.dtype)
+    # a comparison, not F.one_hot, which checks the indices' range on the host (a device sync per call)
+    one_hot = (index[..., None] == torch.arange(stacked.shape[0], device=index.device)).to(stacked.dtype)
     return (one_hot @ stacked.reshape(stacked.shape[0], -1)).reshape(*index.shape, *stacked.shape[1:])
 
 
