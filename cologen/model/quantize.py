@@ -24,9 +24,6 @@ between the passes; the weight itself gets no gradient. Parameter names and the 
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,27 +37,12 @@ ADAPTER_NAMES: tuple[str, ...] = ("prw_experts", "prw_router")
 FLOAT8_MIN_CAPABILITY = (8, 9)
 
 
-@contextmanager
-def _quiet_import():
-    # torchao's import logs a warning per compiled extension it cannot load (its CUDA kernels on a CPU-only torch)
-    # and torch's pytree logs one about torchao's enums; neither concerns the configs used here.
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def require_torchao():
     """The `torchao` module; a one-line ImportError naming the extra when it is not installed."""
     try:
-        with _quiet_import():
-            import torchao
-            import torchao.quantization  # noqa: F401
+        # (its import notices on a CPU-only torch are filtered with the others in cologen.quiet)
+        import torchao
+        import torchao.quantization  # noqa: F401
     except ImportError as err:
         raise ImportError(f"a quantized base needs torchao: {INSTALL_HINT} ({err})") from None
     return torchao
@@ -196,9 +178,7 @@ def quantize_frozen_base(model: nn.Module, mode: str) -> int:
     if not layers:
         return 0
     selected = {id(layer) for layer in layers.values()}
-    with _quiet_import():
-        torchao.quantization.quantize_(model.transformer, _config(mode),
-                                       filter_fn=lambda module, fqn: id(module) in selected)
+    torchao.quantization.quantize_(model.transformer, _config(mode), filter_fn=lambda module, fqn: id(module) in selected)
     count = 0
     for layer in layers.values():
         if is_quantized(layer.weight):
