@@ -344,17 +344,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from benchmarks.bench_gpu import FLUX_DEV, TINY, Variant, _free, build_cologen, peak_tflops, train_row
+    from benchmarks.bench_gpu import Variant, _free, build_cologen, run_settings, train_row
 
-    if args.tiny:
-        device, scale, name = torch.device("cpu"), TINY, "cpu (--tiny)"
-    else:
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device: run on a GPU, or pass --tiny for the CPU mode")
-        device, scale, name = torch.device("cuda"), FLUX_DEV, torch.cuda.get_device_name()
-    steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
-    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
-    peak = args.peak_tflops or (None if args.tiny else peak_tflops(name))
+    device, scale, name, steps, warmup, peak = run_settings(parser, args)
     torch.manual_seed(0)
     print(f"[baseline] device {name}; stock FLUX + peft LoRA rank {scale.prw.rank} alpha {scale.prw.alpha:g} on "
           f"{', '.join(LORA_TARGETS)} of every block; condition concatenated (Kontext); "

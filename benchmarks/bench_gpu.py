@@ -387,6 +387,21 @@ def baseline_ratios(rows: list[Row], scale: Scale, steps: int, warmup: int, devi
     return lines
 
 
+def run_settings(parser: argparse.ArgumentParser, args) -> tuple[torch.device, Scale, str, int, int, float | None]:
+    """Device, scale, device name, timed and warmup steps, and bf16 peak of a benchmark's arguments (`--tiny`,
+    `--steps`, `--warmup`, `--peak-tflops`); one line through `parser.error` without a CUDA device."""
+    if args.tiny:
+        device, scale, name = torch.device("cpu"), TINY, "cpu (--tiny)"
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run on a GPU, or pass --tiny for the CPU mode")
+        device, scale, name = torch.device("cuda"), FLUX_DEV, torch.cuda.get_device_name()
+    steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    peak = args.peak_tflops or (None if args.tiny else peak_tflops(name))
+    return device, scale, name, steps, warmup, peak
+
+
 def markdown_table(paths: list[Path]) -> str:
     """The rows and sampler timings of results files (`--json`) as the markdown tables docs/benchmarks.md shows."""
     lines = ["| run | batch | checkpointing | compiled | base | step s | first step s | MFU | MFU (6N) | peak GB |",
@@ -438,15 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as error:
         parser.error(str(error))
 
-    if args.tiny:
-        device, scale, name = torch.device("cpu"), TINY, "cpu (--tiny)"
-    else:
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device: run on a GPU, or pass --tiny for the CPU mode")
-        device, scale, name = torch.device("cuda"), FLUX_DEV, torch.cuda.get_device_name()
-    steps = args.steps if args.steps is not None else (3 if args.tiny else 10)
-    warmup = max(1, args.warmup if args.warmup is not None else (1 if args.tiny else 3))
-    peak = args.peak_tflops or (None if args.tiny else peak_tflops(name))
+    device, scale, name, steps, warmup, peak = run_settings(parser, args)
+    warmup = max(1, warmup)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.manual_seed(0)
 
