@@ -18,17 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
+from .checkpointing import checkpoint_function
 from .config import PRWConfig
 from .experts import ExpertBank
 from .router import NoisyTop1Router, Routing
 from .text_encoders import TextEmbeddings
-
-
-def _full_checkpoint(function, *args):
-    return checkpoint(function, *args, use_reentrant=False)
 
 
 @dataclass
@@ -138,7 +134,7 @@ class CoLoGenTransformer(nn.Module):
                 self.prw_block_names.append(kind)
         self.register_buffer("entry_offset", torch.zeros(max(self.prw.num_experts, 1)), persistent=True)
         self.gradient_checkpointing = False
-        self._checkpoint_fn = _full_checkpoint
+        self._checkpoint_fn = checkpoint_function("full")
 
     # ----------------------------------------------------------------------------------------------- structure
     def _named_blocks(self):
@@ -212,7 +208,7 @@ class CoLoGenTransformer(nn.Module):
         *args)` checkpoints one block call (default: torch's non-reentrant checkpoint, everything recomputed;
         `cologen.model.checkpointing.checkpoint_function` builds the selective one)."""
         self.gradient_checkpointing = enabled
-        self._checkpoint_fn = checkpoint_fn or _full_checkpoint
+        self._checkpoint_fn = checkpoint_fn or checkpoint_function("full")
         if enabled:
             self.transformer.enable_gradient_checkpointing(self._checkpoint_fn)
         else:
