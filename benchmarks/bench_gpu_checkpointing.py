@@ -15,13 +15,11 @@ waits for the host (launch-bound), which a larger batch, CUDA graphs or torch.co
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
 import torch
 
-import cologen.model.cologen_transformer as cologen_transformer
 from benchmarks.bench_gpu import FLUX_DEV, TINY  # the same model and inputs as bench_gpu.py
 from benchmarks.flux_models import build_cologen, forward_loss, make_inputs
 from cologen.model.checkpointing import POLICIES, checkpoint_function
@@ -52,48 +50,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model.train()
     optimizer = torch.optim.AdamW([{"params": model.expert_parameters()}, {"params": model.router_parameters()}],
                                   fused=cuda)
-    checkpoint = cologen_transformer.checkpoint
+    def no_rng(function, *args):  # full checkpointing without RNG-state preservation (both streams)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
+
     results = []
     variants = [(*v, None) for v in VARIANTS]  # None: the model's default checkpoint function (full)
     variants += [(f"both, {p}", True, True, True, checkpoint_function(p)) for p in args.policies if p != "full"]
     print(f"{'variant':<28} {'batch':>5} {'step_s':>8} {'issue_s':>8} {'peak_GB':>8}")
-    try:
-        for batch in args.batch_sizes:
-            inputs = make_inputs(config, batch, grid, grid, text_tokens, device=device)
-            for name, source_ckpt, main_ckpt, keep_rng, checkpoint_fn in variants:
-                model.enable_gradient_checkpointing(main_ckpt, checkpoint_fn)  # diffusers' own per-block checkpointing
-                model.gradient_checkpointing = source_ckpt  # the source pass's
-                cologen_transformer.checkpoint = checkpoint if keep_rng else functools.partial(
-                    checkpoint, preserve_rng_state=False)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
+    for batch in args.batch_sizes:
+        inputs = make_inputs(config, batch, grid, grid, text_tokens, device=device)
+        for name, source_ckpt, main_ckpt, keep_rng, checkpoint_fn in variants:
+            # diffusers' own per-block checkpointing, then the source pass's
+            model.enable_gradient_checkpointing(main_ckpt, checkpoint_fn if keep_rng else no_rng)
+            model.gradient_checkpointing = source_ckpt
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
 
-                def step(inputs: dict = inputs) -> None:
-                    forward_loss(model, inputs).backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+            def step(inputs: dict = inputs) -> None:
+                forward_loss(model, inputs).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
+            step()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            total, issue = [], []
+            for _ in range(steps):
+                t0 = time.perf_counter()
                 step()
-                step()
+                t1 = time.perf_counter()
                 if cuda:
                     torch.cuda.synchronize()
-                total, issue = [], []
-                for _ in range(steps):
-                    t0 = time.perf_counter()
-                    step()
-                    t1 = time.perf_counter()
-                    if cuda:
-                        torch.cuda.synchronize()
-                    total.append(time.perf_counter() - t0)
-                    issue.append(t1 - t0)
-                row = {"variant": name, "batch": batch, "step_s": statistics.median(total),
-                       "issue_s": statistics.median(issue),
-                       "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
-                results.append(row)
-                peak = "n/a" if row["peak_gb"] is None else f"{row['peak_gb']:.2f}"
-                print(f"{name:<28} {batch:>5} {row['step_s']:>8.4f} {row['issue_s']:>8.4f} {peak:>8}", flush=True)
-    finally:
-        cologen_transformer.checkpoint = checkpoint
+                total.append(time.perf_counter() - t0)
+                issue.append(t1 - t0)
+            row = {"variant": name, "batch": batch, "step_s": statistics.median(total),
+                   "issue_s": statistics.median(issue),
+                   "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+            results.append(row)
+            peak = "n/a" if row["peak_gb"] is None else f"{row['peak_gb']:.2f}"
+            print(f"{name:<28} {batch:>5} {row['step_s']:>8.4f} {row['issue_s']:>8.4f} {peak:>8}", flush=True)
     return results
 
 
