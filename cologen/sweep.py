@@ -122,6 +122,7 @@ class Trial:
     returncode: int | None = None
     seconds: float = 0.0
     summary: dict[str, float] = field(default_factory=dict)
+    fingerprint: str = ""  # of what the trial ran (`trial_fingerprint`); a resume counts only matching trials
 
     def metric(self, name: str) -> float:
         return float(self.summary.get(name, math.nan))
@@ -195,6 +196,27 @@ def progress_line(k: int, total: int | None, seconds: list[float], params: dict[
     return f"[sweep] {where}: " + ", ".join(f"{name}={value}" for name, value in params.items())
 
 
+def trial_fingerprint(config: dict[str, Any], extra_args: list[str] | None = None, cwd: Path | None = None) -> str:
+    """What every trial of this sweep runs: the sweep config, the extra arguments and the parsed contents of every
+    `--config` file on the trial command line (a changed setting in experiments/tiny/curriculum.yaml changes it,
+    a comment does not). A missing file counts by its name; the trial itself then says it is missing."""
+    import hashlib
+
+    import yaml
+
+    words = [str(w) for w in [*(config.get("command") or []), *(extra_args or [])]]
+    files = {}
+    for flag, value in zip(words, words[1:]):
+        if flag == "--config":
+            path = Path(value) if Path(value).is_absolute() else Path(cwd or ".") / value
+            try:
+                files[value] = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError):
+                files[value] = None
+    blob = json.dumps({"sweep": config, "extra": extra_args or [], "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def run_local(config: dict[str, Any], trials: int | None, out_dir: Path, extra_args: list[str] | None = None,
               cwd: Path | None = None, report: list[str] | None = None) -> list[Trial]:
     """Run up to `trials` trials proposed by W&B's sweep engine (grid: until the grid is exhausted). The table
@@ -205,6 +227,15 @@ def run_local(config: dict[str, Any], trials: int | None, out_dir: Path, extra_a
     done = [Trial(**json.loads(line)) for line in record.read_text().splitlines() if line.strip()] \
         if record.is_file() else []
     done = [t for t in done if t.returncode == 0]  # a failed trial is proposed again
+    fingerprint = trial_fingerprint(config, extra_args, cwd)
+    if any(t.fingerprint != fingerprint for t in done):
+        # trials of another configuration would pass for this one's: keep their record aside and start afresh
+        stale = next(out_dir / f"trials.stale-{k}.jsonl" for k in range(1, 10_000)
+                     if not (out_dir / f"trials.stale-{k}.jsonl").exists())
+        record.rename(stale)
+        print(f"[sweep] {len(done)} recorded trial(s) ran another configuration (the sweep file, a --config file or "
+              f"the extra arguments changed): starting afresh; their record is now {stale}", flush=True)
+        done = []
     runs: list = [_sweep_run(t, metric) for t in done]
     total = planned_trials(config, trials)
     if done:
@@ -220,6 +251,7 @@ def run_local(config: dict[str, Any], trials: int | None, out_dir: Path, extra_a
         print(progress_line(len(done) + 1, total, [t.seconds for t in done],
                             {k: v["value"] for k, v in proposal.config.items()}), flush=True)
         trial = run_trial(config, proposal.config, out_dir, extra_args, cwd)
+        trial.fingerprint = fingerprint
         print(f"[sweep] trial {trial.run_id} exited {trial.returncode} after {trial.seconds:.0f} s: "
               f"{metric} = {trial.metric(metric):.6g}", flush=True)
         done.append(trial)

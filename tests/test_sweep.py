@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cologen.sweep import (
+    Trial,
     agent_command,
     format_table,
     load_sweep,
@@ -18,6 +20,7 @@ from cologen.sweep import (
     progress_line,
     run_local,
     server_reachable,
+    trial_fingerprint,
     validate_sweep,
 )
 
@@ -162,3 +165,29 @@ def test_the_shipped_trial_is_long_enough_for_the_newest_expert_to_be_routed():
     short = CurriculumSpec([CurriculumStep("a", {"inpainting": 1.0}, 40), CurriculumStep("b", {"control": 1.0}, 40)])
     with pytest.raises(ValueError, match="entry_warmup_steps"):
         short.validate(num_experts=5, entry_warmup_steps=warmup)
+
+
+def test_a_resume_after_the_trial_config_changed_starts_afresh(tmp_path, capsys):
+    """Trials recorded under another configuration (here: a --config file whose settings changed since) are not
+    taken for this sweep's: the record is moved aside and the grid starts again; an unchanged one resumes."""
+    config = load_sweep(SWEEP)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("model:\n  prw:\n    rank: 4\n")
+    out = tmp_path / "sweep"
+    out.mkdir()
+    before = trial_fingerprint(config, ["--config", str(extra)], REPO)
+    trial = Trial("abc", {"model.prw.router.temperature": 0.5, "model.veteran.rho": 0.6}, ["cologen"], returncode=0,
+                  summary={"val_metrics/control/ssim": 0.3}, fingerprint=before)
+    (out / "trials.jsonl").write_text(json.dumps(asdict(trial)) + "\n")
+
+    extra.write_text("# a comment changes nothing\nmodel:\n  prw:\n    rank: 4\n")
+    assert trial_fingerprint(config, ["--config", str(extra)], REPO) == before
+    assert [t.run_id for t in run_local(config, 1, out, ["--config", str(extra)], cwd=REPO)] == ["abc"]
+    assert "[sweep] resuming: 1 of 1 trial(s) finished" in capsys.readouterr().out
+
+    extra.write_text("model:\n  prw:\n    rank: 8\n")
+    assert trial_fingerprint(config, ["--config", str(extra)], REPO) != before
+    assert run_local(config, 0, out, ["--config", str(extra)], cwd=REPO) == []
+    assert "1 recorded trial(s) ran another configuration" in capsys.readouterr().out
+    assert not (out / "trials.jsonl").exists() and (out / "trials.stale-1.jsonl").is_file()
+
