@@ -5,7 +5,9 @@
   headline metrics for the base alone, right after the task's own curriculum step, at the end of stage 3 with the
   routers' choice and with oracle routing, as means with 95% bootstrap intervals over the probes, against the
   goals;
-- the ablation table, from `docs/ablation.json` (`make ablation`).
+- the ablation table, from `docs/ablation.json` (`make ablation`);
+- the gate-temperature sweep's table, from `runs/sweeps/gate_temperature/trials.csv` (`make sweep`), its plot copied
+  to `docs/images/sweep_gate_temperature.png` (without the CSV, the README's sweep table stays as it is).
 
 Each table replaces the block between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in the README and is also
 written to `docs/results.md`. Nothing in these tables is typed by hand.
@@ -14,9 +16,12 @@ written to `docs/results.md`. Nothing in these tables is typed by hand.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +129,37 @@ def ablation_table(path: Path) -> str:
             "ratios and the plot: docs/ablation.md).\n\n" + "\n".join(lines) + "\n")
 
 
+# The sweep's columns, in the order shown, with their labels (the CSV names them by summary key).
+SWEEP_COLUMNS = {
+    "model.prw.router.temperature": "temperature", "model.veteran.rho": "rho",
+    "val_metrics/control/ssim": "control SSIM (the metric)", "val_metrics/inpainting/psnr_out":
+    "inpainting PSNR outside (dB)", "val_routing/control/expert1": "control to the newest expert",
+    "val_routing/control/own_expert": "control to its own expert", "val_routing/inpainting/own_expert":
+    "inpainting to its own expert", "val/routing_entropy": "router entropy", "seconds": "s",
+}
+
+
+def sweep_table(csv_path: Path, image: str | None = None) -> str | None:
+    """The sweep's trials (best first, as `make sweep` writes them) as a markdown table, with the plot at `image` (a
+    link relative to the page); None without the CSV."""
+    if not csv_path.is_file():
+        return None
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = [c for c in SWEEP_COLUMNS if rows and c in rows[0]]
+    lines = ["| " + " | ".join(SWEEP_COLUMNS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [row[c] if c in ("model.prw.router.temperature", "model.veteran.rho", "seconds")
+                 else f"{float(row[c]):.{1 if 'psnr' in c else 3}f}" for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    seconds = sum(float(r["seconds"]) for r in rows)
+    failed = sum(r.get("exit", "0") != "0" for r in rows)
+    note = f"{len(rows)} trials, {seconds / 60:.0f} min of trials in all" + (f", {failed} failed" if failed else "")
+    plot = f"\n![the metric and the routing statistics against the temperature, per rho]({image})\n" if image else ""
+    return (f"From `{csv_path}` (`make sweep`; {note}; validation on 32 probes per task at the trial's end).\n\n"
+            + "\n".join(lines) + "\n" + plot)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
     if not pattern.search(text):
@@ -135,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cologen.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs/tiny", help="the tiny stages' run folders (default: %(default)s)")
     parser.add_argument("--ablation", default="docs/ablation.json")
+    parser.add_argument("--sweep", default="runs/sweeps/gate_temperature/trials.csv")
     parser.add_argument("--readme", default="README.md")
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--config", default="experiments/tiny/curriculum.yaml",
@@ -154,11 +191,25 @@ def main(argv: list[str] | None = None) -> int:
     ablation = ablation_table(Path(ns.ablation))
     readme = Path(ns.readme)
     text = replace_block(replace_block(readme.read_text(), "curriculum", curriculum), "ablation", ablation)
+    sweep_csv, out = Path(ns.sweep), Path(ns.out)
+    plot = out.parent / "images" / "sweep_gate_temperature.png"
+    if (sweep_csv.parent / "trials.png").is_file():
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sweep_csv.parent / "trials.png", plot)
+    # the plot's link, from the README and from docs/results.md
+    link, docs_link = os.path.relpath(plot, readme.parent), os.path.relpath(plot, out.parent)
+    sweep = sweep_table(sweep_csv, link if plot.is_file() else None)
+    if sweep is None:
+        print(f"[report] no {sweep_csv} (make sweep): the README's sweep table is left as it is", flush=True)
+        kept = re.search(r"<!-- results:sweep -->\n(.*?)<!-- /results:sweep -->", text, re.S)
+        sweep = kept.group(1) if kept else "(no sweep results yet: run `make sweep`)\n"
+    text = replace_block(text, "sweep", sweep)
     readme.write_text(text)
-    out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("# Results on the tiny preset\n\nGenerated by `make report` (do not edit by hand).\n\n"
-                   "## The curriculum (`make stage1 stage2 stage3`)\n\n" + curriculum + "\n## Ablation\n\n" + ablation)
+                   "## The curriculum (`make stage1 stage2 stage3`)\n\n" + curriculum + "\n## Ablation\n\n" + ablation
+                   + "\n## Gate-temperature sweep\n\n"
+                   + sweep.replace(f"]({link})", f"]({docs_link})"))
     out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n")
     print(f"[report] {readme} and {out} updated", flush=True)
     return 0

@@ -15,6 +15,7 @@ import torch
 from cologen import report
 from cologen.eval.results import HEADLINE_METRICS, read_validations
 from cologen.metrics.stats import bootstrap_ci
+from cologen.sweep import Trial, load_sweep, write_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,9 +59,12 @@ def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
         for t, ms in HEADLINE_METRICS.items() for i in range(3)) + "\n")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:curriculum -->\nold\n<!-- /results:curriculum -->\nmiddle\n"
-                      "<!-- results:ablation -->\nold\n<!-- /results:ablation -->\nend\n")
-    assert report.main(["--runs", str(runs), "--ablation", str(tmp_path / "none.json"), "--readme", str(readme),
-                        "--out", str(tmp_path / "docs" / "results.md")]) == 0
+                      "<!-- results:ablation -->\nold\n<!-- /results:ablation -->\n"
+                      "<!-- results:sweep -->\nkept sweep\n<!-- /results:sweep -->\nend\n")
+    args = ["--runs", str(runs), "--ablation", str(tmp_path / "none.json"), "--readme", str(readme),
+            "--out", str(tmp_path / "docs" / "results.md"), "--sweep", str(tmp_path / "sweep" / "trials.csv")]
+    assert report.main(args) == 0
+    assert "\nkept sweep\n" in readme.read_text()  # no sweep run: its table is left as it is
     text = readme.read_text()
     assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n") and "\nold\n" not in text
     numbers = json.loads((tmp_path / "docs" / "results.json").read_text())
@@ -74,6 +78,26 @@ def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
     assert row.startswith("| inpainting PSNR outside the mask (dB) | 0.1 ± 0.0 | 0.9 ± ") and "| 35.0 |" in row
     assert "no ablation results yet" in text
     assert len(read_validations(runs / "stage3")) == 2
+
+    # the sweep's table as `make sweep` writes it (best first), its plot copied next to docs/results.md
+    config = load_sweep(REPO / "experiments" / "sweeps" / "gate_temperature.yaml")
+    keys = ["val_metrics/control/ssim", "val_metrics/inpainting/psnr_out", "val/routing_entropy"]
+    trials = [Trial(f"run{i}", {"model.prw.router.temperature": t, "model.veteran.rho": 0.6}, [], returncode=0,
+                    seconds=60.0 * (i + 1), summary=dict(zip(keys, (ssim, 30.0 + i, 0.1))))
+              for i, (t, ssim) in enumerate([(0.5, 0.2), (1.0, 0.4)])]
+    (tmp_path / "sweep").mkdir()
+    write_table(trials, config, tmp_path / "sweep" / "trials.csv", keys[1:])
+    (tmp_path / "sweep" / "trials.png").write_bytes(b"png")
+    assert report.main(args) == 0
+    text = readme.read_text()
+    rows = [line for line in text.split("<!-- results:sweep -->")[1].splitlines() if line.startswith("| ")]
+    assert rows[0] == ("| temperature | rho | control SSIM (the metric) | inpainting PSNR outside (dB) | router entropy "
+                       "| s |")
+    assert rows[1:] == ["| 1.0 | 0.6 | 0.400 | 31.0 | 0.100 | 120 |", "| 0.5 | 0.6 | 0.200 | 30.0 | 0.100 | 60 |"]
+    assert "2 trials, 3 min of trials in all" in text and "kept sweep" not in text
+    assert "](docs/images/sweep_gate_temperature.png)" in text
+    assert (tmp_path / "docs" / "images" / "sweep_gate_temperature.png").read_bytes() == b"png"
+    assert "](images/sweep_gate_temperature.png)" in (tmp_path / "docs" / "results.md").read_text()
 
 
 def test_report_without_runs_says_what_to_run(tmp_path, capsys):
