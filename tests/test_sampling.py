@@ -8,10 +8,11 @@ from cologen.model.presets import TinyPreset
 from cologen.module import CoLoGenModule
 
 
-def make_module(timestep_bins=4):
+def make_module(timestep_bins=4, weighting="prob"):
     torch.manual_seed(0)
     module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2),
-                           prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(timestep_bins=timestep_bins)))
+                           prw=PRWConfig(num_experts=2, rank=4, alpha=8,
+                                         router=RouterConfig(timestep_bins=timestep_bins, weighting=weighting)))
     with torch.no_grad():  # non-trivial experts and routers
         for p in module.model.expert_parameters() + module.model.router_parameters():
             p.copy_(torch.randn_like(p) * 0.1)
@@ -106,3 +107,47 @@ def test_denoising_loop_never_reads_device_values_on_the_host(use_cache):
         type(model).forward = original
     assert steps_done == list(range(1, 9)) and len(stats.routing) == 8
     assert mode.reads == []
+
+
+def route_everything_to(module, expert: int) -> None:
+    with torch.no_grad():
+        for attn in module.model.prw_modules():
+            attn.prw_router.gate.bias.zero_()
+            attn.prw_router.gate.bias[expert] = 5.0  # a clear choice at a probability visibly below 1
+
+
+@pytest.mark.parametrize("weighting", ["straight_through", "prob"])
+def test_the_oracle_run_is_skipped_exactly_where_it_would_repeat_the_learned_run(weighting, monkeypatch):
+    """Where every decision already chose the task's own expert at weight exactly 1 (straight-through), oracle
+    routing samples bit-identical images, so `cologen eval --oracle` and SampleValidation reuse the learned run;
+    with the paper's probability weighting (weight < 1), or any other decision, they sample it."""
+    from cologen.commands import evaluate as evaluate_command
+    from cologen.eval import probes as probes_module
+    from cologen.eval.probes import oracle_repeats_learned, run_probes
+
+    module = make_module(timestep_bins=0, weighting=weighting).eval()
+    module.task_experts = {"editing": 1}
+    src = sources(3)
+    probes = [{"prompt": p, "source": s, "target": s, "task": "editing", "key": str(i)}
+              for i, (p, s) in enumerate(zip(["a red square", "a blue circle", "remove it"], src))]
+    route_everything_to(module, 1)
+    learned = run_probes(module, "editing", probes, metrics="none", steps=4)
+    oracle = run_probes(module, "editing", probes, oracle=True, metrics="none", steps=4)
+    same = all(torch.equal(a, b) for a, b in zip(learned.outputs, oracle.outputs))
+    assert oracle_repeats_learned(module, "editing", learned) is (weighting == "straight_through")
+    assert same is (weighting == "straight_through")
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("oracle", False))
+        return run_probes(*args, **{**kwargs, "metrics": "none"})
+
+    monkeypatch.setattr(probes_module, "run_probes", counted)
+    evaluate_command.evaluate(module, {"editing": probes}, steps=4, oracle=True)
+    assert calls == ([False] if weighting == "straight_through" else [False, True])
+
+    route_everything_to(module, 0)  # another expert than the task's own: the oracle run is needed
+    assert not oracle_repeats_learned(module, "editing", run_probes(module, "editing", probes, metrics="none",
+                                                                    steps=4))
+

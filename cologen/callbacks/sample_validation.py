@@ -33,6 +33,7 @@ from cologen.eval.probes import (
     SCORERS,
     Probe,
     ProbeRun,
+    oracle_repeats_learned,
     own_expert_share,
     probe_group,
     probes_from_batch,
@@ -197,9 +198,19 @@ class SampleValidation(Callback):
         for task in bar:
             bar.set_postfix_str(task)
             share, ids, keep = rank_share(probes[task], trainer.global_rank, trainer.world_size)
+            learned = run_probes(pl_module, task, share, seed=self.seed, ids=ids, keep=keep, metrics=self.metrics,
+                                 **self.sampler_overrides)
             for oracle in [False, True] if oracle_too else [False]:
-                run = run_probes(pl_module, task, share, seed=self.seed, oracle=oracle, ids=ids, keep=keep,
-                                 metrics=self.metrics, **self.sampler_overrides)
+                if not oracle:
+                    run = learned
+                elif trainer.strategy.reduce_boolean_decision(oracle_repeats_learned(pl_module, task, learned), all=True):
+                    # exactly what oracle routing would sample; every rank decides alike, as they sample in step
+                    if (task, False) in runs:  # rank zero
+                        runs[(task, True)] = runs[(task, False)]
+                    continue
+                else:
+                    run = run_probes(pl_module, task, share, seed=self.seed, oracle=True, ids=ids, keep=keep,
+                                     metrics=self.metrics, **self.sampler_overrides)
                 kept = [i for i, k in zip(ids, keep) if k]
                 shares = _gather(trainer, (kept, run))
                 if shares:  # rank zero

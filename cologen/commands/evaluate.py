@@ -80,14 +80,17 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
 
 def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bool = False) -> list[dict]:
     """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task."""
-    from cologen.eval.probes import own_expert_share, run_probes
+    from cologen.eval.probes import oracle_repeats_learned, own_expert_share, run_probes
 
     module.eval()
     modes = [False, True] if oracle and module.model.num_active > 1 else [False]
     lines = []
     for task, task_probes in probes.items():
+        learned = run_probes(module, task, task_probes, seed=seed, steps=steps)
         for forced in modes:
-            run = run_probes(module, task, task_probes, seed=seed, oracle=forced, steps=steps)
+            # the learned run is exactly the oracle's when every decision already chose the task's own expert
+            run = learned if not forced or oracle_repeats_learned(module, task, learned) else run_probes(
+                module, task, task_probes, seed=seed, oracle=True, steps=steps)
             own = module.task_experts.get(task)
             share = own_expert_share(run.routing, own) if own is not None and not forced else float("nan")
             for i, (p, row) in enumerate(zip(task_probes, run.rows)):

@@ -134,6 +134,17 @@ def own_expert_share(routing: Sequence, own: int) -> float:
     return float((flat == own).float().mean())
 
 
+def oracle_repeats_learned(module, task: str, learned: ProbeRun) -> bool:
+    """Sampling `learned`'s probes again with oracle routing would give exactly `learned` (so it need not be run):
+    every routing decision already chose the task's own expert, and the chosen expert's weight is exactly 1 in the
+    forward pass (straight-through weighting), which is what oracle routing sets. With the paper's probability
+    weighting the weight is below 1 and the oracle run differs."""
+    own = (getattr(module, "task_experts", None) or {}).get(task)
+    if own is None or module.prw_config.router.weighting != "straight_through":
+        return False
+    return own_expert_share(learned.routing, own) == 1.0
+
+
 def finite_mean(values: Sequence[float]) -> float:
     v = [x for x in values if x is not None and math.isfinite(x)]
     return float(np.mean(v)) if v else float("nan")
