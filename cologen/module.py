@@ -163,14 +163,17 @@ class CoLoGenModule(L.LightningModule):
         Dropped prompts get zero embeddings."""
         if "text_tokens" in batch:
             text = TextEmbeddings(batch["text_tokens"], batch["text_pooled"])
-        elif self.offload_text_encoder and self._offloaded[0] is not None:
-            encoder = self._offloaded[0]
-            text = encoder.encode_offloaded(list(batch["prompt"]), self.device)
         else:
-            if self.text_encoder is None:
+            prompts = list(batch["prompt"])
+            if drop is not None:  # a dropped prompt's embedding is zeroed below: encode the (cached) empty one
+                prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+            if self.offload_text_encoder and self._offloaded[0] is not None:
+                text = self._offloaded[0].encode_offloaded(prompts, self.device)
+            elif self.text_encoder is None:
                 raise RuntimeError("batch has no precomputed text embeddings and the text encoder was not loaded "
                                    "(model.load_text_encoder: false)")
-            text = self.text_encoder.encode(list(batch["prompt"]))
+            else:
+                text = self.text_encoder.encode(prompts)
         text = text.to(self.device, torch.float32)
         if drop is not None:
             keep = (~drop).float()

@@ -71,6 +71,18 @@ def test_dropout_zeroes_text_and_source(tiny_random_preset):
     assert kept["text"].pooled.abs().sum() > 0 and kept["source_tokens"].abs().sum() > 0
 
 
+def test_a_dropped_prompt_is_not_encoded(tiny_random_preset):
+    """Its embedding is zeroed anyway: the (cached) empty prompt is encoded in its place, and the kept prompts get
+    exactly the embeddings they get without dropout."""
+    module = CoLoGenModule(preset=tiny_random_preset, prw=PRWConfig(num_experts=1, rank=4, alpha=8))
+    prompts = ["a red square", "a blue circle", "a green cross"]
+    text = module.encode_text({"prompt": prompts}, drop=torch.tensor([False, True, False]))
+    assert "a blue circle" not in module.text_encoder._cache and "" in module.text_encoder._cache
+    assert text.tokens[1].abs().sum() == 0 and text.pooled[1].abs().sum() == 0
+    full = module.encode_text({"prompt": prompts})
+    assert torch.equal(text.tokens[[0, 2]], full.tokens[[0, 2]]) and torch.equal(text.pooled[[0, 2]], full.pooled[[0, 2]])
+
+
 def test_checkpoint_holds_adapters_not_the_frozen_base(tiny_random_preset):
     module = CoLoGenModule(preset=tiny_random_preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8))
     ckpt = {"state_dict": module.state_dict()}
