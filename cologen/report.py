@@ -149,14 +149,26 @@ def sweep_table(csv_path: Path, image: str | None = None) -> str | None:
     cols = [c for c in SWEEP_COLUMNS if rows and c in rows[0]]
     lines = ["| " + " | ".join(SWEEP_COLUMNS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        cells = [row[c] if c in ("model.prw.router.temperature", "model.veteran.rho", "seconds")
-                 else f"{float(row[c]):.{1 if 'psnr' in c else 3}f}" for c in cols]
+        # a score with its 95% interval over the trial's probes where its validation files are there (the run
+        # folder beside the CSV), else the CSV's mean
+        finals = read_validations(csv_path.parent / row["run_id"])[-1:]
+        cells = []
+        for c in cols:
+            digits = 1 if "psnr" in c else 3
+            if c in ("model.prw.router.temperature", "model.veteran.rho", "seconds"):
+                cells.append(row[c])
+            elif c.startswith("val_metrics/") and finals:
+                task, metric = c.removeprefix("val_metrics/").split("/", 1)
+                cells.append(estimate(finals, task, metric).format(digits))
+            else:
+                cells.append(f"{float(row[c]):.{digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
     seconds = sum(float(r["seconds"]) for r in rows)
     failed = sum(r.get("exit", "0") != "0" for r in rows)
     note = f"{len(rows)} trials, {seconds / 60:.0f} min of trials in all" + (f", {failed} failed" if failed else "")
     plot = f"\n![the metric and the routing statistics against the temperature, per rho]({image})\n" if image else ""
-    return (f"From `{csv_path}` (`make sweep`; {note}; validation on 32 probes per task at the trial's end).\n\n"
+    return (f"From `{csv_path}` (`make sweep`; {note}); scores at the trial's end, mean ± half-width of the 95% "
+            "bootstrap interval over its probes.\n\n"
             + "\n".join(lines) + "\n" + plot)
 
 

@@ -87,13 +87,18 @@ def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
               for i, (t, ssim) in enumerate([(0.5, 0.2), (1.0, 0.4)])]
     (tmp_path / "sweep").mkdir()
     write_table(trials, config, tmp_path / "sweep" / "trials.csv", keys[1:])
+    # run1's validation files are there: its scores get their interval over the probes
+    write_validation(tmp_path / "sweep" / "run1" / "validation" / "step000300", 1, {"inpainting": 0, "control": 1},
+                     {"control": {"ssim": [0.3, 0.4, 0.5]}, "inpainting": {"psnr_out": [30.0, 31.0, 32.0]}})
     (tmp_path / "sweep" / "trials.png").write_bytes(b"png")
     assert report.main(args) == 0
     text = readme.read_text()
     rows = [line for line in text.split("<!-- results:sweep -->")[1].splitlines() if line.startswith("| ")]
     assert rows[0] == ("| temperature | rho | control SSIM (the metric) | inpainting PSNR outside (dB) | router entropy "
                        "| s |")
-    assert rows[1:] == ["| 1.0 | 0.6 | 0.400 | 31.0 | 0.100 | 120 |", "| 0.5 | 0.6 | 0.200 | 30.0 | 0.100 | 60 |"]
+    assert rows[2] == "| 0.5 | 0.6 | 0.200 | 30.0 | 0.100 | 60 |"
+    cells = rows[1].split(" | ")
+    assert cells[:2] == ["| 1.0", "0.6"] and cells[2].startswith("0.400 ± 0.") and cells[3].startswith("31.0 ± ")
     assert "2 trials, 3 min of trials in all" in text and "kept sweep" not in text
     assert "](docs/images/sweep_gate_temperature.png)" in text
     assert (tmp_path / "docs" / "images" / "sweep_gate_temperature.png").read_bytes() == b"png"
