@@ -176,7 +176,7 @@ class CoLoGenModule(L.LightningModule):
                 text = self.text_encoder.encode(prompts)
         text = text.to(self.device, torch.float32)
         if drop is not None:
-            keep = (~drop).float()
+            keep = (~drop).to(self.device).float()
             text = TextEmbeddings(text.tokens * keep[:, None, None], text.pooled * keep[:, None])
         return text
 
@@ -194,7 +194,8 @@ class CoLoGenModule(L.LightningModule):
         def rand(*shape):
             return torch.rand(*shape, generator=generator, device=self.device)
 
-        text_drop = rand(b) < self.flow.text_dropout if train else None
+        # drawn on the host: `encode_text` reads it there to skip encoding dropped prompts, with no device sync
+        text_drop = torch.rand(b) < self.flow.text_dropout if train else None
         text = self.encode_text(batch, text_drop)
 
         has_source = batch.get("has_source")

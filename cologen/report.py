@@ -172,11 +172,20 @@ def sweep_table(csv_path: Path, image: str | None = None) -> str | None:
             + "\n".join(lines) + "\n" + plot)
 
 
+def _block(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- results:{name} -->\n)(.*?)(<!-- /results:{name} -->)", re.S)
+
+
+def read_block(text: str, name: str) -> str | None:
+    found = _block(name).search(text)
+    return found.group(2) if found else None
+
+
 def replace_block(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
+    pattern = _block(name)
     if not pattern.search(text):
         raise ValueError(f"the README has no <!-- results:{name} --> ... <!-- /results:{name} --> block")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + body + m.group(3), text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sweep_table(sweep_csv, link if plot.is_file() else None)
     if sweep is None:
         print(f"[report] no {sweep_csv} (make sweep): the README's sweep table is left as it is", flush=True)
-        kept = re.search(r"<!-- results:sweep -->\n(.*?)<!-- /results:sweep -->", text, re.S)
-        sweep = kept.group(1) if kept else "(no sweep results yet: run `make sweep`)\n"
+        sweep = read_block(text, "sweep") or "(no sweep results yet: run `make sweep`)\n"
     text = replace_block(text, "sweep", sweep)
     readme.write_text(text)
     out.parent.mkdir(parents=True, exist_ok=True)

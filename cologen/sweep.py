@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import netrc
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import yaml
 
 from cologen import compat
 from cologen.callbacks.summary import SUMMARY_ENV
@@ -200,10 +203,6 @@ def trial_fingerprint(config: dict[str, Any], extra_args: list[str] | None = Non
     """What every trial of this sweep runs: the sweep config, the extra arguments and the parsed contents of every
     `--config` file on the trial command line (a changed setting in experiments/tiny/curriculum.yaml changes it,
     a comment does not). A missing file counts by its name; the trial itself then says it is missing."""
-    import hashlib
-
-    import yaml
-
     words = [str(w) for w in [*(config.get("command") or []), *(extra_args or [])]]
     files = {}
     for flag, value in zip(words, words[1:]):
