@@ -194,8 +194,13 @@ class CoLoGenModule(L.LightningModule):
         def rand(*shape):
             return torch.rand(*shape, generator=generator, device=self.device)
 
-        # drawn on the host: `encode_text` reads it there to skip encoding dropped prompts, with no device sync
-        text_drop = torch.rand(b) < self.flow.text_dropout if train else None
+        # `encode_text` reads the drops on the host to skip encoding dropped prompts: training draws them there (no
+        # device sync per step); a caller's generator (tests, fixed-noise losses) still decides them, reproducibly
+        text_drop = None
+        if train and generator is None:
+            text_drop = torch.rand(b) < self.flow.text_dropout
+        elif train:
+            text_drop = (torch.rand(b, generator=generator, device=generator.device) < self.flow.text_dropout).cpu()
         text = self.encode_text(batch, text_drop)
 
         has_source = batch.get("has_source")

@@ -73,6 +73,20 @@ def test_dropout_zeroes_text_and_source(tiny_random_preset):
     assert kept["text"].pooled.abs().sum() > 0 and kept["source_tokens"].abs().sum() > 0
 
 
+def test_a_callers_generator_decides_every_training_draw(tiny_random_preset):
+    """Text dropout included: with a generator the losses do not depend on the global RNG (a test's result must not
+    depend on the tests that ran before it)."""
+    module = CoLoGenModule(preset=tiny_random_preset, prw=PRWConfig(num_experts=1, rank=4, alpha=8),
+                           flow=FlowMatchingConfig(text_dropout=0.5))
+    batch = synthetic_batch(b=8)
+    kept = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        inputs = module.prepare(batch, train=True, generator=torch.Generator().manual_seed(0))
+        kept.append(inputs["text"].pooled.abs().sum(-1) > 0)  # which prompts were kept
+    assert torch.equal(kept[0], kept[1]) and 0 < int(kept[0].sum()) < 8
+
+
 def test_a_dropped_prompt_is_not_encoded(tiny_random_preset):
     """Its embedding is zeroed anyway: the (cached) empty prompt is encoded in its place, and the kept prompts get
     exactly the embeddings they get without dropout."""
