@@ -23,7 +23,14 @@ from .model.packing import SourcePositionConfig, pack_latents, target_ids, text_
 from .model.presets import Preset, TinyPreset
 from .model.quantize import check_quantize_base, quantize_frozen_base
 from .model.text_encoders import TextEmbeddings
-from .model.veteran import expert_usage, routing_entropy, task_routing_loss, token_gate_loss, veteran_loss
+from .model.veteran import (
+    expert_usage,
+    routing_entropy,
+    task_balanced_weights,
+    task_routing_loss,
+    token_gate_loss,
+    veteran_loss,
+)
 from .sampling.sampler import FlowSampler, SamplerConfig, SampleStats
 from .training.config import FlowMatchingConfig, OptimConfig, VeteranConfig
 from .training.lr_schedule import LRSchedule
@@ -305,7 +312,9 @@ class CoLoGenModule(L.LightningModule):
                           routing=out.routing)
             losses["loss"] = losses["loss"] + vet
             if self.model.num_active > 1:
-                routed, own_share = task_routing_loss(out.routing, self.own_experts(list(batch["task"])))
+                tasks = list(batch["task"])
+                weights = task_balanced_weights(tasks) if self.veteran.task_balance else None
+                routed, own_share = task_routing_loss(out.routing, self.own_experts(tasks), weights)
                 losses["routing_own_expert"] = own_share
                 if self.veteran.task_weight > 0:
                     losses["loss_routing"] = self.veteran.task_weight * routed

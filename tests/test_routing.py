@@ -9,7 +9,7 @@ from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
 from cologen.model.cologen_transformer import CoLoGenTransformer
 from cologen.model.config import PRWConfig, RouterConfig
 from cologen.model.router import NoisyTop1Router
-from cologen.model.veteran import task_routing_loss, token_gate_loss, veteran_loss
+from cologen.model.veteran import task_balanced_weights, task_routing_loss, token_gate_loss, veteran_loss
 from tests.test_model_prw import make_inputs, make_source, make_transformer, randomize_experts, run
 
 FULL = dict(targets=["to_q", "to_k", "to_v", "to_out"], noisy_targets=["to_q", "to_k", "to_v", "to_out"],
@@ -95,6 +95,50 @@ def test_task_routing_loss_is_the_mean_negative_log_probability_of_the_own_exper
     expected = -(torch.log(torch.tensor([0.7, 0.8])).mean() + torch.log(torch.tensor([0.1, 0.1])).mean()) / 2
     torch.testing.assert_close(loss, expected)
     assert float(share) == 0.5  # block b0 routes both right, b1 neither
+
+
+def test_task_balance_weighs_every_task_in_the_batch_alike():
+    tasks = ["control"] * 6 + ["inpainting"] * 2  # a new task and a replayed one
+    w = task_balanced_weights(tasks)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    torch.testing.assert_close(w[:6].sum(), w[6:].sum())  # each task's samples weigh the same in total
+    probs = torch.tensor([[0.2, 0.8]] * 6 + [[0.6, 0.4]] * 2)
+    routing = {"b0": type("R", (), {"probs": probs, "index": probs.argmax(-1)})()}
+    own = torch.tensor([1] * 6 + [0] * 2)
+    balanced, share = task_routing_loss(routing, own, w)
+    plain, _ = task_routing_loss(routing, own)
+    # balanced: the mean of the two tasks' mean losses; plain: the mean over samples (the new task dominates)
+    torch.testing.assert_close(balanced, -(torch.log(torch.tensor(0.8)) + torch.log(torch.tensor(0.6))) / 2)
+    torch.testing.assert_close(plain, -(6 * torch.log(torch.tensor(0.8)) + 2 * torch.log(torch.tensor(0.6))) / 8)
+    assert float(share) == 1.0
+    torch.testing.assert_close(task_balanced_weights(["editing"] * 4), torch.ones(4))  # one task: the plain mean
+
+
+def test_the_module_balances_the_task_routing_loss_when_asked():
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.training.config import VeteranConfig
+
+    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
+    torch.manual_seed(0)
+    batch = {"target": torch.rand(8, 3, 16, 16) * 2 - 1, "has_source": torch.ones(8, dtype=torch.bool),
+             "prompt": ["make it"] * 6 + ["fill it"] * 2, "task": ["control"] * 6 + ["inpainting"] * 2}
+    batch["source"] = batch["target"].flip(-1)
+    losses = {}
+    for balance in (False, True):
+        module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(
+                                   noisy=False, timestep_bins=0)),
+                               veteran=VeteranConfig(task_weight=1.0, task_balance=balance))
+        module.model.activate_next_expert()
+        module.model.set_entry_progress(1.0)
+        module.task_experts = {"inpainting": 0, "control": 1}
+        with torch.no_grad():  # a router that prefers expert 1 for everything: the replayed task is routed wrong
+            for attn in module.model.prw_modules():
+                attn.prw_router.gate.bias[:2] = torch.tensor([0.0, 2.0])
+        losses[balance] = module.compute_losses(batch, train=False, generator=torch.Generator().manual_seed(0))
+    p0, p1 = torch.tensor([0.0, 2.0]).softmax(-1)
+    torch.testing.assert_close(losses[False]["loss_routing"], -(6 * p1.log() + 2 * p0.log()) / 8)
+    torch.testing.assert_close(losses[True]["loss_routing"], -(p1.log() + p0.log()) / 2)
 
 
 def test_task_supervision_trains_routing_that_depends_on_the_task():

@@ -43,20 +43,33 @@ def expert_usage(routing: dict[str, Routing], num_experts: int) -> torch.Tensor:
                         / r.index.numel() for r in routing.values()])
 
 
-def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor, sample_weight: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample routing supervision (ours): mean over PRW blocks (and tokens) of `-log p[own expert]`, where
     `own` (B,) is the expert of the curriculum step that learned each sample's task. Unlike the veteran loss,
     which constrains only the batch-wide share of the newest expert (one fixed expert per block satisfies it), it
-    rewards routing that depends on the task. Returns (loss, share of decisions on the own expert)."""
+    rewards routing that depends on the task. `sample_weight` (B,), when given, weighs the samples in the batch
+    mean (e.g. `task_balanced_weights`). Returns (loss, share of decisions on the own expert, unweighted)."""
     losses, hits = [], []
     for r in routing.values():
         target = own.to(r.probs.device)
         if r.probs.dim() == 3:
             target = target[:, None].expand(r.probs.shape[:2])
         p = r.probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        losses.append(-torch.log(p.float().clamp_min(1e-12)).mean())
+        nll = -torch.log(p.float().clamp_min(1e-12))
+        nll = nll.mean(-1) if nll.dim() == 2 else nll  # (B,)
+        w = None if sample_weight is None else sample_weight.to(nll.device, nll.dtype)
+        losses.append(nll.mean() if w is None else (nll * w).sum() / w.sum())
         hits.append((r.index == target).float().mean())
     return torch.stack(losses).mean(), torch.stack(hits).mean().detach()
+
+
+def task_balanced_weights(tasks: list[str]) -> torch.Tensor:
+    """(B,) weights under which every task in the batch weighs the same in total (1 / its sample count, scaled to
+    mean 1): a replayed task's few samples are not outweighed by the new task's many."""
+    counts = {t: tasks.count(t) for t in set(tasks)}
+    w = torch.tensor([1.0 / counts[t] for t in tasks])
+    return w * len(tasks) / w.sum()
 
 
 def token_gate_loss(gates: dict[str, torch.Tensor], changed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

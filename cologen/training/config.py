@@ -64,6 +64,9 @@ class VeteranConfig:
     task_weight: (ours) weight of the per-sample task routing loss, `-log p[own expert]` averaged over the PRW
         blocks, where a sample's own expert is the one of the curriculum step that introduced its task (replayed
         samples go to their veterans); 0 turns it off (the paper).
+    task_balance: (ours) every task in a batch weighs the same in the task routing loss (each sample by 1 / its
+        task's count in the batch) instead of every sample: with replay a new task's many samples otherwise
+        outweigh a replayed task's few, and the routers' sample-independent terms (bias, timestep bias) follow them.
     gate_weight: (ours) weight of the token-gate supervision (needs `prw.token_gate`): each routed expert's gate
         learns which tokens the output changes (target != source at the same place), so the expert leaves the
         copied ones alone; 0 turns it off.
@@ -75,6 +78,7 @@ class VeteranConfig:
     rho: float = 1.0
     alpha: float = 0.0
     task_weight: float = 0.0
+    task_balance: bool = False
     gate_weight: float = 0.0
     gate_tasks: list[str] | None = None
 
