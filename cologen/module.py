@@ -203,11 +203,8 @@ class CoLoGenModule(L.LightningModule):
 
         # `encode_text` reads the drops on the host to skip encoding dropped prompts: training draws them there (no
         # device sync per step); a caller's generator (tests, fixed-noise losses) still decides them, reproducibly
-        text_drop = None
-        if train and generator is None:
-            text_drop = torch.rand(b) < self.flow.text_dropout
-        elif train:
-            text_drop = (torch.rand(b, generator=generator, device=generator.device) < self.flow.text_dropout).cpu()
+        host = generator.device if generator is not None else "cpu"
+        text_drop = (torch.rand(b, generator=generator, device=host) < self.flow.text_dropout).cpu() if train else None
         text = self.encode_text(batch, text_drop)
 
         has_source = batch.get("has_source")

@@ -51,6 +51,7 @@ def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor, sample_wei
     rewards routing that depends on the task. `sample_weight` (B,), when given, weighs the samples in the batch
     mean (e.g. `task_balanced_weights`). Returns (loss, share of decisions on the own expert, unweighted)."""
     losses, hits = [], []
+    w = None if sample_weight is None else sample_weight.float().to(own.device)
     for r in routing.values():
         target = own.to(r.probs.device)
         if r.probs.dim() == 3:
@@ -58,7 +59,6 @@ def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor, sample_wei
         p = r.probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         nll = -torch.log(p.float().clamp_min(1e-12))
         nll = nll.mean(-1) if nll.dim() == 2 else nll  # (B,)
-        w = None if sample_weight is None else sample_weight.to(nll.device, nll.dtype)
         losses.append(nll.mean() if w is None else (nll * w).sum() / w.sum())
         hits.append((r.index == target).float().mean())
     return torch.stack(losses).mean(), torch.stack(hits).mean().detach()
