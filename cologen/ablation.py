@@ -13,6 +13,7 @@ The ablation file:
     seeds: [0, 1, 2]
     out: runs/ablation                             # run folders: {out}/{variant}/seed{seed}
     report: docs/ablation.md                       # also {stem}.json and {stem}.png
+    base: runs/ablation/base_only                  # optional: the base alone, scored here when missing
     variants:                                      # name -> configs layered on top, a description
       curriculum: {configs: [], description: ...}
 """
@@ -39,6 +40,7 @@ from cologen.eval.results import (
     estimate,
     ratio,
     read_validations,
+    score_base,
 )
 from cologen.metrics.stats import Estimate
 
@@ -61,6 +63,7 @@ class AblationSpec:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out: str = "runs/ablation"
     report: str = "docs/ablation.md"
+    base: str | None = None  # a `cologen eval shapeworld --base` folder: the table's "base only" row
 
     @classmethod
     def load(cls, path: str | Path) -> AblationSpec:
@@ -68,7 +71,7 @@ class AblationSpec:
         variants = raw.pop("variants", None)
         if not variants:
             raise ValueError(f"{path}: no variants")
-        unknown = set(raw) - {"configs", "args", "seeds", "out", "report", "name"}
+        unknown = set(raw) - {"configs", "args", "seeds", "out", "report", "base", "name"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         raw.pop("name", None)
@@ -155,6 +158,26 @@ def aggregate(spec: AblationSpec) -> dict[str, Any]:
     return table
 
 
+def references(spec: AblationSpec, table: dict[str, Any]) -> dict[str, Any]:
+    """Rows to read the variants against (`"reference": true`, final scores only): the base alone (`spec.base`,
+    scored on the first config's probes when missing) and the first variant that has oracle scores, with every
+    task on its own expert: what its routers could reach."""
+    rows: dict[str, Any] = {}
+    if spec.base:
+        base = score_base(spec.base, spec.configs[0])
+        rows["base only"] = {"reference": True, "description": "the base alone, no expert (`cologen eval shapeworld "
+                             "--base` on the same probes)", "seeds": 0, "seconds": None,
+                             "metrics": {f"{t}/{m}": {"final": estimate([base], t, m).as_dict()} for t, m in _metrics()}}
+    for v in spec.variants:  # the first with oracle scores (a one-expert variant has none)
+        oracle = {k: {"final": m["oracle"]} for k, m in table.get(v.name, {}).get("metrics", {}).items()}
+        if any(math.isfinite(m["final"]["mean"]) for m in oracle.values()):
+            rows[f"{v.name}, oracle routing"] = {
+                "reference": True, "description": f"{v.name}'s runs with every task routed to its own expert",
+                "seeds": table[v.name]["seeds"], "seconds": None, "metrics": oracle}
+            break
+    return rows
+
+
 def _est(d: dict) -> Estimate:
     return Estimate(d["mean"], d["low"], d["high"], d["n"])
 
@@ -174,13 +197,17 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
     ]
     for name, row in table.items():
         cells = [_est(row["metrics"][f"{t}/{m}"]["final"]).format(2) for t, m in cols]
-        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + f" | {row['seconds'] / 60:.1f} |")
+        minutes = f"{row['seconds'] / 60:.1f}" if row.get("seconds") is not None else ""
+        seeds = row["seeds"] if row["seeds"] else ""
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {minutes} |")
     lines += ["", "Forgetting (final score / score right after the task's own curriculum step) and routing "
               "(score with the routers' choice / score with every task on its own expert), per task's first "
               "metric:", "",
               "| variant | " + " | ".join(f"{t} forgetting | {t} routing" for t in HEADLINE_METRICS) + " |",
               "|---|" + "---|---|" * len(HEADLINE_METRICS)]
     for name, row in table.items():
+        if row.get("reference"):
+            continue
         cells = []
         for task, metrics in HEADLINE_METRICS.items():
             m = row["metrics"][f"{task}/{metrics[0]}"]
@@ -188,6 +215,7 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Variants:", ""]
     lines += [f"- **{v.name}**: {v.description}" for v in spec.variants if v.name in table]
+    lines += [f"- **{name}** (reference): {row['description']}" for name, row in table.items() if row.get("reference")]
     pending = [f"{v.name} ({len(spec.seeds) - table.get(v.name, {}).get('seeds', 0)} of {len(spec.seeds)} seeds)"
                for v in spec.variants if table.get(v.name, {}).get("seeds", 0) < len(spec.seeds)]
     if pending:
@@ -228,6 +256,7 @@ def plot(table: dict[str, Any], path: Path) -> Path | None:
 
 def write_report(spec: AblationSpec, command: str) -> dict[str, Any]:
     table = aggregate(spec)
+    table.update(references(spec, table))
     report = Path(spec.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(markdown(table, spec, command))
@@ -265,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append((v.name, seed))
     table = write_report(spec, f"python -m cologen.ablation {ns.ablation}")
     total = time.monotonic() - started
-    runs = sum(row["seeds"] for row in table.values())
+    runs = sum(row["seeds"] for row in table.values() if not row.get("reference"))
     print(f"[ablation] {runs} finished runs in the table; {spec.report} (+ .json, .png) written; this invocation "
           f"took {total / 60:.1f} min", flush=True)
     return 1 if failed else 0

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from cologen.eval.results import (
     ratio,
     read_eval,
     read_validations,
+    score_base,
 )
 from cologen.metrics.stats import Estimate
 
@@ -124,7 +124,8 @@ def ablation_table(path: Path) -> str:
         for t, m in cols:
             d = row["metrics"][f"{t}/{m}"]["final"]
             cells.append(Estimate(d["mean"], d["low"], d["high"], d["n"]).format(_digits(m)))
-        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + f" | {row['seconds'] / 60:.0f} |")
+        minutes = f"{row['seconds'] / 60:.0f}" if row.get("seconds") is not None else ""  # none for a reference row
+        lines.append(f"| {name} | {row['seeds'] or ''} | " + " | ".join(cells) + f" | {minutes} |")
     return (f"From `{path}` (`make ablation`; the full table with every metric, the forgetting and routing "
             "ratios and the plot: docs/ablation.md).\n\n" + "\n".join(lines) + "\n")
 
@@ -200,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     runs = Path(ns.runs)
     base_dir = runs / "base_only"
-    if read_eval(base_dir) is None:
-        print(f"[report] scoring the base alone into {base_dir} (cologen eval shapeworld --base)", flush=True)
-        subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--config", ns.config,
-                               "--out", str(base_dir)])
+    score_base(base_dir, ns.config)
     try:
         curriculum, numbers = curriculum_table([runs / f"stage{i}" for i in (1, 2, 3)], base_dir)
     except FileNotFoundError as err:

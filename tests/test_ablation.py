@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from cologen import ablation
+from cologen import report as report_module
 from cologen.eval.results import HEADLINE_METRICS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,6 +42,10 @@ def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
     }
 
 
+def cell_of(table: dict, key: str) -> dict:
+    return table["curriculum"]["metrics"][key]
+
+
 @pytest.fixture(scope="module")
 def toy_ablation(shapeworld_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
@@ -50,10 +55,16 @@ def toy_ablation(shapeworld_dir, tmp_path_factory):
                 "alpha": 0.0}]
     (root / "shrink.yaml").write_text(yaml.safe_dump(shrink(shapeworld_dir, curriculum)))
     (root / "shrink_cotrain.yaml").write_text(yaml.safe_dump({"curriculum": {"spec": {"steps": cotrain}}}))
+    # the base's scores as `cologen eval shapeworld --base --out` writes them (the driver scores it when missing)
+    (root / "base_only").mkdir()
+    (root / "base_only" / "scores.jsonl").write_text("\n".join(json.dumps(
+        {"task": t, "index": i, "routing": "learned", **{f"{t}/{m}": 0.25 for m in ms}})
+        for t, ms in HEADLINE_METRICS.items() for i in range(3)) + "\n")
     spec = {
         "configs": ["experiments/tiny/curriculum.yaml", str(root / "shrink.yaml")],
         "seeds": [0, 1],
         "out": str(root / "runs"),
+        "base": str(root / "base_only"),
         "report": str(root / "docs" / "ablation.md"),
         "variants": {
             "curriculum": {"description": "the toy curriculum"},
@@ -89,6 +100,20 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert table["cotrain"]["metrics"]["grounding/hit@0.5"]["final"]["n"] == 3
     assert set(table["curriculum"]["metrics"]) == {f"{t}/{m}" for t, ms in HEADLINE_METRICS.items() for m in ms}
     assert report.with_suffix(".png").stat().st_size > 0
+
+    # the reference rows: the base alone and the first variant with oracle routing (scores, no runtime)
+    base = table["base only"]
+    assert base["reference"] and base["metrics"]["inpainting/psnr_out"]["final"]["mean"] == pytest.approx(0.25)
+    oracle = table["curriculum, oracle routing"]
+    assert oracle["reference"] and oracle["seeds"] == 1
+    assert oracle["metrics"]["grounding/box_iou"]["final"] == cell_of(table, "grounding/box_iou")["oracle"]
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert any(r.startswith("| base only |  | 0.25 ± 0.00 |") and r.endswith("|  |") for r in rows)
+    ratios = text.split("Forgetting")[1].split("Variants:")[0]
+    assert "| curriculum |" in ratios and "base only" not in ratios and "oracle routing |" not in ratios
+    readme_rows = report_module.ablation_table(report.with_suffix(".json")).splitlines()
+    assert any(r.startswith("| base only |  | ") and "| 0.25 ± 0.00 |" in r and r.endswith("|  |") for r in readme_rows)
+    assert any(r.startswith("| curriculum, oracle routing | 1 |") for r in readme_rows)
 
     # finished runs are skipped: nothing is started again
     def no_training(*args, **kwargs):

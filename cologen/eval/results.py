@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +70,18 @@ def read_eval(folder: str | Path) -> Validation | None:
         return None
     lines = [json.loads(line) for line in scores_file.read_text().splitlines() if line.strip()]
     return Validation(Path(folder), 0, None, {}, lines)
+
+
+def score_base(folder: str | Path, config: str) -> Validation:
+    """The base alone scored on `config`'s validation probes (`cologen eval shapeworld --base`) into `folder`, run
+    only when the folder has no scores yet (the base is fixed, so its scores are too)."""
+    found = read_eval(folder)
+    if found is not None:
+        return found
+    print(f"[results] scoring the base alone into {folder} (cologen eval shapeworld --base)", flush=True)
+    subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--config", config,
+                           "--out", str(folder)])
+    return read_eval(folder)
 
 
 def task_experts(validations: Sequence[Validation]) -> dict[str, int]:
