@@ -208,7 +208,7 @@ class CoLoGenModule(L.LightningModule):
         text = self.encode_text(batch, text_drop)
 
         has_source = batch.get("has_source")
-        source_tokens = sids = None
+        source_tokens = sids = keep = None
         if has_source is not None and bool(has_source.any()):
             source = self.encode_images(batch, "source", "source_latent")
             keep = has_source.to(self.device)
@@ -237,7 +237,8 @@ class CoLoGenModule(L.LightningModule):
                     txt_ids=text_ids(text.tokens.shape[1], device=self.device), source_tokens=source_tokens,
                     source_ids=sids, guidance=guidance, velocity=noise - x0, tasks=list(batch["task"]),
                     changed=changed_tokens(x0, source_tokens[0] if isinstance(source_tokens, list) else source_tokens,
-                                           has_source))
+                                           has_source),
+                    source_seen=keep)  # (B,) which samples see their condition image (None: no sample has one)
 
     def change_weights(self, changed: torch.Tensor | None, tasks: list[str] | None = None) -> torch.Tensor | None:
         """(B, N) loss weights: `1 + flow.change_weight` on the `changed` tokens (`changed_tokens`), 1 elsewhere,
@@ -311,6 +312,9 @@ class CoLoGenModule(L.LightningModule):
             if self.model.num_active > 1:
                 tasks = list(batch["task"])
                 weights = task_balanced_weights(tasks) if self.veteran.task_balance else None
+                if self.veteran.skip_dropped_sources and inputs["source_seen"] is not None:
+                    seen = inputs["source_seen"].float()
+                    weights = seen if weights is None else weights.to(seen.device) * seen
                 routed, own_share = task_routing_loss(out.routing, self.own_experts(tasks), weights)
                 losses["routing_own_expert"] = own_share
                 if self.veteran.task_weight > 0:

@@ -141,6 +141,50 @@ def test_the_module_balances_the_task_routing_loss_when_asked():
     torch.testing.assert_close(losses[True]["loss_routing"], -(p1.log() + p0.log()) / 2)
 
 
+def test_the_task_routing_loss_leaves_out_the_samples_trained_without_their_source_when_asked():
+    """With `skip_dropped_sources`, a sample whose condition image was dropped (the routers see a blank source)
+    carries no weight in the task routing loss; without it, it counts like any other."""
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.training.config import FlowMatchingConfig, VeteranConfig
+
+    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
+    torch.manual_seed(0)
+    batch = {"target": torch.rand(8, 3, 16, 16) * 2 - 1, "has_source": torch.ones(8, dtype=torch.bool),
+             "prompt": ["a scene"] * 8, "task": ["control"] * 6 + ["inpainting"] * 2}
+    batch["source"] = batch["target"].flip(-1)
+    losses, seen = {}, {}
+    for skip in (False, True):
+        module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(
+                                   noisy=False, timestep_bins=0)),
+                               flow=FlowMatchingConfig(source_dropout=0.5),
+                               veteran=VeteranConfig(task_weight=1.0, skip_dropped_sources=skip))
+        module.model.activate_next_expert()
+        module.model.set_entry_progress(1.0)
+        module.task_experts = {"inpainting": 0, "control": 1}
+        with torch.no_grad():  # a router that prefers expert 1 for everything (a dropped source changes nothing)
+            for attn in module.model.prw_modules():
+                attn.prw_router.gate.bias[:2] = torch.tensor([0.0, 2.0])
+                attn.prw_router.gate.weight.zero_()
+        generator = torch.Generator().manual_seed(3)
+        seen[skip] = module.prepare(batch, train=True, generator=torch.Generator().manual_seed(3))["source_seen"]
+        losses[skip] = module.compute_losses(batch, train=True, generator=generator)
+    assert torch.equal(seen[False], seen[True]) and 0 < int(seen[True].sum()) < 8  # the same draws, some dropped
+    p0, p1 = torch.tensor([0.0, 2.0]).softmax(-1)
+    nll = torch.tensor([-p1.log()] * 6 + [-p0.log()] * 2)
+    torch.testing.assert_close(losses[False]["loss_routing"], nll.mean())
+    kept = seen[True].float()
+    torch.testing.assert_close(losses[True]["loss_routing"], (nll * kept).sum() / kept.sum())
+    assert abs(float(losses[True]["loss_routing"]) - float(losses[False]["loss_routing"])) > 1e-3
+
+
+def test_a_batch_without_any_weighted_sample_has_no_task_routing_loss():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    routing = {"b0": type("R", (), {"probs": probs, "index": probs.argmax(-1)})()}
+    loss, _ = task_routing_loss(routing, torch.tensor([0, 1]), torch.zeros(2))
+    assert float(loss) == 0.0
+
+
 def test_task_supervision_trains_routing_that_depends_on_the_task():
     """The paper's veteran loss is satisfied by one fixed expert per block; the per-sample task loss is not: a few
     steps of it on the routers alone make two tasks with different prompts choose different experts."""

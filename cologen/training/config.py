@@ -67,6 +67,11 @@ class VeteranConfig:
     task_balance: (ours) every task in a batch weighs the same in the task routing loss (each sample by 1 / its
         task's count in the batch) instead of every sample: with replay a new task's many samples otherwise
         outweigh a replayed task's few, and the routers' sample-independent terms (bias, timestep bias) follow them.
+    skip_dropped_sources: (ours) the task routing loss leaves out the samples trained without their condition
+        image (`flow.source_dropout`): with the source blanked the routers see the same input for every task but
+        for the prompt, so on those samples they can only learn the batch's majority task, which pulls a replayed
+        task whose prompts look like the new task's (inpainting's and control's are both scene captions) toward
+        the new task's expert.
     gate_weight: (ours) weight of the token-gate supervision (needs `prw.token_gate`): each routed expert's gate
         learns which tokens the output changes (target != source at the same place), so the expert leaves the
         copied ones alone; 0 turns it off.
@@ -79,6 +84,7 @@ class VeteranConfig:
     alpha: float = 0.0
     task_weight: float = 0.0
     task_balance: bool = False
+    skip_dropped_sources: bool = False
     gate_weight: float = 0.0
     gate_tasks: list[str] | None = None
 
