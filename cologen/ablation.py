@@ -197,9 +197,8 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
     ]
     for name, row in table.items():
         cells = [_est(row["metrics"][f"{t}/{m}"]["final"]).format(2) for t, m in cols]
-        minutes = f"{row['seconds'] / 60:.1f}" if row.get("seconds") is not None else ""
-        seeds = row["seeds"] if row["seeds"] else ""
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {minutes} |")
+        minutes = f"{row['seconds'] / 60:.1f}" if row.get("seconds") is not None else ""  # none for a reference row
+        lines.append(f"| {name} | {row['seeds'] or ''} | " + " | ".join(cells) + f" | {minutes} |")
     lines += ["", "Forgetting (final score / score right after the task's own curriculum step) and routing "
               "(score with the routers' choice / score with every task on its own expert), per task's first "
               "metric:", "",

@@ -42,10 +42,6 @@ def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
     }
 
 
-def cell_of(table: dict, key: str) -> dict:
-    return table["curriculum"]["metrics"][key]
-
-
 @pytest.fixture(scope="module")
 def toy_ablation(shapeworld_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
@@ -106,7 +102,7 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert base["reference"] and base["metrics"]["inpainting/psnr_out"]["final"]["mean"] == pytest.approx(0.25)
     oracle = table["curriculum, oracle routing"]
     assert oracle["reference"] and oracle["seeds"] == 1
-    assert oracle["metrics"]["grounding/box_iou"]["final"] == cell_of(table, "grounding/box_iou")["oracle"]
+    assert oracle["metrics"]["grounding/box_iou"]["final"] == table["curriculum"]["metrics"]["grounding/box_iou"]["oracle"]
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert any(r.startswith("| base only |  | 0.25 ± 0.00 |") and r.endswith("|  |") for r in rows)
     ratios = text.split("Forgetting")[1].split("Variants:")[0]

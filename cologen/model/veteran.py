@@ -49,7 +49,8 @@ def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor, sample_wei
     `own` (B,) is the expert of the curriculum step that learned each sample's task. Unlike the veteran loss,
     which constrains only the batch-wide share of the newest expert (one fixed expert per block satisfies it), it
     rewards routing that depends on the task. `sample_weight` (B,), when given, weighs the samples in the batch
-    mean (e.g. `task_balanced_weights`; 0 leaves a sample out). Returns (loss, share of decisions on the own expert, unweighted)."""
+    mean (e.g. `task_balanced_weights`; 0 leaves a sample out). Returns (loss, share of decisions on the own
+    expert, unweighted)."""
     losses, hits = [], []
     w = None if sample_weight is None else sample_weight.float().to(own.device)
     for r in routing.values():
