@@ -32,23 +32,14 @@ from benchmarks import (
     bench_validation,
 )
 from benchmarks.goals import print_verdicts
+from cologen.machine import cpu_model, vector_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "vector_extension": vector_extension(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "load_average_at_start": [round(x, 2) for x in load] if load else None}
 

@@ -6,6 +6,11 @@ routing), then writes the table (`report`, markdown: mean ± 95% bootstrap inter
 seeds, and the runtime), its numbers as JSON and a plot. Resumable: a finished run is skipped, an interrupted one
 continues from its `last.ckpt`; rerunning only re-aggregates. `--report-only` skips training.
 
+With `records`, every finished run also leaves a compact record there (its validations' metrics and per-probe scores,
+gzipped, and its runtime with the machine it ran on; ~40 KB), meant to be committed: the table is built from the
+records, a recorded run counts as finished, so runs made on different machines and days add up to the seeds the
+ablation asks for (run folders, with their checkpoints, stay on the machine that trained them).
+
 The ablation file:
 
     configs: [experiments/tiny/curriculum.yaml]   # every run's configs, in order
@@ -14,6 +19,7 @@ The ablation file:
     out: runs/ablation                             # run folders: {out}/{variant}/seed{seed}
     report: docs/ablation.md                       # also {stem}.json and {stem}.png
     base: runs/ablation/base_only                  # optional: the base alone, scored here when missing
+    records: docs/ablation_runs                    # optional: each finished run's record: {records}/{variant}/seed{seed}
     variants:                                      # name -> configs layered on top, a description
       curriculum: {configs: [], description: ...}
 """
@@ -21,8 +27,10 @@ The ablation file:
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +50,8 @@ from cologen.eval.results import (
     read_validations,
     score_base,
 )
+from cologen.machine import describe as describe_machine
+from cologen.machine import label as machine_label
 from cologen.metrics.stats import Estimate
 
 DONE = "done.json"
@@ -64,6 +74,7 @@ class AblationSpec:
     out: str = "runs/ablation"
     report: str = "docs/ablation.md"
     base: str | None = None  # a `cologen eval shapeworld --base` folder: the table's "base only" row
+    records: str | None = None  # each finished run's record (committed): {records}/{variant}/seed{seed}
 
     @classmethod
     def load(cls, path: str | Path) -> AblationSpec:
@@ -71,7 +82,7 @@ class AblationSpec:
         variants = raw.pop("variants", None)
         if not variants:
             raise ValueError(f"{path}: no variants")
-        unknown = set(raw) - {"configs", "args", "seeds", "out", "report", "base", "name"}
+        unknown = set(raw) - {"configs", "args", "seeds", "out", "report", "base", "records", "name"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         raw.pop("name", None)
@@ -84,6 +95,47 @@ class AblationSpec:
 
     def run_dir(self, variant: str, seed: int) -> Path:
         return Path(self.out) / variant / f"seed{seed}"
+
+    def record_dir(self, variant: str, seed: int) -> Path | None:
+        return Path(self.records) / variant / f"seed{seed}" if self.records else None
+
+    def finished(self, variant: str, seed: int) -> Path | None:
+        """The folder that holds the finished run's validations: its record (written from the run folder first
+        when the run finished here before it had one), else its run folder; None while it is not finished."""
+        record = self.record_dir(variant, seed)
+        if record is not None and (record / DONE).is_file():
+            return record
+        run = self.run_dir(variant, seed)
+        if not (run / DONE).is_file():
+            return None
+        return save_record(run, record) if record is not None else run
+
+
+# ------------------------------------------------------------------------------------------------- records
+def save_record(run_dir: Path, record_dir: Path) -> Path:
+    """Copy what the table needs from a finished run folder into `record_dir`: every validation's metrics.json and
+    its per-probe scores (gzipped), and done.json (runtime; the machine, this one when the run did not say).
+    Written into a temporary folder and renamed, so a record is either whole or absent."""
+    tmp = record_dir.with_name(record_dir.name + ".tmp")
+    for stale in (tmp, record_dir):  # a half-written copy, or a record without its done.json
+        if stale.exists():
+            shutil.rmtree(stale)
+    for step in sorted((run_dir / "validation").glob("step*")):
+        metrics, scores = step / "metrics.json", step / "scores.jsonl"
+        if not (metrics.is_file() and scores.is_file()):
+            continue
+        out = tmp / "validation" / step.name
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_bytes(metrics.read_bytes())
+        # mtime 0: the same scores give the same bytes, so a re-recorded run leaves git nothing to commit
+        with gzip.GzipFile(out / "scores.jsonl.gz", "wb", mtime=0) as f:
+            f.write(scores.read_bytes())
+    tmp.mkdir(parents=True, exist_ok=True)
+    done = json.loads((run_dir / DONE).read_text())
+    done.setdefault("machine", describe_machine())  # a run folder is on the machine that trained it
+    (tmp / DONE).write_text(json.dumps(done) + "\n")
+    tmp.rename(record_dir)
+    return record_dir
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -102,10 +154,11 @@ def run_command(spec: AblationSpec, variant: Variant, seed: int) -> list[str]:
 
 def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
     """Train one (variant, seed) unless it is done; returns its done record (seconds, exit code)."""
+    finished = spec.finished(variant.name, seed)
+    if finished is not None:
+        return json.loads((finished / DONE).read_text())
     run_dir = spec.run_dir(variant.name, seed)
     done_file = run_dir / DONE
-    if done_file.is_file():
-        return json.loads(done_file.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     timing = run_dir / "seconds.json"  # wall time over every attempt (a resumed run adds up)
     spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
@@ -115,9 +168,11 @@ def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
     code = subprocess.call(cmd)
     spent += time.monotonic() - start
     timing.write_text(json.dumps({"seconds": spent}))
-    record = {"variant": variant.name, "seed": seed, "seconds": round(spent, 1), "returncode": code}
+    record = {"variant": variant.name, "seed": seed, "seconds": round(spent, 1), "returncode": code,
+              "machine": describe_machine()}
     if code == 0:
         done_file.write_text(json.dumps(record) + "\n")
+        spec.finished(variant.name, seed)  # its record, when the ablation keeps them
     else:
         print(f"[ablation] {variant.name} seed {seed} failed (exit {code}); rerun to resume it", flush=True)
     return record
@@ -134,15 +189,16 @@ def aggregate(spec: AblationSpec) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for v in spec.variants:
         runs: list[list[Validation]] = []
-        seconds = []
+        seconds, machines = [], []
         for seed in spec.seeds:
-            done = spec.run_dir(v.name, seed) / DONE
-            if not done.is_file():
-                continue
-            validations = read_validations(spec.run_dir(v.name, seed))
+            folder = spec.finished(v.name, seed)
+            validations = read_validations(folder) if folder is not None else []
             if validations:
+                done = json.loads((folder / DONE).read_text())
                 runs.append(validations)
-                seconds.append(json.loads(done.read_text())["seconds"])
+                seconds.append(done["seconds"])
+                if done.get("machine"):
+                    machines.append(machine_label(done["machine"]))
         if not runs:
             continue
         rows: dict[str, Any] = {}
@@ -154,7 +210,7 @@ def aggregate(spec: AblationSpec) -> dict[str, Any]:
                                         "after_own_step": own.as_dict(), "forgetting_ratio": ratio(final, own),
                                         "routing_ratio": ratio(final, oracle)}
         table[v.name] = {"description": v.description, "seeds": len(runs), "seconds": sum(seconds) / len(seconds),
-                         "metrics": rows}
+                         "machines": sorted(set(machines)), "metrics": rows}
     return table
 
 
@@ -184,10 +240,12 @@ def _est(d: dict) -> Estimate:
 
 def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
     cols = _metrics()
+    source = (f"run records under `{spec.records}/` (each finished run's, from any machine)" if spec.records
+              else f"run folders under `{spec.out}/`")
     lines = [
         "# Ablation on the tiny preset",
         "",
-        f"Generated by `{command}` (`make ablation`) from the run folders under `{spec.out}/` (do not edit by hand). Every variant "
+        f"Generated by `{command}` (`make ablation`) from the {source} (do not edit by hand). Every variant "
         "trains the same number of optimizer steps; each cell is the mean over seeds and probes (>= 64 per task) "
         "at the end of the run, ± the half-width of a 95% two-level bootstrap interval (seeds, then probes). "
         "Metric definitions: docs/metrics.md.",
@@ -215,6 +273,11 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
     lines += ["", "Variants:", ""]
     lines += [f"- **{v.name}**: {v.description}" for v in spec.variants if v.name in table]
     lines += [f"- **{name}** (reference): {row['description']}" for name, row in table.items() if row.get("reference")]
+    machines = sorted({m for row in table.values() for m in row.get("machines", [])})
+    if machines:
+        lines += ["", "Minutes per run are the mean wall time of a variant's runs, measured on: " + "; ".join(machines)
+                  + " (compare runtimes measured on one kind of CPU: an AVX-512 CPU trains the tiny model much faster "
+                  "than an AVX2-only one of the same core count)."]
     pending = [f"{v.name} ({len(spec.seeds) - table.get(v.name, {}).get('seeds', 0)} of {len(spec.seeds)} seeds)"
                for v in spec.variants if table.get(v.name, {}).get("seeds", 0) < len(spec.seeds)]
     if pending:

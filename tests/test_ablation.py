@@ -5,6 +5,7 @@ runs into the README's tables."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def toy_ablation(shapeworld_dir, tmp_path_factory):
         "seeds": [0, 1],
         "out": str(root / "runs"),
         "base": str(root / "base_only"),
+        "records": str(root / "records"),
         "report": str(root / "docs" / "ablation.md"),
         "variants": {
             "curriculum": {"description": "the toy curriculum"},
@@ -111,19 +113,36 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert any(r.startswith("| base only |  | ") and "| 0.25 ± 0.00 |" in r and r.endswith("|  |") for r in readme_rows)
     assert any(r.startswith("| curriculum, oracle routing | 1 |") for r in readme_rows)
 
-    # finished runs are skipped: nothing is started again
+    # every finished run left a record: its validations (scores gzipped) and its runtime with the machine
+    record = spec.record_dir("curriculum", 0)
+    done = json.loads((record / "done.json").read_text())
+    assert done["returncode"] == 0 and done["machine"]["cpu_count"] >= 1 and done["machine"]["vector_extension"]
+    recorded = sorted(p.name for p in (record / "validation").iterdir())
+    assert recorded == sorted(p.name for p in (spec.run_dir("curriculum", 0) / "validation").iterdir())
+    assert all((record / "validation" / s / "scores.jsonl.gz").is_file() for s in recorded)
+    assert not list(record.rglob("*.ckpt")) and not list(record.rglob("*.png"))  # small enough to commit
+    again = ablation.save_record(spec.run_dir("curriculum", 0), toy_ablation / "again" / "seed0")
+    assert [p.read_bytes() for p in sorted(again.rglob("*.*"))] == [p.read_bytes() for p in sorted(record.rglob("*.*"))]
+    assert "run records under" in text and "measured on: " in text
+
+    # finished runs are skipped, also one whose run folder is gone (trained on another machine): its record counts,
+    # and the table built from the records alone is the same
+    shutil.rmtree(spec.run_dir("curriculum", 0))
+
     def no_training(*args, **kwargs):
         raise AssertionError(f"a finished run was started again: {args}")
 
     monkeypatch.setattr(subprocess, "call", no_training)
     assert ablation.main([config, "--seeds", "0"]) == 0
+    assert json.loads(report.with_suffix(".json").read_text()) == table
     monkeypatch.undo()
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
-    # an interrupted run (no done.json yet, a last.ckpt) resumes from its checkpoint
+    # an interrupted run (no done.json yet, no record, a last.ckpt) resumes from its checkpoint
     run = spec.run_dir("cotrain", 0)
     (run / "done.json").unlink()
+    shutil.rmtree(spec.record_dir("cotrain", 0))
     variant = next(v for v in spec.variants if v.name == "cotrain")
     command = ablation.run_command(spec, variant, 0)
     assert command[-2:] == ["--ckpt_path", str(run / "last.ckpt")]

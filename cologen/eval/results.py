@@ -8,6 +8,7 @@ with the routers' choice and with oracle routing, as means with bootstrap confid
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import subprocess
@@ -51,14 +52,17 @@ class Validation:
 
 
 def read_validations(run_dir: str | Path, subdir: str = "validation") -> list[Validation]:
-    """Every validation of a run folder (those with per-probe scores), in order of their global step."""
+    """Every validation of a run folder or of an ablation's run record (its scores gzipped: `scores.jsonl.gz`)
+    that has per-probe scores, in order of their global step."""
     out = []
     for d in sorted((Path(run_dir) / subdir).glob("step*")):
-        metrics_file, scores_file = d / "metrics.json", d / "scores.jsonl"
-        if not (metrics_file.is_file() and scores_file.is_file()):
+        metrics_file = d / "metrics.json"
+        scores_file = next((f for f in (d / "scores.jsonl", d / "scores.jsonl.gz") if f.is_file()), None)
+        if not metrics_file.is_file() or scores_file is None:
             continue
         metrics = json.loads(metrics_file.read_text())
-        lines = [json.loads(line) for line in scores_file.read_text().splitlines() if line.strip()]
+        raw = gzip.decompress(scores_file.read_bytes()) if scores_file.suffix == ".gz" else scores_file.read_bytes()
+        lines = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
         out.append(Validation(d, int(d.name.removeprefix("step")), metrics.get("curriculum_step"), metrics, lines))
     return sorted(out, key=lambda v: v.global_step)
 
