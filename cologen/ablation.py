@@ -20,6 +20,7 @@ The ablation file:
     report: docs/ablation.md                       # also {stem}.json and {stem}.png
     base: runs/ablation/base_only                  # optional: the base alone, scored here when missing
     records: docs/ablation_runs                    # optional: each finished run's record: {records}/{variant}/seed{seed}
+    snapshot: docs/ablation_runs/snapshot.json     # optional: an earlier report's JSON, its rows shown marked
     variants:                                      # name -> configs layered on top, a description
       curriculum: {configs: [], description: ...}
 """
@@ -75,6 +76,9 @@ class AblationSpec:
     report: str = "docs/ablation.md"
     base: str | None = None  # a `cologen eval shapeworld --base` folder: the table's "base only" row
     records: str | None = None  # each finished run's record (committed): {records}/{variant}/seed{seed}
+    # a table written before records were kept (an earlier report's JSON): its rows are shown beside the recorded
+    # ones, marked, until every variant has recorded seeds (they cannot be pooled: their per-probe scores are gone)
+    snapshot: str | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> AblationSpec:
@@ -82,7 +86,7 @@ class AblationSpec:
         variants = raw.pop("variants", None)
         if not variants:
             raise ValueError(f"{path}: no variants")
-        unknown = set(raw) - {"configs", "args", "seeds", "out", "report", "base", "records", "name"}
+        unknown = set(raw) - {"configs", "args", "seeds", "out", "report", "base", "records", "snapshot", "name"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         raw.pop("name", None)
@@ -273,6 +277,10 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
     lines += ["", "Variants:", ""]
     lines += [f"- **{v.name}**: {v.description}" for v in spec.variants if v.name in table]
     lines += [f"- **{name}** (reference): {row['description']}" for name, row in table.items() if row.get("reference")]
+    if any(row.get("snapshot") for row in table.values()):
+        lines += ["", f"Rows named '..., snapshot' are from `{spec.snapshot}`, a table written before the runs' records "
+                  "were kept: their per-probe scores are gone, so they stand beside the recorded seeds instead of being "
+                  "pooled with them."]
     machines = sorted({m for row in table.values() for m in row.get("machines", [])})
     if machines:
         lines += ["", "Minutes per run are the mean wall time of a variant's runs, measured on: " + "; ".join(machines)
@@ -316,9 +324,25 @@ def plot(table: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def with_snapshot(spec: AblationSpec, table: dict[str, Any]) -> dict[str, Any]:
+    """`table` with the snapshot's variant rows (`spec.snapshot`), each after its variant's recorded row and named
+    '{variant}, snapshot'; its reference rows are left out (they are rebuilt from the records)."""
+    if not spec.snapshot:
+        return table
+    snapshot = json.loads(Path(spec.snapshot).read_text())
+    merged: dict[str, Any] = {}
+    for v in spec.variants:
+        if v.name in table:
+            merged[v.name] = table[v.name]
+        row = snapshot.get(v.name)
+        if row is not None and not row.get("reference"):
+            merged[f"{v.name}, snapshot"] = {**row, "snapshot": True}
+    return merged
+
+
 def write_report(spec: AblationSpec, command: str) -> dict[str, Any]:
     table = aggregate(spec)
-    table.update(references(spec, table))
+    table = with_snapshot(spec, table) | references(spec, table)
     report = Path(spec.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(markdown(table, spec, command))

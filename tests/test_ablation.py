@@ -57,12 +57,20 @@ def toy_ablation(shapeworld_dir, tmp_path_factory):
     (root / "base_only" / "scores.jsonl").write_text("\n".join(json.dumps(
         {"task": t, "index": i, "routing": "learned", **{f"{t}/{m}": 0.25 for m in ms}})
         for t, ms in HEADLINE_METRICS.items() for i in range(3)) + "\n")
+    # a table written before records were kept: a variant's row (shown beside the recorded ones) and a reference
+    # row (left out: references are rebuilt from the records)
+    est = {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 64}
+    old_row = {"description": "seed 0, before records", "seeds": 1, "seconds": 60.0,
+               "metrics": {f"{t}/{m}": {"final": est, "oracle": est, "after_own_step": est, "forgetting_ratio": 1.0,
+                                        "routing_ratio": 1.0} for t, ms in HEADLINE_METRICS.items() for m in ms}}
+    (root / "snapshot.json").write_text(json.dumps({"cotrain": old_row, "base only": {**old_row, "reference": True}}))
     spec = {
         "configs": ["experiments/tiny/curriculum.yaml", str(root / "shrink.yaml")],
         "seeds": [0, 1],
         "out": str(root / "runs"),
         "base": str(root / "base_only"),
         "records": str(root / "records"),
+        "snapshot": str(root / "snapshot.json"),
         "report": str(root / "docs" / "ablation.md"),
         "variants": {
             "curriculum": {"description": "the toy curriculum"},
@@ -98,6 +106,13 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert table["cotrain"]["metrics"]["grounding/hit@0.5"]["final"]["n"] == 3
     assert set(table["curriculum"]["metrics"]) == {f"{t}/{m}" for t, ms in HEADLINE_METRICS.items() for m in ms}
     assert report.with_suffix(".png").stat().st_size > 0
+
+    # the snapshot's variant row stands after the recorded one, marked; its reference row is not taken
+    names = list(table)
+    assert names.index("cotrain, snapshot") == names.index("cotrain") + 1 and "base only, snapshot" not in names
+    assert table["cotrain, snapshot"]["snapshot"] and table["cotrain, snapshot"]["seconds"] == 60.0
+    assert table["base only"]["metrics"]["inpainting/psnr_out"]["final"]["mean"] == pytest.approx(0.25)
+    assert "| cotrain, snapshot | 1 | 0.50 ± 0.10 |" in text and "Rows named '..., snapshot'" in text
 
     # the reference rows: the base alone and the first variant with oracle routing (scores, no runtime)
     base = table["base only"]
