@@ -6,6 +6,7 @@
 #   make bench / bench-gpu          benchmarks (ratios against baselines run in the same process)
 #   make bench-docs                 the docs' CPU benchmark figures from make bench's results file
 #   make ablation / sweep / report  the tiny ablation, the gate-temperature sweep, the README's results tables
+#                                   (TABLES="ablation sweep": only those; the others stay as the README has them)
 #   make examples                   the README's figure of the predict examples (CKPT=... picks the checkpoint)
 #   make demo                       try a model in the browser (default: the committed tiny experts; MODEL=...)
 #   make tiny-experts               package stage 3's experts as the ones committed for the demo
@@ -112,7 +113,7 @@ ablation: data
 
 # The README's results tables from the runs' files (make stage1 stage2 stage3, make ablation).
 report: data
-	$(PY) -m cologen.report
+	$(PY) -m cologen.report $(if $(TABLES),--tables $(TABLES))
 
 # examples/results.png: examples/requests.jsonl through `cologen predict` with CKPT (default: stage 3's last.ckpt when
 # there is one, else the committed base alone), shown in the README.
