@@ -106,7 +106,8 @@ sweep: data
 	$(PY) -m cologen.sweep experiments/sweeps/gate_temperature.yaml --report $(SWEEP_REPORT) $(SWEEP_ARGS)
 
 # The tiny ablation (docs/ablation.md): every variant x seed on the curriculum's budget; resumable, finished runs
-# are skipped. SEEDS="0" CONFIGS="curriculum cotrain" select a subset.
+# are skipped. SEEDS="0" CONFIGS="curriculum cotrain" select a subset. Each finished run leaves a record in
+# docs/ablation_runs/ (commit it): the table is built from the records, so runs from several machines add up.
 ablation: data
 	$(PY) -m cologen.ablation experiments/ablation/tiny.yaml $(if $(SEEDS),--seeds $(SEEDS)) \
 		$(if $(CONFIGS),--configs $(CONFIGS))

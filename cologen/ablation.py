@@ -7,7 +7,7 @@ seeds, and the runtime), its numbers as JSON and a plot. Resumable: a finished r
 continues from its `last.ckpt`; rerunning only re-aggregates. `--report-only` skips training.
 
 With `records`, every finished run also leaves a compact record there (its validations' metrics and per-probe scores,
-gzipped, and its runtime with the machine it ran on; ~40 KB), meant to be committed: the table is built from the
+gzipped, and its runtime with the machine it ran on; ~100 KB), meant to be committed: the table is built from the
 records, a recorded run counts as finished, so runs made on different machines and days add up to the seeds the
 ablation asks for (run folders, with their checkpoints, stay on the machine that trained them).
 
