@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "vector_extension": vector_extension(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "vector_extension": vector_extension(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "load_average_at_start": [round(x, 2) for x in load] if load else None}
 
 

@@ -91,6 +91,8 @@ class AblationSpec:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         raw.pop("name", None)
         spec = cls([Variant(name, **(v or {})) for name, v in variants.items()], **raw)
+        if spec.snapshot and not Path(spec.snapshot).is_file():
+            raise FileNotFoundError(f"{path}: snapshot {spec.snapshot} does not exist")
         for v in spec.variants:
             for c in spec.configs + v.configs:
                 if not Path(c).is_file():

@@ -1,7 +1,8 @@
 """What a timing was measured on: the CPU, its core count and widest vector extension, the torch build.
 
-Training speed on a CPU differs about 2x between an AVX-512 and an AVX2-only processor of the same family
-(docs/ablation.md, the README's budget line), so every recorded runtime carries this description.
+Training speed on a CPU depends on more than its core count: the tiny curriculum's one-fit run took 16-19 min on 2
+cores of an AVX-512 EPYC and 28 min on 2 cores of an AVX2-only one (docs/ablation.md), so every recorded runtime
+carries this description.
 """
 
 from __future__ import annotations

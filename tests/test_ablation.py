@@ -168,6 +168,8 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
 def test_ablation_file_errors_name_the_problem(tmp_path):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"variants": {"x": {"configs": ["missing.yaml"]}}}))
     assert ablation.main([str(tmp_path / "a.yaml")]) == 2
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"variants": {"x": {}}, "snapshot": "gone.json"}))
+    assert ablation.main([str(tmp_path / "c.yaml")]) == 2
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"variants": {"x": {}}, "seed": [1]}))
     with pytest.raises(ValueError, match=r"unknown keys \['seed'\]"):
         ablation.AblationSpec.load(tmp_path / "b.yaml")
