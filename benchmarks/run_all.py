@@ -21,8 +21,6 @@ import os
 import platform
 from pathlib import Path
 
-import torch
-
 from benchmarks import (
     bench_conditions,
     bench_loader,
@@ -32,16 +30,14 @@ from benchmarks import (
     bench_validation,
 )
 from benchmarks.goals import print_verdicts
-from cologen.machine import cpu_model, vector_extension
+from cologen.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "vector_extension": vector_extension(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+    return {"date": datetime.date.today().isoformat(), **describe(), "platform": platform.platform(),
             "load_average_at_start": [round(x, 2) for x in load] if load else None}
 
 
