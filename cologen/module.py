@@ -313,7 +313,10 @@ class CoLoGenModule(L.LightningModule):
                 tasks = list(batch["task"])
                 weights = task_balanced_weights(tasks) if self.veteran.task_balance else None
                 if self.veteran.skip_dropped_sources and inputs["source_seen"] is not None:
-                    seen = inputs["source_seen"].float()
+                    seen = inputs["source_seen"]
+                    if self.veteran.skip_dropped_source_tasks is not None:  # the other tasks keep theirs
+                        seen = seen | ~samples_of(tasks, self.veteran.skip_dropped_source_tasks, seen.device)
+                    seen = seen.float()
                     weights = seen if weights is None else weights.to(seen.device) * seen
                 routed, own_share = task_routing_loss(out.routing, self.own_experts(tasks), weights)
                 losses["routing_own_expert"] = own_share

@@ -143,22 +143,26 @@ def test_the_module_balances_the_task_routing_loss_when_asked():
 
 def test_the_task_routing_loss_leaves_out_the_samples_trained_without_their_source_when_asked():
     """With `skip_dropped_sources`, a sample whose condition image was dropped (the routers see a blank source)
-    carries no weight in the task routing loss; without it, it counts like any other."""
+    carries no weight in the task routing loss; without it, it counts like any other. With
+    `skip_dropped_source_tasks`, only those tasks' dropped samples are left out."""
     from cologen.model.presets import TinyPreset
     from cologen.module import CoLoGenModule
     from cologen.training.config import FlowMatchingConfig, VeteranConfig
 
     preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
     torch.manual_seed(0)
+    tasks = ["control"] * 4 + ["inpainting"] * 4
     batch = {"target": torch.rand(8, 3, 16, 16) * 2 - 1, "has_source": torch.ones(8, dtype=torch.bool),
-             "prompt": ["a scene"] * 8, "task": ["control"] * 6 + ["inpainting"] * 2}
+             "prompt": ["a scene"] * 8, "task": tasks}
     batch["source"] = batch["target"].flip(-1)
+    settings = {"off": (False, None), "every task": (True, None), "control only": (True, ["control"])}
     losses, seen = {}, {}
-    for skip in (False, True):
+    for name, (skip, skip_tasks) in settings.items():
         module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(
                                    noisy=False, timestep_bins=0)),
                                flow=FlowMatchingConfig(source_dropout=0.5),
-                               veteran=VeteranConfig(task_weight=1.0, skip_dropped_sources=skip))
+                               veteran=VeteranConfig(task_weight=1.0, skip_dropped_sources=skip,
+                                                     skip_dropped_source_tasks=skip_tasks))
         module.model.activate_next_expert()
         module.model.set_entry_progress(1.0)
         module.task_experts = {"inpainting": 0, "control": 1}
@@ -167,15 +171,26 @@ def test_the_task_routing_loss_leaves_out_the_samples_trained_without_their_sour
                 attn.prw_router.gate.bias[:2] = torch.tensor([0.0, 2.0])
                 attn.prw_router.gate.weight.zero_()
         generator = torch.Generator().manual_seed(3)
-        seen[skip] = module.prepare(batch, train=True, generator=torch.Generator().manual_seed(3))["source_seen"]
-        losses[skip] = module.compute_losses(batch, train=True, generator=generator)
-    assert torch.equal(seen[False], seen[True]) and 0 < int(seen[True].sum()) < 8  # the same draws, some dropped
+        seen[name] = module.prepare(batch, train=True, generator=torch.Generator().manual_seed(3))["source_seen"]
+        losses[name] = module.compute_losses(batch, train=True, generator=generator)["loss_routing"]
+    drawn = seen["off"]
+    assert all(torch.equal(drawn, s) for s in seen.values())  # the same draws in every setting
+    assert not drawn[:4].all() and not drawn[4:].all()  # some of each task's sources dropped
     p0, p1 = torch.tensor([0.0, 2.0]).softmax(-1)
-    nll = torch.tensor([-p1.log()] * 6 + [-p0.log()] * 2)
-    torch.testing.assert_close(losses[False]["loss_routing"], nll.mean())
-    kept = seen[True].float()
-    torch.testing.assert_close(losses[True]["loss_routing"], (nll * kept).sum() / kept.sum())
-    assert abs(float(losses[True]["loss_routing"]) - float(losses[False]["loss_routing"])) > 1e-3
+    nll = torch.tensor([-p1.log()] * 4 + [-p0.log()] * 4)
+    is_control = torch.tensor([t == "control" for t in tasks])
+    for name, kept in {"off": torch.ones(8), "every task": drawn.float(),
+                       "control only": (drawn | ~is_control).float()}.items():
+        torch.testing.assert_close(losses[name], (nll * kept).sum() / kept.sum())
+    values = [float(v.detach()) for v in losses.values()]
+    assert min(abs(a - b) for i, a in enumerate(values) for b in values[i + 1:]) > 1e-3
+
+
+def test_an_unknown_task_in_skip_dropped_source_tasks_is_refused_in_one_line():
+    from cologen.training.config import VeteranConfig
+
+    with pytest.raises(ValueError, match=r"veteran.skip_dropped_source_tasks: unknown tasks \['inpaint'\]"):
+        VeteranConfig(skip_dropped_sources=True, skip_dropped_source_tasks=["inpaint"])
 
 
 def test_a_batch_without_any_weighted_sample_has_no_task_routing_loss():

@@ -72,6 +72,9 @@ class VeteranConfig:
         for the prompt, so on those samples they can only learn the batch's majority task, which pulls a replayed
         task whose prompts look like the new task's (inpainting's and control's are both scene captions) toward
         the new task's expert.
+    skip_dropped_source_tasks: the tasks whose dropped-source samples `skip_dropped_sources` leaves out (None:
+        every task). A task whose prompts alone name it (grounding's, editing's) keeps them: on those samples only
+        the prompt can route, so they teach the routers' prompt term to tell it from tasks whose sources look alike.
     gate_weight: (ours) weight of the token-gate supervision (needs `prw.token_gate`): each routed expert's gate
         learns which tokens the output changes (target != source at the same place), so the expert leaves the
         copied ones alone; 0 turns it off.
@@ -85,6 +88,7 @@ class VeteranConfig:
     task_weight: float = 0.0
     task_balance: bool = False
     skip_dropped_sources: bool = False
+    skip_dropped_source_tasks: list[str] | None = None
     gate_weight: float = 0.0
     gate_tasks: list[str] | None = None
 
@@ -94,6 +98,7 @@ class VeteranConfig:
         if self.gate_weight < 0:
             raise ValueError(f"veteran.gate_weight must be >= 0, got {self.gate_weight}")
         check_tasks("veteran.gate_tasks", self.gate_tasks)
+        check_tasks("veteran.skip_dropped_source_tasks", self.skip_dropped_source_tasks)
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"veteran.rho must be in [0, 1], got {self.rho}")
         if self.alpha < 0:
