@@ -485,3 +485,85 @@ def test_change_weight_weighs_the_changed_tokens_of_the_chosen_tasks():
     assert CoLoGenModule(preset=preset).change_weights(changed, tasks) is None  # the paper's loss
     with pytest.raises(ValueError, match="unknown tasks"):
         FlowConfig(change_weight=1.0, change_weight_tasks=["grnding"])
+
+
+@pytest.mark.parametrize("granularity", ["sample", "token"])
+def test_the_router_logit_terms_sum_to_its_logits(granularity):
+    """`logit_terms` is how `logits` is computed: its terms add up to the logits bit for bit, in eval (no noise)
+    and in training (the same noise draw)."""
+    torch.manual_seed(0)
+    router = NoisyTop1Router(8, 3, timestep_bins=4, granularity=granularity, prompt_dim=5, normalize=True)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.copy_(torch.randn_like(p))
+    hidden, prompt, bins = torch.randn(2, 6, 8), torch.randn(2, 5), torch.tensor([0, 3])
+    for training in (False, True):
+        router.train(training)
+        torch.manual_seed(1)
+        logits = router.logits(hidden, bins, prompt)
+        torch.manual_seed(1)
+        terms = router.logit_terms(hidden, bins, prompt)
+        assert set(terms) == ({"source", "prompt", "timestep"} | ({"noise"} if training else set()))
+        assert torch.equal(sum(terms.values()), logits)
+        assert all(t.shape == logits.shape for t in terms.values())
+
+
+def test_margin_terms_split_the_own_experts_margin_over_its_strongest_rival():
+    from cologen.eval.routing_terms import margin_terms
+
+    # two decisions among 3 active experts (a 4th inactive); own expert 0
+    calls = [{"source": torch.tensor([[1.0, 4.0, 0.0, 9.0], [2.0, 0.0, 1.0, 9.0]]),
+              "prompt": torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]]),
+              "timestep": torch.zeros(2, 4), "offset": torch.zeros(2, 4)}]
+    s = margin_terms(calls, own=0, num_active=3)
+    # decision 1: totals (3, 4, 0): rival 1, margin -1 (source -3, prompt +2): strays; decision 2: (2, 0, 3): rival
+    # 2, margin -1 (source +1, prompt -2): strays too
+    assert s["own_expert"] == 0.0 and s["decisions"] == 2
+    assert s["margin_mean"] == pytest.approx(-1.0) and s["margin_std"] == pytest.approx(0.0)
+    assert s["source_mean"] == pytest.approx(-1.0) and s["prompt_mean"] == pytest.approx(0.0)
+    calls[0]["prompt"][1, 0] = 3.0  # decision 2 now (5, 0, 3): own wins by 2
+    s = margin_terms(calls, own=0, num_active=3)
+    assert s["own_expert"] == 0.5 and s["margin_mean"] == pytest.approx(0.5)
+    assert s["prompt_mean"] == pytest.approx((2.0 + 1.0) / 2) and s["main_rival"] in (1, 2)
+
+
+def test_recorded_routing_terms_reproduce_every_decision_of_a_sampling_run(monkeypatch):
+    """`cologen eval shapeworld --routing-terms`: the terms recorded in a sampling run add up to the logits the
+    routers chose from (the task's own-expert share from them equals the one of the run's routing), and the
+    evaluation fills one summary per routed block."""
+    from cologen.commands import evaluate as evaluate_command
+    from cologen.eval.probes import own_expert_share, run_probes
+    from cologen.eval.routing_terms import record_routing_terms, routing_terms_table, summarize_routing_terms
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=64, heads=2, double_layers=1, single_layers=2),
+                           prw=PRWConfig(num_experts=3, rank=4, alpha=8,
+                                         router=RouterConfig(prompt_input=True, normalize_input=True))).eval()
+    for _ in range(2):
+        module.model.activate_next_expert()
+        module.model.set_entry_progress(1.0)
+    with torch.no_grad():  # after the activations, which copy each new expert's gate from the one before
+        for p in module.model.router_parameters():
+            p.copy_(torch.randn_like(p))
+    module.task_experts = {"editing": 1}
+    src = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    probes = [{"prompt": p, "source": s, "target": s, "task": "editing", "key": str(i)}
+              for i, (p, s) in enumerate(zip(["make it red", "a blue circle", "remove it", "a scene"], src))]
+    with record_routing_terms(module) as records:
+        run = run_probes(module, "editing", probes, metrics="none", steps=4)
+    summary = summarize_routing_terms(records, own=1, num_active=3)
+    assert len(summary) == len(module.model.prw_modules())
+    decisions = sum(s["decisions"] * s["own_expert"] for s in summary.values())
+    total = sum(s["decisions"] for s in summary.values())
+    assert decisions / total == pytest.approx(own_expert_share(run.routing, 1))
+    assert 0 < own_expert_share(run.routing, 1) < 1  # random routers: some decisions each way
+    assert all({"source_mean", "prompt_mean", "timestep_mean", "offset_mean"} <= set(s) for s in summary.values())
+    from cologen.eval import probes as probes_module
+
+    monkeypatch.setattr(probes_module, "run_probes", lambda *a, **k: run_probes(*a, **{**k, "metrics": "none"}))
+    terms: dict = {}
+    evaluate_command.evaluate(module, {"editing": probes}, steps=4, routing_terms=terms)
+    assert terms == {"editing": summary}  # the same decisions again
+    assert routing_terms_table(terms).count("| editing |") == len(summary)

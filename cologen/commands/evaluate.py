@@ -2,12 +2,14 @@
 
     cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --probes 64 --oracle --out runs/tiny/stage3/eval
     cologen eval shapeworld --base --config experiments/tiny/curriculum.yaml --out runs/tiny/base_only
+    cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --tasks grounding --routing-terms
     cologen eval dreambench --ckpt CKPT_OR_EXPORT --data data/eval/dreambench --clip CLIP --dino DINO --out OUT
     cologen eval multigen --condition canny --ckpt ... --data data/eval/multigen_canny_eval --clip CLIP --out OUT
 
 `shapeworld` scores the validation probes of each task (the same ones SampleValidation uses, each with its own
 noise seed) with 95% confidence intervals, with the routers' choice and with oracle routing; `--config` takes a
-training config whose `data.init_args.builder` builds the probes. The benchmark protocols (`dreambench`,
+training config whose `data.init_args.builder` builds the probes; `--routing-terms` splits each block's routing
+margin (a task's own expert over its strongest rival) into the router's terms. The benchmark protocols (`dreambench`,
 `magicbrush`, `emu_edit`, `gedit_bench`, `multigen`) read the evaluation shards the data_recipes commands write
 and take the metric networks from local paths (docs/metrics.md names the command for each paper table).
 
@@ -78,15 +80,23 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
     return probes
 
 
-def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bool = False) -> list[dict]:
-    """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task."""
+def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bool = False,
+             routing_terms: dict | None = None) -> list[dict]:
+    """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task. A dict
+    given as `routing_terms` receives, per task, what each block's learned routing rested on
+    (`cologen.eval.routing_terms`)."""
     from cologen.eval.probes import oracle_repeats_learned, own_expert_share, run_probes
+    from cologen.eval.routing_terms import record_routing_terms, summarize_routing_terms
 
     module.eval()
     modes = [False, True] if oracle and module.model.num_active > 1 else [False]
     lines = []
     for task, task_probes in probes.items():
-        learned = run_probes(module, task, task_probes, seed=seed, steps=steps)
+        recording = record_routing_terms(module) if routing_terms is not None else contextlib.nullcontext({})
+        with recording as records:
+            learned = run_probes(module, task, task_probes, seed=seed, steps=steps)
+        if routing_terms is not None and task in module.task_experts:
+            routing_terms[task] = summarize_routing_terms(records, module.task_experts[task], module.model.num_active)
         for forced in modes:
             # the learned run is exactly the oracle's when every decision already chose the task's own expert
             run = learned if not forced or oracle_repeats_learned(module, task, learned) else run_probes(
@@ -195,17 +205,25 @@ def benchmark_args(command: str, out: str | Path, limit: int | None = None) -> a
 
 
 def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
+    from cologen.eval.routing_terms import routing_terms_table
+
     if (args.ckpt is None) == (not args.base):
         raise UsageError("give --ckpt or --base (not both)")
     if args.ckpt is not None:
         checkpoints.check(args.ckpt)  # both checks before the model is built: fail fast
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt)
-    lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle)
+    terms: dict | None = {} if args.routing_terms else None
+    lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms)
     table = summarize(lines)
+    if terms is not None:
+        print(routing_terms_table(terms))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        if terms is not None:
+            (out / "routing_terms.json").write_text(json.dumps(terms, indent=1) + "\n")
+            (out / "routing_terms.md").write_text("# routing terms\n\n" + routing_terms_table(terms))
         with open(out / "scores.jsonl", "w") as f:
             for line in lines:
                 f.write(json.dumps({k: _clean(v) for k, v in line.items()}) + "\n")
@@ -233,7 +251,11 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0)
     sw.add_argument("--oracle", action="store_true", help="also score with oracle routing")
     sw.add_argument("--config", help="training config whose data.init_args.builder builds the probes")
-    sw.add_argument("--out", help="folder for scores.jsonl, metrics.json and table.md")
+    sw.add_argument("--routing-terms", action="store_true",
+                    help="print (and write to --out) what each block's routing rested on: the margin of a task's "
+                         "own expert over its strongest rival, split into the source, prompt, timestep and "
+                         "entry-offset terms")
+    sw.add_argument("--out", help="folder for scores.jsonl, metrics.json and table.md (and routing_terms.*)")
     for name, protocol in PROTOCOLS.items():
         p = sub.add_parser(name, help=f"{protocol.table}: the {protocol.task} benchmark {name}")
         p.add_argument("--ckpt", required=True, help="a cologen checkpoint or an exported CoLoGenPipeline folder")

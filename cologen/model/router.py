@@ -66,19 +66,27 @@ class NoisyTop1Router(nn.Module):
     def logits(self, hidden: torch.Tensor, timestep_bin: torch.Tensor | None = None,
                prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Gate logits before the temperature and the entry offsets: (B, E) or, per token, (B, N, E)."""
+        return sum(self.logit_terms(hidden, timestep_bin, prompt).values())
+
+    def logit_terms(self, hidden: torch.Tensor, timestep_bin: torch.Tensor | None = None,
+                    prompt: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The logits' terms, each (B, E) or (B, N, E): 'source' (the gate on the pooled source features),
+        'prompt', 'noise' (training only) and 'timestep' (the bin's bias), those the router has. They sum to
+        `logits`; apart they show what a routing decision rests on (`cologen eval shapeworld --routing-terms`)."""
         x = hidden.float().mean(1) if self.granularity == "sample" else hidden.float()
         if self.normalize:
             x = F.layer_norm(x, x.shape[-1:])
-        w = F.linear(x, self.gate.weight.float(), self.gate.bias.float())
+        source = F.linear(x, self.gate.weight.float(), self.gate.bias.float())
+        terms = {"source": source}
         if self.prompt_gate is not None and prompt is not None:
             p = F.linear(F.layer_norm(prompt.float(), prompt.shape[-1:]), self.prompt_gate.weight.float())
-            w = w + (p if w.dim() == 2 else p[:, None, :])
+            terms["prompt"] = p if source.dim() == 2 else p[:, None, :].expand_as(source)
         if self.noise is not None and self.training:
-            w = w + torch.randn_like(w) * F.softplus(F.linear(x, self.noise.weight.float()))
+            terms["noise"] = torch.randn_like(source) * F.softplus(F.linear(x, self.noise.weight.float()))
         if self.time_bias is not None and timestep_bin is not None:
             bias = self.time_bias(timestep_bin).float()  # (B, E)
-            w = w + (bias if w.dim() == 2 else bias[:, None, :])
-        return w
+            terms["timestep"] = bias if source.dim() == 2 else bias[:, None, :].expand_as(source)
+        return terms
 
     def forward(self, hidden: torch.Tensor, num_active: int, entry_offset: torch.Tensor,
                 timestep_bin: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
