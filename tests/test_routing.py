@@ -551,7 +551,7 @@ def test_recorded_routing_terms_reproduce_every_decision_of_a_sampling_run(monke
     src = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     probes = [{"prompt": p, "source": s, "target": s, "task": "editing", "key": str(i)}
               for i, (p, s) in enumerate(zip(["make it red", "a blue circle", "remove it", "a scene"], src))]
-    with record_routing_terms(module) as records:
+    with record_routing_terms(module.model) as records:
         run = run_probes(module, "editing", probes, metrics="none", steps=4)
     summary = summarize_routing_terms(records, own=1, num_active=3)
     assert len(summary) == len(module.model.prw_modules())

@@ -92,7 +92,7 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
     modes = [False, True] if oracle and module.model.num_active > 1 else [False]
     lines = []
     for task, task_probes in probes.items():
-        recording = record_routing_terms(module) if routing_terms is not None else contextlib.nullcontext({})
+        recording = record_routing_terms(module.model) if routing_terms is not None else contextlib.nullcontext({})
         with recording as records:
             learned = run_probes(module, task, task_probes, seed=seed, steps=steps)
         if routing_terms is not None and task in module.task_experts:

@@ -20,10 +20,11 @@ TERMS: tuple[str, ...] = ("source", "prompt", "timestep", "offset")
 
 
 @contextlib.contextmanager
-def record_routing_terms(module: torch.nn.Module) -> Iterator[dict[str, list[dict[str, torch.Tensor]]]]:
-    """Within the block, every call of `module`'s routers adds its scaled logit terms (B, E) or (B, N, E) to
-    `records[router name]`: each term over the router's temperature, as the softmax sees it, plus the entry offset;
-    they sum to the logits the router chose from."""
+def record_routing_terms(model: torch.nn.Module) -> Iterator[dict[str, list[dict[str, torch.Tensor]]]]:
+    """Within the block, every call of a router of `model` (a CoLoGenTransformer) adds its scaled logit terms (B, E)
+    or (B, N, E) to `records[block name]` (the names of the routing statistics: 'double.0', 'single.3'): each term
+    over the router's temperature, as the softmax sees it, plus the entry offset; they sum to the logits the router
+    chose from."""
     records: dict[str, list[dict[str, torch.Tensor]]] = defaultdict(list)
 
     def hook(name: str):
@@ -36,8 +37,8 @@ def record_routing_terms(module: torch.nn.Module) -> Iterator[dict[str, list[dic
             records[name].append({k: v.detach().cpu() for k, v in terms.items()})
         return record
 
-    handles = [router.register_forward_hook(hook(name)) for name, router in module.named_modules()
-               if isinstance(router, NoisyTop1Router)]
+    handles = [attn.prw_router.register_forward_hook(hook(name))
+               for name, attn in zip(model.prw_block_names, model.prw_modules()) if attn.prw_router is not None]
     try:
         yield records
     finally:
@@ -66,11 +67,10 @@ def margin_terms(calls: list[dict[str, torch.Tensor]], own: int, num_active: int
 
 def summarize_routing_terms(records: dict[str, list[dict[str, torch.Tensor]]], own: int,
                             num_active: int) -> dict[str, dict[str, float]]:
-    """`margin_terms` per router (named by its block), in the order the routers were first called."""
+    """`margin_terms` per block, in the order the routers were first called."""
     if num_active < 2:
         return {}
-    return {name.removesuffix(".attn.prw_router").split("transformer.")[-1]: margin_terms(calls, own, num_active)
-            for name, calls in records.items() if calls}
+    return {name: margin_terms(calls, own, num_active) for name, calls in records.items() if calls}
 
 
 def routing_terms_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
