@@ -1,5 +1,7 @@
 """The curriculum callback end to end: boundaries, exact resume, init from a previous stage, clear failures."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -129,22 +131,34 @@ class LearningRates(Callback):
         self.rows.update({(trainer.global_step, g["name"]): g["lr"] for g in optimizer.param_groups})
 
 
-def test_each_group_learning_rate_follows_the_spec_across_boundaries_and_a_resume_at_one(tmp_path, shapeworld_dir):
-    """Per curriculum step its own lr and router_lr (null: lr / 2), the 2-step warmup restarted at each boundary;
-    the same after resuming from the checkpoint written exactly at the boundary into the last step."""
-    lrs, warmup = [(1e-2, None), (4e-3, 1e-3), (2e-3, None)], 2
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_each_group_learning_rate_follows_the_spec_across_boundaries_and_a_resume_at_one(tmp_path, shapeworld_dir,
+                                                                                         schedule):
+    """Per curriculum step its own lr and router_lr (null: lr / 2), the warmup restarted at each boundary (and with
+    the cosine schedule, the decay over that step's own length, to 0.1 of its lr); the same after resuming from the
+    checkpoint written exactly at the boundary into the last step."""
+    lrs, warmup, floor = [(1e-2, None), (4e-3, 1e-3), (2e-3, None)], (2 if schedule == "constant" else 1), 0.1
     expected, start = {}, 0
     for (_, n), (lr, router_lr) in zip(STEPS, lrs):
         for g in range(start, start + n):
-            ramp = min((g - start + 1) / warmup, 1.0)
-            expected[g, "experts"] = lr * ramp
-            expected[g, "routers"] = (lr / 2 if router_lr is None else router_lr) * ramp
+            s = g - start
+            if s < warmup:
+                factor = (s + 1) / warmup
+            elif schedule == "cosine":  # written out: the step's length n is the horizon
+                factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (n - warmup)))
+            else:
+                factor = 1.0
+            expected[g, "experts"] = lr * factor
+            expected[g, "routers"] = (lr / 2 if router_lr is None else router_lr) * factor
         start += n
+    if schedule == "cosine":  # the grounding step's last update is decayed: the test can tell the schedules apart
+        assert expected[4, "experts"] == pytest.approx(4e-3 * 0.55)
 
     def module():
+        optim = OptimConfig(warmup_steps=warmup, schedule=schedule, total_steps=7, min_lr_ratio=floor)
         return CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
                              prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=1)),
-                             optim=OptimConfig(warmup_steps=warmup))
+                             optim=optim)
 
     before, after = LearningRates(), LearningRates()
     first, _ = fit(tmp_path, shapeworld_dir, [before, StopAt(5)], module=module(), lrs=lrs)
