@@ -161,8 +161,10 @@ class CoLoGenModule(L.LightningModule):
         # task -> expert of the curriculum step that introduced it (set by the curriculum; per-sample task routing
         # and oracle routing read it)
         self.task_experts: dict[str, int] = {}
-        self.lr_schedule = LRSchedule(self.optim.warmup_steps, self.optim.schedule, self.optim.total_steps,
-                                          self.optim.min_lr_ratio)
+        o = self.optim
+        self.lr_schedule = LRSchedule(o.warmup_steps, o.schedule, o.total_steps, o.min_lr_ratio)
+        self.router_lr_schedule = LRSchedule(o.warmup_steps, o.router_schedule or o.schedule, o.total_steps,
+                                             o.min_lr_ratio)
 
     # ------------------------------------------------------------------------------------------------ inputs
     def encode_text(self, batch: dict, drop: torch.Tensor | None = None) -> TextEmbeddings:
@@ -416,7 +418,8 @@ class CoLoGenModule(L.LightningModule):
             optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
         else:
             optimizer = torch.optim.AdamW(groups, **kwargs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule)
+        schedules = [self.router_lr_schedule if g["name"] == "routers" else self.lr_schedule for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --------------------------------------------------------------------------------------------- curriculum
@@ -458,7 +461,8 @@ class CoLoGenModule(L.LightningModule):
         step = trainer.global_step
         lrs = {"experts": lr, "routers": router_lr}
         if restart_steps is not None:
-            self.lr_schedule.restart(step, total_steps=restart_steps)
+            for schedule in (self.lr_schedule, self.router_lr_schedule):
+                schedule.restart(step, total_steps=restart_steps)
         for config in trainer.lr_scheduler_configs:
             sched = config.scheduler
             for i, group in enumerate(sched.optimizer.param_groups):

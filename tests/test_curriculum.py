@@ -131,31 +131,35 @@ class LearningRates(Callback):
         self.rows.update({(trainer.global_step, g["name"]): g["lr"] for g in optimizer.param_groups})
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("schedule, router_schedule", [("constant", None), ("cosine", None), ("cosine", "constant")])
 def test_each_group_learning_rate_follows_the_spec_across_boundaries_and_a_resume_at_one(tmp_path, shapeworld_dir,
-                                                                                         schedule):
+                                                                                         schedule, router_schedule):
     """Per curriculum step its own lr and router_lr (null: lr / 2), the warmup restarted at each boundary (and with
-    the cosine schedule, the decay over that step's own length, to 0.1 of its lr); the same after resuming from the
-    checkpoint written exactly at the boundary into the last step."""
+    the cosine schedule, the decay over that step's own length, to 0.1 of its lr; the routers' own schedule when
+    set); the same after resuming from the checkpoint written exactly at the boundary into the last step."""
     lrs, warmup, floor = [(1e-2, None), (4e-3, 1e-3), (2e-3, None)], (2 if schedule == "constant" else 1), 0.1
+
+    def factor(kind, s, n):
+        if s < warmup:
+            return (s + 1) / warmup
+        if kind == "cosine":  # written out: the step's length n is the horizon
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (n - warmup)))
+        return 1.0
+
     expected, start = {}, 0
     for (_, n), (lr, router_lr) in zip(STEPS, lrs):
         for g in range(start, start + n):
-            s = g - start
-            if s < warmup:
-                factor = (s + 1) / warmup
-            elif schedule == "cosine":  # written out: the step's length n is the horizon
-                factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (n - warmup)))
-            else:
-                factor = 1.0
-            expected[g, "experts"] = lr * factor
-            expected[g, "routers"] = (lr / 2 if router_lr is None else router_lr) * factor
+            expected[g, "experts"] = lr * factor(schedule, g - start, n)
+            expected[g, "routers"] = ((lr / 2 if router_lr is None else router_lr)
+                                      * factor(router_schedule or schedule, g - start, n))
         start += n
     if schedule == "cosine":  # the grounding step's last update is decayed: the test can tell the schedules apart
         assert expected[4, "experts"] == pytest.approx(4e-3 * 0.55)
+        assert expected[4, "routers"] == pytest.approx(1e-3 * (1.0 if router_schedule == "constant" else 0.55))
 
     def module():
-        optim = OptimConfig(warmup_steps=warmup, schedule=schedule, total_steps=7, min_lr_ratio=floor)
+        optim = OptimConfig(warmup_steps=warmup, schedule=schedule, router_schedule=router_schedule, total_steps=7,
+                            min_lr_ratio=floor)
         return CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
                              prw=PRWConfig(num_experts=3, rank=4, alpha=8, router=RouterConfig(entry_warmup_steps=1)),
                              optim=optim)

@@ -30,6 +30,8 @@ def test_class_path_form_rebuilds_a_subclass():
     (lambda: coerce(PRWConfig, {"blocks": "triple"}), "prw.blocks must be one of 'both', 'double', 'single'"),
     (lambda: RouterConfig(weighting="soft"), "prw.router.weighting must be one of 'prob', 'straight_through'"),
     (lambda: OptimConfig(schedule="linear"), "optim.schedule must be one of 'constant', 'cosine'"),
+    (lambda: OptimConfig(router_schedule="linear"), "optim.router_schedule must be one of None, 'constant', 'cosine'"),
+    (lambda: OptimConfig(router_schedule="cosine"), "optim.total_steps must be > 0 for the cosine schedule"),
 ])
 def test_choices_are_checked_one_way_for_python_and_checkpoint_configs(build, message):
     with pytest.raises(ValueError, match=message):

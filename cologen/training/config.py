@@ -112,6 +112,8 @@ class OptimConfig:
 
     router_lr: null uses lr / 2 (InstructMoLE's setting).
     schedule: 'constant' or 'cosine' after a linear warmup of `warmup_steps`; `total_steps` is the cosine horizon.
+    router_schedule: the routers' own schedule, 'constant' or 'cosine' (null: `schedule`), e.g. experts annealed at
+        each curriculum step's end while the routers keep learning at their full rate.
     eight_bit: 8-bit AdamW states from bitsandbytes (CUDA only; a clear error when it is not installed).
     """
 
@@ -123,6 +125,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
+    router_schedule: Literal["constant", "cosine"] | None = None
     total_steps: int = 0
     min_lr_ratio: float = 0.0
     eight_bit: bool = False
@@ -131,5 +134,8 @@ class OptimConfig:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         check_choices(self, "optim")
-        if self.schedule == "cosine" and self.total_steps <= 0:
+        if self.router_schedule not in (None, "constant", "cosine"):
+            raise ValueError(f"optim.router_schedule must be one of None, 'constant', 'cosine', "
+                             f"got {self.router_schedule!r}")
+        if "cosine" in (self.schedule, self.router_schedule) and self.total_steps <= 0:
             raise ValueError("optim.total_steps must be > 0 for the cosine schedule")
