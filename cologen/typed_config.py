@@ -45,14 +45,25 @@ def coerce(cls: type[T], value: Any) -> T | None:
     return cls(**kwargs)
 
 
+def _choices(hint: Any) -> tuple | None:
+    """The values a `Literal[...]` or `Literal[...] | None` hint allows (None first), else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:
+        (other,) = [a for a in args if a is not type(None)]
+        if typing.get_origin(other) is Literal:
+            return (None, *typing.get_args(other))
+    return None
+
+
 def check_choices(config: Any, prefix: str) -> None:
-    """A one-line ValueError for a `Literal` field of the dataclass `config` holding a value it does not allow
-    (jsonargparse checks these for the CLI; this checks them for Python and checkpoint configs as well)."""
+    """A one-line ValueError for a `Literal` (or optional `Literal`) field of the dataclass `config` holding a value
+    it does not allow (jsonargparse checks these for the CLI; this checks them for Python and checkpoint configs as
+    well)."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
-        hint = hints[f.name]
-        if typing.get_origin(hint) is Literal:
-            value = getattr(config, f.name)
-            if value not in typing.get_args(hint):
-                allowed = ", ".join(repr(a) for a in typing.get_args(hint))
-                raise ValueError(f"{prefix}.{f.name} must be one of {allowed}, got {value!r}")
+        allowed = _choices(hints[f.name])
+        value = getattr(config, f.name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{prefix}.{f.name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")

@@ -134,8 +134,5 @@ class OptimConfig:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         check_choices(self, "optim")
-        if self.router_schedule not in (None, "constant", "cosine"):
-            raise ValueError(f"optim.router_schedule must be one of None, 'constant', 'cosine', "
-                             f"got {self.router_schedule!r}")
         if "cosine" in (self.schedule, self.router_schedule) and self.total_steps <= 0:
             raise ValueError("optim.total_steps must be > 0 for the cosine schedule")
