@@ -263,19 +263,15 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
         cells = [_est(row["metrics"][f"{t}/{m}"]["final"]).format(2) for t, m in cols]
         minutes = f"{row['seconds'] / 60:.1f}" if row.get("seconds") is not None else ""  # none for a reference row
         lines.append(f"| {name} | {row['seeds'] or ''} | " + " | ".join(cells) + f" | {minutes} |")
-    lines += ["", "Forgetting (final score / score right after the task's own curriculum step) and routing "
-              "(score with the routers' choice / score with every task on its own expert), per task's first "
-              "metric:", "",
-              "| variant | " + " | ".join(f"{t} forgetting | {t} routing" for t in HEADLINE_METRICS) + " |",
-              "|---|" + "---|---|" * len(HEADLINE_METRICS)]
-    for name, row in table.items():
-        if row.get("reference"):
-            continue
-        cells = []
-        for task, metrics in HEADLINE_METRICS.items():
-            m = row["metrics"][f"{task}/{metrics[0]}"]
-            cells += [_fmt_ratio(m["forgetting_ratio"]), _fmt_ratio(m["routing_ratio"])]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for key, title in (("forgetting_ratio", "Forgetting: final score / score right after the task's own curriculum "
+                         "step"), ("routing_ratio", "Routing: score with the routers' choice / score with every task on "
+                                   "its own expert")):
+        lines += ["", f"{title}, per metric (n/a where the score divided by is not told apart from 0: its 95% "
+                  "interval reaches 0):", "",
+                  "| variant | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        lines += [f"| {name} | " + " | ".join(_fmt_ratio(row["metrics"][f"{t}/{m}"][key]) for t, m in cols) + " |"
+                  for name, row in table.items() if not row.get("reference")]
     lines += ["", "Variants:", ""]
     lines += [f"- **{v.name}**: {v.description}" for v in spec.variants if v.name in table]
     lines += [f"- **{name}** (reference): {row['description']}" for name, row in table.items() if row.get("reference")]

@@ -5,6 +5,7 @@ each curriculum step, oracle routing at the end) and `cologen eval` output, and 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from cologen import report
-from cologen.eval.results import HEADLINE_METRICS, read_validations
+from cologen.eval.results import HEADLINE_METRICS, ratio, read_validations
 from cologen.metrics.stats import bootstrap_ci
 from cologen.sweep import Trial, load_sweep, write_table
 
@@ -143,6 +144,15 @@ def test_two_level_bootstrap_covers_seeds_and_probes():
 
 
 @pytest.mark.timeout(300)
+def test_a_ratio_to_a_score_not_told_apart_from_zero_is_not_given():
+    """Forgetting and routing ratios divide by a reference score; 1 hit in 64 probes is no reference."""
+    hits = bootstrap_ci([[1.0] + [0.0] * 63])
+    assert hits.low == 0.0 and hits.mean > 0
+    assert math.isnan(ratio(bootstrap_ci([[1.0, 1.0] + [0.0] * 62]), hits))
+    iou = bootstrap_ci([[0.1, 0.12, 0.08, 0.11] * 16])
+    assert ratio(bootstrap_ci([[0.05] * 64]), iou) == pytest.approx(0.05 / iou.mean)
+
+
 def test_cologen_eval_scores_the_base_and_names_missing_data(shapeworld_dir, tmp_path):
     out = tmp_path / "eval"
     done = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--data",

@@ -109,6 +109,10 @@ def estimate(runs: Sequence[Validation | None], task: str, metric: str, routing:
 
 
 def ratio(numerator: Estimate, denominator: Estimate) -> float:
+    """numerator / denominator, NaN (shown as n/a) when the denominator's 95% interval reaches 0: a ratio to a score
+    not told apart from zero (a hit rate of 1 probe in 64) says nothing."""
     if not (math.isfinite(numerator.mean) and math.isfinite(denominator.mean)) or denominator.mean <= 0:
+        return float("nan")
+    if math.isfinite(denominator.low) and denominator.low <= 0:
         return float("nan")
     return numerator.mean / denominator.mean
