@@ -15,6 +15,7 @@ import yaml
 from cologen import ablation
 from cologen import report as report_module
 from cologen.eval.results import HEADLINE_METRICS
+from cologen.training.config import OptimConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("inpainting", "grounding")
@@ -180,3 +181,24 @@ def test_the_shipped_ablation_file_has_the_asked_variants():
     names = {v.name for v in spec.variants}
     assert {"curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay"} <= names
     assert len(spec.seeds) >= 3 and all(v.description for v in spec.variants)
+
+
+def _optim(files: list[str]) -> OptimConfig:
+    """model.optim as the layered configs set it (later files override earlier ones key by key, as `--config` does)."""
+    merged: dict = {}
+    for f in files:
+        merged.update(yaml.safe_load((REPO / f).read_text()).get("model", {}).get("optim", {}))
+    return OptimConfig(**merged)
+
+
+def test_the_shipped_variants_train_on_the_learning_rates_their_records_were_made_with():
+    """The curriculum anneals its experts at each step's end and keeps the routers' rate; the variants recorded on
+    the constant rate (before the curriculum's cosine) pin it, so their records stay what their files train."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    schedules = {v.name: _optim(spec.configs + v.configs) for v in spec.variants}
+    as_pairs = {name: (o.schedule, o.router_schedule or o.schedule) for name, o in schedules.items()}
+    assert as_pairs["curriculum"] == ("cosine", "constant")
+    assert as_pairs["cosine_steps"] == ("cosine", "cosine")
+    for name in ("constant_lr", "keep_dropped_sources", "skip_dropped_sources", "task_balance"):
+        assert as_pairs[name] == ("constant", "constant"), name
+    assert schedules["curriculum"].min_lr_ratio == 0.1
