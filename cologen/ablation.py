@@ -334,8 +334,18 @@ def with_snapshot(spec: AblationSpec, table: dict[str, Any]) -> dict[str, Any]:
             merged[v.name] = table[v.name]
         row = snapshot.get(v.name)
         if row is not None and not row.get("reference"):
-            merged[f"{v.name}, snapshot"] = {**row, "snapshot": True}
+            merged[f"{v.name}, snapshot"] = {**row, "snapshot": True, "metrics": _with_ratios(row["metrics"])}
     return merged
+
+
+def _with_ratios(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's ratios recomputed from its estimates, by the rule the recorded rows follow."""
+    out = {}
+    for key, m in metrics.items():
+        final = _est(m["final"])
+        out[key] = {**m, "forgetting_ratio": ratio(final, _est(m["after_own_step"])) if "after_own_step" in m
+                    else float("nan"), "routing_ratio": ratio(final, _est(m["oracle"])) if "oracle" in m else float("nan")}
+    return out
 
 
 def write_report(spec: AblationSpec, command: str) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def toy_ablation(shapeworld_dir, tmp_path_factory):
     est = {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 64}
     old_row = {"description": "seed 0, before records", "seeds": 1, "seconds": 60.0,
                "metrics": {f"{t}/{m}": {"final": est, "oracle": est, "after_own_step": est, "forgetting_ratio": 1.0,
-                                        "routing_ratio": 1.0} for t, ms in HEADLINE_METRICS.items() for m in ms}}
+                                        "routing_ratio": 47.6} for t, ms in HEADLINE_METRICS.items() for m in ms}}
     (root / "snapshot.json").write_text(json.dumps({"cotrain": old_row, "base only": {**old_row, "reference": True}}))
     spec = {
         "configs": ["experiments/tiny/curriculum.yaml", str(root / "shrink.yaml")],
@@ -112,6 +112,7 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     names = list(table)
     assert names.index("cotrain, snapshot") == names.index("cotrain") + 1 and "base only, snapshot" not in names
     assert table["cotrain, snapshot"]["snapshot"] and table["cotrain, snapshot"]["seconds"] == 60.0
+    assert table["cotrain, snapshot"]["metrics"]["grounding/box_iou"]["routing_ratio"] == 1.0  # its estimates' ratio
     assert table["base only"]["metrics"]["inpainting/psnr_out"]["final"]["mean"] == pytest.approx(0.25)
     assert "| cotrain, snapshot | 1 | 0.50 ± 0.10 |" in text and "Rows named '..., snapshot'" in text
 
