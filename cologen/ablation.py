@@ -213,10 +213,9 @@ def aggregate(spec: AblationSpec) -> dict[str, Any]:
             oracle = estimate([r[-1] for r in runs], task, metric, "oracle")
             own = estimate([after_own_step(r, task) for r in runs], task, metric)
             rows[f"{task}/{metric}"] = {"final": final.as_dict(), "oracle": oracle.as_dict(),
-                                        "after_own_step": own.as_dict(), "forgetting_ratio": ratio(final, own),
-                                        "routing_ratio": ratio(final, oracle)}
+                                        "after_own_step": own.as_dict()}
         table[v.name] = {"description": v.description, "seeds": len(runs), "seconds": sum(seconds) / len(seconds),
-                         "machines": sorted(set(machines)), "metrics": rows}
+                         "machines": sorted(set(machines)), "metrics": _with_ratios(rows)}
     return table
 
 
@@ -339,13 +338,13 @@ def with_snapshot(spec: AblationSpec, table: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_ratios(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A snapshot's ratios recomputed from its estimates, by the rule the recorded rows follow."""
-    out = {}
-    for key, m in metrics.items():
-        final = _est(m["final"])
-        out[key] = {**m, "forgetting_ratio": ratio(final, _est(m["after_own_step"])) if "after_own_step" in m
-                    else float("nan"), "routing_ratio": ratio(final, _est(m["oracle"])) if "oracle" in m else float("nan")}
-    return out
+    """Each metric's estimates with its forgetting ratio (final / after its own step) and routing ratio (final /
+    oracle): the one place they are computed, for recorded rows and for a snapshot's (whose stored ratios may
+    predate the rule)."""
+    def of(m: dict, key: str) -> float:
+        return ratio(_est(m["final"]), _est(m[key])) if key in m else float("nan")
+    return {k: {**m, "forgetting_ratio": of(m, "after_own_step"), "routing_ratio": of(m, "oracle")}
+            for k, m in metrics.items()}
 
 
 def write_report(spec: AblationSpec, command: str) -> dict[str, Any]:

@@ -143,7 +143,6 @@ def test_two_level_bootstrap_covers_seeds_and_probes():
     assert bootstrap_ci([[float("nan")]]).n == 0
 
 
-@pytest.mark.timeout(300)
 def test_a_ratio_to_a_score_not_told_apart_from_zero_is_not_given():
     """Forgetting and routing ratios divide by a reference score; 1 hit in 64 probes is no reference."""
     hits = bootstrap_ci([[1.0] + [0.0] * 63])
@@ -153,6 +152,7 @@ def test_a_ratio_to_a_score_not_told_apart_from_zero_is_not_given():
     assert ratio(bootstrap_ci([[0.05] * 64]), iou) == pytest.approx(0.05 / iou.mean)
 
 
+@pytest.mark.timeout(300)
 def test_cologen_eval_scores_the_base_and_names_missing_data(shapeworld_dir, tmp_path):
     out = tmp_path / "eval"
     done = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--data",
