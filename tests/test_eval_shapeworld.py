@@ -79,6 +79,7 @@ def test_target_scores_perfect_on_every_task(tmp_path: Path) -> None:
     assert out["num_samples"] == 5
     assert out["inpainting/psnr_in"] == PSNR_CAP_DB and out["inpainting/ssim_in"] == pytest.approx(1.0)
     assert out["grounding/box_iou"] == 1.0 and out["grounding/hit@0.5"] == 1.0
+    assert out["grounding/psnr_out"] == PSNR_CAP_DB
     assert out["control/edge_f1"] == 1.0
     assert (
         out["customized/subject_ncc"] == pytest.approx(1.0, abs=1e-4)
@@ -93,7 +94,7 @@ def test_target_scores_perfect_on_every_task(tmp_path: Path) -> None:
 def test_blank_output_is_clearly_worse() -> None:
     blank = run_protocol(examples(), lambda s: np.zeros((48, 48, 3), np.uint8), ShapeWorldScorer())
     assert blank["inpainting/psnr_in"] < 15
-    assert blank["grounding/box_iou"] == 0.0
+    assert blank["grounding/box_iou"] == 0.0 and blank["grounding/psnr_out"] < 15
     assert blank["control/edge_f1"] == 0.0
     assert blank["customized/subject_ncc"] == 0.0 and blank["customized/prompt_fidelity"] == 0.0
     assert blank["editing/edit_success"] < 0.5 and blank["editing/preservation"] < 0.2

@@ -10,7 +10,9 @@ so does a plain dict with the keys below (these win over ``meta``). Scores are r
 - ``grounding``: ``overlay_rgb`` and ``box`` (one ``[x0, y0, x1, y1]``) or ``boxes`` (every
   instance); from ``meta["build"]``: ``rgb``, ``box`` (the record's box of the object, also for a
   ``mask`` overlay, whose painted pixels lie inside it), and ``boxes`` when ``overlay`` is
-  ``class_boxes``. Optional ``overlay_alpha`` (1 = opaque, the builders' default).
+  ``class_boxes``. Optional ``overlay_alpha`` (1 = opaque, the builders' default). With a target,
+  also ``psnr_out``: PSNR on the pixels the overlay leaves as they are (target equal to source),
+  what a grounding output must copy.
 - ``control``: ``source`` is the control map; optional ``condition_is_edges``.
 - ``customized``: ``reference`` (or ``source``) shows the subject; ``subject_mask`` its pixels in
   the reference. Without it, a ``mask`` / ``region`` (the subject's pixels in the target, as the
@@ -30,6 +32,7 @@ import numpy as np
 
 from cologen.eval.loop import Sample
 from cologen.metrics.images import to_mask, to_uint8_rgb
+from cologen.metrics.pixel import psnr
 from cologen.metrics.shapeworld import (
     control_scores,
     customized_layout_scores,
@@ -63,7 +66,12 @@ def _grounding(sample: Sample, output: np.ndarray) -> dict[str, float]:
     if gt is None:
         gt = build["boxes"] if build.get("overlay") == "class_boxes" else build["box"]
     alpha = float(sample.get("overlay_alpha", 1.0))
-    return grounding_scores(output, rgb, gt, source=sample["source"], alpha=alpha)
+    scores = grounding_scores(output, rgb, gt, source=sample["source"], alpha=alpha)
+    target = _first(sample, "image", "target")
+    if target is not None:
+        kept = (to_uint8_rgb(sample["source"]) == to_uint8_rgb(target)).all(axis=2)
+        scores["psnr_out"] = psnr(output, target, kept)
+    return scores
 
 
 def _customized(sample: Sample, output: np.ndarray) -> dict[str, float]:
