@@ -68,8 +68,9 @@ def _grounding(sample: Sample, output: np.ndarray) -> dict[str, float]:
     alpha = float(sample.get("overlay_alpha", 1.0))
     scores = grounding_scores(output, rgb, gt, source=sample["source"], alpha=alpha)
     target = _first(sample, "image", "target")
-    if target is not None:
-        kept = (to_uint8_rgb(sample["source"]) == to_uint8_rgb(target)).all(axis=2)
+    source = to_uint8_rgb(sample["source"])
+    if target is not None and to_uint8_rgb(target).shape == source.shape:  # the overlay drawn on the source itself
+        kept = (source == to_uint8_rgb(target)).all(axis=2)
         scores["psnr_out"] = psnr(output, target, kept)
     return scores
 
