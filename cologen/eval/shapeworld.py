@@ -68,11 +68,17 @@ def _grounding(sample: Sample, output: np.ndarray) -> dict[str, float]:
     alpha = float(sample.get("overlay_alpha", 1.0))
     scores = grounding_scores(output, rgb, gt, source=sample["source"], alpha=alpha)
     target = _first(sample, "image", "target")
-    source = to_uint8_rgb(sample["source"])
-    if target is not None and to_uint8_rgb(target).shape == source.shape:  # the overlay drawn on the source itself
-        kept = (source == to_uint8_rgb(target)).all(axis=2)
-        scores["psnr_out"] = psnr(output, target, kept)
+    changed = None if target is None else _changed_pixels(sample["source"], target)
+    if changed is not None:
+        scores["psnr_out"] = psnr(output, target, ~changed)
     return scores
+
+
+def _changed_pixels(source: Any, target: Any) -> np.ndarray | None:
+    """Bool H x W: the pixels where the target differs from the source (what an overlay or an edit drew); None
+    when their sizes differ (no pixel of one is a pixel of the other)."""
+    src, tgt = to_uint8_rgb(source), to_uint8_rgb(target)
+    return (src != tgt).any(axis=2) if src.shape == tgt.shape else None
 
 
 def _customized(sample: Sample, output: np.ndarray) -> dict[str, float]:
@@ -108,7 +114,9 @@ def _editing(sample: Sample, output: np.ndarray) -> dict[str, float]:
     source, target = sample["source"], _first(sample, "image", "target")
     # Every pixel the edit changed belongs to the region, also those a resize blurred across the
     # stored mask's border, so the target itself keeps everything outside the region.
-    region = (to_uint8_rgb(source) != to_uint8_rgb(target)).any(axis=2)
+    region = _changed_pixels(source, target)
+    if region is None:
+        raise ValueError(f"editing sample {sample.get('key')!r}: source and target differ in size")
     stored = _first(sample, "mask", "region")
     if stored is not None:
         region |= to_mask(stored, region.shape)
