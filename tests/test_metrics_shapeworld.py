@@ -119,6 +119,24 @@ def test_grounding_wrong_outputs_are_worse() -> None:
     assert grounding_scores(src, YELLOW, box, source=src) == {"box_iou": 0.0, "hit@0.5": 0.0}
 
 
+def test_grounding_psnr_out_scores_only_the_pixels_the_overlay_keeps() -> None:
+    src = scene()
+    box = [4, 6, 24, 26]
+    target = outline(src.copy(), box, YELLOW)
+    assert "psnr_out" not in grounding_scores(target, YELLOW, box, source=src)  # no target: nothing to compare
+    exact = grounding_scores(target, YELLOW, box, source=src, target=target)
+    assert exact["box_iou"] == 1.0 and exact["psnr_out"] == PSNR_CAP_DB
+    # an output that draws nothing but copies the source keeps every kept pixel: psnr_out unchanged
+    assert grounding_scores(src, YELLOW, box, source=src, target=target)["psnr_out"] == PSNR_CAP_DB
+    # the box drawn but the kept pixels damaged: box scores unchanged, psnr_out falls
+    damaged = target.copy()
+    damaged[40:, 40:] = 255 - damaged[40:, 40:]
+    s = grounding_scores(damaged, YELLOW, box, source=src, target=target)
+    assert s["box_iou"] == 1.0 and s["psnr_out"] < 20
+    # a target of another size has no pixel in common with the source: no psnr_out
+    assert "psnr_out" not in grounding_scores(target, YELLOW, box, source=src, target=target[:-4])
+
+
 def test_grounding_ignores_stray_pixels_and_bridges_small_gaps() -> None:
     src = scene()
     box = [4, 6, 24, 26]

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from cologen.eval.loop import Sample
-from cologen.metrics.images import to_mask, to_uint8_rgb
-from cologen.metrics.pixel import psnr
+from cologen.metrics.images import to_mask
 from cologen.metrics.shapeworld import (
+    changed_pixels,
     control_scores,
     customized_layout_scores,
     customized_scores,
@@ -66,19 +66,8 @@ def _grounding(sample: Sample, output: np.ndarray) -> dict[str, float]:
     if gt is None:
         gt = build["boxes"] if build.get("overlay") == "class_boxes" else build["box"]
     alpha = float(sample.get("overlay_alpha", 1.0))
-    scores = grounding_scores(output, rgb, gt, source=sample["source"], alpha=alpha)
-    target = _first(sample, "image", "target")
-    changed = None if target is None else _changed_pixels(sample["source"], target)
-    if changed is not None:
-        scores["psnr_out"] = psnr(output, target, ~changed)
-    return scores
-
-
-def _changed_pixels(source: Any, target: Any) -> np.ndarray | None:
-    """Bool H x W: the pixels where the target differs from the source (what an overlay or an edit drew); None
-    when their sizes differ (no pixel of one is a pixel of the other)."""
-    src, tgt = to_uint8_rgb(source), to_uint8_rgb(target)
-    return (src != tgt).any(axis=2) if src.shape == tgt.shape else None
+    return grounding_scores(output, rgb, gt, source=sample["source"], target=_first(sample, "image", "target"),
+                            alpha=alpha)
 
 
 def _customized(sample: Sample, output: np.ndarray) -> dict[str, float]:
@@ -114,7 +103,7 @@ def _editing(sample: Sample, output: np.ndarray) -> dict[str, float]:
     source, target = sample["source"], _first(sample, "image", "target")
     # Every pixel the edit changed belongs to the region, also those a resize blurred across the
     # stored mask's border, so the target itself keeps everything outside the region.
-    region = _changed_pixels(source, target)
+    region = changed_pixels(source, target)
     if region is None:
         raise ValueError(f"editing sample {sample.get('key')!r}: source and target differ in size")
     stored = _first(sample, "mask", "region")

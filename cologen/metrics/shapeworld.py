@@ -49,6 +49,13 @@ def inpainting_scores(output: ImageLike, target: ImageLike, mask: MaskLike) -> d
 # ----------------------------------------------------------------------------- grounding
 
 
+def changed_pixels(source: ImageLike, target: ImageLike) -> np.ndarray | None:
+    """Bool ``H x W``: the pixels where ``target`` differs from ``source`` (what an overlay or an edit drew);
+    None when their sizes differ (no pixel of one is a pixel of the other)."""
+    src, tgt = to_uint8_rgb(source), to_uint8_rgb(target)
+    return (src != tgt).any(axis=2) if src.shape == tgt.shape else None
+
+
 def color_mask(image: ImageLike, rgb: RGB, tolerance: int = COLOR_TOLERANCE) -> np.ndarray:
     """Bool ``H x W``: pixels whose every channel is within ``tolerance`` of ``rgb``."""
     img = to_uint8_rgb(image).astype(np.int16)
@@ -120,6 +127,7 @@ def grounding_scores(
     gt_box: Box | Sequence[Box],
     *,
     source: ImageLike | None = None,
+    target: ImageLike | None = None,
     alpha: float = 1.0,
     tolerance: int = COLOR_TOLERANCE,
     min_pixels: int = 4,
@@ -133,7 +141,19 @@ def grounding_scores(
     crossing outlines), matched one to one with the gt boxes (Hungarian, maximum total IoU); both
     scores are divided by ``max(#gt, #predicted)`` so missed and extra boxes both cost. No overlay
     found: 0 and 0.
+
+    With ``source`` and ``target`` (the same size), also ``psnr_out``: PSNR against the target on the pixels the
+    overlay leaves as they are (target equal to source), what a grounding output must copy.
     """
+    scores = _box_scores(output, overlay_rgb, gt_box, source, alpha, tolerance, min_pixels)
+    kept = None if source is None or target is None else changed_pixels(source, target)
+    if kept is not None:
+        scores["psnr_out"] = psnr(to_uint8_rgb(output), to_uint8_rgb(target), ~kept)
+    return scores
+
+
+def _box_scores(output: ImageLike, overlay_rgb: RGB, gt_box: Box | Sequence[Box], source: ImageLike | None,
+                alpha: float, tolerance: int, min_pixels: int) -> dict[str, float]:
     pixels = overlay_pixels(output, overlay_rgb, source=source, alpha=alpha, tolerance=tolerance)
     if _is_single_box(gt_box):
         found = overlay_boxes(pixels, min_pixels=1)
