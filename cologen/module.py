@@ -293,7 +293,15 @@ class CoLoGenModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------- steps
     def forward(self, inputs: dict) -> CoLoGenOutput:
         return self.model(inputs["latents"], inputs["timestep"], inputs["text"], inputs["img_ids"],
-                          inputs["txt_ids"], inputs["source_tokens"], inputs["source_ids"], inputs["guidance"])
+                          inputs["txt_ids"], inputs["source_tokens"], inputs["source_ids"], inputs["guidance"],
+                          experts=self.training_experts(inputs["tasks"]))
+
+    def training_experts(self, tasks: list[str]) -> torch.Tensor | None:
+        """(B,) the experts `veteran.teacher_forcing` sends a training batch to (each sample's own), else None (the
+        routers choose)."""
+        if not (self.veteran.teacher_forcing and self.training and self.model.num_active > 1):
+            return None
+        return self.own_experts(list(tasks))
 
     def compute_losses(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> dict:
         inputs = self.prepare(batch, train, generator)

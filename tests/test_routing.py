@@ -567,3 +567,51 @@ def test_recorded_routing_terms_reproduce_every_decision_of_a_sampling_run(monke
     evaluate_command.evaluate(module, {"editing": probes}, steps=4, routing_terms=terms)
     assert terms == {"editing": summary}  # the same decisions again
     assert routing_terms_table(terms).count("| editing |") == len(summary)
+
+
+def test_teacher_forcing_trains_each_expert_on_its_own_tasks_and_validates_with_the_learned_routing():
+    """`veteran.teacher_forcing`: in training every sample goes to its own expert whatever the routers prefer (a
+    replayed sample never reaches the new expert), the task routing loss still trains the routers; in eval mode
+    the routers choose."""
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.training.config import VeteranConfig
+
+    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
+    torch.manual_seed(0)
+    tasks = ["control"] * 4 + ["inpainting"] * 4
+    batch = {"target": torch.rand(8, 3, 16, 16) * 2 - 1, "has_source": torch.ones(8, dtype=torch.bool),
+             "prompt": ["a scene"] * 8, "task": tasks}
+    batch["source"] = batch["target"].flip(-1)
+    own = [1] * 4 + [0] * 4
+    indices, routing_losses = {}, {}
+    for forcing in (False, True):
+        module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(
+                                   noisy=False, timestep_bins=0)),
+                               veteran=VeteranConfig(task_weight=1.0, teacher_forcing=forcing))
+        module.model.activate_next_expert()
+        module.model.set_entry_progress(1.0)
+        module.task_experts = {"inpainting": 0, "control": 1}
+        with torch.no_grad():  # routers that prefer expert 1 for everything: inpainting's samples routed wrong
+            for attn in module.model.prw_modules():
+                attn.prw_router.gate.bias[:2] = torch.tensor([0.0, 2.0])
+        for mode in ("train", "eval"):
+            getattr(module, mode)()
+            losses = module.compute_losses(batch, train=mode == "train", generator=torch.Generator().manual_seed(0))
+            indices[forcing, mode] = {name: r.index.tolist() for name, r in losses["routing"].items()}
+            routing_losses[forcing, mode] = losses["loss_routing"]
+        assert all(index == [1] * 8 for index in indices[forcing, "eval"].values())  # learned in eval mode
+    assert all(index == own for index in indices[True, "train"].values())
+    assert all(index == [1] * 8 for index in indices[False, "train"].values())
+    # the routers' probabilities, and so the routing loss that trains them, do not depend on the forcing
+    torch.testing.assert_close(routing_losses[True, "train"], routing_losses[False, "train"])
+    routing_losses[True, "train"].backward()
+    router = next(iter(module.model.prw_modules())).prw_router
+    assert router.gate.bias.grad.abs().sum() > 0
+
+
+def test_teacher_forcing_without_the_task_routing_loss_is_refused_in_one_line():
+    from cologen.training.config import VeteranConfig
+
+    with pytest.raises(ValueError, match="veteran.teacher_forcing needs veteran.task_weight > 0"):
+        VeteranConfig(teacher_forcing=True)

@@ -81,6 +81,10 @@ class VeteranConfig:
     gate_tasks: the tasks whose gates learn the changed tokens (None: every task); the other tasks' gates learn to
         stay open everywhere. Where the source does not show what changes (an edit or an overlay named only by the
         prompt), a gate that guesses costs the task (measured: see the README).
+    teacher_forcing: (ours) in training every sample goes to its own expert (the one `task_weight` names) in
+        every PRW block, so an expert trains on its own task's samples only (a replayed sample never reaches the
+        new expert) and the routers learn from the routing losses alone; validation and sampling route as
+        learned. Needs `task_weight` > 0 (nothing else would teach the routers the task).
     """
 
     rho: float = 1.0
@@ -91,10 +95,14 @@ class VeteranConfig:
     skip_dropped_source_tasks: list[str] | None = None
     gate_weight: float = 0.0
     gate_tasks: list[str] | None = None
+    teacher_forcing: bool = False
 
     def __post_init__(self):
         if self.task_weight < 0:
             raise ValueError(f"veteran.task_weight must be >= 0, got {self.task_weight}")
+        if self.teacher_forcing and self.task_weight <= 0:
+            raise ValueError("veteran.teacher_forcing needs veteran.task_weight > 0: with every sample sent to its "
+                             "own expert, only the task routing loss teaches the routers")
         if self.gate_weight < 0:
             raise ValueError(f"veteran.gate_weight must be >= 0, got {self.gate_weight}")
         check_tasks("veteran.gate_tasks", self.gate_tasks)
