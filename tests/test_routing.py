@@ -21,6 +21,26 @@ def model_with(router=None, **prw):
     return CoLoGenTransformer(make_transformer(), cfg)
 
 
+def inpainting_then_control_module(veteran, flow=None):
+    """A tiny module after two curriculum steps (inpainting -> expert 0, control -> expert 1) whose routers prefer
+    expert 1 for every input, so inpainting's (replayed) samples are routed wrong."""
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+
+    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
+    kwargs = {} if flow is None else {"flow": flow}
+    module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(
+                               noisy=False, timestep_bins=0)), veteran=veteran, **kwargs)
+    module.model.activate_next_expert()
+    module.model.set_entry_progress(1.0)
+    module.task_experts = {"inpainting": 0, "control": 1}
+    with torch.no_grad():
+        for attn in module.model.prw_modules():
+            attn.prw_router.gate.bias[:2] = torch.tensor([0.0, 2.0])
+            attn.prw_router.gate.weight.zero_()  # the same preference whatever the source (also a dropped one)
+    return module
+
+
 # ----------------------------------------------------------------------------------------------- the router
 def test_prompt_input_lets_the_router_separate_identical_sources():
     router = NoisyTop1Router(dim=8, num_experts=2, prompt_dim=4, timestep_bins=0).eval()
@@ -115,26 +135,15 @@ def test_task_balance_weighs_every_task_in_the_batch_alike():
 
 
 def test_the_module_balances_the_task_routing_loss_when_asked():
-    from cologen.model.presets import TinyPreset
-    from cologen.module import CoLoGenModule
     from cologen.training.config import VeteranConfig
 
-    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
     torch.manual_seed(0)
     batch = {"target": torch.rand(8, 3, 16, 16) * 2 - 1, "has_source": torch.ones(8, dtype=torch.bool),
              "prompt": ["make it"] * 6 + ["fill it"] * 2, "task": ["control"] * 6 + ["inpainting"] * 2}
     batch["source"] = batch["target"].flip(-1)
     losses = {}
     for balance in (False, True):
-        module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(
-                                   noisy=False, timestep_bins=0)),
-                               veteran=VeteranConfig(task_weight=1.0, task_balance=balance))
-        module.model.activate_next_expert()
-        module.model.set_entry_progress(1.0)
-        module.task_experts = {"inpainting": 0, "control": 1}
-        with torch.no_grad():  # a router that prefers expert 1 for everything: the replayed task is routed wrong
-            for attn in module.model.prw_modules():
-                attn.prw_router.gate.bias[:2] = torch.tensor([0.0, 2.0])
+        module = inpainting_then_control_module(VeteranConfig(task_weight=1.0, task_balance=balance))
         losses[balance] = module.compute_losses(batch, train=False, generator=torch.Generator().manual_seed(0))
     p0, p1 = torch.tensor([0.0, 2.0]).softmax(-1)
     torch.testing.assert_close(losses[False]["loss_routing"], -(6 * p1.log() + 2 * p0.log()) / 8)
@@ -145,11 +154,8 @@ def test_the_task_routing_loss_leaves_out_the_samples_trained_without_their_sour
     """With `skip_dropped_sources`, a sample whose condition image was dropped (the routers see a blank source)
     carries no weight in the task routing loss; without it, it counts like any other. With
     `skip_dropped_source_tasks`, only those tasks' dropped samples are left out."""
-    from cologen.model.presets import TinyPreset
-    from cologen.module import CoLoGenModule
     from cologen.training.config import FlowMatchingConfig, VeteranConfig
 
-    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
     torch.manual_seed(0)
     tasks = ["control"] * 4 + ["inpainting"] * 4
     batch = {"target": torch.rand(8, 3, 16, 16) * 2 - 1, "has_source": torch.ones(8, dtype=torch.bool),
@@ -158,18 +164,9 @@ def test_the_task_routing_loss_leaves_out_the_samples_trained_without_their_sour
     settings = {"off": (False, None), "every task": (True, None), "control only": (True, ["control"])}
     losses, seen = {}, {}
     for name, (skip, skip_tasks) in settings.items():
-        module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(
-                                   noisy=False, timestep_bins=0)),
-                               flow=FlowMatchingConfig(source_dropout=0.5),
-                               veteran=VeteranConfig(task_weight=1.0, skip_dropped_sources=skip,
-                                                     skip_dropped_source_tasks=skip_tasks))
-        module.model.activate_next_expert()
-        module.model.set_entry_progress(1.0)
-        module.task_experts = {"inpainting": 0, "control": 1}
-        with torch.no_grad():  # a router that prefers expert 1 for everything (a dropped source changes nothing)
-            for attn in module.model.prw_modules():
-                attn.prw_router.gate.bias[:2] = torch.tensor([0.0, 2.0])
-                attn.prw_router.gate.weight.zero_()
+        module = inpainting_then_control_module(
+            VeteranConfig(task_weight=1.0, skip_dropped_sources=skip, skip_dropped_source_tasks=skip_tasks),
+            flow=FlowMatchingConfig(source_dropout=0.5))
         generator = torch.Generator().manual_seed(3)
         seen[name] = module.prepare(batch, train=True, generator=torch.Generator().manual_seed(3))["source_seen"]
         losses[name] = module.compute_losses(batch, train=True, generator=generator)["loss_routing"]
@@ -573,11 +570,8 @@ def test_teacher_forcing_trains_each_expert_on_its_own_tasks_and_validates_with_
     """`veteran.teacher_forcing`: in training every sample goes to its own expert whatever the routers prefer (a
     replayed sample never reaches the new expert), the task routing loss still trains the routers; in eval mode
     the routers choose."""
-    from cologen.model.presets import TinyPreset
-    from cologen.module import CoLoGenModule
     from cologen.training.config import VeteranConfig
 
-    preset = TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1, seed=0)
     torch.manual_seed(0)
     tasks = ["control"] * 4 + ["inpainting"] * 4
     batch = {"target": torch.rand(8, 3, 16, 16) * 2 - 1, "has_source": torch.ones(8, dtype=torch.bool),
@@ -586,15 +580,7 @@ def test_teacher_forcing_trains_each_expert_on_its_own_tasks_and_validates_with_
     own = [1] * 4 + [0] * 4
     indices, routing_losses = {}, {}
     for forcing in (False, True):
-        module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8, router=RouterConfig(
-                                   noisy=False, timestep_bins=0)),
-                               veteran=VeteranConfig(task_weight=1.0, teacher_forcing=forcing))
-        module.model.activate_next_expert()
-        module.model.set_entry_progress(1.0)
-        module.task_experts = {"inpainting": 0, "control": 1}
-        with torch.no_grad():  # routers that prefer expert 1 for everything: inpainting's samples routed wrong
-            for attn in module.model.prw_modules():
-                attn.prw_router.gate.bias[:2] = torch.tensor([0.0, 2.0])
+        module = inpainting_then_control_module(VeteranConfig(task_weight=1.0, teacher_forcing=forcing))
         for mode in ("train", "eval"):
             getattr(module, mode)()
             losses = module.compute_losses(batch, train=mode == "train", generator=torch.Generator().manual_seed(0))
