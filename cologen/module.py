@@ -25,6 +25,7 @@ from .model.quantize import check_quantize_base, quantize_frozen_base
 from .model.text_encoders import TextEmbeddings
 from .model.veteran import (
     expert_usage,
+    newest_usage,
     routing_entropy,
     task_balanced_weights,
     task_routing_loss,
@@ -315,7 +316,8 @@ class CoLoGenModule(L.LightningModule):
         losses = {"loss_task": per_sample.mean(), "per_sample": per_sample}
         losses["loss"] = losses["loss_task"]
         if out.routing:
-            vet, usage = veteran_loss(out.routing, self.model.newest_expert, self.veteran.rho, self.veteran.alpha)
+            vet, _ = veteran_loss(out.routing, self.model.newest_expert, self.veteran.rho, self.veteran.alpha)
+            usage = newest_usage(out.routing, self.model.newest_expert)[0].detach()  # the routers' own choices
             losses.update(loss_veteran=vet, usage_newest=usage, routing_entropy=routing_entropy(out.routing).detach(),
                           routing=out.routing)
             losses["loss"] = losses["loss"] + vet

@@ -569,7 +569,7 @@ def test_recorded_routing_terms_reproduce_every_decision_of_a_sampling_run(monke
 def test_teacher_forcing_trains_each_expert_on_its_own_tasks_and_validates_with_the_learned_routing():
     """`veteran.teacher_forcing`: in training every sample goes to its own expert whatever the routers prefer (a
     replayed sample never reaches the new expert), the task routing loss still trains the routers; in eval mode
-    the routers choose."""
+    the routers choose. The logged routing statistics read the routers' own choices, not the forced ones."""
     from cologen.training.config import VeteranConfig
 
     torch.manual_seed(0)
@@ -578,7 +578,7 @@ def test_teacher_forcing_trains_each_expert_on_its_own_tasks_and_validates_with_
              "prompt": ["a scene"] * 8, "task": tasks}
     batch["source"] = batch["target"].flip(-1)
     own = [1] * 4 + [0] * 4
-    indices, routing_losses = {}, {}
+    indices, routing_losses, statistics = {}, {}, {}
     for forcing in (False, True):
         module = inpainting_then_control_module(VeteranConfig(task_weight=1.0, teacher_forcing=forcing))
         for mode in ("train", "eval"):
@@ -586,11 +586,14 @@ def test_teacher_forcing_trains_each_expert_on_its_own_tasks_and_validates_with_
             losses = module.compute_losses(batch, train=mode == "train", generator=torch.Generator().manual_seed(0))
             indices[forcing, mode] = {name: r.index.tolist() for name, r in losses["routing"].items()}
             routing_losses[forcing, mode] = losses["loss_routing"]
+            statistics[forcing, mode] = (float(losses["routing_own_expert"]), float(losses["usage_newest"]))
         assert all(index == [1] * 8 for index in indices[forcing, "eval"].values())  # learned in eval mode
     assert all(index == own for index in indices[True, "train"].values())
     assert all(index == [1] * 8 for index in indices[False, "train"].values())
     # the routers' probabilities, and so the routing loss that trains them, do not depend on the forcing
     torch.testing.assert_close(routing_losses[True, "train"], routing_losses[False, "train"])
+    # the routers send every sample to the newest expert (1): half the samples on their own, all on the newest
+    assert statistics[True, "train"] == statistics[False, "train"] == (0.5, 1.0)
     routing_losses[True, "train"].backward()
     router = next(iter(module.model.prw_modules())).prw_router
     assert router.gate.bias.grad.abs().sum() > 0

@@ -11,21 +11,31 @@ import torch
 from .router import Routing
 
 
-def newest_usage(routing: dict[str, Routing], newest: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """U = mean over PRW blocks (and batch, tokens) of 1[routed expert == newest], hard and soft (its probability)."""
-    hard = torch.stack([(r.index == newest).float().mean() for r in routing.values()]).mean()
+def chosen(r: Routing) -> torch.Tensor:
+    """The router's own choice: its argmax, which is `r.index` unless the choice was forced (teacher forcing in
+    training, oracle routing): the statistics below read what the routers decide, not what they were told."""
+    return r.probs.argmax(-1)
+
+
+def newest_usage(routing: dict[str, Routing], newest: int, executed: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """U = mean over PRW blocks (and batch, tokens) of 1[chosen expert == newest], hard and soft (its probability).
+    `executed`: the routing as run (`r.index`, forced or not) instead of the routers' own choice."""
+    hard = torch.stack([((r.index if executed else chosen(r)) == newest).float().mean() for r in routing.values()]).mean()
     soft = torch.stack([r.probs[..., newest].float().mean() for r in routing.values()]).mean()
     return hard, soft
 
 
 def veteran_loss(routing: dict[str, Routing], newest: int, rho: float, alpha: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`alpha * |U - rho|` with a straight-through U: the forward value is the hard usage, the gradient that of the
-    newest expert's softmax probability (the indicator itself has none). Returns (loss, hard U)."""
+    """`alpha * |U - rho|` with a straight-through U: the forward value is the executed routing's hard usage, the
+    gradient that of the newest expert's softmax probability (the indicator itself has none). Under teacher forcing
+    the executed share is the forced one, which the batch's mix sets near rho: the loss is then nearly inert and the
+    task routing loss trains the routers. Returns (loss, executed hard U)."""
     if not routing:
         zero = torch.zeros(())
         return zero, zero
-    hard, soft = newest_usage(routing, newest)
+    hard, soft = newest_usage(routing, newest, executed=True)
     usage = soft + (hard - soft).detach()
     return alpha * (usage - rho).abs(), hard.detach()
 
@@ -38,9 +48,10 @@ def routing_entropy(routing: dict[str, Routing]) -> torch.Tensor:
 
 
 def expert_usage(routing: dict[str, Routing], num_experts: int) -> torch.Tensor:
-    """(num_blocks, num_experts) fraction of samples (tokens) routed to each expert, blocks in routing order."""
-    return torch.stack([torch.bincount(r.index.flatten(), minlength=num_experts)[:num_experts].float()
-                        / r.index.numel() for r in routing.values()])
+    """(num_blocks, num_experts) fraction of samples (tokens) each block's router chooses each expert for, blocks in
+    routing order."""
+    return torch.stack([torch.bincount(chosen(r).flatten(), minlength=num_experts)[:num_experts].float()
+                        / r.probs[..., 0].numel() for r in routing.values()])
 
 
 def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor, sample_weight: torch.Tensor | None = None
@@ -50,7 +61,7 @@ def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor, sample_wei
     which constrains only the batch-wide share of the newest expert (one fixed expert per block satisfies it), it
     rewards routing that depends on the task. `sample_weight` (B,), when given, weighs the samples in the batch
     mean (e.g. `task_balanced_weights`; 0 leaves a sample out). Returns (loss, share of decisions on the own
-    expert, unweighted)."""
+    expert by the routers' own choice, unweighted)."""
     losses, hits = [], []
     w = None if sample_weight is None else sample_weight.float().to(own.device)
     for r in routing.values():
@@ -61,7 +72,7 @@ def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor, sample_wei
         nll = -torch.log(p.float().clamp_min(1e-12))
         nll = nll.mean(-1) if nll.dim() == 2 else nll  # (B,)
         losses.append(nll.mean() if w is None else (nll * w).sum() / w.sum().clamp_min(1e-12))  # all 0: no loss
-        hits.append((r.index == target).float().mean())
+        hits.append((chosen(r) == target).float().mean())
     return torch.stack(losses).mean(), torch.stack(hits).mean().detach()
 
 
