@@ -101,6 +101,24 @@ def test_activate_next_expert_keeps_the_eval_output(init, granularity):
         model.activate_next_expert()
 
 
+def test_zero_init_gives_every_rank_the_same_expert():
+    """Ranks draw different random numbers once training runs (each step is seeded per rank); a zero-init expert
+    activated there must still be the same on every rank (DDP syncs the weights only when it wraps the model)."""
+    cfg = PRWConfig(num_experts=2, rank=4, alpha=8, init="zero")
+    models = []
+    for rank in (0, 1):
+        torch.manual_seed(0)  # the same model on both ranks
+        model = CoLoGenTransformer(make_transformer(), cfg)
+        torch.manual_seed(rank + 1)  # the ranks' own streams at the step boundary
+        model.activate_next_expert()
+        models.append(model)
+    for p0, p1 in zip(models[0].expert_parameters(1), models[1].expert_parameters(1), strict=True):
+        assert torch.equal(p0, p1)
+    ups = [m.lora_B.weight for attn in models[0].prw_modules() for m in attn.prw_experts.experts[1].modules()
+           if hasattr(m, "lora_B")]
+    assert ups and all((w == 0).all() for w in ups)
+
+
 def test_activation_freezes_veterans_and_trains_the_newest():
     model = CoLoGenTransformer(make_transformer(), PRWConfig(num_experts=3, rank=4, alpha=8))
     model.freeze_for_curriculum()

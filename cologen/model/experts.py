@@ -158,14 +158,15 @@ class ExpertBank(nn.Module):
 
     @torch.no_grad()
     def init_expert(self, new: int, mode: str = "copy") -> None:
-        """Initialise expert `new` as a copy of expert `new - 1` (mode 'copy') or with zero up-projections."""
+        """Initialise expert `new` as a copy of expert `new - 1` (mode 'copy') or with zero up-projections (mode
+        'zero'; its down-projections keep their draw from construction, which every rank shares: a draw here, after
+        DDP has synced the model, would differ between ranks)."""
         src, dst = self.experts[new - 1], self.experts[new]
         if mode == "copy":
             dst.load_state_dict(src.state_dict())
         elif mode == "zero":
             for module in dst.modules():
                 if isinstance(module, LoRA):
-                    nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
                     module.lora_B.weight.zero_()
             if dst.token_gate is not None:
                 dst.token_gate.weight.zero_()
