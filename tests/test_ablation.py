@@ -203,3 +203,26 @@ def test_the_shipped_variants_train_on_the_learning_rates_their_records_were_mad
     for name in ("constant_lr", "keep_dropped_sources", "skip_dropped_sources", "task_balance"):
         assert as_pairs[name] == ("constant", "constant"), name
     assert schedules["curriculum"].min_lr_ratio == 0.1
+
+
+def _routing_and_init(files: list[str]) -> tuple[bool, str]:
+    """(model.veteran.teacher_forcing, model.prw.init) as the layered configs set them (defaults: False, 'copy')."""
+    forcing, init = False, "copy"
+    for f in files:
+        model = yaml.safe_load((REPO / f).read_text()).get("model", {})
+        forcing = model.get("veteran", {}).get("teacher_forcing", forcing)
+        init = model.get("prw", {}).get("init", init)
+    return forcing, init
+
+
+def test_the_variants_recorded_on_the_earlier_curriculum_still_train_it():
+    """The curriculum became teacher-forced with zero-init experts on 2026-12-02; the variants whose seeds were
+    recorded before layer both back (routed by the routers, copied experts), so their records stay what they train."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    settings = {v.name: _routing_and_init(spec.configs + v.configs) for v in spec.variants}
+    assert settings["curriculum"] == (True, "zero")
+    assert settings["learned_routing"] == (False, "zero")
+    assert settings["copied_experts"] == (True, "copy")
+    for name in ("learned_routing_copied_experts", "constant_lr", "keep_dropped_sources", "paper_routing",
+                 "task_balance", "skip_dropped_sources", "cosine_steps", "change_weight4"):
+        assert settings[name] == (False, "copy"), name
