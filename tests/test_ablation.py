@@ -15,7 +15,8 @@ import yaml
 from cologen import ablation
 from cologen import report as report_module
 from cologen.eval.results import HEADLINE_METRICS
-from cologen.training.config import OptimConfig
+from cologen.model.config import PRWConfig
+from cologen.training.config import OptimConfig, VeteranConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("inpainting", "grounding")
@@ -184,12 +185,17 @@ def test_the_shipped_ablation_file_has_the_asked_variants():
     assert len(spec.seeds) >= 3 and all(v.description for v in spec.variants)
 
 
-def _optim(files: list[str]) -> OptimConfig:
-    """model.optim as the layered configs set it (later files override earlier ones key by key, as `--config` does)."""
+def _model_section(files: list[str], section: str) -> dict:
+    """model.<section> as the layered configs set it (later files override earlier ones key by key, as `--config`
+    does)."""
     merged: dict = {}
     for f in files:
-        merged.update(yaml.safe_load((REPO / f).read_text()).get("model", {}).get("optim", {}))
-    return OptimConfig(**merged)
+        merged.update(yaml.safe_load((REPO / f).read_text()).get("model", {}).get(section, {}))
+    return merged
+
+
+def _optim(files: list[str]) -> OptimConfig:
+    return OptimConfig(**_model_section(files, "optim"))
 
 
 def test_the_shipped_variants_train_on_the_learning_rates_their_records_were_made_with():
@@ -206,13 +212,9 @@ def test_the_shipped_variants_train_on_the_learning_rates_their_records_were_mad
 
 
 def _routing_and_init(files: list[str]) -> tuple[bool, str]:
-    """(model.veteran.teacher_forcing, model.prw.init) as the layered configs set them (defaults: False, 'copy')."""
-    forcing, init = False, "copy"
-    for f in files:
-        model = yaml.safe_load((REPO / f).read_text()).get("model", {})
-        forcing = model.get("veteran", {}).get("teacher_forcing", forcing)
-        init = model.get("prw", {}).get("init", init)
-    return forcing, init
+    """(model.veteran.teacher_forcing, model.prw.init) as the layered configs set them, else the configs' defaults."""
+    forcing = _model_section(files, "veteran").get("teacher_forcing", VeteranConfig.teacher_forcing)
+    return forcing, _model_section(files, "prw").get("init", PRWConfig.init)
 
 
 def test_the_variants_recorded_on_the_earlier_curriculum_still_train_it():

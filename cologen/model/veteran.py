@@ -50,8 +50,11 @@ def routing_entropy(routing: dict[str, Routing]) -> torch.Tensor:
 def expert_usage(routing: dict[str, Routing], num_experts: int) -> torch.Tensor:
     """(num_blocks, num_experts) fraction of samples (tokens) each block's router chooses each expert for, blocks in
     routing order."""
-    return torch.stack([torch.bincount(chosen(r).flatten(), minlength=num_experts)[:num_experts].float()
-                        / r.probs[..., 0].numel() for r in routing.values()])
+    usage = []
+    for r in routing.values():
+        choice = chosen(r).flatten()
+        usage.append(torch.bincount(choice, minlength=num_experts)[:num_experts].float() / choice.numel())
+    return torch.stack(usage)
 
 
 def task_routing_loss(routing: dict[str, Routing], own: torch.Tensor, sample_weight: torch.Tensor | None = None
