@@ -151,3 +151,35 @@ def test_the_oracle_run_is_skipped_exactly_where_it_would_repeat_the_learned_run
     assert not oracle_repeats_learned(module, "editing", run_probes(module, "editing", probes, metrics="none",
                                                                     steps=4))
 
+
+
+def test_eval_guidance_options_reach_the_sampler(monkeypatch):
+    """`cologen eval shapeworld --cfg-scale/--image-cfg-scale` sample every run (learned and oracle) with that
+    guidance: the images are the sampler's own with those settings, and differ from the unguided ones."""
+    from cologen.commands import evaluate as evaluate_command
+    from cologen.eval import probes as probes_module
+    from cologen.eval.probes import run_probes
+
+    module = make_module(timestep_bins=0).eval()
+    module.task_experts = {"editing": 1}
+    probes = [{"prompt": p, "source": s, "target": s, "task": "editing", "key": str(i)}
+              for i, (p, s) in enumerate(zip(["a red square", "remove the circle"], sources(2)))]
+    outputs = []
+
+    def kept(*args, **kwargs):
+        run = run_probes(*args, **{**kwargs, "metrics": "none"})
+        outputs.append((kwargs.get("oracle", False), run.outputs))
+        return run
+
+    monkeypatch.setattr(probes_module, "run_probes", kept)
+    route_everything_to(module, 0)  # not the task's own expert, so the oracle run is sampled too
+    guidance = {"cfg_scale": 3.0, "image_cfg_scale": 1.5}
+    evaluate_command.evaluate(module, {"editing": probes}, steps=3, oracle=True, sampler=guidance)
+    assert [oracle for oracle, _ in outputs] == [False, True]
+    for oracle, images in outputs:
+        guided = run_probes(module, "editing", probes, oracle=oracle, metrics="none", steps=3, **guidance)
+        plain = run_probes(module, "editing", probes, oracle=oracle, metrics="none", steps=3)
+        assert all(torch.equal(a, b) for a, b in zip(images, guided.outputs))
+        assert not all(torch.allclose(a, b) for a, b in zip(images, plain.outputs))
+    args = evaluate_command._parser().parse_args(["shapeworld", "--base", "--cfg-scale", "2.5"])
+    assert (args.cfg_scale, args.image_cfg_scale) == (2.5, 1.0)

@@ -81,10 +81,11 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
 
 
 def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bool = False,
-             routing_terms: dict | None = None) -> list[dict]:
+             routing_terms: dict | None = None, sampler: dict | None = None) -> list[dict]:
     """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task. A dict
     given as `routing_terms` receives, per task, what each block's learned routing rested on
-    (`cologen.eval.routing_terms`)."""
+    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`)."""
+    sampler = dict(sampler or {})
     from cologen.eval.probes import oracle_repeats_learned, own_expert_share, run_probes
     from cologen.eval.routing_terms import record_routing_terms, summarize_routing_terms
 
@@ -94,13 +95,13 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
     for task, task_probes in probes.items():
         recording = record_routing_terms(module.model) if routing_terms is not None else contextlib.nullcontext({})
         with recording as records:
-            learned = run_probes(module, task, task_probes, seed=seed, steps=steps)
+            learned = run_probes(module, task, task_probes, seed=seed, steps=steps, **sampler)
         if routing_terms is not None and task in module.task_experts:
             routing_terms[task] = summarize_routing_terms(records, module.task_experts[task], module.model.num_active)
         for forced in modes:
             # the learned run is exactly the oracle's when every decision already chose the task's own expert
             run = learned if not forced or oracle_repeats_learned(module, task, learned) else run_probes(
-                module, task, task_probes, seed=seed, oracle=True, steps=steps)
+                module, task, task_probes, seed=seed, oracle=True, steps=steps, **sampler)
             own = module.task_experts.get(task)
             share = own_expert_share(run.routing, own) if own is not None and not forced else float("nan")
             for i, (p, row) in enumerate(zip(task_probes, run.rows)):
@@ -214,7 +215,9 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt)
     terms: dict | None = {} if args.routing_terms else None
-    lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms)
+    guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale}
+    lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms,
+                     sampler=guidance)
     table = summarize(lines)
     if terms is not None:
         print(routing_terms_table(terms))
@@ -249,6 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--probes", type=int, default=64, help="probes per task (default: %(default)s)")
     sw.add_argument("--steps", type=int, default=16, help="sampler steps (default: %(default)s)")
     sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--cfg-scale", type=float, default=1.0,
+                    help="classifier-free guidance on the prompt (default: %(default)s, off, as validation samples)")
+    sw.add_argument("--image-cfg-scale", type=float, default=1.0,
+                    help="guidance on the source image, InstructPix2Pix's formula (default: %(default)s, off)")
     sw.add_argument("--oracle", action="store_true", help="also score with oracle routing")
     sw.add_argument("--config", help="training config whose data.init_args.builder builds the probes")
     sw.add_argument("--routing-terms", action="store_true",
