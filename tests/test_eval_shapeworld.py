@@ -155,3 +155,33 @@ def test_copying_the_reference_scores_near_zero_on_customized(shapeworld_dir: Pa
     assert copy["customized/prompt_fidelity"] < 0.25
     perfect = run_protocol(examples, lambda ex: ex["target"], ShapeWorldScorer())
     assert perfect["customized/subject_score"] == 1.0 and perfect["customized/prompt_fidelity"] == 1.0
+
+
+def test_t2i_scores_where_the_captions_objects_are_drawn(shapeworld_dir: Path) -> None:
+    """The base's text-to-image score (`cologen eval shapeworld --tasks t2i`): the scene itself scores object IoU 1,
+    the same scene with its objects moved scores clearly less, a blank or a canvas of one object colour
+    (the right colour everywhere, no place or shape) near 0."""
+    import webdataset as wds
+
+    from cologen.data.builders import TaskBuilder
+    from cologen.data.records import decode_sample
+
+    urls = sorted(str(p) for p in (Path(shapeworld_dir) / "inpainting").glob("val-*.tar"))
+    stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
+    builder = TaskBuilder(resolution=32, stratified=False)
+    examples = [builder(decode_sample(raw), "t2i", np.random.default_rng(i)) for i, raw in enumerate(stream)][:12]
+    assert examples and all(ex["task"] == "t2i" for ex in examples)
+
+    def score(make) -> float:
+        return run_protocol(examples, make, ShapeWorldScorer())["t2i/object_iou"]
+
+    assert score(lambda ex: ex["target"]) == 1.0
+    moved = score(lambda ex: np.roll(np.asarray(ex["target"]), 10, axis=1))
+    assert moved < 0.6
+    assert score(lambda ex: np.zeros_like(ex["target"])) == 0.0
+
+    def one_colour(ex) -> np.ndarray:
+        rgb = ex["meta"]["record"]["objects"][0]["rgb"]
+        return np.broadcast_to(np.asarray(rgb, np.uint8), np.asarray(ex["target"]).shape[:2] + (3,)).copy()
+
+    assert score(one_colour) < 0.3

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cologen import checkpoints
-from cologen.data.tasks import CURRICULUM_TASKS, MULTI_CONDITION_TASKS, stored_task
+from cologen.data.tasks import CURRICULUM_TASKS, MULTI_CONDITION_TASKS, SCENE_TASKS, stored_task
 from cologen.errors import MissingInput, UsageError
 
 DEFAULT_DATA = "data/shapeworld"
@@ -66,11 +66,13 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
     from cologen.eval.probes import probes_from_batch
 
     root = Path(data)
-    missing = [t for t in tasks if not list((root / stored_task(t)).glob("val-*.tar"))]
+    # the base's scene tasks (text-to-image) read any scene record: the inpainting shards', as `make base` does
+    folder = {t: "inpainting" if t in SCENE_TASKS else stored_task(t) for t in tasks}
+    missing = [t for t in tasks if not list((root / folder[t]).glob("val-*.tar"))]
     if missing:
         raise MissingInput(f"no validation shards for {missing} under {root}: run `make data` (ShapeWorld) or "
                                 "pass --data")
-    shards = {t: str(root / stored_task(t) / "val-*.tar") for t in tasks}  # derived tasks read their source's
+    shards = {t: str(root / folder[t] / "val-*.tar") for t in tasks}  # derived tasks read their source's
     dm = MixtureDataModule(train_shards=shards, val_shards=shards, mixture={tasks[0]: 1.0}, num_workers=0,
                            val_samples_per_task=n, val_tasks=tasks, seed=seed,
                            builder=BuilderConfig(**(builder or {})))
@@ -248,7 +250,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--base", action="store_true", help="evaluate the tiny base alone (no expert)")
     sw.add_argument("--data", default=DEFAULT_DATA, help="ShapeWorld folder (default: %(default)s)")
     sw.add_argument("--tasks", nargs="+", default=list(CURRICULUM_TASKS),
-                    choices=(*CURRICULUM_TASKS, *MULTI_CONDITION_TASKS))
+                    choices=(*CURRICULUM_TASKS, *MULTI_CONDITION_TASKS, "t2i"),
+                    help="tasks to score; t2i: the base's text-to-image from each scene's caption (object_iou: "
+                         "are the caption's objects drawn where, as large and as shaped as in the scene)")
     sw.add_argument("--probes", type=int, default=64, help="probes per task (default: %(default)s)")
     sw.add_argument("--steps", type=int, default=16, help="sampler steps (default: %(default)s)")
     sw.add_argument("--seed", type=int, default=0)

@@ -22,6 +22,8 @@ so does a plain dict with the keys below (these win over ``meta``). Scores are r
   builder swapped the pair; colours only: small objects are too few pixels for a shape).
 - ``editing``: ``mask`` or ``region`` (the edited region), joined with every pixel where source
   and target differ (a resize blurs the edit across the stored mask's border).
+- ``t2i`` (the base's text-to-image, no source): ``object_rgbs``, else the colours of ``meta["record"]``'s
+  ``objects``.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ from cologen.metrics.shapeworld import (
     grounding_scores,
     inpainting_scores,
     layout_iou,
+    t2i_scores,
     two_subjects_scores,
 )
 
-TASKS = ("inpainting", "grounding", "control", "customized", "editing", "customized_layout", "two_subjects")
+TASKS = ("inpainting", "grounding", "control", "customized", "editing", "customized_layout", "two_subjects", "t2i")
 
 
 def _first(sample: Sample, *names: str) -> Any:
@@ -135,6 +138,11 @@ def score_sample(sample: Sample, output: np.ndarray) -> dict[str, float]:
         build = _build(sample)
         if build.get("subject_rgbs") and _first(sample, "mask", "region") is not None:
             scores["layout_iou"] = layout_iou(output, _first(sample, "mask", "region"), build["subject_rgbs"])
+    elif task == "t2i":
+        rgbs = sample.get("object_rgbs")
+        if rgbs is None:
+            rgbs = [o["rgb"] for o in ((sample.get("meta") or {}).get("record") or {}).get("objects") or []]
+        scores = t2i_scores(output, target, rgbs)
     else:
         raise ValueError(f"unknown ShapeWorld task {task!r}: expected one of {TASKS}")
     return {f"{task}/{k}": v for k, v in scores.items()}

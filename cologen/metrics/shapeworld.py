@@ -46,6 +46,26 @@ def inpainting_scores(output: ImageLike, target: ImageLike, mask: MaskLike) -> d
     }
 
 
+# ----------------------------------------------------------------------------- text-to-image (the base)
+
+
+def t2i_scores(output: ImageLike, target: ImageLike, object_rgbs: Sequence[RGB],
+               tolerance: int = COLOR_TOLERANCE) -> dict[str, float]:
+    """How well a scene drawn from its caption places its objects: ``object_iou``, the IoU of the output's pixels
+    of each object colour with the target's (mean over the scene's distinct object colours; each colour's pixels
+    are where the caption's objects of that colour lie, so position, size and shape all count and a blob of the
+    right colour in the wrong place scores 0), and ``psnr`` against the target. The scene's own caption is the
+    prompt, so the target is one of the images it describes (objects' exact positions within a named region vary)."""
+    colours = {tuple(int(c) for c in rgb) for rgb in object_rgbs}
+    ious = []
+    for rgb in sorted(colours):
+        drawn, true = color_mask(output, rgb, tolerance), color_mask(target, rgb, tolerance)
+        union = (drawn | true).sum()
+        ious.append(float((drawn & true).sum() / union) if union else 1.0)
+    return {"object_iou": float(np.mean(ious)) if ious else float("nan"),
+            "psnr": psnr(to_uint8_rgb(output), to_uint8_rgb(target))}
+
+
 # ----------------------------------------------------------------------------- grounding
 
 
