@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -20,9 +21,15 @@ def save_base(checkpoint: str, out_dir: str) -> str:
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix) and ".prw_" not in k}
     transformer = FluxTransformer2DModel(**preset.transformer_config())
     transformer.load_state_dict(state)
-    extra = {"provenance": {"checkpoint": str(checkpoint), "global_step": ckpt.get("global_step"),
-                            "tasks": "t2i + reconstruct on ShapeWorld (make base)"}}
-    return save_tiny_base(transformer, Path(out_dir), extra)
+    provenance = {"checkpoint": str(checkpoint), "global_step": ckpt.get("global_step"),
+                  "tasks": "t2i + reconstruct on ShapeWorld (make base)"}
+    start = preset.base_dir()
+    if start is not None:  # pretraining continued from a saved base (make base-continue): say which, before
+        # out_dir, which may be that same folder, is overwritten
+        previous = json.loads((start / "config.json").read_text())
+        provenance["continued_from"] = {"base": str(preset.base), "sha256": (start / "sha256").read_text().strip(),
+                                        "provenance": previous.get("provenance")}
+    return save_tiny_base(transformer, Path(out_dir), {"provenance": provenance})
 
 
 def main(argv: list[str] | None = None) -> None:
