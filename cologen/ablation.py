@@ -56,6 +56,8 @@ from cologen.machine import label as machine_label
 from cologen.metrics.stats import Estimate
 
 DONE = "done.json"
+# The tiny base every record trained on before done.json named its base (the one committed until then)
+EARLIER_BASE = "831b44119b293486107247272b49c949b203802f2934c1c5cf5b9f64bdcfb568"
 
 
 @dataclass
@@ -117,6 +119,40 @@ class AblationSpec:
         return save_record(run, record) if record is not None else run
 
 
+# --------------------------------------------------------------------------------------------------- bases
+def base_digest(base: str | None) -> str:
+    """What a run's `model.preset.init_args.base` trains from: the sha256 of a tiny base folder ('builtin': the
+    committed one), 'random' for random weights (null), the path itself when it holds no base."""
+    from cologen.model.presets import TINY_BASE_DIR
+
+    if base is None:
+        return "random"
+    digest = (TINY_BASE_DIR if base == "builtin" else Path(base)) / "sha256"
+    return digest.read_text().strip() if digest.is_file() else str(base)
+
+
+def _preset_base(config: dict, base: str | None) -> str | None:
+    init_args = (((config or {}).get("model") or {}).get("preset") or {}).get("init_args") or {}
+    return init_args["base"] if "base" in init_args else base
+
+
+def configured_base(spec: AblationSpec, variant: Variant) -> str:
+    """The base a variant's runs train from now: its configs' (and args') `model.preset.init_args.base`, the last
+    one that sets it winning as in LightningCLI; the preset's default 'builtin' when none does."""
+    base: str | None = "builtin"
+    for c in spec.configs + variant.configs:
+        base = _preset_base(yaml.safe_load(Path(c).read_text()), base)
+    args = spec.args + variant.args
+    for flag, value in zip(args, args[1:]):
+        if flag == "--model.preset.init_args.base":
+            base = None if value in ("null", "None") else value
+    return base_digest(base)
+
+
+def base_label(digest: str) -> str:
+    return digest[:8] if len(digest) == 64 else digest
+
+
 # ------------------------------------------------------------------------------------------------- records
 def save_record(run_dir: Path, record_dir: Path) -> Path:
     """Copy what the table needs from a finished run folder into `record_dir`: every validation's metrics.json and
@@ -175,7 +211,7 @@ def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
     spent += time.monotonic() - start
     timing.write_text(json.dumps({"seconds": spent}))
     record = {"variant": variant.name, "seed": seed, "seconds": round(spent, 1), "returncode": code,
-              "machine": describe_machine()}
+              "machine": describe_machine(), "base": configured_base(spec, variant)}
     if code == 0:
         done_file.write_text(json.dumps(record) + "\n")
         spec.finished(variant.name, seed)  # its record, when the ablation keeps them
@@ -194,29 +230,34 @@ def aggregate(spec: AblationSpec) -> dict[str, Any]:
     as mean and 95% interval over seeds and probes; the forgetting and routing ratios; the runtime."""
     table: dict[str, Any] = {}
     for v in spec.variants:
-        runs: list[list[Validation]] = []
-        seconds, machines = [], []
+        # seeds trained on another base than the variant's configs load now are a row of their own, never pooled
+        current = configured_base(spec, v)
+        by_base: dict[str, list[tuple[list[Validation], dict]]] = {}
         for seed in spec.seeds:
             folder = spec.finished(v.name, seed)
             validations = read_validations(folder) if folder is not None else []
             if validations:
                 done = json.loads((folder / DONE).read_text())
-                runs.append(validations)
-                seconds.append(done["seconds"])
-                if done.get("machine"):
-                    machines.append(machine_label(done["machine"]))
-        if not runs:
-            continue
-        rows: dict[str, Any] = {}
-        for task, metric in _metrics():
-            final = estimate([r[-1] for r in runs], task, metric)
-            oracle = estimate([r[-1] for r in runs], task, metric, "oracle")
-            own = estimate([after_own_step(r, task) for r in runs], task, metric)
-            rows[f"{task}/{metric}"] = {"final": final.as_dict(), "oracle": oracle.as_dict(),
-                                        "after_own_step": own.as_dict()}
-        table[v.name] = {"description": v.description, "seeds": len(runs), "seconds": sum(seconds) / len(seconds),
-                         "machines": sorted(set(machines)), "metrics": _with_ratios(rows)}
+                by_base.setdefault(done.get("base", EARLIER_BASE), []).append((validations, done))
+        for base in sorted(by_base, key=lambda b: b != current):
+            name = v.name if base == current else f"{v.name}, base {base_label(base)}"
+            table[name] = _aggregate_runs(v, by_base[base]) | ({} if base == current else {"base": base})
     return table
+
+
+def _aggregate_runs(v: Variant, finished: list[tuple[list[Validation], dict]]) -> dict[str, Any]:
+    runs = [validations for validations, _ in finished]
+    seconds = [done["seconds"] for _, done in finished]
+    machines = [machine_label(done["machine"]) for _, done in finished if done.get("machine")]
+    rows: dict[str, Any] = {}
+    for task, metric in _metrics():
+        final = estimate([r[-1] for r in runs], task, metric)
+        oracle = estimate([r[-1] for r in runs], task, metric, "oracle")
+        own = estimate([after_own_step(r, task) for r in runs], task, metric)
+        rows[f"{task}/{metric}"] = {"final": final.as_dict(), "oracle": oracle.as_dict(),
+                                    "after_own_step": own.as_dict()}
+    return {"description": v.description, "seeds": len(runs), "seconds": sum(seconds) / len(seconds),
+            "machines": sorted(set(machines)), "metrics": _with_ratios(rows)}
 
 
 def references(spec: AblationSpec, table: dict[str, Any]) -> dict[str, Any]:
@@ -274,6 +315,10 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
     lines += ["", "Variants:", ""]
     lines += [f"- **{v.name}**: {v.description}" for v in spec.variants if v.name in table]
     lines += [f"- **{name}** (reference): {row['description']}" for name, row in table.items() if row.get("reference")]
+    if any(row.get("base") for row in table.values()):
+        lines += ["", "Rows named '..., base <sha256 prefix>' hold the seeds trained from another tiny base than the "
+                  "one the variant's configs load now (each record's done.json names its base; records without one "
+                  f"trained on {base_label(EARLIER_BASE)}): they are not pooled with the others."]
     if any(row.get("snapshot") for row in table.values()):
         lines += ["", f"Rows named '..., snapshot' are from `{spec.snapshot}`, a table written before the runs' records "
                   "were kept: their per-probe scores are gone, so they stand beside the recorded seeds instead of being "

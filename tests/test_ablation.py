@@ -142,6 +142,20 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     again = ablation.save_record(spec.run_dir("curriculum", 0), toy_ablation / "again" / "seed0")
     assert [p.read_bytes() for p in sorted(again.rglob("*.*"))] == [p.read_bytes() for p in sorted(record.rglob("*.*"))]
     assert "run records under" in text and "measured on: " in text
+    assert done["base"] == "random"  # the toy's preset starts from random weights
+
+    # a seed trained from another base is a row of its own, never pooled with the others
+    other = spec.record_dir("curriculum", 1)
+    shutil.copytree(record, other)
+    (other / "done.json").write_text(json.dumps({**done, "seed": 1, "base": "ab" * 32}) + "\n")
+    split = ablation.aggregate(spec)
+    assert split["curriculum"]["seeds"] == 1 and "base" not in split["curriculum"]
+    assert split["curriculum, base abababab"]["seeds"] == 1 and split["curriculum, base abababab"]["base"] == "ab" * 32
+    assert "Rows named '..., base" in ablation.markdown(split, spec, "make ablation")
+    legacy = {k: v for k, v in done.items() if k != "base"}  # recorded before done.json named its base
+    (other / "done.json").write_text(json.dumps({**legacy, "seed": 1}) + "\n")
+    assert f"curriculum, base {ablation.EARLIER_BASE[:8]}" in ablation.aggregate(spec)
+    shutil.rmtree(other)
 
     # finished runs are skipped, also one whose run folder is gone (trained on another machine): its record counts,
     # and the table built from the records alone is the same
@@ -196,6 +210,17 @@ def _model_section(files: list[str], section: str) -> dict:
 
 def _optim(files: list[str]) -> OptimConfig:
     return OptimConfig(**_model_section(files, "optim"))
+
+
+def test_the_shipped_variants_train_from_the_committed_base_their_records_name():
+    """Every shipped variant loads the committed tiny base (so a record is pooled with its variant's row when it
+    names that base)."""
+    from cologen.model.presets import TINY_BASE_DIR
+
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    committed = (TINY_BASE_DIR / "sha256").read_text().strip()
+    assert {ablation.configured_base(spec, v) for v in spec.variants} == {committed}
+    assert ablation.base_digest(None) == "random" and ablation.base_digest("builtin") == committed
 
 
 def test_the_shipped_variants_train_on_the_learning_rates_their_records_were_made_with():
