@@ -59,6 +59,10 @@ def toy_ablation(shapeworld_dir, tmp_path_factory):
     (root / "base_only" / "scores.jsonl").write_text("\n".join(json.dumps(
         {"task": t, "index": i, "routing": "learned", **{f"{t}/{m}": 0.25 for m in ms}})
         for t, ms in HEADLINE_METRICS.items() for i in range(3)) + "\n")
+    from cologen.eval.results import BASE_STAMP
+    from cologen.model.presets import TINY_BASE_DIR
+
+    (root / "base_only" / BASE_STAMP).write_text((TINY_BASE_DIR / "sha256").read_text())  # scored on the committed base
     # a table written before records were kept: a variant's row (shown beside the recorded ones) and a reference
     # row (left out: references are rebuilt from the records)
     est = {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 64}

@@ -58,6 +58,7 @@ def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
     (base / "scores.jsonl").write_text("\n".join(json.dumps(
         {"task": t, "index": i, "routing": "learned", **{f"{t}/{m}": 0.1 for m in ms}})
         for t, ms in HEADLINE_METRICS.items() for i in range(3)) + "\n")
+    stamp_committed_base(base)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:curriculum -->\nold\n<!-- /results:curriculum -->\nmiddle\n"
                       "<!-- results:ablation -->\nold\n<!-- /results:ablation -->\n"
@@ -110,6 +111,7 @@ def test_report_without_runs_says_what_to_run(tmp_path, capsys):
     base = tmp_path / "runs" / "base_only"
     base.mkdir(parents=True)
     (base / "scores.jsonl").write_text(json.dumps({"task": "inpainting", "index": 0, "inpainting/psnr_out": 1}) + "\n")
+    stamp_committed_base(base)
     assert report.main(["--runs", str(tmp_path / "runs"), "--readme", str(tmp_path / "README.md")]) == 2
     assert "make stage1 stage2 stage3" in capsys.readouterr().err
 
@@ -188,3 +190,36 @@ def test_eval_builds_probes_with_the_training_configs_builder(shapeworld_dir, tm
     thick = load_probes(str(shapeworld_dir), ["grounding"], 4, builder=builder)["grounding"]
     assert [p["key"] for p in thin] == [p["key"] for p in thick]
     assert any(not torch.equal(a["target"], b["target"]) for a, b in zip(thin, thick))  # outlines drawn 2 px wide
+
+
+def stamp_committed_base(folder) -> None:
+    """Mark a folder's base-only scores as the committed base's (score_base rescores any other)."""
+    from cologen.eval.results import BASE_STAMP
+    from cologen.model.presets import TINY_BASE_DIR
+
+    (folder / BASE_STAMP).write_text((TINY_BASE_DIR / "sha256").read_text())
+
+
+def test_the_base_is_scored_again_when_the_committed_base_changed(tmp_path, monkeypatch):
+    """`make report` / `make ablation` keep the base-only scores of the committed base; scores of another base
+    (`make base` or `make base-continue` replaced it), or of an unnamed one, are scored again."""
+    from cologen.eval import results
+    from cologen.eval.results import BASE_STAMP, score_base
+    from cologen.model.presets import TINY_BASE_DIR
+
+    folder = tmp_path / "base_only"
+    folder.mkdir()
+    (folder / "scores.jsonl").write_text(json.dumps({"task": "inpainting", "index": 0, "inpainting/psnr_out": 1}) + "\n")
+    calls = []
+    monkeypatch.setattr(results.subprocess, "check_call", lambda cmd: calls.append(cmd))
+    stamp_committed_base(folder)
+    assert score_base(folder, "experiments/tiny/curriculum.yaml") is not None and calls == []
+    for stale in ("0" * 64 + "\n", None):
+        if stale is None:
+            (folder / BASE_STAMP).unlink()
+        else:
+            (folder / BASE_STAMP).write_text(stale)
+        score_base(folder, "experiments/tiny/curriculum.yaml")
+        assert calls[-1][calls[-1].index("shapeworld"):][:2] == ["shapeworld", "--base"]
+        assert (folder / BASE_STAMP).read_text() == (TINY_BASE_DIR / "sha256").read_text()  # now the committed one's
+    assert len(calls) == 2

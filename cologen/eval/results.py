@@ -76,15 +76,24 @@ def read_eval(folder: str | Path) -> Validation | None:
     return Validation(Path(folder), 0, None, {}, lines)
 
 
+BASE_STAMP = "base.sha256"  # beside the base's scores: the committed base they were scored on
+
+
 def score_base(folder: str | Path, config: str) -> Validation:
-    """The base alone scored on `config`'s validation probes (`cologen eval shapeworld --base`) into `folder`, run
-    only when the folder has no scores yet (the base is fixed, so its scores are too)."""
+    """The committed tiny base alone scored on `config`'s validation probes (`cologen eval shapeworld --base`) into
+    `folder`, run only when the folder has no scores of this base yet (`make base` or `make base-continue` may have
+    replaced it since)."""
+    from cologen.model.presets import TINY_BASE_DIR
+
+    digest = (TINY_BASE_DIR / "sha256").read_text().strip()
+    stamp = Path(folder) / BASE_STAMP
     found = read_eval(folder)
-    if found is not None:
+    if found is not None and stamp.is_file() and stamp.read_text().strip() == digest:
         return found
     print(f"[results] scoring the base alone into {folder} (cologen eval shapeworld --base)", flush=True)
     subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--config", config,
                            "--out", str(folder)])
+    stamp.write_text(digest + "\n")
     return read_eval(folder)
 
 
