@@ -367,15 +367,14 @@ def plot(table: dict[str, Any], path: Path) -> Path | None:
 
 
 def with_snapshot(spec: AblationSpec, table: dict[str, Any]) -> dict[str, Any]:
-    """`table` with the snapshot's variant rows (`spec.snapshot`), each after its variant's recorded row and named
+    """`table` with the snapshot's variant rows (`spec.snapshot`), each after its variant's recorded rows and named
     '{variant}, snapshot'; its reference rows are left out (they are rebuilt from the records)."""
     if not spec.snapshot:
         return table
     snapshot = json.loads(Path(spec.snapshot).read_text())
     merged: dict[str, Any] = {}
     for v in spec.variants:
-        if v.name in table:
-            merged[v.name] = table[v.name]
+        merged |= {name: row for name, row in table.items() if name == v.name or name.startswith(f"{v.name}, base ")}
         row = snapshot.get(v.name)
         if row is not None and not row.get("reference"):
             merged[f"{v.name}, snapshot"] = {**row, "snapshot": True, "metrics": _with_ratios(row["metrics"])}

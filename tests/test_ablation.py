@@ -156,6 +156,8 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert split["curriculum"]["seeds"] == 1 and "base" not in split["curriculum"]
     assert split["curriculum, base abababab"]["seeds"] == 1 and split["curriculum, base abababab"]["base"] == "ab" * 32
     assert "Rows named '..., base" in ablation.markdown(split, spec, "make ablation")
+    names = list(ablation.with_snapshot(spec, split))
+    assert names.index("curriculum, base abababab") == names.index("curriculum") + 1
     legacy = {k: v for k, v in done.items() if k != "base"}  # recorded before done.json named its base
     (other / "done.json").write_text(json.dumps({**legacy, "seed": 1}) + "\n")
     assert f"curriculum, base {ablation.EARLIER_BASE[:8]}" in ablation.aggregate(spec)
