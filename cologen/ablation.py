@@ -123,12 +123,11 @@ class AblationSpec:
 def base_digest(base: str | None) -> str:
     """What a run's `model.preset.init_args.base` trains from: the sha256 of a tiny base folder ('builtin': the
     committed one), 'random' for random weights (null), the path itself when it holds no base."""
-    from cologen.model.presets import TINY_BASE_DIR
+    from cologen.model.presets import TinyPreset, recorded_sha256
 
     if base is None:
         return "random"
-    digest = (TINY_BASE_DIR if base == "builtin" else Path(base)) / "sha256"
-    return digest.read_text().strip() if digest.is_file() else str(base)
+    return recorded_sha256(TinyPreset(base=base).base_dir()) or str(base)
 
 
 def _preset_base(config: dict, base: str | None) -> str | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 
-from cologen.model.presets import Preset, save_tiny_base
+from cologen.model.presets import Preset, recorded_sha256, save_tiny_base
 from cologen.typed_config import coerce
 
 
@@ -27,7 +27,7 @@ def save_base(checkpoint: str, out_dir: str) -> str:
     if start is not None:  # pretraining continued from a saved base (make base-continue): say which, before
         # out_dir, which may be that same folder, is overwritten
         previous = json.loads((start / "config.json").read_text())
-        provenance["continued_from"] = {"base": str(preset.base), "sha256": (start / "sha256").read_text().strip(),
+        provenance["continued_from"] = {"base": str(preset.base), "sha256": recorded_sha256(start),
                                         "provenance": previous.get("provenance")}
     return save_tiny_base(transformer, Path(out_dir), {"provenance": provenance})
 

@@ -83,9 +83,9 @@ def score_base(folder: str | Path, config: str) -> Validation:
     """The committed tiny base alone scored on `config`'s validation probes (`cologen eval shapeworld --base`) into
     `folder`, run only when the folder has no scores of this base yet (`make base` or `make base-continue` may have
     replaced it since)."""
-    from cologen.model.presets import TINY_BASE_DIR
+    from cologen.model.presets import TINY_BASE_DIR, recorded_sha256
 
-    digest = (TINY_BASE_DIR / "sha256").read_text().strip()
+    digest = recorded_sha256(TINY_BASE_DIR)
     stamp = Path(folder) / BASE_STAMP
     found = read_eval(folder)
     if found is not None and stamp.is_file() and stamp.read_text().strip() == digest:

@@ -81,10 +81,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def recorded_sha256(folder: Path) -> str | None:
+    """The sha256 recorded in `folder`'s `sha256` file (a tiny base's, the exported experts'), None without one."""
+    digest_file = folder / "sha256"
+    return digest_file.read_text().split()[0] if digest_file.is_file() else None
+
+
 def check_recorded_sha256(weights: Path) -> None:
     """`weights` matches the sha256 recorded beside it (the `sha256` file of its folder), when there is one."""
-    digest_file = weights.parent / "sha256"
-    if digest_file.is_file() and digest_file.read_text().split()[0] != file_sha256(weights):
+    recorded = recorded_sha256(weights.parent)
+    if recorded is not None and recorded != file_sha256(weights):
         raise ValueError(f"{weights} does not match its recorded sha256 (corrupt or partially written)")
 
 
