@@ -3,13 +3,16 @@
     cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --probes 64 --oracle --out runs/tiny/stage3/eval
     cologen eval shapeworld --base --config experiments/tiny/curriculum.yaml --out runs/tiny/base_only
     cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --tasks grounding --routing-terms
+    cologen eval denoising --ckpt runs/tiny/grounding_alone/last.ckpt --tasks grounding --oracle-gates both
     cologen eval dreambench --ckpt CKPT_OR_EXPORT --data data/eval/dreambench --clip CLIP --dino DINO --out OUT
     cologen eval multigen --condition canny --ckpt ... --data data/eval/multigen_canny_eval --clip CLIP --out OUT
 
 `shapeworld` scores the validation probes of each task (the same ones SampleValidation uses, each with its own
 noise seed) with 95% confidence intervals, with the routers' choice and with oracle routing; `--config` takes a
 training config whose `data.init_args.builder` builds the probes; `--routing-terms` splits each block's routing
-margin (a task's own expert over its strongest rival) into the router's terms. The benchmark protocols (`dreambench`,
+margin (a task's own expert over its strongest rival) into the router's terms. `denoising` measures the one-step
+error of the clean-image estimate on the tokens a task changes and on those it keeps, by noise level, optionally with
+the token gates forced to the truth (`cologen.eval.denoising`). The benchmark protocols (`dreambench`,
 `magicbrush`, `emu_edit`, `gedit_bench`, `multigen`) read the evaluation shards the data_recipes commands write
 and take the metric networks from local paths (docs/metrics.md names the command for each paper table).
 
@@ -59,11 +62,11 @@ def builder_from_config(path: str | None) -> dict:
     return dict((data.get("init_args") or {}).get("builder") or {})
 
 
-def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dict | None = None):
-    """The first `n` validation examples of each task, built as the curriculum's validation builds them."""
+def val_datasets(data: str, tasks: list[str], n: int, seed: int = 0, builder: dict | None = None) -> dict:
+    """Each task's validation dataset of `n` examples (collated batches), built as the curriculum's validation
+    builds them."""
     from cologen.data.builders import BuilderConfig
     from cologen.data.datamodule import MixtureDataModule
-    from cologen.eval.probes import probes_from_batch
 
     root = Path(data)
     # the base's scene tasks (text-to-image) read any scene record: the inpainting shards', as `make base` does
@@ -76,10 +79,15 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
     dm = MixtureDataModule(train_shards=shards, val_shards=shards, mixture={tasks[0]: 1.0}, num_workers=0,
                            val_samples_per_task=n, val_tasks=tasks, seed=seed,
                            builder=BuilderConfig(**(builder or {})))
-    probes = {}
-    for task, ds in dm.val_datasets().items():
-        probes[task] = [p for i in range(len(ds)) for p in probes_from_batch(ds[i], n)][:n]
-    return probes
+    return dm.val_datasets()
+
+
+def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dict | None = None):
+    """The first `n` validation examples of each task (`val_datasets`), as standalone probes."""
+    from cologen.eval.probes import probes_from_batch
+
+    return {task: [p for i in range(len(ds)) for p in probes_from_batch(ds[i], n)][:n]
+            for task, ds in val_datasets(data, tasks, n, seed, builder).items()}
 
 
 def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bool = False,
@@ -240,6 +248,40 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     return table
 
 
+def run_denoising(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Per task (and gate forcing): the one-step x0 error on changed and kept tokens by noise level."""
+    from cologen.eval.denoising import denoising_errors, errors_table, summarize_errors
+
+    if (args.ckpt is None) == (not args.base):
+        raise UsageError("give --ckpt or --base (not both)")
+    if args.ckpt is not None:
+        checkpoints.check(args.ckpt)
+    datasets = val_datasets(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
+    module = load_module(args.ckpt)
+    forcings = {"learned": ()} | {f"forced on {g}": (("source", "noisy") if g == "both" else (g,))
+                                  for g in args.oracle_gates}
+    summaries, raw = {}, {}
+    for task, ds in datasets.items():
+        for label, gates in forcings.items():
+            rows: list[dict] = []
+            for i in range(len(ds)):
+                batch_rows = denoising_errors(module, ds[i], args.timesteps, args.seed, gates)
+                rows = batch_rows if not rows else [dict(r, changed=r["changed"] + b["changed"],
+                                                         kept=r["kept"] + b["kept"]) for r, b in zip(rows, batch_rows)]
+            name = f"{task}, gates {label}"
+            raw[name], summaries[name] = rows, summarize_errors(rows)
+    table = errors_table(summaries)
+    print(table, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "denoising.md").write_text("# one-step denoising error (x0 estimate, mean squared, per token)\n\n" + table)
+        (out / "denoising.json").write_text(json.dumps(
+            {k: [{"t": r["t"], "changed": r["changed"].as_dict(), "kept": r["kept"].as_dict()} for r in v]
+             for k, v in summaries.items()}, indent=1) + "\n")
+    return summaries
+
+
 def _parser() -> argparse.ArgumentParser:
     from cologen.eval.protocols import PROTOCOLS
 
@@ -267,6 +309,22 @@ def _parser() -> argparse.ArgumentParser:
                          "own expert over its strongest rival, split into the source, prompt, timestep and "
                          "entry-offset terms")
     sw.add_argument("--out", help="folder for scores.jsonl, metrics.json and table.md (and routing_terms.*)")
+    dn = sub.add_parser("denoising", help="ShapeWorld: one-step x0 error on the tokens a task changes and on those "
+                                          "it keeps, by noise level (where a model loses its copy)")
+    dn.add_argument("--ckpt", help="a cologen checkpoint (or --base)")
+    dn.add_argument("--base", action="store_true", help="the tiny base alone (no expert)")
+    dn.add_argument("--data", default=DEFAULT_DATA, help="ShapeWorld folder (default: %(default)s)")
+    dn.add_argument("--tasks", nargs="+", default=["grounding"], choices=[t for t in CURRICULUM_TASKS],
+                    help="tasks with a source image (default: %(default)s)")
+    dn.add_argument("--probes", type=int, default=64, help="validation examples per task (default: %(default)s)")
+    dn.add_argument("--timesteps", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9, 0.98],
+                    help="noise levels t of x_t = (1 - t) x0 + t n (default: %(default)s)")
+    dn.add_argument("--oracle-gates", nargs="*", default=[], choices=("source", "noisy", "both"),
+                    help="also measure with the experts' token gates forced to the truth (open on the changed "
+                         "tokens only) on these streams")
+    dn.add_argument("--seed", type=int, default=0)
+    dn.add_argument("--config", help="training config whose data.init_args.builder builds the examples")
+    dn.add_argument("--out", help="folder for denoising.md and denoising.json")
     for name, protocol in PROTOCOLS.items():
         p = sub.add_parser(name, help=f"{protocol.table}: the {protocol.task} benchmark {name}")
         p.add_argument("--ckpt", required=True, help="a cologen checkpoint or an exported CoLoGenPipeline folder")
@@ -294,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     from cologen.metrics.models import MissingModelPath
 
     try:
-        if args.protocol == "shapeworld":
+        if args.protocol == "denoising":
+            run_denoising(args)
+        elif args.protocol == "shapeworld":
             table = run_shapeworld(args)
             width = max(len(k) for k in table) if table else 0
             for key, est in table.items():
