@@ -158,7 +158,7 @@ class CoLoGenPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str], image: ImageInput | list[ImageInput] | list[list[ImageInput]] | None = None,
                  task: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 cfg_scale: float | None = None, image_cfg_scale: float | None = None,
+                 cfg_scale: float | None = None, image_cfg_scale: float | None = None, strength: float | None = None,
                  seed: int | list[int] = 0, output_type: str = "pil", progress: bool = True) -> CoLoGenPipelineOutput:
         """Generate one image per prompt.
 
@@ -169,6 +169,8 @@ class CoLoGenPipeline(DiffusionPipeline):
         task: the task of each prompt (inpainting, grounding, control, customized, editing; t2i without an image);
             required with an image, t2i without one.
         height, width: output size; default the condition image's size, else the model's sample size.
+        strength: img2img, as diffusers' img2img pipelines: start from the (first) condition image noised to this
+            level and run that share of the steps (1 = off; the condition must have the output's size).
         progress: a progress bar over the denoising steps (`set_progress_bar_config` styles it, as in diffusers).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -189,7 +191,8 @@ class CoLoGenPipeline(DiffusionPipeline):
             w, h = image_size(conditions[0][0]) if conditions is not None else (self.sample_size, self.sample_size)
             width, height = width or w, height or h
         overrides = {k: v for k, v in (("steps", num_inference_steps), ("guidance", guidance_scale),
-                                       ("cfg_scale", cfg_scale), ("image_cfg_scale", image_cfg_scale))
+                                       ("cfg_scale", cfg_scale), ("image_cfg_scale", image_cfg_scale),
+                                       ("strength", strength))
                      if v is not None}
         config = SamplerConfig(**{**asdict(self.sampler_config), **overrides})
         sources = None if conditions is None else [

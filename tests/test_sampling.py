@@ -66,6 +66,52 @@ def test_guidance_branches_and_text_to_image():
         module.generate(["x"], None, height=30, width=32, steps=2)
 
 
+def test_strength_starts_from_the_noised_source_and_runs_that_share_of_the_steps(monkeypatch):
+    """img2img (`strength` < 1): with a model that predicts zero velocity, Euler steps leave the start as it is, so
+    the output is exactly the source noised to the first kept step's sigma; the steps run are the schedule's last
+    round(steps * strength)."""
+    from cologen.model.packing import pack_latents, unpack_latents
+    from cologen.sampling.sampler import FlowSampler
+
+    module = make_module()
+    src, steps, strength = sources(1), 10, 0.3
+    full, _ = module.generate(["a"], src, steps=steps, seed=3)
+    img2img, stats = module.generate(["a"], src, steps=steps, seed=3, strength=strength)
+    assert len(stats.routing) == 3 and (full - img2img).abs().max() > 1e-3
+    # the timesteps run are the full schedule's last three
+    sampler, codec = module.sampler(steps=steps), module.codec
+    latent = codec.encode(src).float()
+    tokens = pack_latents(latent).shape[1]
+    _, all_t = sampler._timesteps(tokens, "cpu")
+    assert [t for t, _ in stats.routing] == pytest.approx([float(t) / 1000 for t in all_t[-3:]])
+
+    original = type(module.model).forward
+
+    def zero_velocity(self, latents, *args, **kwargs):
+        out = original(self, latents, *args, **kwargs)
+        out.sample = torch.zeros_like(out.sample)
+        return out
+
+    monkeypatch.setattr(type(module.model), "forward", zero_velocity)
+    still, _ = module.generate(["a"], src, steps=steps, seed=3, strength=strength)
+    noise = torch.randn(latent.shape[1:], generator=torch.Generator().manual_seed(3))[None]
+    scheduler, _ = FlowSampler(module.model, codec, module.positions, False, sampler.config)._timesteps(tokens, "cpu")
+    sigma = float(scheduler.sigmas[steps - 3])
+    expected = codec.decode(unpack_latents(pack_latents((1 - sigma) * latent + sigma * noise), *latent.shape[2:]))
+    torch.testing.assert_close(still, expected.clamp(-1, 1), rtol=0, atol=1e-5)
+
+
+def test_strength_needs_a_source_of_the_outputs_size_and_a_step_to_run():
+    module = make_module()
+    with pytest.raises(ValueError, match="needs one of the output's size"):
+        module.generate(["x"], None, height=32, width=32, steps=4, strength=0.5)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength must be in"):
+            module.generate(["x"], sources(1), steps=4, strength=bad)
+    with pytest.raises(ValueError, match="leaves no step"):
+        module.generate(["x"], sources(1), steps=4, strength=0.1)
+
+
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the ops that read a tensor's value on the host (on a GPU each one waits for the device)."""
 
@@ -154,8 +200,8 @@ def test_the_oracle_run_is_skipped_exactly_where_it_would_repeat_the_learned_run
 
 
 def test_eval_guidance_options_reach_the_sampler(monkeypatch):
-    """`cologen eval shapeworld --cfg-scale/--image-cfg-scale` sample every run (learned and oracle) with that
-    guidance: the images are the sampler's own with those settings, and differ from the unguided ones."""
+    """`cologen eval shapeworld --cfg-scale/--image-cfg-scale/--strength` sample every run (learned and oracle) with
+    those settings: the images are the sampler's own with those settings, and differ from the unguided ones."""
     from cologen.commands import evaluate as evaluate_command
     from cologen.eval import probes as probes_module
     from cologen.eval.probes import run_probes
@@ -173,7 +219,7 @@ def test_eval_guidance_options_reach_the_sampler(monkeypatch):
 
     monkeypatch.setattr(probes_module, "run_probes", kept)
     route_everything_to(module, 0)  # not the task's own expert, so the oracle run is sampled too
-    guidance = {"cfg_scale": 3.0, "image_cfg_scale": 1.5}
+    guidance = {"cfg_scale": 3.0, "image_cfg_scale": 1.5, "strength": 0.7}
     evaluate_command.evaluate(module, {"editing": probes}, steps=3, oracle=True, sampler=guidance)
     assert [oracle for oracle, _ in outputs] == [False, True]
     for oracle, images in outputs:
@@ -181,5 +227,5 @@ def test_eval_guidance_options_reach_the_sampler(monkeypatch):
         plain = run_probes(module, "editing", probes, oracle=oracle, metrics="none", steps=3)
         assert all(torch.equal(a, b) for a, b in zip(images, guided.outputs))
         assert not all(torch.allclose(a, b) for a, b in zip(images, plain.outputs))
-    args = evaluate_command._parser().parse_args(["shapeworld", "--base", "--cfg-scale", "2.5"])
-    assert (args.cfg_scale, args.image_cfg_scale) == (2.5, 1.0)
+    args = evaluate_command._parser().parse_args(["shapeworld", "--base", "--cfg-scale", "2.5", "--strength", "0.8"])
+    assert (args.cfg_scale, args.image_cfg_scale, args.strength) == (2.5, 1.0, 0.8)

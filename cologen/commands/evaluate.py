@@ -94,7 +94,7 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
              routing_terms: dict | None = None, sampler: dict | None = None) -> list[dict]:
     """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task. A dict
     given as `routing_terms` receives, per task, what each block's learned routing rested on
-    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`)."""
+    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`)."""
     sampler = dict(sampler or {})
     from cologen.eval.probes import oracle_repeats_learned, own_expert_share, run_probes
     from cologen.eval.routing_terms import record_routing_terms, summarize_routing_terms
@@ -225,7 +225,7 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt)
     terms: dict | None = {} if args.routing_terms else None
-    guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale}
+    guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength}
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms,
                      sampler=guidance)
     table = summarize(lines)
@@ -302,6 +302,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="classifier-free guidance on the prompt (default: %(default)s, off, as validation samples)")
     sw.add_argument("--image-cfg-scale", type=float, default=1.0,
                     help="guidance on the source image, InstructPix2Pix's formula (default: %(default)s, off)")
+    sw.add_argument("--strength", type=float, default=1.0,
+                    help="img2img: start from the source image noised to this level and run that share of the "
+                         "steps (default: %(default)s, off; tasks whose source is the output's size)")
     sw.add_argument("--oracle", action="store_true", help="also score with oracle routing")
     sw.add_argument("--config", help="training config whose data.init_args.builder builds the probes")
     sw.add_argument("--routing-terms", action="store_true",
