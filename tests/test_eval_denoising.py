@@ -104,13 +104,13 @@ def test_forcing_one_stream_keeps_the_other_streams_deltas(trained):
 
 def test_errors_split_by_the_changed_tokens_and_vanish_at_t0_for_any_model(trained):
     module, _ = trained
-    rows = denoising_errors(module, batch(), timesteps=(0.0, 0.5))
+    rows = denoising_errors(module, [batch()], timesteps=(0.0, 0.5))
     assert [r["t"] for r in rows] == [0.0, 0.5]
     assert len(rows[0]["changed"]) == len(rows[0]["kept"]) == 3  # every sample has both kinds of token
     assert max(rows[0]["changed"] + rows[0]["kept"]) < 1e-10  # x_0 is the target itself
     assert min(rows[1]["kept"]) > 0
     # forced shut on both streams: the kept tokens' error is the base's, whatever the experts learned
-    forced = denoising_errors(module, batch(), timesteps=(0.5,), gates=("source", "noisy"))
+    forced = denoising_errors(module, [batch()], timesteps=(0.5,), gates=("source", "noisy"))
     assert forced[0]["kept"] != rows[1]["kept"]
 
 

@@ -215,13 +215,18 @@ def benchmark_args(command: str, out: str | Path, limit: int | None = None) -> a
         raise UsageError(f"benchmark {command!r}: {reason}") from None
 
 
-def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
-    from cologen.eval.routing_terms import routing_terms_table
-
+def check_model_args(args: argparse.Namespace) -> None:
+    """`--ckpt` or `--base`, and a readable checkpoint, checked before any data or model loads (fail fast)."""
     if (args.ckpt is None) == (not args.base):
         raise UsageError("give --ckpt or --base (not both)")
     if args.ckpt is not None:
-        checkpoints.check(args.ckpt)  # both checks before the model is built: fail fast
+        checkpoints.check(args.ckpt)
+
+
+def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
+    from cologen.eval.routing_terms import routing_terms_table
+
+    check_model_args(args)
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt)
     terms: dict | None = {} if args.routing_terms else None
@@ -252,24 +257,14 @@ def run_denoising(args: argparse.Namespace) -> dict[str, list[dict]]:
     """Per task (and gate forcing): the one-step x0 error on changed and kept tokens by noise level."""
     from cologen.eval.denoising import denoising_errors, errors_table, summarize_errors
 
-    if (args.ckpt is None) == (not args.base):
-        raise UsageError("give --ckpt or --base (not both)")
-    if args.ckpt is not None:
-        checkpoints.check(args.ckpt)
+    check_model_args(args)
     datasets = val_datasets(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt)
     forcings = {"learned": ()} | {f"forced on {g}": (("source", "noisy") if g == "both" else (g,))
                                   for g in args.oracle_gates}
-    summaries, raw = {}, {}
-    for task, ds in datasets.items():
-        for label, gates in forcings.items():
-            rows: list[dict] = []
-            for i in range(len(ds)):
-                batch_rows = denoising_errors(module, ds[i], args.timesteps, args.seed, gates)
-                rows = batch_rows if not rows else [dict(r, changed=r["changed"] + b["changed"],
-                                                         kept=r["kept"] + b["kept"]) for r, b in zip(rows, batch_rows)]
-            name = f"{task}, gates {label}"
-            raw[name], summaries[name] = rows, summarize_errors(rows)
+    summaries = {f"{task}, gates {label}": summarize_errors(denoising_errors(
+                     module, (ds[i] for i in range(len(ds))), args.timesteps, args.seed, gates))
+                 for task, ds in datasets.items() for label, gates in forcings.items()}
     table = errors_table(summaries)
     print(table, end="")
     if args.out:
@@ -317,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     dn.add_argument("--ckpt", help="a cologen checkpoint (or --base)")
     dn.add_argument("--base", action="store_true", help="the tiny base alone (no expert)")
     dn.add_argument("--data", default=DEFAULT_DATA, help="ShapeWorld folder (default: %(default)s)")
-    dn.add_argument("--tasks", nargs="+", default=["grounding"], choices=[t for t in CURRICULUM_TASKS],
+    dn.add_argument("--tasks", nargs="+", default=["grounding"], choices=list(CURRICULUM_TASKS),
                     help="tasks with a source image (default: %(default)s)")
     dn.add_argument("--probes", type=int, default=64, help="validation examples per task (default: %(default)s)")
     dn.add_argument("--timesteps", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9, 0.98],

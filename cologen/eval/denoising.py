@@ -14,7 +14,7 @@ Used by `cologen eval denoising` (README, "Why grounding lags").
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -62,33 +62,33 @@ def forced_token_gates(model: torch.nn.Module, changed: torch.Tensor, streams: S
 
 
 @torch.no_grad()
-def denoising_errors(module, batch: dict, timesteps: Sequence[float] = TIMESTEPS, seed: int = 0,
+def denoising_errors(module, batches: Iterable[dict], timesteps: Sequence[float] = TIMESTEPS, seed: int = 0,
                      gates: Sequence[str] = ()) -> list[dict]:
     """Per noise level t of `timesteps`: the per-sample mean squared error of x0_hat on the changed tokens and on
-    the kept ones (`changed`, `kept`: lists over the samples that have such tokens), for `batch` (a collated batch
-    with sources), each sample's noise drawn from `seed` and shared by every t. `gates`: streams whose token gates
-    are forced to the truth (`forced_token_gates`)."""
+    the kept ones (`changed`, `kept`: lists over the samples of every batch of `batches` (collated, with sources)
+    that have such tokens), each batch's noise drawn from `seed` and shared by every t. `gates`: streams whose token
+    gates are forced to the truth (`forced_token_gates`)."""
     module.eval()
-    inputs = module.prepare(batch, False, torch.Generator(device=module.device).manual_seed(seed))
-    changed = inputs["changed"]
-    if changed is None:
-        raise ValueError("denoising errors need sources of the target's size (a task with a condition image)")
-    s = inputs["timestep"][:, None, None]
-    x0 = inputs["latents"] - s * inputs["velocity"]
-    noise = x0 + inputs["velocity"]
-    rows = []
-    forcing = forced_token_gates(module.model, changed, gates) if gates else contextlib.nullcontext()
-    with forcing:
-        for t in timesteps:
-            x_t = (1 - t) * x0 + t * noise
-            out = module(dict(inputs, latents=x_t, timestep=torch.full_like(inputs["timestep"], t))).sample.float()
-            err = (x_t - t * out - x0).pow(2).mean(-1)  # (B, N)
-            row = {"t": float(t)}
-            for name, where in (("changed", changed), ("kept", ~changed)):
-                count = where.sum(1)
-                per_sample = (err * where).sum(1) / count.clamp(min=1)
-                row[name] = [float(v) for v, c in zip(per_sample, count) if c > 0]
-            rows.append(row)
+    rows = [{"t": float(t), "changed": [], "kept": []} for t in timesteps]
+    for batch in batches:
+        inputs = module.prepare(batch, False, torch.Generator(device=module.device).manual_seed(seed))
+        changed = inputs["changed"]
+        if changed is None:
+            raise ValueError("denoising errors need sources of the target's size (a task with a condition image)")
+        s = inputs["timestep"][:, None, None]
+        x0 = inputs["latents"] - s * inputs["velocity"]
+        noise = x0 + inputs["velocity"]
+        forcing = forced_token_gates(module.model, changed, gates) if gates else contextlib.nullcontext()
+        with forcing:
+            for row in rows:
+                t = row["t"]
+                x_t = (1 - t) * x0 + t * noise
+                out = module(dict(inputs, latents=x_t, timestep=torch.full_like(inputs["timestep"], t))).sample
+                err = (x_t - t * out.float() - x0).pow(2).mean(-1)  # (B, N)
+                for name, where in (("changed", changed), ("kept", ~changed)):
+                    count = where.sum(1)
+                    per_sample = (err * where).sum(1) / count.clamp(min=1)
+                    row[name] += [float(v) for v, c in zip(per_sample, count) if c > 0]
     return rows
 
 
