@@ -52,6 +52,7 @@ class PRWContext:
     timestep_bin: torch.Tensor | None = None
     prompt: torch.Tensor | None = None  # pooled prompt embeddings (B, P), for routers with prompt input
     forced: torch.Tensor | None = None  # (B,) expert per sample: oracle routing (evaluation)
+    adapt: bool = True  # False: the block's experts stay out of this call (the base's source pass beside the adapted)
     text_len: int = 0  # main pass: text tokens in front of the noisy tokens of single-stream blocks
     use_gates: bool = False  # main pass: the noisy tokens take the source pass's token gates (`prw.noisy_gate`)
     # main pass: every block's source state by block name, and, once bound to a block, that block's
@@ -181,7 +182,7 @@ class PRWAttnProcessor:
         """The routed expert of this block for this pass: source targets in the source pass (routing decided
         here), noisy targets in the main pass (the source pass's decision); None when nothing adapts."""
         bank = getattr(attn, "prw_experts", None)
-        if bank is None or prw is None:
+        if bank is None or prw is None or not prw.adapt:
             return None
         if prw.mode == "source":
             routing = route(attn.prw_router, hidden_states, prw)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ import torch.nn as nn
 from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
 from .checkpointing import checkpoint_function
 from .config import PRWConfig
-from .experts import ExpertBank
+from .experts import ExpertBank, hard_gate_open
 from .router import NoisyTop1Router, Routing
 from .text_encoders import TextEmbeddings
 
@@ -35,6 +35,8 @@ class SourceState:
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
     routing: dict[str, Routing]
     gates: dict[str, torch.Tensor] = field(default_factory=dict)  # token-gate logits (B, N) per block with gates
+    # the base's keys/values per block (no expert anywhere), kept for `prw.isolate_closed_tokens: output`
+    base_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 Tokens = torch.Tensor | Sequence[torch.Tensor]  # one condition, or one tensor per condition
@@ -280,9 +282,9 @@ class CoLoGenTransformer(nn.Module):
         cos, sin = self.transformer.pos_embed(ids.reshape(b * n, 3))
         return cos.reshape(b, n, -1), sin.reshape(b, n, -1)
 
-    def _source_block(self, block, name, hidden, temb, cos, sin, timestep_bin, prompt, forced):
+    def _source_block(self, block, name, hidden, temb, cos, sin, timestep_bin, prompt, forced, adapt=True):
         ctx = PRWContext(mode="source", num_active=self.num_active, entry_offset=self.entry_offset,
-                         timestep_bin=timestep_bin, prompt=prompt, forced=forced)
+                         timestep_bin=timestep_bin, prompt=prompt, forced=forced, adapt=adapt)
         empty_text = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[2])
         _, hidden = block(hidden_states=hidden, encoder_hidden_states=empty_text, temb=temb,
                           image_rotary_emb=(cos, sin), joint_attention_kwargs={"prw": ctx})
@@ -310,6 +312,8 @@ class CoLoGenTransformer(nn.Module):
         forced = experts.to(hidden.device).long() if experts is not None else None
         if forced is not None and int(forced.max()) >= max(self.num_active, 1):
             raise ValueError(f"forced expert {int(forced.max())} is not active ({self.num_active} active)")
+        isolate = self.prw.isolate_closed_tokens
+        base = hidden if isolate != "none" else None  # the base's source stream, in lockstep
         for name, block in self._named_blocks():
             args = (block, name, hidden, temb, cos, sin, tbin, prompt, forced)
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -317,6 +321,17 @@ class CoLoGenTransformer(nn.Module):
             else:
                 out = self._source_block(*args)
             hidden, key, value, routing, gate = out
+            if base is not None:
+                with torch.no_grad():
+                    base, base_key, base_value, _, _ = self._source_block(block, name, base, temb, cos, sin, tbin,
+                                                                          prompt, forced, adapt=False)
+                if isolate == "output":
+                    state.base_kv[name] = (base_key, base_value)
+                if gate is not None:  # closed tokens continue as the base's, open ones as adapted
+                    open_ = hard_gate_open(gate)[..., None]  # (B, N, 1)
+                    hidden = torch.where(open_, hidden, base)
+                    key = torch.where(open_[..., None], key, base_key.to(key.dtype))
+                    value = torch.where(open_[..., None], value, base_value.to(value.dtype))
             state.kv[name] = (key, value)
             if routing is not None:
                 state.routing[name] = Routing(*routing)
@@ -343,14 +358,38 @@ class CoLoGenTransformer(nn.Module):
         routing = {condition_key(name, i): r for i, state in enumerate(states) for name, r in state.routing.items()}
         sources = {}
         for name in states[0].kv if states else ():
-            keys, values = zip(*(state.kv[name] for state in states))
-            kv = (keys[0], values[0]) if len(states) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
-            sources[name] = BlockSource(kv, states[0].routing.get(name), states[0].gates.get(name))
+            sources[name] = BlockSource(self._kv_of(states, name), states[0].routing.get(name),
+                                        states[0].gates.get(name))
         ctx = PRWContext(mode="main", sources=sources, num_active=self.num_active, use_gates=self.prw.noisy_gate,
                          text_len=text.tokens.shape[1])
+        sample = self._main_pass(latents, timestep, text, img_ids, txt_ids, guidance, ctx)
+        gates = states[0].gates if states else {}
+        closed = self._closed_tokens(gates, latents) if self.prw.isolate_closed_tokens == "output" else None
+        if closed is not None:  # the tokens no gate opens: the base's velocity, with the base's source
+            base_sources = {name: BlockSource(self._kv_of(states, name, base=True)) for name in sources}
+            with torch.no_grad():
+                base = self._main_pass(latents, timestep, text, img_ids, txt_ids, guidance,
+                                       replace(ctx, sources=base_sources, adapt=False))
+            sample = torch.where(closed, base.to(sample.dtype), sample)
+        return CoLoGenOutput(sample=sample, routing=routing, token_gates=gates)
+
+    def _main_pass(self, latents, timestep, text: TextEmbeddings, img_ids, txt_ids, guidance, ctx: PRWContext):
         dtype = self.transformer.x_embedder.weight.dtype
-        sample = self.transformer(
+        return self.transformer(
             hidden_states=latents.to(dtype), encoder_hidden_states=text.tokens.to(dtype),
             pooled_projections=text.pooled.to(dtype), timestep=timestep.to(dtype), img_ids=img_ids, txt_ids=txt_ids,
             guidance=guidance, joint_attention_kwargs={"prw": ctx}, return_dict=False)[0]
-        return CoLoGenOutput(sample=sample, routing=routing, token_gates=states[0].gates if states else {})
+
+    @staticmethod
+    def _kv_of(states: list[SourceState], name: str, base: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `name`'s source keys/values, every condition's concatenated (the base's with `base`)."""
+        keys, values = zip(*((state.base_kv if base else state.kv)[name] for state in states))
+        return (keys[0], values[0]) if len(states) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
+
+    @staticmethod
+    def _closed_tokens(gates: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor | None:
+        """(B, N, 1): the noisy tokens no block's hard gate opens; None where the gates are not on the target's
+        token grid (a condition of another size) or there are none."""
+        if not gates or any(g.shape != latents.shape[:2] for g in gates.values()):
+            return None
+        return ~torch.stack([hard_gate_open(g) for g in gates.values()]).any(0)[..., None]

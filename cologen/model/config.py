@@ -63,6 +63,12 @@ class PRWConfig:
     noisy_gate: (ours) scale the noisy-stream deltas of each token by the first condition's gate at the same token
         (needs `token_gate` and `noisy_targets`; applies where the condition has the target's token grid, ungated
         elsewhere), so an expert that leaves a copied source token alone leaves its output token alone too.
+    isolate_closed_tokens: (ours) keep what a hard gate closes as the base's. 'source': the source tokens a gate
+        closes keep the base's hidden states and keys/values in every block (a base source pass runs beside the
+        adapted one, without gradients; once per request in sampling, with the condition cache), so the open tokens'
+        deltas cannot reach them through the source stream's self-attention. 'output': that, and the noisy tokens no
+        block's gate opens take the base's velocity (a base forward beside the adapted one, without gradients, every
+        step), so an expert changes exactly the tokens its gates open. Needs `hard_gate`.
     """
 
     num_experts: int = 5
@@ -75,6 +81,7 @@ class PRWConfig:
     token_gate: bool = False
     hard_gate: bool = False
     noisy_gate: bool = False
+    isolate_closed_tokens: Literal["none", "source", "output"] = "none"
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self):
@@ -93,6 +100,9 @@ class PRWConfig:
             raise ValueError("prw.targets is empty: an expert needs at least one source projection")
         if self.hard_gate and not self.token_gate:
             raise ValueError("prw.hard_gate is a kind of token gate: it needs prw.token_gate: true")
+        if self.isolate_closed_tokens != "none" and not self.hard_gate:
+            raise ValueError("prw.isolate_closed_tokens keeps the tokens a hard gate closes as the base's: it needs "
+                             "prw.hard_gate: true")
         if self.noisy_gate and not (self.token_gate and self.noisy_targets):
             raise ValueError("prw.noisy_gate reuses the token gates on the noisy stream: it needs prw.token_gate: true "
                              "and prw.noisy_targets")

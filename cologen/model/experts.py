@@ -69,6 +69,11 @@ class Expert(nn.Module):
             nn.init.zeros_(self.token_gate.bias)
 
 
+def hard_gate_open(logits: torch.Tensor) -> torch.Tensor:
+    """Which tokens a hard gate opens (bool, no gradient): those whose logit is >= 0."""
+    return logits.detach() >= 0
+
+
 class ExpertBank(nn.Module):
     """`num_experts` experts of one PRW block; computes the routed expert's deltas for a set of projections."""
 
@@ -111,7 +116,7 @@ class ExpertBank(nn.Module):
         """(B, N, 1) scale of each token's deltas: `2 * sigmoid(logits)` (1 at init), or with hard gates
         `1[logits >= 0]` (no gradient: hard gates learn from their supervision alone)."""
         if self.hard_gate:
-            return (logits.detach() >= 0).to(logits.dtype).unsqueeze(-1)
+            return hard_gate_open(logits).to(logits.dtype).unsqueeze(-1)
         return 2 * torch.sigmoid(logits).unsqueeze(-1)
 
     def forward(self, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, num_active: int,

@@ -1,0 +1,125 @@
+"""`prw.isolate_closed_tokens`. 'source': the source tokens a hard gate closes keep the base's hidden states and
+keys/values in every block, so the open tokens' deltas cannot reach them through the source stream's self-attention
+(without it they do, from the second block on: the leak the option closes). 'output': the noisy tokens no gate opens
+also take the base's velocity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cologen.eval.denoising import forced_token_gates
+from tests.test_eval_denoising import PRW, batch, expert_ups, outputs
+
+
+def module_with(isolate: str, open_gates: bool = False):
+    from cologen.model.config import PRWConfig
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.training.config import VeteranConfig
+
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=2),
+                           prw=PRWConfig(**PRW, isolate_closed_tokens=isolate), veteran=VeteranConfig(gate_weight=0.1))
+    with torch.no_grad():
+        for p in expert_ups(module):
+            p.normal_(0, 0.2)  # experts that act
+        if not open_gates:  # gates that close some tokens and open others in every block
+            for name, p in module.model.named_parameters():
+                if "token_gate" in name:
+                    p.normal_(0, 1.0) if name.endswith("weight") else p.zero_()
+    return module.eval()
+
+
+def source_state(module, zero_deltas: bool = False):
+    inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))
+    args = (inputs["source_tokens"], inputs["source_ids"], inputs["text"].pooled, inputs["timestep"])
+    with torch.no_grad():
+        if not zero_deltas:
+            return module.model.encode_source(*args)
+        shut = torch.zeros(inputs["source_tokens"].shape[:2])
+        with forced_token_gates(module.model, shut, ["source"]):  # the base's source stream
+            return module.model.encode_source(*args)
+
+
+def closed_and_open(state, name):
+    closed = state.gates[name] < 0  # (B, N): a hard gate is open where its logit is >= 0
+    assert closed.any() and (~closed).any(), "the test needs both kinds of tokens"
+    return closed, ~closed
+
+
+def test_closed_source_tokens_keep_the_base_keys_and_values_in_every_block():
+    module = module_with(isolate="source")
+    base, isolated = source_state(module, zero_deltas=True), source_state(module)
+    for name, (key, value) in isolated.kv.items():
+        closed, open_ = closed_and_open(isolated, name)
+        torch.testing.assert_close(key[closed], base.kv[name][0][closed], rtol=0, atol=1e-6)
+        torch.testing.assert_close(value[closed], base.kv[name][1][closed], rtol=0, atol=1e-6)
+        assert (key[open_] - base.kv[name][0][open_]).abs().max() > 1e-3  # the expert acts on the open ones
+
+
+def test_without_isolation_the_open_tokens_deltas_reach_the_closed_ones_from_the_second_block_on():
+    module = module_with(isolate="none")
+    base, leaky = source_state(module, zero_deltas=True), source_state(module)
+    names = list(leaky.kv)
+    first, later = names[0], names[1:]
+    closed, _ = closed_and_open(leaky, first)
+    # before any attention a closed token's projections are the base's ...
+    torch.testing.assert_close(leaky.kv[first][0][closed], base.kv[first][0][closed], rtol=0, atol=1e-6)
+    # ... after one, what the open tokens' deltas changed reaches it
+    for name in later:
+        closed, _ = closed_and_open(leaky, name)
+        assert (leaky.kv[name][0][closed] - base.kv[name][0][closed]).abs().max() > 1e-3
+
+
+def test_with_every_gate_open_isolation_changes_nothing():
+    off = module_with("none", open_gates=True)
+    inputs = off.prepare(batch(), False, torch.Generator().manual_seed(0))
+    for mode in ("source", "output"):
+        on = module_with(mode, open_gates=True)
+        for name, (key, value) in source_state(on).kv.items():
+            torch.testing.assert_close(key, source_state(off).kv[name][0], rtol=0, atol=0)
+            torch.testing.assert_close(value, source_state(off).kv[name][1], rtol=0, atol=0)
+        torch.testing.assert_close(outputs(on, inputs), outputs(off, inputs), rtol=0, atol=0)
+
+
+def learning(isolate: str) -> set[str]:
+    """The active expert's parameters a training step gives a nonzero gradient."""
+    module = module_with(isolate).train()
+    module.compute_losses(batch(), True, torch.Generator().manual_seed(0))["loss"].backward()
+    return {n for n, p in module.model.named_parameters()
+            if "experts.0." in n and p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_the_experts_learn_with_isolation_as_without():
+    # (the last block's source query and output deltas learn in neither: only its keys and values are read)
+    without = learning("none")
+    assert any("lora" in n for n in without)
+    assert learning("source") == without and learning("output") == without
+
+
+def test_noisy_tokens_no_gate_opens_take_the_base_velocity():
+    module = module_with("output")
+    inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))
+    inputs = dict(inputs, timestep=torch.full_like(inputs["timestep"], 0.7))
+    with torch.no_grad():
+        out = module(inputs)
+        with forced_token_gates(module.model, torch.zeros(inputs["latents"].shape[:2]), ["source", "noisy"]):
+            base = module(inputs).sample  # every delta shut: the base
+    opened = torch.stack([g >= 0 for g in out.token_gates.values()]).any(0)
+    assert opened.any() and (~opened).any()
+    torch.testing.assert_close(out.sample[~opened], base[~opened], rtol=0, atol=1e-6)
+    assert (out.sample[opened] - base[opened]).abs().max() > 1e-3
+    # with the source isolated only, the closed tokens' velocity is not the base's (the noisy stream's attention)
+    module.model.prw.isolate_closed_tokens = "source"
+    with torch.no_grad():
+        assert (module(inputs).sample[~opened] - base[~opened]).abs().max() > 1e-4
+
+
+def test_isolation_needs_hard_gates():
+    from cologen.model.config import PRWConfig
+
+    with pytest.raises(ValueError, match="isolate_closed_tokens .* needs prw.hard_gate"):
+        PRWConfig(token_gate=True, isolate_closed_tokens="source")
+    with pytest.raises(ValueError, match="isolate_closed_tokens must be one of"):
+        PRWConfig(token_gate=True, hard_gate=True, isolate_closed_tokens="yes")
