@@ -259,3 +259,14 @@ def test_the_variants_recorded_on_the_earlier_curriculum_still_train_it():
     for name in ("learned_routing_copied_experts", "constant_lr", "keep_dropped_sources", "paper_routing",
                  "task_balance", "skip_dropped_sources", "cosine_steps", "change_weight4"):
         assert settings[name] == (False, "copy"), name
+
+
+def test_the_variants_recorded_before_isolation_still_train_without_it():
+    """The curriculum keeps what a gate closes as the base's since 2026-12-03 (`prw.isolate_closed_tokens: output`);
+    every variant recorded before layers it back off, so its records stay what it trains (and the variants that
+    turn hard gates off stay valid configs)."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    isolation = {v.name: _model_section(spec.configs + v.configs, "prw").get("isolate_closed_tokens", "none")
+                 for v in spec.variants}
+    assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
+    assert set(isolation.values()) == {"none"}, isolation

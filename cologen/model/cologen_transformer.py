@@ -313,7 +313,7 @@ class CoLoGenTransformer(nn.Module):
         if forced is not None and int(forced.max()) >= max(self.num_active, 1):
             raise ValueError(f"forced expert {int(forced.max())} is not active ({self.num_active} active)")
         isolate = self.prw.isolate_closed_tokens
-        base = hidden if isolate != "none" else None  # the base's source stream, in lockstep
+        base = hidden if isolate != "none" and self.prw_block_names else None  # the base's source stream, in lockstep
         for name, block in self._named_blocks():
             args = (block, name, hidden, temb, cos, sin, tbin, prompt, forced)
             if self.gradient_checkpointing and torch.is_grad_enabled():
