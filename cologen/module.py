@@ -339,7 +339,7 @@ class CoLoGenModule(L.LightningModule):
             changed = inputs["changed"]
             if self.veteran.gate_tasks is not None:  # the other tasks' gates stay open
                 changed = changed | ~samples_of(inputs["tasks"], self.veteran.gate_tasks, changed.device)[:, None]
-            gate_loss, accuracy = token_gate_loss(out.token_gates, changed)
+            gate_loss, accuracy = token_gate_loss(out.token_gates, changed, self.veteran.gate_pos_weight)
             losses.update(loss_gate=self.veteran.gate_weight * gate_loss, gate_accuracy=accuracy)
             losses["loss"] = losses["loss"] + losses["loss_gate"]
         return losses

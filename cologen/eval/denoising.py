@@ -40,15 +40,17 @@ def forced_token_gates(model: torch.nn.Module, changed: torch.Tensor, streams: S
 
     def forced(bank: ExpertBank, own):
         def forward(hidden, index, weight, num_active, names=("to_k", "to_v"), gate_from=None,
-                    return_gate_logits=False, gate_logits=None):
+                    return_gate_logits=False, gate_logits=None, gate_context=None):
             stream = "noisy" if names[0].startswith(_NOISY_PREFIX) else "source"
             if stream not in streams or hidden.shape[:2] != changed.shape:
-                return own(hidden, index, weight, num_active, names, gate_from, return_gate_logits, gate_logits)
+                return own(hidden, index, weight, num_active, names, gate_from, return_gate_logits, gate_logits,
+                           gate_context)
             deltas = bank._deltas(hidden, index, weight, num_active, names, gate.to(hidden.device, hidden.dtype))
             if not return_gate_logits:
                 return deltas
             # the source pass also hands its own gate logits on (the noisy stream follows them when not forced)
-            logits = bank.gate_logits(gate_from, index) if gate_from is not None and bank.has_token_gate else None
+            logits = (bank.gate_logits(gate_from, index, gate_context) if gate_from is not None and bank.has_token_gate
+                      else None)
             return deltas, logits
         return forward
 

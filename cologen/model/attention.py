@@ -19,7 +19,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .experts import noisy_name
+from .experts import GateContext, noisy_name
 from .router import Routing
 
 # SDPA on CUDA without cuDNN's fused attention: on Hopper torch tries cuDNN first, and its backward fails on the
@@ -53,6 +53,7 @@ class PRWContext:
     prompt: torch.Tensor | None = None  # pooled prompt embeddings (B, P), for routers with prompt input
     forced: torch.Tensor | None = None  # (B,) expert per sample: oracle routing (evaluation)
     adapt: bool = True  # False: the block's experts stay out of this call (the base's source pass beside the adapted)
+    gate_context: GateContext | None = None  # source pass: the prompt and places prompt-aware token gates read
     text_len: int = 0  # main pass: text tokens in front of the noisy tokens of single-stream blocks
     use_gates: bool = False  # main pass: the noisy tokens take the source pass's token gates (`prw.noisy_gate`)
     # main pass: every block's source state by block name, and, once bound to a block, that block's
@@ -220,7 +221,8 @@ class _RoutedAdapter:
         if self.gate_logits is not None or self.gate_from is None:
             return self.bank(hidden, r.index, r.weight, self.num_active, names, gate_logits=self.gate_logits)
         deltas, self.gate_logits = self.bank(hidden, r.index, r.weight, self.num_active, names, self.gate_from,
-                                             return_gate_logits=True)
+                                             return_gate_logits=True,
+                                             gate_context=self.ctx.gate_context if self.ctx is not None else None)
         if self.ctx is not None:
             self.ctx.gate_out = self.gate_logits
         return deltas

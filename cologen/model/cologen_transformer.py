@@ -22,7 +22,7 @@ import torch.nn as nn
 from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
 from .checkpointing import checkpoint_function
 from .config import PRWConfig
-from .experts import ExpertBank, hard_gate_open
+from .experts import ExpertBank, GateContext, hard_gate_open, place_features
 from .router import NoisyTop1Router, Routing
 from .text_encoders import TextEmbeddings
 
@@ -124,11 +124,13 @@ class CoLoGenTransformer(nn.Module):
             if self.prw.num_experts and kind.split(".")[0] in selected:
                 # Registered on the diffusers attention module, as peft injects adapters: the keys read
                 # `transformer_blocks.3.attn.prw_experts.experts.1.to_k.lora_A.weight`.
+                pooled_dim = transformer.config.pooled_projection_dim
                 block.attn.prw_experts = ExpertBank(dim, self.prw.num_experts, self.prw.rank, self.prw.alpha,
                                                     self.prw.targets, self.prw.noisy_targets, self.prw.token_gate,
-                                                    self.prw.hard_gate)
+                                                    self.prw.hard_gate, pooled_dim if self.prw.gate_prompt else 0,
+                                                    self.prw.gate_prompt_rank)
                 r = self.prw.router
-                prompt_dim = transformer.config.pooled_projection_dim if r.prompt_input else 0
+                prompt_dim = pooled_dim if r.prompt_input else 0
                 block.attn.prw_router = (
                     NoisyTop1Router(dim, self.prw.num_experts, r.temperature, r.noisy, r.timestep_bins,
                                     r.granularity, prompt_dim, r.normalize_input, r.weighting)
@@ -282,9 +284,11 @@ class CoLoGenTransformer(nn.Module):
         cos, sin = self.transformer.pos_embed(ids.reshape(b * n, 3))
         return cos.reshape(b, n, -1), sin.reshape(b, n, -1)
 
-    def _source_block(self, block, name, hidden, temb, cos, sin, timestep_bin, prompt, forced, adapt=True):
+    def _source_block(self, block, name, hidden, temb, cos, sin, timestep_bin, prompt, forced, gate_context=None,
+                      adapt=True):
         ctx = PRWContext(mode="source", num_active=self.num_active, entry_offset=self.entry_offset,
-                         timestep_bin=timestep_bin, prompt=prompt, forced=forced, adapt=adapt)
+                         timestep_bin=timestep_bin, prompt=prompt, forced=forced, adapt=adapt,
+                         gate_context=gate_context)
         empty_text = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[2])
         _, hidden = block(hidden_states=hidden, encoder_hidden_states=empty_text, temb=temb,
                           image_rotary_emb=(cos, sin), joint_attention_kwargs={"prw": ctx})
@@ -309,13 +313,14 @@ class CoLoGenTransformer(nn.Module):
         tbin = self.timestep_bin(timestep)
         state = SourceState({}, {})
         prompt = pooled.float() if self.prw.router.prompt_input else None
+        gate_context = GateContext(pooled.float(), place_features(source_ids)) if self.prw.gate_prompt else None
         forced = experts.to(hidden.device).long() if experts is not None else None
         if forced is not None and int(forced.max()) >= max(self.num_active, 1):
             raise ValueError(f"forced expert {int(forced.max())} is not active ({self.num_active} active)")
         isolate = self.prw.isolate_closed_tokens
         base = hidden if isolate != "none" and self.prw_block_names else None  # the base's source stream, in lockstep
         for name, block in self._named_blocks():
-            args = (block, name, hidden, temb, cos, sin, tbin, prompt, forced)
+            args = (block, name, hidden, temb, cos, sin, tbin, prompt, forced, gate_context)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 out = self._checkpoint_fn(self._source_block, *args)
             else:

@@ -69,6 +69,9 @@ class PRWConfig:
         deltas cannot reach them through the source stream's self-attention. 'output': that, and the noisy tokens no
         block's gate opens take the base's velocity (a base forward beside the adapted one, without gradients, every
         step), so an expert changes exactly the tokens its gates open. Needs `hard_gate`.
+    gate_prompt: (ours) each token gate also reads the pooled prompt and the token's place in its image (a
+        bilinear term per expert of rank `gate_prompt_rank`, zero at init): an edit's object and its new place are
+        named by the instruction, which the source tokens cannot see. Needs `token_gate`.
     """
 
     num_experts: int = 5
@@ -82,6 +85,8 @@ class PRWConfig:
     hard_gate: bool = False
     noisy_gate: bool = False
     isolate_closed_tokens: Literal["none", "source", "output"] = "none"
+    gate_prompt: bool = False
+    gate_prompt_rank: int = 16
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self):
@@ -100,6 +105,10 @@ class PRWConfig:
             raise ValueError("prw.targets is empty: an expert needs at least one source projection")
         if self.hard_gate and not self.token_gate:
             raise ValueError("prw.hard_gate is a kind of token gate: it needs prw.token_gate: true")
+        if self.gate_prompt and not self.token_gate:
+            raise ValueError("prw.gate_prompt adds the prompt to the token gates: it needs prw.token_gate: true")
+        if self.gate_prompt and self.gate_prompt_rank <= 0:
+            raise ValueError(f"prw.gate_prompt_rank must be > 0, got {self.gate_prompt_rank}")
         if self.isolate_closed_tokens != "none" and not self.hard_gate:
             raise ValueError("prw.isolate_closed_tokens keeps the tokens a hard gate closes as the base's: it needs "
                              "prw.hard_gate: true")

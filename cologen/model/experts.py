@@ -10,7 +10,9 @@ options add capacity where K/V cannot reach (both ours, off in the paper's setti
 - `token_gate` scales an expert's source deltas per token by `2 * sigmoid(w . h + b)` (1 at init), so an expert
   can leave tokens alone (the unmasked area of an inpainting source); `hard_gate` makes it 0 or 1 (the sign of
   `w . h + b`), learned from the supervision of which tokens change (`veteran.gate_weight`); `noisy_gate` applies
-  the first condition's gates to the noisy tokens at the same places.
+  the first condition's gates to the noisy tokens at the same places; `gate_prompt` lets the gate read what the
+  instruction names and where (`PromptGate`), which the source tokens alone cannot tell (an edit's object, its new
+  place).
 
 All experts are allocated up front (one per curriculum step) so checkpoint and optimizer shapes never change; the
 router masks the inactive ones. Parameter names follow peft (`lora_A.weight`, `lora_B.weight`) so each expert is a
@@ -21,9 +23,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 SOURCE_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
 NOISY_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
@@ -53,11 +57,52 @@ def noisy_name(target: str) -> str:
     return f"noisy_{target}"
 
 
+PLACE_FREQUENCIES = 3
+
+
+def place_features(ids: torch.Tensor) -> torch.Tensor:
+    """Where each token sits in its own image, (..., N, 2 + 4K) from position ids (..., N, 3) (axis 1 rows, axis 2
+    columns): row and column scaled to [0, 1] over the condition's grid, and their sines and cosines at K
+    frequencies, so a linear read-out can mark a region ("at the top right") at any resolution."""
+    yx = ids[..., 1:].float()
+    lo, hi = yx.amin(-2, keepdim=True), yx.amax(-2, keepdim=True)
+    u = (yx - lo) / (hi - lo).clamp_min(1.0)  # (..., N, 2)
+    k = torch.arange(1, PLACE_FREQUENCIES + 1, device=ids.device, dtype=u.dtype)
+    angles = torch.pi * u[..., None] * k  # (..., N, 2, K)
+    return torch.cat([u, angles.sin().flatten(-2), angles.cos().flatten(-2)], -1)
+
+
+PLACE_DIM = 2 + 4 * PLACE_FREQUENCIES
+
+
+class PromptGate(nn.Module):
+    """The prompt's terms of a token gate's logit (ours, `prw.gate_prompt`): with `p` the layer-normed pooled
+    prompt, `(LN(h) U) . (p V)` (does this token hold what the prompt names?), `(place(h) P) . (p Q)` (is it
+    where the prompt puts something?) and `p . c`. V, Q and c start at zero, so the gate starts as it was."""
+
+    def __init__(self, dim: int, prompt_dim: int, rank: int):
+        super().__init__()
+        self.token_down = nn.Linear(dim, rank, bias=False)
+        self.place_down = nn.Linear(PLACE_DIM, rank, bias=False)
+        self.token_prompt = nn.Linear(prompt_dim, rank, bias=False)
+        self.place_prompt = nn.Linear(prompt_dim, rank, bias=False)
+        self.prompt_bias = nn.Linear(prompt_dim, 1, bias=False)
+        for down in (self.token_down, self.place_down):
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        self.zero_prompt_side()
+
+    @torch.no_grad()
+    def zero_prompt_side(self) -> None:
+        for m in (self.token_prompt, self.place_prompt, self.prompt_bias):
+            m.weight.zero_()
+
+
 class Expert(nn.Module):
     """One expert of one block: LoRA pairs named after the projections they adapt."""
 
     def __init__(self, dim: int, rank: int, targets: Sequence[str] = ("to_k", "to_v"),
-                 noisy_targets: Sequence[str] = (), token_gate: bool = False):
+                 noisy_targets: Sequence[str] = (), token_gate: bool = False, prompt_dim: int = 0,
+                 gate_rank: int = 16):
         super().__init__()
         for t in targets:
             self.add_module(t, LoRA(dim, dim, rank))
@@ -67,6 +112,16 @@ class Expert(nn.Module):
         if self.token_gate is not None:
             nn.init.zeros_(self.token_gate.weight)
             nn.init.zeros_(self.token_gate.bias)
+        self.prompt_gate = PromptGate(dim, prompt_dim, gate_rank) if token_gate and prompt_dim else None
+
+
+@dataclass
+class GateContext:
+    """What a prompt-aware gate reads beside the tokens: the pooled prompt (B, P) and each token's place features
+    (N, F) or (B, N, F) (`place_features`)."""
+
+    prompt: torch.Tensor
+    place: torch.Tensor
 
 
 def hard_gate_open(logits: torch.Tensor) -> torch.Tensor:
@@ -78,14 +133,15 @@ class ExpertBank(nn.Module):
     """`num_experts` experts of one PRW block; computes the routed expert's deltas for a set of projections."""
 
     def __init__(self, dim: int, num_experts: int, rank: int, alpha: float, targets: Sequence[str] = ("to_k", "to_v"),
-                 noisy_targets: Sequence[str] = (), token_gate: bool = False, hard_gate: bool = False):
+                 noisy_targets: Sequence[str] = (), token_gate: bool = False, hard_gate: bool = False,
+                 prompt_dim: int = 0, gate_rank: int = 16):
         super().__init__()
         self.rank = rank
         self.hard_gate = hard_gate
         self.scale = alpha / rank
         self.targets = tuple(targets)
         self.noisy_targets = tuple(noisy_targets)
-        self.experts = nn.ModuleList(Expert(dim, rank, targets, noisy_targets, token_gate)
+        self.experts = nn.ModuleList(Expert(dim, rank, targets, noisy_targets, token_gate, prompt_dim, gate_rank)
                                      for _ in range(num_experts))
 
     @property
@@ -103,14 +159,42 @@ class ExpertBank(nn.Module):
         ups = [torch.stack([getattr(e, n).lora_B.weight for e in self.experts]) for n in names]
         return down, ups  # (E, len(names) * r, D), [(E, D, r)] * len(names)
 
-    def gate_logits(self, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Per-token gate logits (B, N) of the routed expert for `hidden` (B, N, D) (sample routing); `gate` turns
-        them into the scale of each token's deltas."""
+    @property
+    def has_prompt_gate(self) -> bool:
+        return self.experts[0].prompt_gate is not None
+
+    def gate_logits(self, hidden: torch.Tensor, index: torch.Tensor, context: GateContext | None = None
+                    ) -> torch.Tensor:
+        """Per-token gate logits (B, N) of the routed expert for `hidden` (B, N, D) (sample routing), with the
+        prompt's terms where the experts have them and `context` is given; `gate` turns them into the scale of
+        each token's deltas."""
         if index.dim() != 1:
             raise ValueError("token gates need sample routing (prw.router.granularity: sample)")
         w = torch.stack([e.token_gate.weight[0] for e in self.experts]).to(hidden.dtype)  # (E, D)
         b = torch.stack([e.token_gate.bias[0] for e in self.experts]).to(hidden.dtype)  # (E,)
-        return torch.bmm(hidden, select(w, index).unsqueeze(-1)).squeeze(-1) + select(b, index)[:, None]
+        logits = torch.bmm(hidden, select(w, index).unsqueeze(-1)).squeeze(-1) + select(b, index)[:, None]
+        if context is None or not self.has_prompt_gate:
+            return logits
+        return logits + self._prompt_logits(hidden, index, context).to(logits.dtype)
+
+    def _prompt_logits(self, hidden: torch.Tensor, index: torch.Tensor, context: GateContext) -> torch.Tensor:
+        """The routed expert's `PromptGate` terms (B, N), in fp32 (the prompt's side is small)."""
+        gates = [e.prompt_gate for e in self.experts]
+
+        def routed(name: str) -> torch.Tensor:
+            return select(torch.stack([getattr(g, name).weight.float() for g in gates]), index)  # (B, out, in)
+
+        prompt = F.layer_norm(context.prompt.float(), context.prompt.shape[-1:])  # (B, P)
+        tokens = F.layer_norm(hidden.float(), hidden.shape[-1:])  # (B, N, D)
+        place = context.place.float().to(hidden.device)
+        if place.dim() == 2:
+            place = place.expand(hidden.shape[0], *place.shape)
+        what = torch.bmm(tokens, routed("token_down").transpose(1, 2))  # (B, N, r)
+        where = torch.bmm(place, routed("place_down").transpose(1, 2))  # (B, N, r)
+        asks_what = torch.bmm(routed("token_prompt"), prompt[..., None])  # (B, r, 1)
+        asks_where = torch.bmm(routed("place_prompt"), prompt[..., None])
+        bias = torch.bmm(routed("prompt_bias"), prompt[..., None])[..., 0]  # (B, 1)
+        return (torch.bmm(what, asks_what) + torch.bmm(where, asks_where))[..., 0] + bias
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, N, 1) scale of each token's deltas: `2 * sigmoid(logits)` (1 at init), or with hard gates
@@ -121,7 +205,8 @@ class ExpertBank(nn.Module):
 
     def forward(self, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, num_active: int,
                 names: Sequence[str] = ("to_k", "to_v"), gate_from: torch.Tensor | None = None,
-                return_gate_logits: bool = False, gate_logits: torch.Tensor | None = None):
+                return_gate_logits: bool = False, gate_logits: torch.Tensor | None = None,
+                gate_context: GateContext | None = None):
         """Deltas of the projections `names` (module names of the expert) for `hidden` (B, N, D).
 
         Sample routing: `index`, `weight` are (B,). Token routing: (B, N); then every active expert runs on all
@@ -130,11 +215,12 @@ class ExpertBank(nn.Module):
         to the attention, also for the output projection's delta); None: ungated. Everything the bank computes
         happens in this forward, so FSDP gathers the bank's weights for it. `return_gate_logits`: also return the
         gate logits (B, N) (token-gate supervision, `veteran.gate_weight`). `gate_logits` (B, N): gate with these
-        logits instead (`prw.noisy_gate`: the noisy tokens take the source pass's gates).
+        logits instead (`prw.noisy_gate`: the noisy tokens take the source pass's gates). `gate_context`: the
+        prompt and places a prompt-aware gate reads (`prw.gate_prompt`).
         """
         logits = gate_logits
         if logits is None and gate_from is not None and self.has_token_gate:
-            logits = self.gate_logits(gate_from, index)
+            logits = self.gate_logits(gate_from, index, gate_context)
         deltas = self._deltas(hidden, index, weight, num_active, names, None if logits is None else self.gate(logits))
         return (deltas, logits) if return_gate_logits else deltas
 
@@ -176,5 +262,7 @@ class ExpertBank(nn.Module):
             if dst.token_gate is not None:
                 dst.token_gate.weight.zero_()
                 dst.token_gate.bias.zero_()
+            if dst.prompt_gate is not None:
+                dst.prompt_gate.zero_prompt_side()
         else:
             raise ValueError(f"unknown expert init {mode!r}; expected 'copy' or 'zero'")

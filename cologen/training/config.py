@@ -95,6 +95,7 @@ class VeteranConfig:
     skip_dropped_source_tasks: list[str] | None = None
     gate_weight: float = 0.0
     gate_tasks: list[str] | None = None
+    gate_pos_weight: float = 1.0
     teacher_forcing: bool = False
 
     def __post_init__(self):
@@ -105,6 +106,8 @@ class VeteranConfig:
                              "own expert, only the task routing loss teaches the routers")
         if self.gate_weight < 0:
             raise ValueError(f"veteran.gate_weight must be >= 0, got {self.gate_weight}")
+        if self.gate_pos_weight <= 0:
+            raise ValueError(f"veteran.gate_pos_weight must be > 0, got {self.gate_pos_weight}")
         check_tasks("veteran.gate_tasks", self.gate_tasks)
         check_tasks("veteran.skip_dropped_source_tasks", self.skip_dropped_source_tasks)
         if not 0.0 <= self.rho <= 1.0:
