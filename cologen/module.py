@@ -243,6 +243,16 @@ class CoLoGenModule(L.LightningModule):
                                            has_source),
                     source_seen=keep)  # (B,) which samples see their condition image (None: no sample has one)
 
+    def gate_token_weights(self, changed: torch.Tensor, tasks: list[str]) -> torch.Tensor | None:
+        """(B, N) weights of the gate supervision: `veteran.gate_pos_weight` on the changed tokens of the samples of
+        `veteran.gate_pos_weight_tasks`, 1 elsewhere; None when the weight is 1."""
+        if self.veteran.gate_pos_weight == 1.0:
+            return None
+        chosen = self.veteran.gate_pos_weight_tasks
+        if chosen is not None:
+            changed = changed & samples_of(tasks, chosen, changed.device)[:, None]
+        return 1.0 + (self.veteran.gate_pos_weight - 1.0) * changed.float()
+
     def change_weights(self, changed: torch.Tensor | None, tasks: list[str] | None = None) -> torch.Tensor | None:
         """(B, N) loss weights: `1 + flow.change_weight` on the `changed` tokens (`changed_tokens`), 1 elsewhere,
         for samples of `flow.change_weight_tasks` (all when None); None when the option is off or no sample has a
@@ -339,7 +349,8 @@ class CoLoGenModule(L.LightningModule):
             changed = inputs["changed"]
             if self.veteran.gate_tasks is not None:  # the other tasks' gates stay open
                 changed = changed | ~samples_of(inputs["tasks"], self.veteran.gate_tasks, changed.device)[:, None]
-            gate_loss, accuracy = token_gate_loss(out.token_gates, changed, self.veteran.gate_pos_weight)
+            gate_loss, accuracy = token_gate_loss(out.token_gates, changed, self.gate_token_weights(changed,
+                                                                                               inputs["tasks"]))
             losses.update(loss_gate=self.veteran.gate_weight * gate_loss, gate_accuracy=accuracy)
             losses["loss"] = losses["loss"] + losses["loss_gate"]
         return losses

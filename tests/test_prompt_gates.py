@@ -109,11 +109,22 @@ def test_the_prompt_reaches_each_samples_gate_in_the_model():
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_the_changed_tokens_weigh_pos_weight_in_the_gate_supervision():
+def test_the_changed_tokens_of_the_chosen_tasks_weigh_gate_pos_weight_in_the_gate_supervision():
+    from tests.test_eval_denoising import tiny_module
+    from cologen.training.config import VeteranConfig
+
+    module = tiny_module()
     logits, changed = torch.randn(2, 5), torch.rand(2, 5) > 0.5
-    loss, _ = token_gate_loss({"b": logits}, changed, pos_weight=3.0)
+    changed[:, 0] = True
+    tasks = ["editing", "inpainting"]
+    assert module.gate_token_weights(changed, tasks) is None  # weight 1: the plain cross-entropy
+    module.veteran = VeteranConfig(gate_weight=0.1, gate_pos_weight=3.0, gate_pos_weight_tasks=["editing"])
+    weights = module.gate_token_weights(changed, tasks)
+    torch.testing.assert_close(weights[0], 1 + 2 * changed[0].float())  # editing's changed tokens weigh 3
+    torch.testing.assert_close(weights[1], torch.ones(5))  # inpainting's all 1
+    loss, _ = token_gate_loss({"b": logits}, changed, weights)
     per_token = F.binary_cross_entropy_with_logits(logits, changed.float(), reduction="none")
-    torch.testing.assert_close(loss, (per_token * (1 + 2 * changed.float())).mean())
+    torch.testing.assert_close(loss, (per_token * weights).mean())
 
 
 def test_config_errors():

@@ -88,15 +88,15 @@ def task_balanced_weights(tasks: list[str]) -> torch.Tensor:
 
 
 def token_gate_loss(gates: dict[str, torch.Tensor], changed: torch.Tensor,
-                    pos_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-gate supervision (ours): mean over PRW blocks of the binary cross-entropy between each token's gate
     `sigmoid(logit)` and whether the target changes there (`changed` (B, N)), so an expert learns to leave alone
     what the output copies (outside an inpainting hole). `gates` are the first condition's (`CoLoGenOutput.
-    token_gates`): the others have no grid of their own in the target. `pos_weight` weighs the changed tokens
-    (`veteran.gate_pos_weight`). Returns (loss, accuracy of "open"
-    (`logit >= 0`) against `changed`)."""
+    token_gates`): the others have no grid of their own in the target. `weights` (B, N): each token's weight
+    (`veteran.gate_pos_weight`; None: 1). Returns (loss, accuracy of "open" (`logit >= 0`) against `changed`)."""
     target = changed.float()
     losses = [torch.nn.functional.binary_cross_entropy_with_logits(
-        g.float(), target.to(g.device), pos_weight=torch.tensor(pos_weight, device=g.device)) for g in gates.values()]
+        g.float(), target.to(g.device), weight=None if weights is None else weights.to(g.device))
+        for g in gates.values()]
     hits = [((g >= 0) == changed.to(g.device)).float().mean() for g in gates.values()]  # open: logit >= 0
     return torch.stack(losses).mean(), torch.stack(hits).mean().detach()

@@ -81,6 +81,10 @@ class VeteranConfig:
     gate_tasks: the tasks whose gates learn the changed tokens (None: every task); the other tasks' gates learn to
         stay open everywhere. Where the source does not show what changes (an edit or an overlay named only by the
         prompt), a gate that guesses costs the task (measured: see the README).
+    gate_pos_weight: the changed tokens' weight in the gate supervision; above 1 a gate opens where a change is
+        likely but not certain (an instruction names a place, not the tokens an object will cover there), so the
+        expert can draw it; a token its gate leaves closed stays the base's copy.
+    gate_pos_weight_tasks: the tasks whose changed tokens `gate_pos_weight` weighs (None: every task).
     teacher_forcing: (ours) in training every sample goes to its own expert (the one `task_weight` names) in
         every PRW block, so an expert trains on its own task's samples only (a replayed sample never reaches the
         new expert) and the routers learn from the routing losses alone; validation and sampling route as
@@ -96,6 +100,7 @@ class VeteranConfig:
     gate_weight: float = 0.0
     gate_tasks: list[str] | None = None
     gate_pos_weight: float = 1.0
+    gate_pos_weight_tasks: list[str] | None = None
     teacher_forcing: bool = False
 
     def __post_init__(self):
@@ -109,6 +114,7 @@ class VeteranConfig:
         if self.gate_pos_weight <= 0:
             raise ValueError(f"veteran.gate_pos_weight must be > 0, got {self.gate_pos_weight}")
         check_tasks("veteran.gate_tasks", self.gate_tasks)
+        check_tasks("veteran.gate_pos_weight_tasks", self.gate_pos_weight_tasks)
         check_tasks("veteran.skip_dropped_source_tasks", self.skip_dropped_source_tasks)
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"veteran.rho must be in [0, 1], got {self.rho}")
