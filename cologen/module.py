@@ -64,6 +64,15 @@ def samples_of(tasks: list[str], chosen: list[str], device) -> torch.Tensor:
     return torch.tensor([t in chosen for t in tasks], dtype=torch.bool, device=device)
 
 
+def changed_token_weights(changed: torch.Tensor, extra: float, tasks: list[str] | None,
+                          chosen: list[str] | None) -> torch.Tensor:
+    """(B, N): `1 + extra` on the `changed` tokens of the samples whose task is among `chosen` (every sample when
+    `chosen` or `tasks` is None), 1 elsewhere."""
+    if chosen is not None and tasks is not None:
+        changed = changed & samples_of(tasks, chosen, changed.device)[:, None]
+    return 1.0 + extra * changed.float()
+
+
 class CoLoGenModule(L.LightningModule):
     """The backbone (frozen), the PRW expert bank and routers, the flow-matching objective.
 
@@ -248,10 +257,8 @@ class CoLoGenModule(L.LightningModule):
         `veteran.gate_pos_weight_tasks`, 1 elsewhere; None when the weight is 1."""
         if self.veteran.gate_pos_weight == 1.0:
             return None
-        chosen = self.veteran.gate_pos_weight_tasks
-        if chosen is not None:
-            changed = changed & samples_of(tasks, chosen, changed.device)[:, None]
-        return 1.0 + (self.veteran.gate_pos_weight - 1.0) * changed.float()
+        return changed_token_weights(changed, self.veteran.gate_pos_weight - 1.0, tasks,
+                                     self.veteran.gate_pos_weight_tasks)
 
     def change_weights(self, changed: torch.Tensor | None, tasks: list[str] | None = None) -> torch.Tensor | None:
         """(B, N) loss weights: `1 + flow.change_weight` on the `changed` tokens (`changed_tokens`), 1 elsewhere,
@@ -259,9 +266,7 @@ class CoLoGenModule(L.LightningModule):
         source of the target's size."""
         if not self.flow.change_weight or changed is None:
             return None
-        if self.flow.change_weight_tasks is not None and tasks is not None:
-            changed = changed & samples_of(tasks, self.flow.change_weight_tasks, changed.device)[:, None]
-        return 1.0 + self.flow.change_weight * changed.float()
+        return changed_token_weights(changed, self.flow.change_weight, tasks, self.flow.change_weight_tasks)
 
     # --------------------------------------------------------------------------------------------- sampling
     def sampler(self, **overrides) -> FlowSampler:

@@ -77,8 +77,9 @@ PLACE_DIM = 2 + 4 * PLACE_FREQUENCIES
 
 class PromptGate(nn.Module):
     """The prompt's terms of a token gate's logit (ours, `prw.gate_prompt`): with `p` the layer-normed pooled
-    prompt, `(LN(h) U) . (p V)` (does this token hold what the prompt names?), `(place(h) P) . (p Q)` (is it
-    where the prompt puts something?) and `p . c`. V, Q and c start at zero, so the gate starts as it was."""
+    prompt and `x` the token's place features, `(LN(h) U) . (p V)` (does this token hold what the prompt names?),
+    `(x P) . (p Q)` (is it where the prompt puts something?) and `p . c`. V, Q and c start at zero, so the gate
+    starts as it was."""
 
     def __init__(self, dim: int, prompt_dim: int, rank: int):
         super().__init__()
