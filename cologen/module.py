@@ -126,6 +126,9 @@ class CoLoGenModule(L.LightningModule):
             raise ValueError("veteran.gate_weight supervises token gates: set prw.token_gate: true (or gate_weight: 0)")
         if self.prw_config.hard_gate and not self.veteran.gate_weight:
             raise ValueError("prw.hard_gate learns only from its supervision: set veteran.gate_weight > 0")
+        if self.veteran.gate_prompt_tasks is not None and not self.prw_config.gate_prompt:
+            raise ValueError("veteran.gate_prompt_tasks picks the experts whose gates read the prompt: it needs "
+                             "prw.gate_prompt: true")
         check_quantize_base(quantize_base, train_base)
         checkpoint_fn = checkpoint_function(checkpointing_policy)  # ValueError naming the policies
         self.train_base = train_base
@@ -474,10 +477,17 @@ class CoLoGenModule(L.LightningModule):
 
     def resume_curriculum_step(self, step: CurriculumStep, task_experts: dict[str, int]) -> None:
         """The settings of curriculum step `step` on a model whose experts (count and weights) and optimizer come
-        from a checkpoint: which experts train, rho / alpha, the task -> expert map."""
+        from a checkpoint: which experts train (the newest expert's prompt gate terms held at zero unless its tasks are
+        among `veteran.gate_prompt_tasks`), rho / alpha, the task -> expert map."""
         self.model.freeze_for_curriculum()
         self.veteran.rho, self.veteran.alpha = step.rho, step.alpha
         self.task_experts = dict(task_experts)
+        asked = self.veteran.gate_prompt_tasks
+        newest = self.model.newest_expert
+        if asked is not None and newest >= 0:
+            own_tasks = {t for t, e in task_experts.items() if e == newest}
+            if not own_tasks & set(asked):
+                self.model.hold_prompt_gate(newest)
 
     def set_learning_rates(self, lr: float, router_lr: float, restart_steps: int | None = None) -> None:
         """Base learning rates of the `experts` and `routers` groups of `configure_optimizers`; `restart_steps`

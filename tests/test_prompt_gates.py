@@ -135,3 +135,54 @@ def test_config_errors():
         PRWConfig(gate_prompt=True)
     with pytest.raises(ValueError, match="gate_pos_weight"):
         VeteranConfig(gate_pos_weight=0.0)
+    with pytest.raises(ValueError, match="gate_prompt_tasks: unknown tasks"):
+        VeteranConfig(gate_prompt_tasks=["drawing"])
+
+
+def test_gate_prompt_tasks_needs_prompt_gates():
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.training.config import VeteranConfig
+
+    with pytest.raises(ValueError, match="needs prw.gate_prompt"):
+        CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                      veteran=VeteranConfig(gate_prompt_tasks=["editing"]))
+
+
+def prompt_sides(module, expert: int) -> list[torch.Tensor]:
+    return [p.detach().clone() for name, p in module.model.named_parameters()
+            if f"experts.{expert}.prompt_gate." in name and name.rsplit(".", 2)[-2] in
+            ("token_prompt", "place_prompt", "prompt_bias")]
+
+
+def test_only_the_steps_of_gate_prompt_tasks_give_their_expert_a_prompt_term(tmp_path, shapeworld_dir):
+    """Curriculum inpainting (2 steps), grounding (3), control (2) with gate_prompt_tasks [grounding]: grounding's
+    expert learns its prompt terms; inpainting's and control's keep them at exactly zero and frozen, though
+    control's expert starts as a copy of grounding's."""
+    from lightning.pytorch.callbacks import Callback
+
+    from cologen.model.config import PRWConfig, RouterConfig
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.training.config import VeteranConfig
+    from tests.test_curriculum import fit
+
+    class Trainable(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_start(self, trainer, module, *args):
+            self.rows.append([any(p.requires_grad for n, p in module.model.named_parameters()
+                                  if f"experts.{e}.prompt_gate." in n) for e in range(3)])
+
+    module = CoLoGenModule(
+        preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+        prw=PRWConfig(num_experts=3, rank=4, alpha=8, token_gate=True, gate_prompt=True, init="copy",
+                      router=RouterConfig(entry_warmup_steps=1)),
+        veteran=VeteranConfig(gate_weight=1.0, gate_prompt_tasks=["grounding"]))
+    recorder = Trainable()
+    fit(tmp_path, shapeworld_dir, [recorder], module=module)
+    assert recorder.rows == [[False] * 3] * 2 + [[False, True, False]] * 3 + [[False] * 3] * 2
+    for expert, learned in ((0, False), (1, True), (2, False)):
+        sides = prompt_sides(module, expert)
+        assert sides and any(s.abs().max() > 0 for s in sides) == learned

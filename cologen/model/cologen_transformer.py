@@ -180,6 +180,16 @@ class CoLoGenTransformer(nn.Module):
             p.requires_grad_(True)
 
     @torch.no_grad()
+    def hold_prompt_gate(self, expert: int) -> None:
+        """Zero and freeze expert `expert`'s prompt gate terms in every block (`veteran.gate_prompt_tasks`): its
+        gates read the tokens alone."""
+        for attn in self.prw_modules():
+            gate = attn.prw_experts.experts[expert].prompt_gate
+            if gate is not None:
+                gate.zero_prompt_side()
+                gate.requires_grad_(False)
+
+    @torch.no_grad()
     def activate_next_expert(self) -> int:
         """Activate the next expert: copy (or zero) init from the previous one, router entry copied with a large
         negative offset so the model's output is continuous; freezes the older experts. Returns its index."""

@@ -85,6 +85,9 @@ class VeteranConfig:
         likely but not certain (an instruction names a place, not the tokens an object will cover there), so the
         expert can draw it; a token its gate leaves closed stays the base's copy.
     gate_pos_weight_tasks: the tasks whose changed tokens `gate_pos_weight` weighs (None: every task).
+    gate_prompt_tasks: the tasks whose curriculum step's expert has the prompt's gate terms (`prw.gate_prompt`;
+        None: every step's). The other steps' experts keep them at zero, frozen: a gate that finds its region in
+        the source tokens (inpainting's hole) only loses its edge to a prompt that names nothing about it.
     teacher_forcing: (ours) in training every sample goes to its own expert (the one `task_weight` names) in
         every PRW block, so an expert trains on its own task's samples only (a replayed sample never reaches the
         new expert) and the routers learn from the routing losses alone; validation and sampling route as
@@ -101,6 +104,7 @@ class VeteranConfig:
     gate_tasks: list[str] | None = None
     gate_pos_weight: float = 1.0
     gate_pos_weight_tasks: list[str] | None = None
+    gate_prompt_tasks: list[str] | None = None
     teacher_forcing: bool = False
 
     def __post_init__(self):
@@ -115,6 +119,7 @@ class VeteranConfig:
             raise ValueError(f"veteran.gate_pos_weight must be > 0, got {self.gate_pos_weight}")
         check_tasks("veteran.gate_tasks", self.gate_tasks)
         check_tasks("veteran.gate_pos_weight_tasks", self.gate_pos_weight_tasks)
+        check_tasks("veteran.gate_prompt_tasks", self.gate_prompt_tasks)
         check_tasks("veteran.skip_dropped_source_tasks", self.skip_dropped_source_tasks)
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"veteran.rho must be in [0, 1], got {self.rho}")
