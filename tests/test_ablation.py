@@ -269,6 +269,22 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
     isolation = {v.name: _model_section(spec.configs + v.configs, "prw").get("isolate_closed_tokens", "none")
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
-    since = {v.name for v in spec.variants if "experiments/ablation/prompt_gates.yaml" in v.configs}  # built on it
-    assert since and {isolation.pop(name) for name in since} == {"output"}
+    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all"}  # recorded with it
+    assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
+
+
+def test_the_variants_recorded_before_editing_read_the_instruction_still_train_without_it():
+    """The curriculum's editing gates are supervised and read the instruction since 2026-12-03 (`prw.gate_prompt`,
+    `veteran.gate_prompt_tasks: [editing]`); every variant recorded before layers no_prompt_gates.yaml, so its
+    records stay what it trains, and prompt_gates gives every supervised gate the prompt's terms."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    files = {v.name: spec.configs + v.configs for v in spec.variants}
+    prompt = {name: _model_section(f, "prw").get("gate_prompt", False) for name, f in files.items()}
+    veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
+    for name, prompt_tasks in (("curriculum", ["editing"]), ("prompt_gates", None), ("prompt_gates_weight_all", None)):
+        assert prompt.pop(name) and veteran[name]["gate_prompt_tasks"] == prompt_tasks, name
+        assert veteran.pop(name)["gate_tasks"] == ["inpainting", "editing"], name
+    assert set(prompt.values()) == {False}, prompt
+    assert all(v.get("gate_tasks") == ["inpainting"] and v.get("gate_prompt_tasks") is None
+               and v.get("gate_pos_weight") == 1.0 for v in veteran.values()), veteran
