@@ -29,6 +29,10 @@ def rows(results: dict[str, Any]) -> list[Row]:
     for m in results.get("model", []):
         out.append(Row(f"training step, PRW (5 experts + router) / one always-on LoRA of the same rank, "
                        f"{m['config']}", f"{m['prw_over_lora']:.3f}", m["prw_over_lora"], "<= 1.10"))
+    for g in results.get("gates", []):
+        out.append(Row(f"training step, prompt gate terms held at zero (skipped) / no prompt gates, {g['config']}",
+                       f"{g['held_over_no_prompt']:.3f} (computed: {g['live_over_no_prompt']:.3f})",
+                       g["held_over_no_prompt"], "<= 1.02"))
     data = results.get("data")
     if data:
         out.append(Row("data loader (2 workers) / what training consumes",

@@ -1,6 +1,7 @@
 """`make bench`: every CPU benchmark of the project, each a ratio against a baseline measured in the same process.
 
 1. training step: backbone / one always-on LoRA / PRW (5 experts + router), tiny and wide configs (goal PRW/LoRA <= 1.10)
+   and what the prompt's gate terms cost when every expert holds them at zero (skipped; goal <= 1.02) and computed
 2. data: loader throughput (2 workers) over what training of the configured tiny model consumes (goal >= 5x), and
    the shard manifest check's share of the loader's throughput (goal < 5%)
 3. sampler: 28 steps with and without the condition cache (goal >= 1.8x on the wide config)
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from benchmarks import (
     bench_conditions,
+    bench_gates,
     bench_loader,
     bench_model,
     bench_recipes,
@@ -46,12 +48,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default="data/shapeworld")
     parser.add_argument("--out", default="runs/bench/results.json")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["model", "data", "sampler", "recipes", "validation", "conditions"])
+                        choices=["model", "gates", "data", "sampler", "recipes", "validation", "conditions"])
     args = parser.parse_args(argv)
     results: dict = {"machine": machine()}
     train_step_s = None
     if "model" not in args.skip:
         results["model"] = bench_model.main([])
+    if "gates" not in args.skip:
+        results["gates"] = bench_gates.main([])
     if "data" not in args.skip:
         loader = bench_loader.loader_throughput(args.data, num_workers=2)
         train_step_s = bench_validation.training_step_s(args.data)

@@ -82,10 +82,10 @@ def test_a_prompt_gate_learns_the_region_a_prompt_names_where_the_tokens_alone_c
 
 def test_the_prompt_reaches_each_samples_gate_in_the_model():
     from cologen.model.config import PRWConfig
-    from tests.test_eval_denoising import PRW, batch
     from cologen.model.presets import TinyPreset
     from cologen.module import CoLoGenModule
     from cologen.training.config import VeteranConfig
+    from tests.test_eval_denoising import PRW, batch
 
     torch.manual_seed(0)
     module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
@@ -110,8 +110,8 @@ def test_the_prompt_reaches_each_samples_gate_in_the_model():
 
 
 def test_the_changed_tokens_of_the_chosen_tasks_weigh_gate_pos_weight_in_the_gate_supervision():
-    from tests.test_eval_denoising import tiny_module
     from cologen.training.config import VeteranConfig
+    from tests.test_eval_denoising import tiny_module
 
     module = tiny_module()
     logits, changed = torch.randn(2, 5), torch.rand(2, 5) > 0.5
@@ -155,7 +155,8 @@ def prompt_sides(module, expert: int) -> list[torch.Tensor]:
             ("token_prompt", "place_prompt", "prompt_bias")]
 
 
-def test_only_the_steps_of_gate_prompt_tasks_give_their_expert_a_prompt_term(tmp_path, shapeworld_dir):
+def test_only_the_steps_of_gate_prompt_tasks_give_their_expert_a_prompt_term(tmp_path, shapeworld_dir,
+                                                                              monkeypatch):
     """Curriculum inpainting (2 steps), grounding (3), control (2) with gate_prompt_tasks [grounding]: grounding's
     expert learns its prompt terms; inpainting's and control's keep them at exactly zero and frozen, though
     control's expert starts as a copy of grounding's."""
@@ -169,20 +170,96 @@ def test_only_the_steps_of_gate_prompt_tasks_give_their_expert_a_prompt_term(tmp
 
     class Trainable(Callback):
         def __init__(self):
-            self.rows = []
+            self.rows, self.computed, self.calls = [], [], 0
 
         def on_train_batch_start(self, trainer, module, *args):
             self.rows.append([any(p.requires_grad for n, p in module.model.named_parameters()
                                   if f"experts.{e}.prompt_gate." in n) for e in range(3)])
+            self.calls_before = self.calls
+
+        def on_train_batch_end(self, *args):
+            self.computed.append(self.calls > self.calls_before)
+
+    recorder = Trainable()
+
+    def counted(bank, *args, **kwargs):
+        recorder.calls += 1
+        return prompt_logits(bank, *args, **kwargs)
+
+    prompt_logits = ExpertBank._prompt_logits
+    monkeypatch.setattr(ExpertBank, "_prompt_logits", counted)
 
     module = CoLoGenModule(
         preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
         prw=PRWConfig(num_experts=3, rank=4, alpha=8, token_gate=True, gate_prompt=True, init="copy",
                       router=RouterConfig(entry_warmup_steps=1)),
         veteran=VeteranConfig(gate_weight=1.0, gate_prompt_tasks=["grounding"]))
-    recorder = Trainable()
     fit(tmp_path, shapeworld_dir, [recorder], module=module)
     assert recorder.rows == [[False] * 3] * 2 + [[False, True, False]] * 3 + [[False] * 3] * 2
+    # the source pass skips the prompt terms until grounding's expert has them, then computes them for good
+    assert recorder.computed == [False] * 2 + [True] * 5
     for expert, learned in ((0, False), (1, True), (2, False)):
         sides = prompt_sides(module, expert)
         assert sides and any(s.abs().max() > 0 for s in sides) == learned
+
+
+def test_a_prompt_gate_is_live_once_it_may_train_or_holds_weights_and_stays_so_when_frozen():
+    b = bank(prompt_dim=8)
+    gate = b.experts[0].prompt_gate
+    assert gate.is_live()  # a new module trains by default
+    b.requires_grad_(False)
+    assert gate.is_live()  # it may have trained while it could: the mark sticks
+    gate.check_weights()
+    assert not gate.is_live() and not b.prompt_gates_live()  # read off the weights: zero
+    with torch.no_grad():
+        gate.prompt_bias.weight[0, 3] = 0.5
+    gate.check_weights()
+    assert gate.is_live()
+    gate.zero_prompt_side()
+    assert not gate.is_live()
+    # a load reads the weights it brings in: a whole state, and the copy that starts a new expert
+    trained = bank(prompt_dim=8).requires_grad_(False)
+    with torch.no_grad():
+        trained.experts[0].prompt_gate.place_prompt.weight.normal_()
+    b.load_state_dict(trained.state_dict())
+    assert b.experts[0].prompt_gate.is_live() and not b.experts[1].prompt_gate.is_live()
+    b.init_expert(1, "copy")
+    assert b.experts[1].prompt_gate.is_live()
+    b.init_expert(1, "zero")
+    assert not b.experts[1].prompt_gate.is_live()
+
+
+def test_a_model_whose_experts_all_hold_their_prompt_terms_skips_them_with_the_same_output(monkeypatch):
+    from cologen.model.config import PRWConfig
+    from cologen.model.presets import TinyPreset
+    from cologen.module import CoLoGenModule
+    from cologen.training.config import VeteranConfig
+    from tests.test_eval_denoising import PRW, batch
+
+    torch.manual_seed(0)
+    module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                           prw=PRWConfig(**PRW, gate_prompt=True), veteran=VeteranConfig(gate_weight=0.1)).eval()
+    model = module.model
+    for e in range(model.prw.num_experts):
+        model.hold_prompt_gate(e)
+    with torch.no_grad():  # gates that read their tokens, so the prompt terms land on something non-trivial
+        for name, p in model.named_parameters():
+            if name.endswith("token_gate.weight"):
+                p.normal_()
+    calls = []
+    prompt_logits = ExpertBank._prompt_logits
+    monkeypatch.setattr(ExpertBank, "_prompt_logits",
+                        lambda bank, *a, **k: calls.append(1) or prompt_logits(bank, *a, **k))
+    data = batch()
+    inputs = module.prepare(data, False, torch.Generator().manual_seed(0))
+    args = (inputs["source_tokens"], inputs["source_ids"], inputs["text"].pooled, inputs["timestep"])
+    with torch.no_grad():
+        skipped = model.encode_source(*args)
+        assert not calls and not model.prompt_gates_live() and skipped.gates
+        model.prw_modules()[0].prw_experts.experts[0].prompt_gate.requires_grad_(True)  # live, weights still zero
+        computed = model.encode_source(*args)
+    assert calls and model.prompt_gates_live()
+    for name in skipped.gates:  # the zero terms skipped: bit for bit what computing them gives
+        assert torch.equal(skipped.gates[name], computed.gates[name])
+    for name in skipped.kv:
+        assert all(torch.equal(a, b) for a, b in zip(skipped.kv[name], computed.kv[name]))

@@ -178,16 +178,25 @@ class CoLoGenTransformer(nn.Module):
                 p.requires_grad_(e == self.newest_expert)
         for p in self.router_parameters():
             p.requires_grad_(True)
+        for attn in self.prw_modules():  # weights may have been copied in without load_state_dict (FSDP's resume)
+            for expert in attn.prw_experts.experts:
+                if expert.prompt_gate is not None:
+                    expert.prompt_gate.check_weights()
 
     @torch.no_grad()
     def hold_prompt_gate(self, expert: int) -> None:
         """Zero and freeze expert `expert`'s prompt gate terms in every block (`veteran.gate_prompt_tasks`): its
-        gates read the tokens alone."""
+        gates read the tokens alone. While no expert's terms are live the source pass skips them."""
         for attn in self.prw_modules():
             gate = attn.prw_experts.experts[expert].prompt_gate
             if gate is not None:
-                gate.zero_prompt_side()
                 gate.requires_grad_(False)
+                gate.zero_prompt_side()
+
+    def prompt_gates_live(self) -> bool:
+        """Whether the source pass computes the prompt's gate terms (`prw.gate_prompt`): some expert's can be non-zero
+        (host state alone: no device sync per step)."""
+        return self.prw.gate_prompt and any(attn.prw_experts.prompt_gates_live() for attn in self.prw_modules())
 
     @torch.no_grad()
     def activate_next_expert(self) -> int:
@@ -323,7 +332,8 @@ class CoLoGenTransformer(nn.Module):
         tbin = self.timestep_bin(timestep)
         state = SourceState({}, {})
         prompt = pooled.float() if self.prw.router.prompt_input else None
-        gate_context = GateContext(pooled.float(), place_features(source_ids)) if self.prw.gate_prompt else None
+        # Experts that hold their prompt terms at zero (all of them before an asked task's step) skip computing them.
+        gate_context = (GateContext(pooled.float(), place_features(source_ids)) if self.prompt_gates_live() else None)
         forced = experts.to(hidden.device).long() if experts is not None else None
         if forced is not None and int(forced.max()) >= max(self.num_active, 1):
             raise ValueError(f"forced expert {int(forced.max())} is not active ({self.num_active} active)")

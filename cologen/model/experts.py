@@ -79,7 +79,10 @@ class PromptGate(nn.Module):
     """The prompt's terms of a token gate's logit (ours, `prw.gate_prompt`): with `p` the layer-normed pooled
     prompt and `x` the token's place features, `(LN(h) U) . (p V)` (does this token hold what the prompt names?),
     `(x P) . (p Q)` (is it where the prompt puts something?) and `p . c`. V, Q and c start at zero, so the gate
-    starts as it was."""
+    starts as it was.
+
+    `is_live` tells from host state alone (no device sync) whether the terms can be non-zero, so a model whose
+    experts all hold them at zero (`veteran.gate_prompt_tasks`) skips computing them."""
 
     def __init__(self, dim: int, prompt_dim: int, rank: int):
         super().__init__()
@@ -90,12 +93,34 @@ class PromptGate(nn.Module):
         self.prompt_bias = nn.Linear(prompt_dim, 1, bias=False)
         for down in (self.token_down, self.place_down):
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        self.may_be_nonzero = False  # host mirror of "the prompt side has a non-zero weight"
         self.zero_prompt_side()
+        self.register_load_state_dict_post_hook(_check_loaded_prompt_side)
+
+    def _prompt_side(self) -> tuple[nn.Linear, ...]:
+        return self.token_prompt, self.place_prompt, self.prompt_bias
 
     @torch.no_grad()
     def zero_prompt_side(self) -> None:
-        for m in (self.token_prompt, self.place_prompt, self.prompt_bias):
+        for m in self._prompt_side():
             m.weight.zero_()
+        self.may_be_nonzero = False
+
+    @torch.no_grad()
+    def check_weights(self) -> None:
+        """Read whether the prompt side is non-zero (a device sync: on loads and curriculum steps, never per step)."""
+        self.may_be_nonzero = any(bool(m.weight.any()) for m in self._prompt_side())
+
+    def is_live(self) -> bool:
+        """Whether the terms can be non-zero: the prompt side was seen non-zero, or the gate trains (or may), which
+        makes the mark stick, so a gate trained and frozen since stays live."""
+        if not self.may_be_nonzero and any(p.requires_grad for p in self.parameters()):
+            self.may_be_nonzero = True
+        return self.may_be_nonzero
+
+
+def _check_loaded_prompt_side(gate: PromptGate, incompatible_keys) -> None:
+    gate.check_weights()
 
 
 class Expert(nn.Module):
@@ -163,6 +188,10 @@ class ExpertBank(nn.Module):
     @property
     def has_prompt_gate(self) -> bool:
         return self.experts[0].prompt_gate is not None
+
+    def prompt_gates_live(self) -> bool:
+        """Whether any expert's prompt terms can be non-zero (host state alone, `PromptGate.is_live`)."""
+        return self.has_prompt_gate and any(e.prompt_gate.is_live() for e in self.experts)
 
     def gate_logits(self, hidden: torch.Tensor, index: torch.Tensor, context: GateContext | None = None
                     ) -> torch.Tensor:
