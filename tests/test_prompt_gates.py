@@ -263,3 +263,32 @@ def test_a_model_whose_experts_all_hold_their_prompt_terms_skips_them_with_the_s
         assert torch.equal(skipped.gates[name], computed.gates[name])
     for name in skipped.kv:
         assert all(torch.equal(a, b) for a, b in zip(skipped.kv[name], computed.kv[name]))
+
+
+SHARDED_CHECK = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from cologen.model.experts import any_nonzero
+dist.init_process_group("gloo")
+weight = torch.zeros(4, 3)
+weight[3, 0] = 1.0  # on rank 1's shard only
+sharded = distribute_tensor(weight, init_device_mesh("cpu", (2,)), [Shard(0)])
+print(f"rank {dist.get_rank()}: {any_nonzero(sharded)}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_reads_the_same_liveness_off_a_sharded_weight(tmp_path):
+    """FSDP shards the expert banks: a rank whose shard is zero must not skip the terms its peers compute."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(SHARDED_CHECK)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                         capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("rank")) == ["rank 0: True",
+                                                                                         "rank 1: True"]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 SOURCE_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
 NOISY_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
@@ -109,7 +110,7 @@ class PromptGate(nn.Module):
     @torch.no_grad()
     def check_weights(self) -> None:
         """Read whether the prompt side is non-zero (a device sync: on loads and curriculum steps, never per step)."""
-        self.may_be_nonzero = any(bool(m.weight.any()) for m in self._prompt_side())
+        self.may_be_nonzero = any(any_nonzero(m.weight) for m in self._prompt_side())
 
     def is_live(self) -> bool:
         """Whether the terms can be non-zero: the prompt side was seen non-zero, or the gate trains (or may), which
@@ -117,6 +118,14 @@ class PromptGate(nn.Module):
         if not self.may_be_nonzero and any(p.requires_grad for p in self.parameters()):
             self.may_be_nonzero = True
         return self.may_be_nonzero
+
+
+def any_nonzero(weight: torch.Tensor) -> bool:
+    """Whether any element of `weight` is non-zero; a sharded weight (FSDP's DTensor) is gathered first, so every
+    rank gets the same answer (each shard's own would differ, and ranks that skip different terms hang)."""
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    return bool(weight.any())
 
 
 def _check_loaded_prompt_side(gate: PromptGate, incompatible_keys) -> None:
