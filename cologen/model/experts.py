@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+
+from cologen.sharding import full_tensor
 
 SOURCE_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
 NOISY_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
@@ -123,9 +124,7 @@ class PromptGate(nn.Module):
 def any_nonzero(weight: torch.Tensor) -> bool:
     """Whether any element of `weight` is non-zero; a sharded weight (FSDP's DTensor) is gathered first, so every
     rank gets the same answer (each shard's own would differ, and ranks that skip different terms hang)."""
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-    return bool(weight.any())
+    return bool(full_tensor(weight).any())
 
 
 def _check_loaded_prompt_side(gate: PromptGate, incompatible_keys) -> None:

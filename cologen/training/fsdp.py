@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cologen.compat import optimizers_to_device, rekey_optimizer_state
 from cologen.model.cologen_transformer import CoLoGenTransformer
+from cologen.sharding import full_tensor
 
 
 def data_parallel_mesh(device_type: str, world_size: int, replicate_groups: int = 1) -> DeviceMesh:
@@ -224,9 +225,7 @@ class CoLoGenFSDPStrategy(ModelParallelStrategy):
         for key, value in module.state_dict().items():
             if key in frozen:
                 continue
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-            out[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+            out[key] = full_tensor(value).detach().cpu() if isinstance(value, torch.Tensor) else value
         return out
 
     # Restore as DDP does, before the strategy shards the model: the callbacks' state (the curriculum step) is back

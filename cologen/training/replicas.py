@@ -20,7 +20,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from torch.distributed.tensor import DTensor
+
+from cologen.sharding import full_tensor
 
 log = logging.getLogger("cologen.replicas")
 
@@ -29,8 +30,7 @@ def tensor_digest(tensors: list[torch.Tensor]) -> str:
     """sha256 of the tensors' full values (DTensors are gathered: every rank must call this in the same order)."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.full_tensor() if isinstance(t, DTensor) else t
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(full_tensor(t).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
