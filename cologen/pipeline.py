@@ -159,7 +159,7 @@ class CoLoGenPipeline(DiffusionPipeline):
                  task: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  cfg_scale: float | None = None, image_cfg_scale: float | None = None, strength: float | None = None,
-                 seed: int | list[int] = 0, output_type: str = "pil", progress: bool = True) -> CoLoGenPipelineOutput:
+                 effect_mask: float | None = None, seed: int | list[int] = 0, output_type: str = "pil", progress: bool = True) -> CoLoGenPipelineOutput:
         """Generate one image per prompt.
 
         image: the condition image(s): a path, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor in
@@ -171,6 +171,8 @@ class CoLoGenPipeline(DiffusionPipeline):
         height, width: output size; default the condition image's size, else the model's sample size.
         strength: img2img, as diffusers' img2img pipelines: start from the (first) condition image noised to this
             level and run that share of the steps (1 = off; the condition must have the output's size).
+        effect_mask: (editing) a token the gates open keeps the base's copy where the expert's effect on it is at
+            most this share of its largest (`SamplerConfig.effect_mask`; 0 = off).
         progress: a progress bar over the denoising steps (`set_progress_bar_config` styles it, as in diffusers).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -192,7 +194,7 @@ class CoLoGenPipeline(DiffusionPipeline):
             width, height = width or w, height or h
         overrides = {k: v for k, v in (("steps", num_inference_steps), ("guidance", guidance_scale),
                                        ("cfg_scale", cfg_scale), ("image_cfg_scale", image_cfg_scale),
-                                       ("strength", strength))
+                                       ("strength", strength), ("effect_mask", effect_mask))
                      if v is not None}
         config = SamplerConfig(**{**asdict(self.sampler_config), **overrides})
         sources = None if conditions is None else [

@@ -13,7 +13,7 @@ Several conditions (each its own source stream, docs/multi_condition.md): `"sour
 CONDITION_ROLES; recorded in results.jsonl), in the order the model was trained with.
 Optional: `seed` (>= 0), `steps` (>= 1), `width` / `height` (multiples of the model's patch size; default: the
 model's sample size), `cfg_scale`, `image_cfg_scale`, `guidance`, `strength` (img2img: start from the source noised
-to this level, 0-1).
+to this level, 0-1), `effect_mask` (editing: keep the source's copy where the expert barely acts, 0-1).
 
 Images and `results.jsonl` go to `data.output_dir` (default: `<requests stem>_outputs/` next to the requests file).
 The outputs of an earlier run there are replaced, never mixed in. A bad request (a field of the wrong type or
@@ -47,7 +47,7 @@ from cologen.inputs import GENERATION_TASKS, check_task, fit, masked_source, rea
 
 PREDICT_TASKS = GENERATION_TASKS
 FIELDS = ("id", "task", "prompt", "instruction", "source", "sources", "mask", "control", "seed", "steps", "width",
-          "height", "cfg_scale", "image_cfg_scale", "guidance", "strength")
+          "height", "cfg_scale", "image_cfg_scale", "guidance", "strength", "effect_mask")
 RESULTS = "results.jsonl"
 
 
@@ -124,7 +124,8 @@ def parse_request(raw: Any, line: int, base: Path, patch: int, default_size: int
         raise BadRequest(f"id: expected a file-name-safe string (no '/', not starting with '.'), got {rid!r}")
     req = Request(line=line, id=str(rid), task=task, prompt=prompt, width=width,
                   height=height, seed=_int(raw, "seed", 0, 0), steps=_int(raw, "steps", None, 1),
-                  overrides={k: _number(raw, k) for k in ("cfg_scale", "image_cfg_scale", "guidance", "strength")
+                  overrides={k: _number(raw, k) for k in ("cfg_scale", "image_cfg_scale", "guidance", "strength",
+                                                          "effect_mask")
                              if k in raw})
     if task == "t2i":
         for name in ("source", "sources", "mask", "control"):

@@ -116,6 +116,44 @@ def test_noisy_tokens_no_gate_opens_take_the_base_velocity():
         assert (module(inputs).sample[~opened] - base[~opened]).abs().max() > 1e-4
 
 
+def test_the_effect_mask_keeps_the_base_velocity_where_the_expert_barely_acts():
+    """`effect_mask` (sampling): an open token whose expert effect is at most that share of its sample's largest
+    takes the base's velocity too; the others keep the expert's; 0 changes nothing."""
+    module = module_with("output")
+    inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))
+    args = [inputs[k] for k in ("latents", "timestep", "text", "img_ids", "txt_ids", "source_tokens", "source_ids",
+                                "guidance")]
+    args[1] = torch.full_like(args[1], 0.7)
+    with torch.no_grad():
+        out = module.model(*args)
+        with forced_token_gates(module.model, torch.zeros(inputs["latents"].shape[:2]), ["source", "noisy"]):
+            base = module.model(*args).sample
+        masked = module.model(*args, effect_mask=0.5).sample
+        off = module.model(*args, effect_mask=0.0).sample
+    opened = torch.stack([g >= 0 for g in out.token_gates.values()]).any(0)
+    effect = (out.sample - base).abs().mean(-1)
+    small = effect <= 0.5 * effect.amax(1, keepdim=True)
+    acting = opened & ~small
+    assert acting.any() and (opened & small).any(), "the test needs open tokens on both sides of the threshold"
+    torch.testing.assert_close(masked[~acting], base[~acting], rtol=0, atol=1e-6)
+    torch.testing.assert_close(masked[acting], out.sample[acting], rtol=0, atol=1e-6)
+    assert torch.equal(off, out.sample)
+
+
+def test_the_effect_mask_needs_output_isolation_and_a_share_below_one():
+    from cologen.sampling.sampler import SamplerConfig
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="effect_mask must be in"):
+            SamplerConfig(effect_mask=bad)
+    module = module_with("source")
+    with pytest.raises(ValueError, match="effect_mask .* needs a model with prw.isolate_closed_tokens: output"):
+        module.generate(["x"], torch.zeros(1, 3, 32, 32), tasks=["editing"], steps=2, effect_mask=0.2)
+    out = module_with("output").generate(["x"], torch.zeros(1, 3, 32, 32), tasks=["editing"], steps=2,
+                                         effect_mask=0.2)
+    assert torch.isfinite(out[0]).all()
+
+
 def test_isolation_needs_hard_gates():
     from cologen.model.config import PRWConfig
 

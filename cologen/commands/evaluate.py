@@ -94,7 +94,7 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
              routing_terms: dict | None = None, sampler: dict | None = None) -> list[dict]:
     """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task. A dict
     given as `routing_terms` receives, per task, what each block's learned routing rested on
-    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`)."""
+    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`, `effect_mask`)."""
     sampler = dict(sampler or {})
     from cologen.eval.probes import oracle_repeats_learned, own_expert_share, run_probes
     from cologen.eval.routing_terms import record_routing_terms, summarize_routing_terms
@@ -230,7 +230,8 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt)
     terms: dict | None = {} if args.routing_terms else None
-    guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength}
+    guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength,
+                "effect_mask": args.effect_mask}
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms,
                      sampler=guidance)
     table = summarize(lines)
@@ -300,6 +301,10 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--strength", type=float, default=1.0,
                     help="img2img: start from the source image noised to this level and run that share of the "
                          "steps (default: %(default)s, off; tasks whose source is the output's size)")
+    sw.add_argument("--effect-mask", type=float, default=0.0,
+                    help="a token the gates open keeps the base's copy where the expert's effect is at most this "
+                         "share of its largest (default: %(default)s, off; models with isolate_closed_tokens: "
+                         "output)")
     sw.add_argument("--oracle", action="store_true", help="also score with oracle routing")
     sw.add_argument("--config", help="training config whose data.init_args.builder builds the probes")
     sw.add_argument("--routing-terms", action="store_true",

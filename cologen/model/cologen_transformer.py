@@ -107,6 +107,16 @@ class CoLoGenOutput:
     token_gates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def small_effect(adapted: torch.Tensor, base: torch.Tensor, share: float) -> torch.Tensor:
+    """(B, N, 1): the tokens whose expert effect, the mean |adapted - base| velocity over channels, is at most `share`
+    of the sample's largest: where an expert barely changes the prediction it is not drawing the edit, and the base's
+    velocity keeps the exact copy there (DiffEdit's mask from the difference of two predictions, Couairon et al.
+    2022, taken per step from the two passes `isolate_closed_tokens: output` already runs). Sampling only: in
+    training an expert whose effect is still zero would get no gradient."""
+    effect = (adapted.float() - base.float()).abs().mean(-1, keepdim=True)
+    return effect <= share * effect.amax(1, keepdim=True)
+
+
 class CoLoGenTransformer(nn.Module):
     def __init__(self, transformer: nn.Module, prw: PRWConfig | None = None):
         super().__init__()
@@ -367,7 +377,8 @@ class CoLoGenTransformer(nn.Module):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: TextEmbeddings, img_ids: torch.Tensor,
                 txt_ids: torch.Tensor, source_tokens: Tokens | None = None, source_ids: Tokens | None = None,
                 guidance: torch.Tensor | None = None, cache: ConditionCache | None = None,
-                experts: torch.Tensor | None = None, host_timestep: torch.Tensor | None = None) -> CoLoGenOutput:
+                experts: torch.Tensor | None = None, host_timestep: torch.Tensor | None = None,
+                effect_mask: float = 0.0) -> CoLoGenOutput:
         """Velocity prediction for the noisy `latents` (B, N, C) at `timestep` in [0, 1] (s of x_t = (1-s)x0 + s n).
 
         `source_tokens` (B, Ns, C) are the packed condition latents with ids (Ns, 3) or per sample (B, Ns, 3); or a
@@ -376,7 +387,9 @@ class CoLoGenTransformer(nn.Module):
         forces each sample's expert (oracle routing, for evaluation). The noisy-stream experts (options
         `prw.noisy_targets`) follow the first condition's routing. `host_timestep`: `timestep`'s values in a CPU
         tensor, which the cache's key reads instead (a sampler knows its schedule on the host: no device-to-host
-        copy per step).
+        copy per step). `effect_mask` (sampling, with `prw.isolate_closed_tokens: output`): a token the gates open
+        keeps the base's velocity too where the expert's effect on it is at most this share of the sample's largest
+        (`small_effect`; 0: off).
         """
         states = self._source_states(conditions_of(source_tokens, source_ids), text.pooled, timestep, guidance,
                                      experts, cache, host_timestep)
@@ -395,6 +408,8 @@ class CoLoGenTransformer(nn.Module):
             with torch.no_grad():
                 base = self._main_pass(latents, timestep, text, img_ids, txt_ids, guidance,
                                        replace(ctx, sources=base_sources, adapt=False))
+            if effect_mask > 0:
+                closed = closed | small_effect(sample, base, effect_mask)
             sample = torch.where(closed, base.to(sample.dtype), sample)
         return CoLoGenOutput(sample=sample, routing=routing, token_gates=gates)
 

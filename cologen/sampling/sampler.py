@@ -37,6 +37,10 @@ class SamplerConfig:
         (1 = off; needs a condition image of the output's size). For tasks whose output mostly copies the source
         (inpainting, grounding, editing) it skips the noisiest steps, where a model unsure where to draw spreads
         its drawing over what it should copy.
+    effect_mask: (ours; models with `prw.isolate_closed_tokens: output`) a token the gates open keeps the base's
+        velocity too where the expert's effect on it is at most this share of the sample's largest at that step
+        (DiffEdit's mask; `cologen.model.cologen_transformer.small_effect`), so an edit leaves what it barely touches
+        the exact copy (0 = off). An editing option: an inpainting expert's gates already find its hole.
     scheduler: FlowMatchEulerDiscreteScheduler settings (a FLUX folder's scheduler config wins when loaded).
     """
 
@@ -46,6 +50,7 @@ class SamplerConfig:
     image_cfg_scale: float = 1.0
     use_cache: bool = True
     strength: float = 1.0
+    effect_mask: float = 0.0
     scheduler: dict = field(default_factory=lambda: dict(FLUX_SCHEDULER_CONFIG))
 
     def __post_init__(self):
@@ -55,6 +60,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.strength must be in (0, 1], got {self.strength}")
         if round(self.steps * self.strength) < 1:
             raise ValueError(f"sampler.strength {self.strength} leaves no step of {self.steps}: raise one of them")
+        if not 0 <= self.effect_mask < 1:
+            raise ValueError(f"sampler.effect_mask must be in [0, 1), got {self.effect_mask}")
 
 
 @dataclass
@@ -115,6 +122,9 @@ class FlowSampler:
         cfg, model, codec = self.config, self.model, self.codec
         device = next(model.parameters()).device
         b = len(text)
+        if cfg.effect_mask and model.prw.isolate_closed_tokens != "output":
+            raise ValueError("sampler.effect_mask keeps the base's velocity where an expert barely acts: it needs a "
+                             "model with prw.isolate_closed_tokens: output (which runs the base beside it)")
         patch = codec.patch_pixels
         if height % patch or width % patch:
             raise ValueError(f"size {height}x{width} is not divisible by the patch size {patch}")
@@ -177,7 +187,7 @@ class FlowSampler:
             s = (t / 1000).expand(b * nb).to(latents.dtype)
             s_host = (t_host / 1000).expand(b * nb).to(latents.dtype)
             out = model(latents.repeat(nb, 1, 1), s, text_b, img_ids, txt_ids, src_b, sids_b, guidance, cache=cache,
-                        experts=experts_b, host_timestep=s_host)
+                        experts=experts_b, host_timestep=s_host, effect_mask=cfg.effect_mask)
             routing.append({k: r.index[:b] for k, r in out.routing.items()})
             v = out.sample.float().chunk(nb)
             if nb == 1:
