@@ -185,3 +185,15 @@ def test_t2i_scores_where_the_captions_objects_are_drawn(shapeworld_dir: Path) -
         return np.broadcast_to(np.asarray(rgb, np.uint8), np.asarray(ex["target"]).shape[:2] + (3,)).copy()
 
     assert score(one_colour) < 0.3
+
+
+def test_editing_objects_kept_reads_the_source_scene_from_the_record() -> None:
+    edit = next(e for e in examples() if e["task"] == "editing")  # the red square turned blue
+    sample = dict(edit, meta={"record": {"edit": {"source_objects": [{"rgb": list(RED)}, {"rgb": list(BLUE)}]}}})
+    assert score_sample(sample, edit["image"])["editing/objects_kept"] == 1.0
+    circle_gone = edit["image"].copy()
+    circle_gone[24:41, 24:41] = BG
+    assert score_sample(sample, circle_gone)["editing/objects_kept"] == 0.0
+    given = dict(edit, object_rgbs=[BLUE])  # a sample's own colours win over the record's
+    assert score_sample(given, circle_gone)["editing/objects_kept"] == 0.0
+    assert "editing/objects_kept" not in score_sample(edit, edit["image"])  # no scene to read

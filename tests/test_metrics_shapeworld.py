@@ -342,6 +342,26 @@ def test_classify_shape_with_custom_prototypes() -> None:
 # ----------------------------------------------------------------------------- editing
 
 
+def test_objects_kept_sees_an_edit_that_erases_what_it_should_leave_alone() -> None:
+    source = scene()
+    target = source.copy()
+    target[8:24, 6:22] = BLUE  # "make the square blue"
+    region = np.zeros((64, 64), np.uint8)
+    region[8:24, 6:22] = 255
+    objects = [RED, BLUE, GREEN]
+    assert editing_scores(target, source, target, region, objects)["objects_kept"] == 1.0
+    erased = target.copy()
+    erased[(source == GREEN).all(-1)] = BG  # the edit done, the triangle gone
+    scores = editing_scores(erased, source, target, region, objects)
+    assert scores["preservation"] > 0.9  # the pixel mean barely notices
+    blue_kept = (source == BLUE).all(-1).sum() / ((source == BLUE).all(-1).sum() + (source == GREEN).all(-1).sum())
+    assert scores["objects_kept"] == pytest.approx(blue_kept)
+    assert scores["objects_kept"] < 0.5
+    assert "objects_kept" not in editing_scores(target, source, target, region)  # no colours given
+    no_objects = editing_scores(canvas(), canvas(), canvas(), region, objects)
+    assert math.isnan(no_objects["objects_kept"])
+
+
 def test_editing_scores() -> None:
     source = scene()
     target = source.copy()

@@ -21,7 +21,9 @@ so does a plain dict with the keys below (these win over ``meta``). Scores are r
   scene's objects in ``meta["record"]`` (``objects``, or ``subject.source_objects`` when the
   builder swapped the pair; colours only: small objects are too few pixels for a shape).
 - ``editing``: ``mask`` or ``region`` (the edited region), joined with every pixel where source
-  and target differ (a resize blurs the edit across the stored mask's border).
+  and target differ (a resize blurs the edit across the stored mask's border). ``objects_kept``
+  needs the source scene's object colours: ``object_rgbs``, else ``meta["record"]``'s
+  ``edit.source_objects``.
 - ``t2i`` (the base's text-to-image, no source): ``object_rgbs``, else the colours of ``meta["record"]``'s
   ``objects``.
 """
@@ -112,7 +114,11 @@ def _editing(sample: Sample, output: np.ndarray) -> dict[str, float]:
     stored = _first(sample, "mask", "region")
     if stored is not None:
         region |= to_mask(stored, region.shape)
-    return editing_scores(output, source, target, region)
+    objects = sample.get("object_rgbs")
+    if objects is None:  # the source scene's objects, as the record stores them
+        edit = ((sample.get("meta") or {}).get("record") or {}).get("edit") or {}
+        objects = [o["rgb"] for o in edit.get("source_objects") or [] if "rgb" in o]
+    return editing_scores(output, source, target, region, objects)
 
 
 def score_sample(sample: Sample, output: np.ndarray) -> dict[str, float]:

@@ -490,14 +490,31 @@ def two_subjects_scores(output: ImageLike, target: ImageLike, subject_masks: Seq
 # ----------------------------------------------------------------------------- editing
 
 
+def objects_kept(output: np.ndarray, source: np.ndarray, outside: np.ndarray,
+                 object_rgbs: Sequence[Sequence[int]], match: int = 24, keep: int = 48) -> float:
+    """The share of the source's object pixels in ``outside`` (those of one of ``object_rgbs``, every
+    channel within ``match``) that ``output`` keeps (every channel within ``keep`` of the source), uint8
+    images; NaN when ``outside`` holds none."""
+    rgbs = np.asarray(object_rgbs, np.int16).reshape(-1, 3)
+    src, out = source.astype(np.int16), output.astype(np.int16)
+    objects = (np.abs(src[:, :, None, :] - rgbs[None, None]).max(-1) <= match).any(-1) & outside
+    if not objects.any():
+        return float("nan")
+    return float((np.abs(out - src).max(-1)[objects] <= keep).mean())
+
+
 def editing_scores(
-    output: ImageLike, source: ImageLike, target: ImageLike, region_mask: MaskLike
+    output: ImageLike, source: ImageLike, target: ImageLike, region_mask: MaskLike,
+    object_rgbs: Sequence[Sequence[int]] = (),
 ) -> dict[str, float]:
     """``edit_success``: the share of the required change made inside the edited region,
     ``max(0, 1 - L1_in(output, target) / max(L1_in(source, target), 1/255))``: 1 when the region
     equals the target, 0 when it is no closer to the target than the unedited source.
     ``preservation``: ``1 - L1_out(output, source)``, similarity to the source outside the region.
     ``edit_l1``: ``L1_in(output, target)``, the raw distance behind ``edit_success``.
+    ``objects_kept`` (with the scene's ``object_rgbs``): the share of the pixels of the objects outside
+    the region that the output keeps: a mean over mostly background hides an edit
+    that erases the objects it should leave alone (a scene's objects cover a few percent of it).
     L1 is the mean absolute difference in ``[0, 1]`` units."""
     out, src, tgt = to_uint8_rgb(output), to_uint8_rgb(source), to_uint8_rgb(target)
     region = to_mask(region_mask, out.shape[:2])
@@ -508,11 +525,14 @@ def editing_scores(
     else:
         success = max(0.0, 1.0 - d_out / max(d_src, 1.0 / 255.0))
     outside = l1(out, src, ~region)
-    return {
+    scores = {
         "edit_success": success,
         "preservation": float("nan") if math.isnan(outside) else 1.0 - outside,
         "edit_l1": d_out,
     }
+    if len(object_rgbs):
+        scores["objects_kept"] = objects_kept(out, src, ~region, object_rgbs)
+    return scores
 
 
 # ----------------------------------------------------------------------------- aggregation
