@@ -495,11 +495,10 @@ def objects_kept(output: np.ndarray, source: np.ndarray, outside: np.ndarray,
     """The share of the source's object pixels in ``outside`` (those of one of ``object_rgbs``, every
     channel within ``match``) that ``output`` keeps (every channel within ``keep`` of the source), uint8
     images; NaN when ``outside`` holds none."""
-    rgbs = np.asarray(object_rgbs, np.int16).reshape(-1, 3)
-    src, out = source.astype(np.int16), output.astype(np.int16)
-    objects = (np.abs(src[:, :, None, :] - rgbs[None, None]).max(-1) <= match).any(-1) & outside
+    objects = np.any([color_mask(source, rgb, match) for rgb in object_rgbs], axis=0) & outside
     if not objects.any():
         return float("nan")
+    src, out = source.astype(np.int16), output.astype(np.int16)
     return float((np.abs(out - src).max(-1)[objects] <= keep).mean())
 
 
