@@ -342,12 +342,18 @@ def test_classify_shape_with_custom_prototypes() -> None:
 # ----------------------------------------------------------------------------- editing
 
 
-def test_objects_kept_sees_an_edit_that_erases_what_it_should_leave_alone() -> None:
+def square_made_blue() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An edit of ``scene()``, "make the square blue": source, target and the edited region."""
     source = scene()
     target = source.copy()
-    target[8:24, 6:22] = BLUE  # "make the square blue"
+    target[8:24, 6:22] = BLUE
     region = np.zeros((64, 64), np.uint8)
     region[8:24, 6:22] = 255
+    return source, target, region
+
+
+def test_objects_kept_sees_an_edit_that_erases_what_it_should_leave_alone() -> None:
+    source, target, region = square_made_blue()
     objects = [RED, BLUE, GREEN]
     assert editing_scores(target, source, target, region, objects)["objects_kept"] == 1.0
     erased = target.copy()
@@ -363,11 +369,7 @@ def test_objects_kept_sees_an_edit_that_erases_what_it_should_leave_alone() -> N
 
 
 def test_editing_scores() -> None:
-    source = scene()
-    target = source.copy()
-    target[8:24, 6:22] = BLUE  # "make the square blue"
-    region = np.zeros((64, 64), np.uint8)
-    region[8:24, 6:22] = 255
+    source, target, region = square_made_blue()
     gt = editing_scores(target, source, target, region)
     assert gt == {"edit_success": 1.0, "preservation": 1.0, "edit_l1": 0.0}
 
