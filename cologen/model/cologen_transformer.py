@@ -138,7 +138,9 @@ class CoLoGenTransformer(nn.Module):
                 block.attn.prw_experts = ExpertBank(dim, self.prw.num_experts, self.prw.rank, self.prw.alpha,
                                                     self.prw.targets, self.prw.noisy_targets, self.prw.token_gate,
                                                     self.prw.hard_gate, pooled_dim if self.prw.gate_prompt else 0,
-                                                    self.prw.gate_prompt_rank)
+                                                    self.prw.gate_prompt_rank,
+                                                    transformer.config.joint_attention_dim if self.prw.gate_words
+                                                    else 0)
                 r = self.prw.router
                 prompt_dim = pooled_dim if r.prompt_input else 0
                 block.attn.prw_router = (
@@ -278,29 +280,30 @@ class CoLoGenTransformer(nn.Module):
 
     def prefill(self, cache: ConditionCache, source_tokens: Tokens, source_ids: Tokens, pooled: torch.Tensor,
                 timestep: torch.Tensor, guidance: torch.Tensor | None = None,
-                experts: torch.Tensor | None = None) -> int:
+                experts: torch.Tensor | None = None, words: torch.Tensor | None = None) -> int:
         """Compute each condition's source stream for `timestep` into `cache` unless it is there (once per request,
         before the first denoising step); returns the number of source passes."""
         passes = 0
         for i, (tokens, ids) in enumerate(conditions_of(source_tokens, source_ids)):
             key = self.cache_key(timestep, i, cache)
             if key not in cache.entries:
-                cache.put(key, self.encode_source(tokens, ids, pooled, timestep, guidance, experts))
+                cache.put(key, self.encode_source(tokens, ids, pooled, timestep, guidance, experts, words))
                 passes += 1
         return passes
 
     def _source_states(self, conditions, pooled, timestep, guidance, experts, cache: ConditionCache | None,
-                       key_timestep: torch.Tensor | None = None) -> list[SourceState]:
+                       key_timestep: torch.Tensor | None = None, words: torch.Tensor | None = None
+                       ) -> list[SourceState]:
         states = []
         for i, (tokens, ids) in enumerate(conditions):
             if cache is None:
-                states.append(self.encode_source(tokens, ids, pooled, timestep, guidance, experts))
+                states.append(self.encode_source(tokens, ids, pooled, timestep, guidance, experts, words))
                 continue
             key = self.cache_key(timestep if key_timestep is None else key_timestep, i, cache)
             state = cache.get(key)
             if state is None:
                 cache.misses += 1
-                state = cache.put(key, self.encode_source(tokens, ids, pooled, timestep, guidance, experts))
+                state = cache.put(key, self.encode_source(tokens, ids, pooled, timestep, guidance, experts, words))
             else:
                 cache.hits += 1
             states.append(state)
@@ -327,11 +330,12 @@ class CoLoGenTransformer(nn.Module):
 
     def encode_source(self, source_tokens: torch.Tensor, source_ids: torch.Tensor, pooled: torch.Tensor,
                       timestep: torch.Tensor, guidance: torch.Tensor | None = None,
-                      experts: torch.Tensor | None = None) -> SourceState:
+                      experts: torch.Tensor | None = None, words: torch.Tensor | None = None) -> SourceState:
         """Run the source stream: every block on the source tokens alone, modulated with temb(t = 0).
 
         `pooled` is the pooled prompt embedding (for temb and for routers with prompt input); `experts` (B,)
-        forces each sample's expert in every PRW block (oracle routing, for evaluation)."""
+        forces each sample's expert in every PRW block (oracle routing, for evaluation); `words` (B, L, T): the
+        prompt's token states, which gates that read the words need (`prw.gate_words`)."""
         tf = self.transformer
         hidden = tf.x_embedder(source_tokens.to(tf.x_embedder.weight.dtype))
         zero = torch.zeros(hidden.shape[0], device=hidden.device, dtype=hidden.dtype)
@@ -343,7 +347,8 @@ class CoLoGenTransformer(nn.Module):
         state = SourceState({}, {})
         prompt = pooled.float() if self.prw.router.prompt_input else None
         # Experts that hold their prompt terms at zero (all of them before an asked task's step) skip computing them.
-        gate_context = (GateContext(pooled.float(), place_features(source_ids)) if self.prompt_gates_live() else None)
+        gate_context = (GateContext(pooled.float(), place_features(source_ids), words if self.prw.gate_words else None)
+                        if self.prompt_gates_live() else None)
         forced = experts.to(hidden.device).long() if experts is not None else None
         if forced is not None and int(forced.max()) >= max(self.num_active, 1):
             raise ValueError(f"forced expert {int(forced.max())} is not active ({self.num_active} active)")
@@ -392,7 +397,7 @@ class CoLoGenTransformer(nn.Module):
         (`small_effect`; 0: off).
         """
         states = self._source_states(conditions_of(source_tokens, source_ids), text.pooled, timestep, guidance,
-                                     experts, cache, host_timestep)
+                                     experts, cache, host_timestep, text.tokens)
         routing = {condition_key(name, i): r for i, state in enumerate(states) for name, r in state.routing.items()}
         sources = {}
         for name in states[0].kv if states else ():

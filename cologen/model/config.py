@@ -72,6 +72,9 @@ class PRWConfig:
     gate_prompt: (ours) each token gate also reads the pooled prompt and the token's place in its image (a
         bilinear term per expert of rank `gate_prompt_rank`, zero at init): an edit's object and its new place are
         named by the instruction, which the source tokens cannot see. Needs `token_gate`.
+    gate_words: (ours) the prompt gates also read the prompt word by word: each token attends over the prompt's
+        token states and reads a value per word (`PromptGate`; zero at init), so a gate can tell the object an
+        instruction names from the others, which the pooled prompt mixes. Needs `gate_prompt`.
     """
 
     num_experts: int = 5
@@ -87,6 +90,7 @@ class PRWConfig:
     isolate_closed_tokens: Literal["none", "source", "output"] = "none"
     gate_prompt: bool = False
     gate_prompt_rank: int = 16
+    gate_words: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self):
@@ -107,6 +111,8 @@ class PRWConfig:
             raise ValueError("prw.hard_gate is a kind of token gate: it needs prw.token_gate: true")
         if self.gate_prompt and not self.token_gate:
             raise ValueError("prw.gate_prompt adds the prompt to the token gates: it needs prw.token_gate: true")
+        if self.gate_words and not self.gate_prompt:
+            raise ValueError("prw.gate_words adds the prompt's words to the prompt gates: it needs prw.gate_prompt: true")
         if self.gate_prompt and self.gate_prompt_rank <= 0:
             raise ValueError(f"prw.gate_prompt_rank must be > 0, got {self.gate_prompt_rank}")
         if self.isolate_closed_tokens != "none" and not self.hard_gate:

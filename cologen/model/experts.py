@@ -12,7 +12,7 @@ options add capacity where K/V cannot reach (both ours, off in the paper's setti
   `w . h + b`), learned from the supervision of which tokens change (`veteran.gate_weight`); `noisy_gate` applies
   the first condition's gates to the noisy tokens at the same places; `gate_prompt` lets the gate read what the
   instruction names and where (`PromptGate`), which the source tokens alone cannot tell (an edit's object, its new
-  place).
+  place); `gate_words` lets it read the prompt word by word, to tell the named object from the others.
 
 All experts are allocated up front (one per curriculum step) so checkpoint and optimizer shapes never change; the
 router masks the inactive ones. Parameter names follow peft (`lora_A.weight`, `lora_B.weight`) so each expert is a
@@ -83,24 +83,41 @@ class PromptGate(nn.Module):
     `(x P) . (p Q)` (is it where the prompt puts something?) and `p . c`. V, Q and c start at zero, so the gate
     starts as it was.
 
+    With `word_dim` (`prw.gate_words`) a fourth term reads the prompt word by word: the token attends over the
+    layer-normed word states `w_j` (query `LN(h) A`, keys `w_j K`, and a sink word of score 0 and value 0, so a token
+    that matches no word reads nothing) and takes the attended words' values `w_j . v`. The pooled prompt mixes the
+    words' roles ("make the red square blue" holds both colours); a token that attends to the words naming an object
+    can tell that object from the others. `v` starts at zero.
+
     `is_live` tells from host state alone (no device sync) whether the terms can be non-zero, so a model whose
     experts all hold them at zero (`veteran.gate_prompt_tasks`) skips computing them."""
 
-    def __init__(self, dim: int, prompt_dim: int, rank: int):
+    def __init__(self, dim: int, prompt_dim: int, rank: int, word_dim: int = 0):
         super().__init__()
         self.token_down = nn.Linear(dim, rank, bias=False)
         self.place_down = nn.Linear(PLACE_DIM, rank, bias=False)
         self.token_prompt = nn.Linear(prompt_dim, rank, bias=False)
         self.place_prompt = nn.Linear(prompt_dim, rank, bias=False)
         self.prompt_bias = nn.Linear(prompt_dim, 1, bias=False)
-        for down in (self.token_down, self.place_down):
+        downs = [self.token_down, self.place_down]
+        if word_dim:
+            self.word_query = nn.Linear(dim, rank, bias=False)
+            self.word_key = nn.Linear(word_dim, rank, bias=False)
+            self.word_value = nn.Linear(word_dim, 1, bias=False)
+            downs += [self.word_query, self.word_key]
+        for down in downs:
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
         self.may_be_nonzero = False  # host mirror of "the prompt side has a non-zero weight"
         self.zero_prompt_side()
         self.register_load_state_dict_post_hook(_check_loaded_prompt_side)
 
+    @property
+    def reads_words(self) -> bool:
+        return hasattr(self, "word_value")
+
     def _prompt_side(self) -> tuple[nn.Linear, ...]:
-        return self.token_prompt, self.place_prompt, self.prompt_bias
+        words = (self.word_value,) if self.reads_words else ()
+        return self.token_prompt, self.place_prompt, self.prompt_bias, *words
 
     @torch.no_grad()
     def zero_prompt_side(self) -> None:
@@ -136,7 +153,7 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, rank: int, targets: Sequence[str] = ("to_k", "to_v"),
                  noisy_targets: Sequence[str] = (), token_gate: bool = False, prompt_dim: int = 0,
-                 gate_rank: int = 16):
+                 gate_rank: int = 16, word_dim: int = 0):
         super().__init__()
         for t in targets:
             self.add_module(t, LoRA(dim, dim, rank))
@@ -146,16 +163,18 @@ class Expert(nn.Module):
         if self.token_gate is not None:
             nn.init.zeros_(self.token_gate.weight)
             nn.init.zeros_(self.token_gate.bias)
-        self.prompt_gate = PromptGate(dim, prompt_dim, gate_rank) if token_gate and prompt_dim else None
+        self.prompt_gate = PromptGate(dim, prompt_dim, gate_rank, word_dim) if token_gate and prompt_dim else None
 
 
 @dataclass
 class GateContext:
-    """What a prompt-aware gate reads beside the tokens: the pooled prompt (B, P) and each token's place features
-    (N, F) or (B, N, F) (`place_features`)."""
+    """What a prompt-aware gate reads beside the tokens: the pooled prompt (B, P), each token's place features
+    (N, F) or (B, N, F) (`place_features`) and, for gates that read the words, the prompt's token states (B, L, T)
+    (all-zero rows are padding, which no token attends to)."""
 
     prompt: torch.Tensor
     place: torch.Tensor
+    words: torch.Tensor | None = None
 
 
 def hard_gate_open(logits: torch.Tensor) -> torch.Tensor:
@@ -168,15 +187,15 @@ class ExpertBank(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, rank: int, alpha: float, targets: Sequence[str] = ("to_k", "to_v"),
                  noisy_targets: Sequence[str] = (), token_gate: bool = False, hard_gate: bool = False,
-                 prompt_dim: int = 0, gate_rank: int = 16):
+                 prompt_dim: int = 0, gate_rank: int = 16, word_dim: int = 0):
         super().__init__()
         self.rank = rank
         self.hard_gate = hard_gate
         self.scale = alpha / rank
         self.targets = tuple(targets)
         self.noisy_targets = tuple(noisy_targets)
-        self.experts = nn.ModuleList(Expert(dim, rank, targets, noisy_targets, token_gate, prompt_dim, gate_rank)
-                                     for _ in range(num_experts))
+        self.experts = nn.ModuleList(Expert(dim, rank, targets, noisy_targets, token_gate, prompt_dim, gate_rank,
+                                            word_dim) for _ in range(num_experts))
 
     @property
     def num_experts(self) -> int:
@@ -232,7 +251,27 @@ class ExpertBank(nn.Module):
         asks_what = torch.bmm(routed("token_prompt"), prompt[..., None])  # (B, r, 1)
         asks_where = torch.bmm(routed("place_prompt"), prompt[..., None])
         bias = torch.bmm(routed("prompt_bias"), prompt[..., None])[..., 0]  # (B, 1)
-        return (torch.bmm(what, asks_what) + torch.bmm(where, asks_where))[..., 0] + bias
+        logits = (torch.bmm(what, asks_what) + torch.bmm(where, asks_where))[..., 0] + bias
+        if gates[0].reads_words:
+            if context.words is None:
+                raise ValueError("prw.gate_words: the gates read the prompt's word states, but none were given")
+            logits = logits + self._word_logits(tokens, context.words, routed)
+        return logits
+
+    @staticmethod
+    def _word_logits(tokens: torch.Tensor, words: torch.Tensor, routed) -> torch.Tensor:
+        """The word term (B, N) of `PromptGate`: each layer-normed token (B, N, D) attends over the words (B, L, T)
+        and a sink of score 0 and value 0, and reads the attended words' values."""
+        present = words.abs().amax(-1) > 0  # (B, L): padding rows are all zero
+        words = F.layer_norm(words.float(), words.shape[-1:])
+        query = torch.bmm(tokens, routed("word_query").transpose(1, 2))  # (B, N, r)
+        key = torch.bmm(words, routed("word_key").transpose(1, 2))  # (B, L, r)
+        value = torch.bmm(words, routed("word_value").transpose(1, 2))[..., 0]  # (B, L)
+        scores = torch.bmm(query, key.transpose(1, 2)) / math.sqrt(query.shape[-1])  # (B, N, L)
+        scores = scores.masked_fill(~present[:, None, :], float("-inf"))
+        sink = scores.new_zeros(*scores.shape[:2], 1)
+        attention = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+        return (attention * value[:, None, :]).sum(-1)
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, N, 1) scale of each token's deltas: `2 * sigmoid(logits)` (1 at init), or with hard gates

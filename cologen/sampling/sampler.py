@@ -173,12 +173,14 @@ class FlowSampler:
         elif cache is None:
             cache = ConditionCache()
         else:  # kept across requests: conditions are keyed by their content
-            cache.keys = [fingerprint(tokens, ids, text_b.pooled, guidance, experts_b)
+            words = text_b.tokens if model.prw.gate_words else None  # what the gates read beside the pooled prompt
+            cache.keys = [fingerprint(tokens, ids, text_b.pooled, words, guidance, experts_b)
                           for tokens, ids in zip(src_b, sids_b)]
         hits0, misses0 = (cache.hits, cache.misses) if cache is not None else (0, 0)
         if cache is not None:  # computed once per request, before the first step
             t0 = (timesteps[0] / 1000).expand(b * nb)
-            stats.source_passes += model.prefill(cache, src_b, sids_b, text_b.pooled, t0, guidance, experts_b)
+            stats.source_passes += model.prefill(cache, src_b, sids_b, text_b.pooled, t0, guidance, experts_b,
+                                                 text_b.tokens)
         # Nothing in the loop waits for the device: the cache keys read the schedule's host copy and the routing
         # statistics are copied to the host once, after the last step.
         host_timesteps = timesteps.cpu()
