@@ -140,7 +140,8 @@ class CoLoGenTransformer(nn.Module):
                                                     self.prw.hard_gate, pooled_dim if self.prw.gate_prompt else 0,
                                                     self.prw.gate_prompt_rank,
                                                     transformer.config.joint_attention_dim if self.prw.gate_words
-                                                    else 0)
+                                                    else 0,
+                                                    transformer.config.in_channels if self.prw.gate_image else 0)
                 r = self.prw.router
                 prompt_dim = pooled_dim if r.prompt_input else 0
                 block.attn.prw_router = (
@@ -347,7 +348,8 @@ class CoLoGenTransformer(nn.Module):
         state = SourceState({}, {})
         prompt = pooled.float() if self.prw.router.prompt_input else None
         # Experts that hold their prompt terms at zero (all of them before an asked task's step) skip computing them.
-        gate_context = (GateContext(pooled.float(), place_features(source_ids), words if self.prw.gate_words else None)
+        gate_context = (GateContext(pooled.float(), place_features(source_ids), words if self.prw.gate_words else None,
+                                    source_tokens if self.prw.gate_image else None)
                         if self.prompt_gates_live() else None)
         forced = experts.to(hidden.device).long() if experts is not None else None
         if forced is not None and int(forced.max()) >= max(self.num_active, 1):

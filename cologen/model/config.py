@@ -75,6 +75,9 @@ class PRWConfig:
     gate_words: (ours) the prompt gates also read the prompt word by word: each token attends over the prompt's
         token states and reads a value per word (`PromptGate`; zero at init), so a gate can tell the object an
         instruction names from the others, which the pooled prompt mixes. Needs `gate_prompt`.
+    gate_image: (ours) the prompt gates also read a small CNN of each expert over the condition's token grid, in a
+        bilinear term with the pooled prompt (zero at init): the shape and size of the object under a token, which
+        the source stream's token states do not hold. Needs `gate_prompt` and square conditions.
     """
 
     num_experts: int = 5
@@ -91,6 +94,7 @@ class PRWConfig:
     gate_prompt: bool = False
     gate_prompt_rank: int = 16
     gate_words: bool = False
+    gate_image: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self):
@@ -111,6 +115,9 @@ class PRWConfig:
             raise ValueError("prw.hard_gate is a kind of token gate: it needs prw.token_gate: true")
         if self.gate_prompt and not self.token_gate:
             raise ValueError("prw.gate_prompt adds the prompt to the token gates: it needs prw.token_gate: true")
+        if self.gate_image and not self.gate_prompt:
+            raise ValueError("prw.gate_image adds the condition image to the prompt gates: it needs prw.gate_prompt: "
+                             "true")
         if self.gate_words and not self.gate_prompt:
             raise ValueError("prw.gate_words adds the prompt's words to the prompt gates: it needs prw.gate_prompt: true")
         if self.gate_prompt and self.gate_prompt_rank <= 0:

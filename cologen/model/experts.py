@@ -92,7 +92,8 @@ class PromptGate(nn.Module):
     `is_live` tells from host state alone (no device sync) whether the terms can be non-zero, so a model whose
     experts all hold them at zero (`veteran.gate_prompt_tasks`) skips computing them."""
 
-    def __init__(self, dim: int, prompt_dim: int, rank: int, word_dim: int = 0):
+    def __init__(self, dim: int, prompt_dim: int, rank: int, word_dim: int = 0, image_channels: int = 0,
+                 image_width: int = 32):
         super().__init__()
         self.token_down = nn.Linear(dim, rank, bias=False)
         self.place_down = nn.Linear(PLACE_DIM, rank, bias=False)
@@ -105,6 +106,11 @@ class PromptGate(nn.Module):
             self.word_key = nn.Linear(word_dim, rank, bias=False)
             self.word_value = nn.Linear(word_dim, 1, bias=False)
             downs += [self.word_query, self.word_key]
+        if image_channels:
+            self.image_encoder = ConditionImageEncoder(image_channels, image_width)
+            self.image_down = nn.Linear(image_width, rank, bias=False)
+            self.image_prompt = nn.Linear(prompt_dim, rank, bias=False)
+            downs.append(self.image_down)
         for down in downs:
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
         self.may_be_nonzero = False  # host mirror of "the prompt side has a non-zero weight"
@@ -115,9 +121,14 @@ class PromptGate(nn.Module):
     def reads_words(self) -> bool:
         return hasattr(self, "word_value")
 
+    @property
+    def reads_image(self) -> bool:
+        return hasattr(self, "image_prompt")
+
     def _prompt_side(self) -> tuple[nn.Linear, ...]:
         words = (self.word_value,) if self.reads_words else ()
-        return self.token_prompt, self.place_prompt, self.prompt_bias, *words
+        image = (self.image_prompt,) if self.reads_image else ()
+        return self.token_prompt, self.place_prompt, self.prompt_bias, *words, *image
 
     @torch.no_grad()
     def zero_prompt_side(self) -> None:
@@ -138,6 +149,29 @@ class PromptGate(nn.Module):
         return self.may_be_nonzero
 
 
+class ConditionImageEncoder(nn.Module):
+    """A small CNN over the condition's token grid (`prw.gate_image`): a per-token layer on the packed latents, then
+    three 3 x 3 convolutions (each token sees 7 x 7 tokens around it), so a gate can read the shape and size of the
+    object under a token, which the source stream's token states do not hold (measured: linear probes of every
+    block's token states tell the object's class at chance)."""
+
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.embed = nn.Linear(in_channels, width)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(3))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) tokens of a square grid packed row by row (`pack_latents`) -> (B, N, width)."""
+        b, n, _ = tokens.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"prw.gate_image reads a square condition's token grid; got {n} tokens")
+        x = F.gelu(self.embed(tokens.float())).transpose(1, 2).reshape(b, -1, side, side)
+        for conv in self.convs:
+            x = F.gelu(conv(x))
+        return x.flatten(2).transpose(1, 2)
+
+
 def any_nonzero(weight: torch.Tensor) -> bool:
     """Whether any element of `weight` is non-zero; a sharded weight (FSDP's DTensor) is gathered first, so every
     rank gets the same answer (each shard's own would differ, and ranks that skip different terms hang)."""
@@ -153,7 +187,7 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, rank: int, targets: Sequence[str] = ("to_k", "to_v"),
                  noisy_targets: Sequence[str] = (), token_gate: bool = False, prompt_dim: int = 0,
-                 gate_rank: int = 16, word_dim: int = 0):
+                 gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0):
         super().__init__()
         for t in targets:
             self.add_module(t, LoRA(dim, dim, rank))
@@ -163,7 +197,8 @@ class Expert(nn.Module):
         if self.token_gate is not None:
             nn.init.zeros_(self.token_gate.weight)
             nn.init.zeros_(self.token_gate.bias)
-        self.prompt_gate = PromptGate(dim, prompt_dim, gate_rank, word_dim) if token_gate and prompt_dim else None
+        self.prompt_gate = (PromptGate(dim, prompt_dim, gate_rank, word_dim, image_channels)
+                            if token_gate and prompt_dim else None)
 
 
 @dataclass
@@ -175,6 +210,7 @@ class GateContext:
     prompt: torch.Tensor
     place: torch.Tensor
     words: torch.Tensor | None = None
+    image: torch.Tensor | None = None  # the condition's tokens (B, N, C), for gates that read the image
 
 
 def hard_gate_open(logits: torch.Tensor) -> torch.Tensor:
@@ -187,7 +223,7 @@ class ExpertBank(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, rank: int, alpha: float, targets: Sequence[str] = ("to_k", "to_v"),
                  noisy_targets: Sequence[str] = (), token_gate: bool = False, hard_gate: bool = False,
-                 prompt_dim: int = 0, gate_rank: int = 16, word_dim: int = 0):
+                 prompt_dim: int = 0, gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0):
         super().__init__()
         self.rank = rank
         self.hard_gate = hard_gate
@@ -195,7 +231,7 @@ class ExpertBank(nn.Module):
         self.targets = tuple(targets)
         self.noisy_targets = tuple(noisy_targets)
         self.experts = nn.ModuleList(Expert(dim, rank, targets, noisy_targets, token_gate, prompt_dim, gate_rank,
-                                            word_dim) for _ in range(num_experts))
+                                            word_dim, image_channels) for _ in range(num_experts))
 
     @property
     def num_experts(self) -> int:
@@ -256,7 +292,23 @@ class ExpertBank(nn.Module):
             if context.words is None:
                 raise ValueError("prw.gate_words: the gates read the prompt's word states, but none were given")
             logits = logits + self._word_logits(tokens, context.words, routed)
+        if gates[0].reads_image:
+            if context.image is None:
+                raise ValueError("prw.gate_image: the gates read the condition image, but none was given")
+            logits = logits + self._image_logits(gates, index, context.image, prompt, routed)
         return logits
+
+    @staticmethod
+    def _image_logits(gates, index, image: torch.Tensor, prompt: torch.Tensor, routed) -> torch.Tensor:
+        """The image term (B, N): `(E(x) A) . (p B)` with E the routed expert's `ConditionImageEncoder`. Every
+        expert's encoder runs on the batch and each sample keeps its own expert's (no host sync; the encoders are
+        small and the experts few)."""
+        every = torch.stack([g.image_encoder(image) for g in gates], 1)  # (B, E, N, w)
+        one_hot = (index[:, None] == torch.arange(len(gates), device=index.device)).to(every.dtype)  # (B, E)
+        features = torch.einsum("be,benw->bnw", one_hot, every)
+        seen = torch.bmm(features, routed("image_down").transpose(1, 2))  # (B, N, r)
+        asks = torch.bmm(routed("image_prompt"), prompt[..., None])  # (B, r, 1)
+        return torch.bmm(seen, asks)[..., 0]
 
     @staticmethod
     def _word_logits(tokens: torch.Tensor, words: torch.Tensor, routed) -> torch.Tensor:
