@@ -89,16 +89,10 @@ def test_config_needs_prompt_gates():
 
 
 def test_the_model_hands_its_condition_tokens_to_the_gates():
-    from cologen.model.config import PRWConfig
-    from cologen.model.presets import TinyPreset
-    from cologen.module import CoLoGenModule
-    from cologen.training.config import VeteranConfig
-    from tests.test_eval_denoising import PRW, batch
+    from tests.test_eval_denoising import batch
+    from tests.test_word_gates import prompt_gate_module
 
-    torch.manual_seed(0)
-    module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
-                           prw=PRWConfig(**PRW, gate_prompt=True, gate_image=True),
-                           veteran=VeteranConfig(gate_weight=0.1)).eval()
+    module = prompt_gate_module(gate_image=True)
     inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))
     args = (inputs["source_tokens"], inputs["source_ids"], inputs["text"].pooled, inputs["timestep"])
     with torch.no_grad():

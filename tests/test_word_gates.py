@@ -87,7 +87,8 @@ def test_config_needs_prompt_gates():
         PRWConfig(token_gate=True, gate_words=True)
 
 
-def word_gate_module():
+def prompt_gate_module(**options):
+    """A tiny model in eval mode whose gates read the prompt, with further `PRWConfig` options."""
     from cologen.model.config import PRWConfig
     from cologen.model.presets import TinyPreset
     from cologen.module import CoLoGenModule
@@ -95,16 +96,15 @@ def word_gate_module():
     from tests.test_eval_denoising import PRW
 
     torch.manual_seed(0)
-    module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
-                           prw=PRWConfig(**PRW, gate_prompt=True, gate_words=True),
-                           veteran=VeteranConfig(gate_weight=0.1)).eval()
-    return module
+    return CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                         prw=PRWConfig(**PRW, gate_prompt=True, **options),
+                         veteran=VeteranConfig(gate_weight=0.1)).eval()
 
 
 def test_each_samples_words_reach_its_own_gates_in_the_model():
     from tests.test_eval_denoising import batch
 
-    module = word_gate_module()
+    module = prompt_gate_module(gate_words=True)
     data = batch()
     data["prompt"] = ["make the red square blue", "make the blue square red", "remove the circle"]
     inputs = module.prepare(data, False, torch.Generator().manual_seed(0))
@@ -136,7 +136,7 @@ def test_the_sampler_hands_the_words_to_its_cached_source_pass_and_keys_a_kept_c
     from cologen.model.text_encoders import TextEmbeddings
     from tests.test_sampling import sources
 
-    module = word_gate_module()
+    module = prompt_gate_module(gate_words=True)
     with torch.no_grad():
         for name, p in module.model.named_parameters():
             if "prompt_gate.word_value" in name or "prompt_gate.prompt_bias" in name:
