@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cologen.model.experts import ConditionImageEncoder, ExpertBank, GateContext, place_features
-from tests.test_prompt_gates import fit_gate, grid_ids
+from tests.test_prompt_gates import fit_gate, grid_ids, prompt_gate_module
 
 CHANNELS = 4
 
@@ -90,7 +90,6 @@ def test_config_needs_prompt_gates():
 
 def test_the_model_hands_its_condition_tokens_to_the_gates():
     from tests.test_eval_denoising import batch
-    from tests.test_word_gates import prompt_gate_module
 
     module = prompt_gate_module(gate_image=True)
     inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))

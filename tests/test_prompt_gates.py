@@ -82,16 +82,24 @@ def test_a_prompt_gate_learns_the_region_a_prompt_names_where_the_tokens_alone_c
     assert without <= 0.75 + 1e-6  # the two regions agree on half the tokens: a gate blind to the prompt is wrong on a quarter
 
 
-def test_the_prompt_reaches_each_samples_gate_in_the_model():
+def prompt_gate_module(**options):
+    """A tiny model in eval mode whose gates read the prompt, with further `PRWConfig` options."""
     from cologen.model.config import PRWConfig
     from cologen.model.presets import TinyPreset
     from cologen.module import CoLoGenModule
     from cologen.training.config import VeteranConfig
-    from tests.test_eval_denoising import PRW, batch
+    from tests.test_eval_denoising import PRW
 
     torch.manual_seed(0)
-    module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
-                           prw=PRWConfig(**PRW, gate_prompt=True), veteran=VeteranConfig(gate_weight=0.1)).eval()
+    return CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
+                         prw=PRWConfig(**PRW, gate_prompt=True, **options),
+                         veteran=VeteranConfig(gate_weight=0.1)).eval()
+
+
+def test_the_prompt_reaches_each_samples_gate_in_the_model():
+    from tests.test_eval_denoising import batch
+
+    module = prompt_gate_module()
     data = batch()
     data["prompt"] = ["make the red square blue", "draw a box", "remove the circle"]
     inputs = module.prepare(data, False, torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cologen.model.experts import ExpertBank, GateContext, place_features
-from tests.test_prompt_gates import fit_gate, grid_ids
+from tests.test_prompt_gates import fit_gate, grid_ids, prompt_gate_module
 
 COLOURS, WORD_DIM = 4, 8  # a word: its colour (one-hot over 4) and its role (4: the named object, 5: the new colour)
 
@@ -85,20 +85,6 @@ def test_config_needs_prompt_gates():
 
     with pytest.raises(ValueError, match="gate_words"):
         PRWConfig(token_gate=True, gate_words=True)
-
-
-def prompt_gate_module(**options):
-    """A tiny model in eval mode whose gates read the prompt, with further `PRWConfig` options."""
-    from cologen.model.config import PRWConfig
-    from cologen.model.presets import TinyPreset
-    from cologen.module import CoLoGenModule
-    from cologen.training.config import VeteranConfig
-    from tests.test_eval_denoising import PRW
-
-    torch.manual_seed(0)
-    return CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=1),
-                         prw=PRWConfig(**PRW, gate_prompt=True, **options),
-                         veteran=VeteranConfig(gate_weight=0.1)).eval()
 
 
 def test_each_samples_words_reach_its_own_gates_in_the_model():

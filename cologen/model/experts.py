@@ -12,7 +12,8 @@ options add capacity where K/V cannot reach (both ours, off in the paper's setti
   `w . h + b`), learned from the supervision of which tokens change (`veteran.gate_weight`); `noisy_gate` applies
   the first condition's gates to the noisy tokens at the same places; `gate_prompt` lets the gate read what the
   instruction names and where (`PromptGate`), which the source tokens alone cannot tell (an edit's object, its new
-  place); `gate_words` lets it read the prompt word by word, to tell the named object from the others.
+  place); `gate_words` and `gate_image` let it read the prompt word by word and a small CNN of the condition image
+  (both measured, off everywhere).
 
 All experts are allocated up front (one per curriculum step) so checkpoint and optimizer shapes never change; the
 router masks the inactive ones. Parameter names follow peft (`lora_A.weight`, `lora_B.weight`) so each expert is a
@@ -88,6 +89,9 @@ class PromptGate(nn.Module):
     that matches no word reads nothing) and takes the attended words' values `w_j . v`. The pooled prompt mixes the
     words' roles ("make the red square blue" holds both colours); a token that attends to the words naming an object
     can tell that object from the others. `v` starts at zero.
+
+    With `image_channels` (`prw.gate_image`) a fifth term is `(E(x) A) . (p B)`: a `ConditionImageEncoder` E over
+    the condition's tokens x, which sees the shape and size of the object under a token. `B` starts at zero.
 
     `is_live` tells from host state alone (no device sync) whether the terms can be non-zero, so a model whose
     experts all hold them at zero (`veteran.gate_prompt_tasks`) skips computing them."""
