@@ -276,6 +276,7 @@ def test_a_model_whose_experts_all_hold_their_prompt_terms_skips_them_with_the_s
 
 
 SHARDED_CHECK = """
+import os
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -284,8 +285,11 @@ dist.init_process_group("gloo")
 weight = torch.zeros(4, 3)
 weight[3, 0] = 1.0  # on rank 1's shard only
 sharded = distribute_tensor(weight, init_device_mesh("cpu", (2,)), [Shard(0)])
-print(f"rank {dist.get_rank()}: {any_nonzero(sharded)}")
+print(f"rank {dist.get_rank()}: {any_nonzero(sharded)}", flush=True)
 dist.destroy_process_group()
+# torch 2.13's gloo can abort rank 0 at interpreter exit, after destroy_process_group has returned ("terminate
+# called without an active exception", 4 in 60 launches on 2 busy cores): leave without the finaliser.
+os._exit(0)
 """
 
 
@@ -297,7 +301,8 @@ def test_every_rank_reads_the_same_liveness_off_a_sharded_weight(tmp_path):
 
     script = tmp_path / "check.py"
     script.write_text(SHARDED_CHECK)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)],
                          capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(re.findall(r"rank \d: (?:True|False)", out.stdout)) == ["rank 0: True",
