@@ -545,12 +545,14 @@ class CoLoGenModule(L.LightningModule):
 
 
     def frozen_state_keys(self) -> set[str]:
-        """State-dict keys restored from the preset rather than stored: the frozen base and the encoders."""
+        """State-dict keys restored from the preset rather than stored: the frozen base and the encoders (the text
+        encoder, the codec and the gates' pretrained image encoder)."""
+        restored = ("text_encoder.", "codec.", "model.gate_image_encoder.")
         if self.train_base:
-            return {k for k in self.state_dict() if k.startswith(("text_encoder.", "codec."))}
+            return {k for k in self.state_dict() if k.startswith(restored)}
         base = {id(p) for p in self.model.base_parameters()}
         named = dict(self.named_parameters(remove_duplicate=False))  # tied weights (T5's embeddings) too
-        return {k for k, p in named.items() if id(p) in base or k.startswith(("text_encoder.", "codec."))}
+        return {k for k, p in named.items() if id(p) in base or k.startswith(restored)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint is self-contained: `init_from` only seeds a fresh stage, so loading this checkpoint must not

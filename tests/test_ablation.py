@@ -269,7 +269,7 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
     isolation = {v.name: _model_section(spec.configs + v.configs, "prw").get("isolate_closed_tokens", "none")
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
-    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all"}  # recorded with it
+    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "gate_encoder"}  # recorded with it
     assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
 
@@ -282,7 +282,8 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     prompt = {name: _model_section(f, "prw").get("gate_prompt", False) for name, f in files.items()}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
-    for name, prompt_tasks in (("curriculum", ["editing"]), ("prompt_gates", None), ("prompt_gates_weight_all", None)):
+    for name, prompt_tasks in (("curriculum", ["editing"]), ("gate_encoder", ["editing"]), ("prompt_gates", None),
+                               ("prompt_gates_weight_all", None)):
         assert prompt.pop(name) and veteran[name]["gate_prompt_tasks"] == prompt_tasks, name
         assert veteran.pop(name)["gate_tasks"] == ["inpainting", "editing"], name
     assert set(prompt.values()) == {False}, prompt

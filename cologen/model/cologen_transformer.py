@@ -23,6 +23,7 @@ from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
 from .checkpointing import checkpoint_function
 from .config import PRWConfig
 from .experts import ExpertBank, GateContext, hard_gate_open, place_features
+from .gate_encoder import load_gate_encoder
 from .router import NoisyTop1Router, Routing
 from .text_encoders import TextEmbeddings
 
@@ -127,6 +128,13 @@ class CoLoGenTransformer(nn.Module):
         self.block_names: list[str] = []
         self.prw_block_names: list[str] = []
         selected = {"both": ("double", "single"), "double": ("double",), "single": ("single",)}[self.prw.blocks]
+        # One frozen, pretrained encoder whose features every prompt gate reads (prw.gate_image_encoder), computed
+        # once per source pass, in place of each expert's own CNN.
+        self.gate_image_encoder = (load_gate_encoder(self.prw.gate_image_encoder, transformer.config.in_channels)
+                                   if self.prw.gate_image_encoder and self.prw.num_experts else None)
+        shared = self.gate_image_encoder
+        image_channels = (0 if not self.prw.gate_image else shared.embed.out_features if shared is not None
+                          else transformer.config.in_channels)
         for kind, block in self._named_blocks():
             block.attn.set_processor(PRWAttnProcessor(kind))
             block.register_forward_pre_hook(bind_block(kind, block), with_kwargs=True)
@@ -141,7 +149,7 @@ class CoLoGenTransformer(nn.Module):
                                                     self.prw.gate_prompt_rank,
                                                     transformer.config.joint_attention_dim if self.prw.gate_words
                                                     else 0,
-                                                    transformer.config.in_channels if self.prw.gate_image else 0)
+                                                    image_channels, own_image_encoder=shared is None)
                 r = self.prw.router
                 prompt_dim = pooled_dim if r.prompt_input else 0
                 block.attn.prw_router = (
@@ -329,6 +337,13 @@ class CoLoGenTransformer(nn.Module):
         r = ctx.routing_out
         return hidden, key, value, (r.index, r.weight, r.probs) if r is not None else None, ctx.gate_out
 
+    def _gate_image(self, source_tokens: torch.Tensor) -> torch.Tensor:
+        """What the image-reading gates get: the shared frozen encoder's features, else the tokens themselves."""
+        if self.gate_image_encoder is None:
+            return source_tokens
+        with torch.no_grad():
+            return self.gate_image_encoder(source_tokens)
+
     def encode_source(self, source_tokens: torch.Tensor, source_ids: torch.Tensor, pooled: torch.Tensor,
                       timestep: torch.Tensor, guidance: torch.Tensor | None = None,
                       experts: torch.Tensor | None = None, words: torch.Tensor | None = None) -> SourceState:
@@ -349,7 +364,7 @@ class CoLoGenTransformer(nn.Module):
         prompt = pooled.float() if self.prw.router.prompt_input else None
         # Experts that hold their prompt terms at zero (all of them before an asked task's step) skip computing them.
         gate_context = (GateContext(pooled.float(), place_features(source_ids), words if self.prw.gate_words else None,
-                                    source_tokens if self.prw.gate_image else None)
+                                    self._gate_image(source_tokens) if self.prw.gate_image else None)
                         if self.prompt_gates_live() else None)
         forced = experts.to(hidden.device).long() if experts is not None else None
         if forced is not None and int(forced.max()) >= max(self.num_active, 1):

@@ -78,6 +78,10 @@ class PRWConfig:
     gate_image: (ours) the prompt gates also read a small CNN of each expert over the condition's token grid, in a
         bilinear term with the pooled prompt (zero at init): the shape and size of the object under a token, which
         the source stream's token states do not hold. Needs `gate_prompt` and square conditions.
+    gate_image_encoder: (ours) with `gate_image`, every gate reads the features of one pretrained, frozen encoder
+        instead of training a CNN of its own: a folder written by `make gate-encoder`, or 'builtin' (the tiny
+        preset's, pretrained on ShapeWorld to tell each token's object class, size and colour; cologen/model/
+        gate_encoder.py). None: each expert's own CNN.
     """
 
     num_experts: int = 5
@@ -95,6 +99,7 @@ class PRWConfig:
     gate_prompt_rank: int = 16
     gate_words: bool = False
     gate_image: bool = False
+    gate_image_encoder: str | None = None
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self):
@@ -117,6 +122,9 @@ class PRWConfig:
             raise ValueError("prw.gate_prompt adds the prompt to the token gates: it needs prw.token_gate: true")
         if self.gate_image and not self.gate_prompt:
             raise ValueError("prw.gate_image adds the condition image to the prompt gates: it needs prw.gate_prompt: "
+                             "true")
+        if self.gate_image_encoder and not self.gate_image:
+            raise ValueError("prw.gate_image_encoder is what the image-reading gates read: it needs prw.gate_image: "
                              "true")
         if self.gate_words and not self.gate_prompt:
             raise ValueError("prw.gate_words adds the prompt's words to the prompt gates: it needs prw.gate_prompt: true")

@@ -91,13 +91,15 @@ class PromptGate(nn.Module):
     can tell that object from the others. `v` starts at zero.
 
     With `image_channels` (`prw.gate_image`) a fifth term is `(E(x) A) . (p B)`: a `ConditionImageEncoder` E over
-    the condition's tokens x, which sees the shape and size of the object under a token. `B` starts at zero.
+    the condition's tokens x, which sees the shape and size of the object under a token. `B` starts at zero. With
+    `own_image_encoder=False` (`prw.gate_image_encoder`) the gate has no E: it reads features (B, N, image_channels)
+    that one pretrained, frozen encoder computes for every gate.
 
     `is_live` tells from host state alone (no device sync) whether the terms can be non-zero, so a model whose
     experts all hold them at zero (`veteran.gate_prompt_tasks`) skips computing them."""
 
     def __init__(self, dim: int, prompt_dim: int, rank: int, word_dim: int = 0, image_channels: int = 0,
-                 image_width: int = 32):
+                 image_width: int = 32, own_image_encoder: bool = True):
         super().__init__()
         self.token_down = nn.Linear(dim, rank, bias=False)
         self.place_down = nn.Linear(PLACE_DIM, rank, bias=False)
@@ -110,9 +112,10 @@ class PromptGate(nn.Module):
             self.word_key = nn.Linear(word_dim, rank, bias=False)
             self.word_value = nn.Linear(word_dim, 1, bias=False)
             downs += [self.word_query, self.word_key]
-        if image_channels:
+        if image_channels and own_image_encoder:
             self.image_encoder = ConditionImageEncoder(image_channels, image_width)
-            self.image_down = nn.Linear(image_width, rank, bias=False)
+        if image_channels:
+            self.image_down = nn.Linear(image_width if own_image_encoder else image_channels, rank, bias=False)
             self.image_prompt = nn.Linear(prompt_dim, rank, bias=False)
             downs.append(self.image_down)
         for down in downs:
@@ -191,7 +194,7 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, rank: int, targets: Sequence[str] = ("to_k", "to_v"),
                  noisy_targets: Sequence[str] = (), token_gate: bool = False, prompt_dim: int = 0,
-                 gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0):
+                 gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0, own_image_encoder: bool = True):
         super().__init__()
         for t in targets:
             self.add_module(t, LoRA(dim, dim, rank))
@@ -201,7 +204,8 @@ class Expert(nn.Module):
         if self.token_gate is not None:
             nn.init.zeros_(self.token_gate.weight)
             nn.init.zeros_(self.token_gate.bias)
-        self.prompt_gate = (PromptGate(dim, prompt_dim, gate_rank, word_dim, image_channels)
+        self.prompt_gate = (PromptGate(dim, prompt_dim, gate_rank, word_dim, image_channels,
+                                       own_image_encoder=own_image_encoder)
                             if token_gate and prompt_dim else None)
 
 
@@ -214,7 +218,8 @@ class GateContext:
     prompt: torch.Tensor
     place: torch.Tensor
     words: torch.Tensor | None = None
-    image: torch.Tensor | None = None  # the condition's tokens (B, N, C), for gates that read the image
+    # for gates that read the image: the condition's tokens (B, N, C), or the shared encoder's features of them
+    image: torch.Tensor | None = None
 
 
 def hard_gate_open(logits: torch.Tensor) -> torch.Tensor:
@@ -227,7 +232,8 @@ class ExpertBank(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, rank: int, alpha: float, targets: Sequence[str] = ("to_k", "to_v"),
                  noisy_targets: Sequence[str] = (), token_gate: bool = False, hard_gate: bool = False,
-                 prompt_dim: int = 0, gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0):
+                 prompt_dim: int = 0, gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0,
+                 own_image_encoder: bool = True):
         super().__init__()
         self.rank = rank
         self.hard_gate = hard_gate
@@ -235,7 +241,7 @@ class ExpertBank(nn.Module):
         self.targets = tuple(targets)
         self.noisy_targets = tuple(noisy_targets)
         self.experts = nn.ModuleList(Expert(dim, rank, targets, noisy_targets, token_gate, prompt_dim, gate_rank,
-                                            word_dim, image_channels) for _ in range(num_experts))
+                                            word_dim, image_channels, own_image_encoder) for _ in range(num_experts))
 
     @property
     def num_experts(self) -> int:
@@ -306,10 +312,13 @@ class ExpertBank(nn.Module):
     def _image_logits(gates, index, image: torch.Tensor, prompt: torch.Tensor, routed) -> torch.Tensor:
         """The image term (B, N): `(E(x) A) . (p B)` with E the routed expert's `ConditionImageEncoder`. Every
         expert's encoder runs on the batch and each sample keeps its own expert's (no host sync; the encoders are
-        small and the experts few)."""
-        every = torch.stack([g.image_encoder(image) for g in gates], 1)  # (B, E, N, w)
-        one_hot = (index[:, None] == torch.arange(len(gates), device=index.device)).to(every.dtype)  # (B, E)
-        features = torch.einsum("be,benw->bnw", one_hot, every)
+        small and the experts few). Gates without their own encoder read `image` as the shared features."""
+        if hasattr(gates[0], "image_encoder"):
+            every = torch.stack([g.image_encoder(image) for g in gates], 1)  # (B, E, N, w)
+            one_hot = (index[:, None] == torch.arange(len(gates), device=index.device)).to(every.dtype)  # (B, E)
+            features = torch.einsum("be,benw->bnw", one_hot, every)
+        else:
+            features = image.float()
         seen = torch.bmm(features, routed("image_down").transpose(1, 2))  # (B, N, r)
         asks = torch.bmm(routed("image_prompt"), prompt[..., None])  # (B, r, 1)
         return torch.bmm(seen, asks)[..., 0]
