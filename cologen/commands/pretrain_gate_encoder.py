@@ -28,6 +28,7 @@ from cologen.data.reader import ShardReader
 from cologen.data.records import BadSample, decode_sample
 from cologen.data.shards import expand_shards
 from cologen.data.skips import SkipCounter
+from cologen.inputs import to_tensor
 from cologen.model.codecs import PixelCodec
 from cologen.model.experts import ConditionImageEncoder
 from cologen.model.gate_encoder import save_gate_encoder
@@ -89,7 +90,7 @@ def pretrain(shards: Sequence[str], *, scene_limit: int = 20000, held_out: int =
         if image.shape[0] != image.shape[1]:
             raise ValueError(f"gate encoder: scenes must be square, got {image.shape[1]} x {image.shape[0]}")
         labels.append(token_labels(objects, image.shape[0], 2 * codec_factor, vocab))
-        images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1)
+        images.append(to_tensor(image))
     if len(images) <= held_out:
         raise ValueError(f"gate encoder: {len(images)} scenes in {list(shards)}, need more than --held-out {held_out}")
     with torch.no_grad():
