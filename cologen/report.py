@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from cologen.eval.results import (
+    DETAIL_METRICS,
     HEADLINE_METRICS,
     METRIC_LABELS,
     after_own_step,
@@ -65,7 +66,7 @@ def curriculum_table(stage_dirs: list[Path], base_dir: Path) -> tuple[str, dict]
     rows, numbers = [], {}
     for task, metrics in HEADLINE_METRICS.items():
         own = after_own_step(validations, task)
-        for metric in metrics:
+        for metric in metrics + DETAIL_METRICS.get(task, ()):
             b = estimate([base], task, metric) if base else None
             o = estimate([own], task, metric) if own else None
             f = estimate([final], task, metric)

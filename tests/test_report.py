@@ -51,6 +51,7 @@ def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
     write_validation(runs / "stage3" / "validation" / "step000100", 3, dict(list(owners.items())[:4]),
                      {"customized": full(0.7)})
     final_scores = {t: full(0.8) for t in owners}
+    final_scores["editing"]["objects_kept"] = [0.4, 0.5, 0.6, 0.5]  # a detail metric: its own row, no goal
     write_validation(runs / "stage3" / "validation" / "step000200", 4, owners, final_scores,
                      oracle={t: full(0.85) for t in owners})
     base = runs / "base_only"
@@ -79,6 +80,9 @@ def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| inpainting PSNR outside"))
     assert row.startswith("| inpainting PSNR outside the mask (dB) | 0.1 ± 0.0 | 0.9 ± ") and "| 35.0 |" in row
     assert "no ablation results yet" in text
+    kept = next(line for line in text.splitlines() if line.startswith("| editing objects kept"))
+    assert kept.startswith("| editing objects kept outside the edit | n/a | 0.50 ± ") and "| **0.50 ± " in kept
+    assert numbers["editing/objects_kept"]["goal"] is None
     assert len(read_validations(runs / "stage3")) == 2
 
     # the sweep's table as `make sweep` writes it (best first), its plot copied next to docs/results.md
