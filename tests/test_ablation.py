@@ -269,7 +269,7 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
     isolation = {v.name: _model_section(spec.configs + v.configs, "prw").get("isolate_closed_tokens", "none")
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
-    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "gate_encoder"}  # recorded with it
+    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder"}  # recorded with it
     assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
 
@@ -282,10 +282,25 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     prompt = {name: _model_section(f, "prw").get("gate_prompt", False) for name, f in files.items()}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
-    for name, prompt_tasks in (("curriculum", ["editing"]), ("gate_encoder", ["editing"]), ("prompt_gates", None),
+    for name, prompt_tasks in (("curriculum", ["editing"]), ("no_gate_encoder", ["editing"]), ("prompt_gates", None),
                                ("prompt_gates_weight_all", None)):
         assert prompt.pop(name) and veteran[name]["gate_prompt_tasks"] == prompt_tasks, name
         assert veteran.pop(name)["gate_tasks"] == ["inpainting", "editing"], name
     assert set(prompt.values()) == {False}, prompt
     assert all(v.get("gate_tasks") == ["inpainting"] and v.get("gate_prompt_tasks") is None
                and v.get("gate_pos_weight") == 1.0 for v in veteran.values()), veteran
+
+
+def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
+    """The curriculum's editing gates read the pretrained, frozen gate encoder since 2026-12-04 (`prw.gate_image`,
+    `prw.gate_image_encoder: builtin`); every variant recorded before layers no_gate_encoder.yaml, so its records
+    stay what it trains, and each variant's layered prw section is a valid config."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
+    curriculum = prw.pop("curriculum")
+    assert curriculum["gate_image"] and curriculum["gate_image_encoder"] == "builtin"
+    assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
+    for name, section in {"curriculum": curriculum, **prw}.items():
+        PRWConfig(**{k: v for k, v in section.items() if k != "router"})  # raises on a contradiction
+    recorded = {p.parent.parent.name for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
+    assert "gate_encoder" not in recorded and {"curriculum", "no_gate_encoder"} <= recorded
