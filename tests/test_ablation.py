@@ -293,8 +293,9 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
 
 def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     """The curriculum's editing gates read the pretrained, frozen gate encoder since 2026-12-04 (`prw.gate_image`,
-    `prw.gate_image_encoder: builtin`); every variant recorded before layers no_gate_encoder.yaml, so its records
-    stay what it trains, and each variant's layered prw section is a valid config."""
+    `prw.gate_image_encoder: builtin`); every variant recorded before layers no_gate_encoder.yaml or no_prompt_gates.yaml
+    (which turns the image terms off with the prompt gates), so its records stay what it trains, and each variant's
+    layered prw section is a valid config."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
     curriculum = prw.pop("curriculum")
