@@ -269,7 +269,7 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
     isolation = {v.name: _model_section(spec.configs + v.configs, "prw").get("isolate_closed_tokens", "none")
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
-    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder"}  # recorded with it
+    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "grounding_gates"}  # with it
     assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
 
@@ -282,10 +282,12 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     prompt = {name: _model_section(f, "prw").get("gate_prompt", False) for name, f in files.items()}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
-    for name, prompt_tasks in (("curriculum", ["editing"]), ("no_gate_encoder", ["editing"]), ("prompt_gates", None),
-                               ("prompt_gates_weight_all", None)):
+    edit, ground = ["inpainting", "editing"], ["inpainting", "editing", "grounding"]
+    for name, gated, prompt_tasks in (("curriculum", edit, ["editing"]), ("no_gate_encoder", edit, ["editing"]),
+                                      ("prompt_gates", edit, None), ("prompt_gates_weight_all", edit, None),
+                                      ("grounding_gates", ground, ["editing", "grounding"])):
         assert prompt.pop(name) and veteran[name]["gate_prompt_tasks"] == prompt_tasks, name
-        assert veteran.pop(name)["gate_tasks"] == ["inpainting", "editing"], name
+        assert veteran.pop(name)["gate_tasks"] == gated, name
     assert set(prompt.values()) == {False}, prompt
     assert all(v.get("gate_tasks") == ["inpainting"] and v.get("gate_prompt_tasks") is None
                and v.get("gate_pos_weight") == 1.0 for v in veteran.values()), veteran
@@ -299,7 +301,8 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
     curriculum = prw.pop("curriculum")
-    assert curriculum["gate_image"] and curriculum["gate_image_encoder"] == "builtin"
+    for with_encoder in (curriculum, prw.pop("grounding_gates")):  # grounding_gates was recorded with it
+        assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
     for name, section in {"curriculum": curriculum, **prw}.items():
         PRWConfig(**{k: v for k, v in section.items() if k != "router"})  # raises on a contradiction
