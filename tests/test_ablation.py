@@ -304,7 +304,7 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     for with_encoder in (curriculum, prw.pop("grounding_gates")):  # grounding_gates was recorded with it
         assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
-    for name, section in {"curriculum": curriculum, **prw}.items():
+    for section in (curriculum, *prw.values()):
         PRWConfig(**{k: v for k, v in section.items() if k != "router"})  # raises on a contradiction
     recorded = {p.parent.parent.name for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert "gate_encoder" not in recorded and {"curriculum", "no_gate_encoder"} <= recorded
