@@ -10,9 +10,10 @@ config in bf16 directly on the GPU, with the paper's PRW bank (5 experts of rank
 per block; all 5 experts active, the newest one and the routers train (the last curriculum step). A training step
 at 512 x 512 with a 512 x 512 condition: 1024 noisy tokens, 1024 source tokens, 512 T5 tokens, forward +
 flow-matching loss + backward + AdamW, timed with CUDA events after warmup (median of the timed steps), per row:
-`BATCH/CHECKPOINTING[/compile][/int8|/float8]` (checkpointing off / full / selective, the blocks compiled, a
-quantized frozen base). Then the 28-step Euler sampler at batch 1, eager (with and without the condition cache) and
-compiled (with it); a weight-free latent stand-in replaces the VAE, so only the transformer is timed. `--baseline`
+`BATCH/CHECKPOINTING[:SHARE][/compile][/int8|/float8]` (checkpointing off / full / selective, of a share of the
+blocks, or budget:SHARE, compiled graphs that keep that share of their backward's inputs; the blocks compiled; a
+quantized frozen base). Then the 28-step Euler sampler at batch 1, eager (with and without the condition cache),
+compiled (with it) and compiled over a float8 base (`--sampler float8`); a weight-free latent stand-in replaces the VAE, so only the transformer is timed. `--baseline`
 also times the stock diffusers + peft LoRA baseline (benchmarks/baseline_lora.py) at the eager rows' settings.
 
 Columns: step time (s); tokens/s = batch x (noisy + source + text tokens) / step time; TFLOP/s = model FLOPs /
@@ -131,14 +132,25 @@ class Clock:
         return time.perf_counter() - t0
 
 
-CHECKPOINTING = ("off", "full", "selective")
+CHECKPOINTING = ("off", "full", "selective", "budget")
 QUANTIZATIONS = ("int8", "float8")  # -> cologen.model.quantize modes
 QUANTIZE_MODES = {"int8": "int8_weight_only", "float8": "float8"}
+ROW_SPEC = ("BATCH/CHECKPOINTING[:SHARE][/compile][/int8|/float8], CHECKPOINTING one of off, full, selective "
+            "(SHARE: of the blocks checkpointed), budget:SHARE (compiled rows: the partitioner's activation memory "
+            "budget)")
+
+
+def checkpointing_parts(text: str) -> tuple[str, float | None]:
+    """A row's checkpointing, `KIND[:SHARE]`, as (kind, share or None)."""
+    kind, _, share = text.partition(":")
+    return kind, float(share) if share else None
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row's settings, written `BATCH/CHECKPOINTING[/compile][/int8|/float8]` (e.g. `4/off/compile`)."""
+    """One row's settings, written `BATCH/CHECKPOINTING[:SHARE][/compile][/int8|/float8]` (e.g. `4/off/compile`,
+    `1/full:0.25/compile`: a quarter of the blocks checkpointed; `4/budget:0.3/compile`: no checkpoint calls, the
+    compiled blocks' partitioner keeps 30% of what the backward would read and recomputes the rest)."""
 
     batch: int
     checkpointing: str = "off"  # off, full (everything recomputed) or selective (cologen.model.checkpointing)
@@ -152,8 +164,15 @@ class Variant:
         checkpointing = {"on": "full"}.get(checkpointing, checkpointing)
         flags = set(rest[1:])
         unknown = flags - {"compile", *QUANTIZATIONS}
-        if not batch.isdigit() or checkpointing not in CHECKPOINTING or unknown or len(flags & set(QUANTIZATIONS)) > 1:
-            raise ValueError(f"row {text!r}: expected BATCH/{{{','.join(CHECKPOINTING)}}}[/compile][/int8|/float8]")
+        try:
+            kind, share = checkpointing_parts(checkpointing)
+        except ValueError:
+            kind, share = "", None
+        bad_share = (share is not None and not 0 < share <= 1) or (kind == "off" and share is not None) or (
+            kind == "budget" and (share is None or "compile" not in flags))
+        if (not batch.isdigit() or kind not in CHECKPOINTING or bad_share or unknown
+                or len(flags & set(QUANTIZATIONS)) > 1):
+            raise ValueError(f"row {text!r}: expected {ROW_SPEC}")
         quantize = next((q for q in QUANTIZATIONS if q in flags), None)
         return cls(int(batch), checkpointing, "compile" in flags, quantize)
 
@@ -204,8 +223,9 @@ def train_row(model, scale: Scale, variant: Variant, steps: int, warmup: int, de
     work = workload_of(inputs)
     flops = training_step_flops(scale.config, work, scale.prw.rank, scale.prw.num_experts, scale.prw.blocks).total
     row.model_tflop_per_step = flops / 1e12
-    on = variant.checkpointing != "off"
-    model.enable_gradient_checkpointing(on, checkpoint_function(variant.checkpointing) if on else None)
+    kind, share = checkpointing_parts(variant.checkpointing)
+    on = kind in ("full", "selective")  # (a budget row recomputes inside its compiled graphs: set_memory_budget)
+    model.enable_gradient_checkpointing(on, checkpoint_function(kind) if on else None, share if on and share else 1.0)
     model.train()
     optimizer = torch.optim.AdamW(
         [{"params": model.expert_parameters(), "lr": 1e-4}, {"params": model.router_parameters(), "lr": 5e-5}],
@@ -325,8 +345,9 @@ def goals(rows: list[Row], tiny: bool) -> list[str]:
     b4 = [r for r in rows if r.batch == 4 and r.checkpointing != "off" and r.quantize is None and r.status == "ok"
           and (r.peak_mem_gb is None or r.peak_mem_gb <= 40)]
     mfu_goal("batch 4 with checkpointing in <= 40 GB", 0.35, max(b4, key=lambda r: r.mfu or 0.0) if b4 else None)
-    b1 = [r for r in rows if r.batch == 1 and r.checkpointing != "off" and r.quantize is None and r.status == "ok"]
-    mfu_goal("batch 1 with checkpointing", 0.25, max(b1, key=lambda r: r.mfu or 0.0) if b1 else None)
+    b1 = [r for r in rows if r.batch == 1 and r.checkpointing != "off" and r.quantize is None and r.status == "ok"
+          and (r.peak_mem_gb is None or r.peak_mem_gb <= 40)]
+    mfu_goal("batch 1 with checkpointing in <= 40 GB", 0.25, max(b1, key=lambda r: r.mfu or 0.0) if b1 else None)
     for r in rows:
         if r.batch == 1 and r.checkpointing != "off" and r.quantize is None and not r.compiled:
             verdict = ("not measured (no CUDA allocator statistics on the CPU)" if r.peak_mem_gb is None
@@ -337,8 +358,9 @@ def goals(rows: list[Row], tiny: bool) -> list[str]:
             out.append(f"goal peak memory <= 24 GB at batch {r.batch} with a {r.quantize} base: {r.peak_mem_gb:.2f} GB"
                        f" -> {'met' if r.peak_mem_gb <= 24 else 'not met'}")
         if r.quantize and r.losses:
-            ref = next((b for b in rows if b.losses and b.quantize is None and b.batch == r.batch
-                        and b.checkpointing == r.checkpointing and not b.compiled), None)
+            # the same batches and starting weights in every row; checkpointing does not change the loss
+            refs = [b for b in rows if b.losses and b.quantize is None and b.batch == r.batch]
+            ref = next((b for b in refs if b.compiled == r.compiled), refs[0] if refs else None)
             if ref is not None:
                 n = min(len(ref.losses), len(r.losses))
                 worst = max(abs(a - b) / abs(b) for a, b in zip(r.losses[:n], ref.losses[:n]))
@@ -358,6 +380,17 @@ def compile_blocks(model, device: torch.device, backend: str | None) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
     model.compile_repeated_blocks(dynamic=False, **({"backend": backend} if backend else {}))
+
+
+def set_memory_budget(share: float) -> None:
+    """The share of what a compiled block's backward reads that its forward keeps (torch's activation memory budget:
+    1 keeps what the default partitioner keeps, less recomputes the cheapest ops first). It is read when a graph is
+    compiled, so a change drops the compiled graphs (and skips the AOT autograd cache, whose key may not hold it)."""
+    config = torch._functorch.config
+    if config.activation_memory_budget != share:
+        config.activation_memory_budget = share
+        config.enable_autograd_cache = False
+        torch._dynamo.reset()
 
 
 def uncompile_blocks(model) -> None:
@@ -430,14 +463,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--table", type=Path, nargs="+", default=None,
                         help="print the markdown tables of these results files (--json) and exit")
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
-                        help="BATCH/CHECKPOINTING[/compile][/int8|/float8] per row, CHECKPOINTING one of off, "
-                             "full, selective (default: %(default)s)")
+                        help=f"{ROW_SPEC} per row (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (10; --tiny: 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, the first one timed as the "
                         "cold start (3; --tiny: 1)")
     parser.add_argument("--sampler-steps", type=int, default=28)
-    parser.add_argument("--sampler", nargs="*", choices=["eager", "compiled"], default=["eager", "compiled"],
-                        help="sampler timings to run (none: skip the sampler)")
+    parser.add_argument("--sampler", nargs="*", choices=["eager", "compiled", "float8"], default=["eager", "compiled"],
+                        help="sampler timings to run (none: skip the sampler); float8: compiled blocks over a float8 "
+                             "base (quantized after the other rows, as a float8 row's)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time the stock diffusers + peft LoRA baseline at the eager rows' settings")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
@@ -486,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run_rows(selected: list[Variant]) -> None:
         for v in selected:
+            kind, share = checkpointing_parts(v.checkpointing)
+            set_memory_budget(share if kind == "budget" else 1.0)
             rows.append(train_row(model, scale, v, steps, warmup, device, peak))
             _free(device)
             print(format_rows([rows[-1]]).splitlines()[1], flush=True)
@@ -520,12 +555,14 @@ def main(argv: list[str] | None = None) -> dict:
         results["compiled_vs_eager"] = {"eager_loss": eager_loss, "compiled_loss": compiled_loss}
         print(f"[bench-gpu] eval loss at batch 1, eager {eager_loss:.6f}, compiled {compiled_loss:.6f} "
               f"(relative difference {abs(compiled_loss - eager_loss) / abs(eager_loss):.2e})", flush=True)
-        run_rows(compiled)
+        run_rows(sorted(compiled, key=lambda v: checkpointing_parts(v.checkpointing)[0] == "budget"))
+        set_memory_budget(1.0)
         if "compiled" in args.sampler:
             run_sampler("compiled")
         uncompile_blocks(model)
     quantized = [v for v in variants if v.quantize]
-    for mode in dict.fromkeys(v.quantize for v in quantized):
+    modes = list(dict.fromkeys([v.quantize for v in quantized] + (["float8"] if "float8" in args.sampler else [])))
+    for mode in modes:
         from cologen.model.quantize import quantize_frozen_base
 
         try:
@@ -536,11 +573,17 @@ def main(argv: list[str] | None = None) -> dict:
                         for v in quantized if v.quantize == mode)
             continue
         selected = [v for v in quantized if v.quantize == mode]
-        if any(v.compiled for v in selected):
+        sampler = mode == "float8" and "float8" in args.sampler
+        if any(v.compiled for v in selected) or sampler:
             compile_blocks(model, device, args.compile_backend)
         run_rows(selected)
+        set_memory_budget(1.0)
+        if sampler:
+            run_sampler("float8")
         uncompile_blocks(model)
-        break  # a base is quantized once; another mode needs another process
+        if len(modes) > 1:
+            print(f"[bench-gpu] not run: {', '.join(modes[1:])} (a base is quantized once; run them in another process)")
+        break
     print(format_rows(rows))
     if args.baseline:
         for line in baseline_ratios(rows, scale, steps, warmup, device, peak):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .compat import set_attention_backend
 from .curriculum.spec import CurriculumStep
-from .model.checkpointing import checkpoint_function
+from .model.checkpointing import checkpoint_function, spread_blocks
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
 from .model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids
@@ -88,6 +88,9 @@ class CoLoGenModule(L.LightningModule):
         checkpointing_policy: what a checkpointed block recomputes (with `gradient_checkpointing`): 'full'
             (everything; the least memory) or 'selective' (keeps the attention outputs and the down-projection
             matmuls, recomputes the cheap rest: less recompute for more memory; docs/memory.md has both).
+        checkpointing_blocks: the share of the blocks checkpointed (with `gradient_checkpointing`), spread over the
+            depth; the others keep their activations. 1 checkpoints all; a smaller share trades memory for the
+            recompute (on an H200, compiled FLUX.1-dev: docs/benchmarks.md).
         load_text_encoder: False when batches carry precomputed text embeddings (`text_tokens`, `text_pooled`).
         offload_text_encoder: keep the frozen text encoder in CPU memory and move it to the accelerator only while
             it encodes prompts that are not cached yet (saves its GPU memory; precomputed embeddings save more).
@@ -109,6 +112,7 @@ class CoLoGenModule(L.LightningModule):
                  flow: FlowMatchingConfig | None = None, veteran: VeteranConfig | None = None,
                  optim: OptimConfig | None = None, positions: SourcePositionConfig | None = None,
                  train_base: bool = False, gradient_checkpointing: bool = False, checkpointing_policy: str = "full",
+                 checkpointing_blocks: float = 1.0,
                  load_text_encoder: bool = True,
                  offload_text_encoder: bool = False, attention_backend: str | None = None,
                  sampler: SamplerConfig | None = None, init_from: str | None = None,
@@ -131,6 +135,7 @@ class CoLoGenModule(L.LightningModule):
                              "prw.gate_prompt: true")
         check_quantize_base(quantize_base, train_base)
         checkpoint_fn = checkpoint_function(checkpointing_policy)  # ValueError naming the policies
+        spread_blocks(1, checkpointing_blocks)  # ValueError: a share in [0, 1]
         self.train_base = train_base
         # Plain data only: checkpoints load with torch.load(weights_only=True) and loggers show readable values.
         self.save_hyperparameters({
@@ -138,6 +143,7 @@ class CoLoGenModule(L.LightningModule):
             "veteran": asdict(self.veteran), "optim": asdict(self.optim), "positions": asdict(self.positions),
             "sampler": asdict(sampler) if sampler is not None else None, "train_base": train_base,
             "gradient_checkpointing": gradient_checkpointing, "checkpointing_policy": checkpointing_policy,
+            "checkpointing_blocks": checkpointing_blocks,
             "load_text_encoder": load_text_encoder,
             "offload_text_encoder": offload_text_encoder, "attention_backend": attention_backend,
             "quantize_base": quantize_base, "compile_blocks": compile_blocks, "init_from": init_from})
@@ -162,7 +168,7 @@ class CoLoGenModule(L.LightningModule):
                 p.requires_grad_(True)
         if quantize_base is not None:
             quantize_frozen_base(self.model, quantize_base)
-        self.model.enable_gradient_checkpointing(gradient_checkpointing, checkpoint_fn)
+        self.model.enable_gradient_checkpointing(gradient_checkpointing, checkpoint_fn, checkpointing_blocks)
         if compile_blocks:
             self.model.compile_repeated_blocks()
         if attention_backend is not None:

@@ -113,3 +113,24 @@ def checkpoint_function(policy: str) -> Callable[..., Any]:
     if policy == "selective":
         return _SELECTIVE
     raise ValueError(f"checkpointing policy {policy!r}: choose one of {', '.join(POLICIES)}")
+
+
+def spread_blocks(count: int, fraction: float) -> list[int]:
+    """The indices of `round(fraction * count)` of `count` blocks, spread evenly over the depth (`fraction` 1: all)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"checkpointed fraction of the blocks {fraction}: expected a number in [0, 1]")
+    chosen = round(fraction * count)
+    return [(i * count) // chosen for i in range(chosen)] if chosen else []
+
+
+def some_blocks(checkpoint_fn: Callable[..., Any], blocks: list[torch.nn.Module]) -> Callable[..., Any]:
+    """`checkpoint_fn` for the calls of `blocks` alone; every other block runs plainly and keeps its activations
+    (less recompute for more memory). A block call is `checkpoint_fn(block, *args)` (diffusers' main pass) or
+    `checkpoint_fn(source_block_fn, block, *args)` (CoLoGenTransformer's source pass)."""
+    chosen = {id(b) for b in blocks}
+
+    def checkpoint_some(function, *args):
+        block = function if isinstance(function, torch.nn.Module) else args[0]
+        return checkpoint_fn(function, *args) if id(block) in chosen else function(*args)
+
+    return checkpoint_some

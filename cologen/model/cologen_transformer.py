@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
-from .checkpointing import checkpoint_function
+from .checkpointing import checkpoint_function, some_blocks, spread_blocks
 from .config import PRWConfig
 from .experts import ExpertBank, GateContext, hard_gate_open, place_features
 from .gate_encoder import load_gate_encoder
@@ -247,12 +247,17 @@ class CoLoGenTransformer(nn.Module):
     def set_extra_state(self, state) -> None:
         self.num_active = int(state["num_active"])
 
-    def enable_gradient_checkpointing(self, enabled: bool = True, checkpoint_fn=None) -> None:
+    def enable_gradient_checkpointing(self, enabled: bool = True, checkpoint_fn=None, fraction: float = 1.0) -> None:
         """Recompute each block's activations in the backward pass, in both streams. `checkpoint_fn(function,
         *args)` checkpoints one block call (default: torch's non-reentrant checkpoint, everything recomputed;
-        `cologen.model.checkpointing.checkpoint_function` builds the selective one)."""
+        `cologen.model.checkpointing.checkpoint_function` builds the selective one). `fraction` < 1 checkpoints
+        that share of the blocks, spread over the depth; the others keep their activations."""
         self.gradient_checkpointing = enabled
         self._checkpoint_fn = checkpoint_fn or checkpoint_function("full")
+        if fraction < 1.0:
+            blocks = [block for _, block in self._named_blocks()]
+            self._checkpoint_fn = some_blocks(self._checkpoint_fn,
+                                              [blocks[i] for i in spread_blocks(len(blocks), fraction)])
         if enabled:
             self.transformer.enable_gradient_checkpointing(self._checkpoint_fn)
         else:
