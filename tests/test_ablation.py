@@ -269,7 +269,7 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
     isolation = {v.name: _model_section(spec.configs + v.configs, "prw").get("isolate_closed_tokens", "none")
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
-    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "grounding_gates"}  # with it
+    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "no_grounding_gates"}
     assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
 
@@ -283,9 +283,9 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     prompt = {name: _model_section(f, "prw").get("gate_prompt", False) for name, f in files.items()}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     edit, ground = ["inpainting", "editing"], ["inpainting", "editing", "grounding"]
-    for name, gated, prompt_tasks in (("curriculum", edit, ["editing"]), ("no_gate_encoder", edit, ["editing"]),
-                                      ("prompt_gates", edit, None), ("prompt_gates_weight_all", edit, None),
-                                      ("grounding_gates", ground, ["editing", "grounding"])):
+    for name, gated, prompt_tasks in (("curriculum", ground, ["editing", "grounding"]),
+                                      ("no_grounding_gates", edit, ["editing"]), ("no_gate_encoder", edit, ["editing"]),
+                                      ("prompt_gates", edit, None), ("prompt_gates_weight_all", edit, None)):
         assert prompt.pop(name) and veteran[name]["gate_prompt_tasks"] == prompt_tasks, name
         assert veteran.pop(name)["gate_tasks"] == gated, name
     assert set(prompt.values()) == {False}, prompt
@@ -301,10 +301,38 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
     curriculum = prw.pop("curriculum")
-    for with_encoder in (curriculum, prw.pop("grounding_gates")):  # grounding_gates was recorded with it
+    for with_encoder in (curriculum, prw.pop("no_grounding_gates")):  # no_grounding_gates was recorded with it
         assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
     for section in (curriculum, *prw.values()):
         PRWConfig(**{k: v for k, v in section.items() if k != "router"})  # raises on a contradiction
     recorded = {p.parent.parent.name for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert "gate_encoder" not in recorded and {"curriculum", "no_gate_encoder"} <= recorded
+
+
+def test_the_variants_recorded_before_grounding_read_the_expression_still_train_with_its_gates_open():
+    """The curriculum's grounding gates are supervised on the overlay's tokens and read the expression since
+    2026-12-04 (`veteran.gate_tasks`, `gate_prompt_tasks` and `gate_pos_weight_tasks` name grounding); every variant
+    recorded before layers no_grounding_gates.yaml or no_prompt_gates.yaml, so no supervision, prompt term or weight
+    reaches grounding's gates in what it trains, and the records were relabelled: the variant grounding_gates's seeds
+    are the curriculum's, the curriculum's before them no_grounding_gates's."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    files = {v.name: spec.configs + v.configs for v in spec.variants}
+    veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
+    curriculum = veteran.pop("curriculum")
+    assert curriculum["gate_tasks"] == ["inpainting", "editing", "grounding"]
+    assert curriculum["gate_prompt_tasks"] == curriculum["gate_pos_weight_tasks"] == ["editing", "grounding"]
+    for name, section in veteran.items():
+        assert "grounding" not in section["gate_tasks"], name  # so a null prompt/weight task list cannot reach it
+        for key in ("gate_prompt_tasks", "gate_pos_weight_tasks"):
+            assert section[key] is None or "grounding" not in section[key], (name, key)
+        open_file = {"experiments/ablation/no_grounding_gates.yaml", "experiments/ablation/no_prompt_gates.yaml"}
+        assert open_file & set(files[name]), name
+    assert veteran["no_grounding_gates"] == {**curriculum, "gate_tasks": ["inpainting", "editing"],
+                                             "gate_prompt_tasks": ["editing"], "gate_pos_weight_tasks": ["editing"]}
+    records = REPO / "docs" / "ablation_runs"
+    done = {p.parent.parent.name: json.loads(p.read_text()) for p in records.glob("*/seed0/done.json")}
+    assert "grounding_gates" not in done
+    assert done["curriculum"]["recorded_as"] == "grounding_gates"
+    assert done["no_grounding_gates"]["recorded_as"] == "gate_encoder"
+    assert all(d["variant"] == name for name, d in done.items()), done
