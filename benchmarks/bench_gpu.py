@@ -204,6 +204,16 @@ class Row:
     losses: list[float] | None = None  # per timed step (the quantized base's loss against bf16's, same batches)
 
 
+def error_line(error: Exception) -> str:
+    """A failed row's status: the error's type, its message's first line and, for a longer message (a compiler's,
+    whose first line only names the backend), the last non-empty line, where the cause is."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0][:200] if lines else ""
+    if len(lines) > 1:
+        text += f" ... {lines[-1][:200]}"
+    return f"{type(error).__name__}: {text}"
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -224,7 +234,7 @@ def train_row(model, scale: Scale, variant: Variant, steps: int, warmup: int, de
     flops = training_step_flops(scale.config, work, scale.prw.rank, scale.prw.num_experts, scale.prw.blocks).total
     row.model_tflop_per_step = flops / 1e12
     kind, share = checkpointing_parts(variant.checkpointing)
-    on = kind in ("full", "selective")  # (a budget row recomputes inside its compiled graphs: set_memory_budget)
+    on = kind in ("full", "selective")  # (a budget row recomputes inside its compiled graphs: compile_blocks)
     model.enable_gradient_checkpointing(on, checkpoint_function(kind) if on else None, share if on and share else 1.0)
     model.train()
     optimizer = torch.optim.AdamW(
@@ -251,7 +261,7 @@ def train_row(model, scale: Scale, variant: Variant, steps: int, warmup: int, de
     except torch.OutOfMemoryError:
         row.status = "OOM"
     except Exception as error:  # a failed variant (a compile error, say) is reported in its row; the next one runs
-        row.status = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        row.status = error_line(error)
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         for p in model.expert_parameters() + model.router_parameters():
@@ -296,7 +306,7 @@ def sampler_times(model, scale: Scale, steps: int, device: torch.device, cache_o
     except torch.OutOfMemoryError:
         out["status"] = "OOM"
     except Exception as error:
-        out["status"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        out["status"] = error_line(error)
     _free(device)
     return out
 
@@ -374,23 +384,18 @@ def goals(rows: list[Row], tiny: bool) -> list[str]:
     return out
 
 
-def compile_blocks(model, device: torch.device, backend: str | None) -> None:
+def compile_blocks(model, device: torch.device, backend: str | None, budget: float | None = None) -> None:
     """Compile the blocks once for every row and the sampler: static shapes (one graph per block class, pass and
-    shape), with room in Dynamo's per-function cache for this script's shapes (2 batch sizes x train/eval)."""
+    shape), with room in Dynamo's per-function cache for this script's shapes (2 batch sizes x train/eval).
+    `budget`: the compiled blocks' activation memory budget (a budget row's; the graphs compiled before are dropped,
+    since the budget is read when a graph compiles)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    model.compile_repeated_blocks(dynamic=False, **({"backend": backend} if backend else {}))
-
-
-def set_memory_budget(share: float) -> None:
-    """The share of what a compiled block's backward reads that its forward keeps (torch's activation memory budget:
-    1 keeps what the default partitioner keeps, less recomputes the cheapest ops first). It is read when a graph is
-    compiled, so a change drops the compiled graphs (and skips the AOT autograd cache, whose key may not hold it)."""
-    config = torch._functorch.config
-    if config.activation_memory_budget != share:
-        config.activation_memory_budget = share
-        config.enable_autograd_cache = False
+    if budget is not None:
+        uncompile_blocks(model)
         torch._dynamo.reset()
+    model.compile_repeated_blocks(activation_memory_budget=budget, dynamic=False,
+                                  **({"backend": backend} if backend else {}))
 
 
 def uncompile_blocks(model) -> None:
@@ -520,7 +525,8 @@ def main(argv: list[str] | None = None) -> dict:
     def run_rows(selected: list[Variant]) -> None:
         for v in selected:
             kind, share = checkpointing_parts(v.checkpointing)
-            set_memory_budget(share if kind == "budget" else 1.0)
+            if kind == "budget":  # (the caller puts these last in a compiled phase)
+                compile_blocks(model, device, args.compile_backend, share)
             rows.append(train_row(model, scale, v, steps, warmup, device, peak))
             _free(device)
             print(format_rows([rows[-1]]).splitlines()[1], flush=True)
@@ -556,7 +562,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[bench-gpu] eval loss at batch 1, eager {eager_loss:.6f}, compiled {compiled_loss:.6f} "
               f"(relative difference {abs(compiled_loss - eager_loss) / abs(eager_loss):.2e})", flush=True)
         run_rows(sorted(compiled, key=lambda v: checkpointing_parts(v.checkpointing)[0] == "budget"))
-        set_memory_budget(1.0)
         if "compiled" in args.sampler:
             run_sampler("compiled")
         uncompile_blocks(model)
@@ -576,8 +581,7 @@ def main(argv: list[str] | None = None) -> dict:
         sampler = mode == "float8" and "float8" in args.sampler
         if any(v.compiled for v in selected) or sampler:
             compile_blocks(model, device, args.compile_backend)
-        run_rows(selected)
-        set_memory_budget(1.0)
+        run_rows(sorted(selected, key=lambda v: checkpointing_parts(v.checkpointing)[0] == "budget"))
         if sampler:
             run_sampler("float8")
         uncompile_blocks(model)

@@ -101,7 +101,8 @@ def test_peak_table_knows_the_common_gpus():
 @pytest.mark.timeout(400)
 def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp_path):
     out = tmp_path / "bench.json"
-    rows_arg = ["1/full", "1/off", "4/off", "4/selective", "4/off/compile", "1/full/int8"]
+    rows_arg = ["1/full", "1/off", "4/off", "4/selective", "1/full:0.5", "4/off/compile", "4/budget:0.5/compile",
+                "1/full/int8"]
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_gpu", "--tiny", "--steps", "2", "--sampler-steps", "6",
          "--peak-tflops", "0.5", "--compile-backend", "aot_eager", "--rows", *rows_arg, "--json", str(out)],
@@ -137,9 +138,20 @@ def test_row_specs_parse_and_refuse_bad_ones():
     assert Variant.parse("4/off/compile") == Variant(4, "off", True, None)
     assert Variant.parse("1/on/int8") == Variant(1, "full", False, "int8")
     assert str(Variant.parse("2/selective/compile/float8")) == "2/selective/compile/float8"
-    for bad in ("x/off", "4/sometimes", "4/off/fast", "4/off/int8/float8"):
+    assert Variant.parse("1/full:0.25/compile") == Variant(1, "full:0.25", True, None)
+    assert Variant.parse("4/budget:0.7/compile").checkpointing == "budget:0.7"
+    for bad in ("x/off", "4/sometimes", "4/off/fast", "4/off/int8/float8", "4/full:1.5", "4/full:x", "4/off:0.5",
+                "4/budget:0.5", "4/budget/compile"):
         with pytest.raises(ValueError, match="expected BATCH"):
             Variant.parse(bad)
+
+
+def test_a_failed_rows_status_keeps_the_cause():
+    from benchmarks.bench_gpu import error_line
+
+    error = RuntimeError("backend='inductor' raised:\n\nTraceback ...\n  File x\nAssertionError: no float8 kernel\n")
+    assert error_line(error) == "RuntimeError: backend='inductor' raised: ... AssertionError: no float8 kernel"
+    assert error_line(ValueError("one line")) == "ValueError: one line"
 
 
 def test_checkpointing_breakdown_runs_every_variant_on_the_cpu():
@@ -156,27 +168,28 @@ def test_checkpointing_breakdown_runs_every_variant_on_the_cpu():
 
 
 def test_docs_gpu_results_table_is_the_commands_output():
-    """docs/benchmarks.md's 2026-11-30 tables are `python -m benchmarks.bench_gpu --table` of the committed files."""
+    """docs/benchmarks.md's 2026-11-30 and 2026-12-04 tables are `python -m benchmarks.bench_gpu --table` of the committed files."""
     from pathlib import Path
 
     from benchmarks.bench_gpu import markdown_table
 
-    files = sorted(Path("docs/results/bench_gpu").glob("h200_run*.json"))
-    assert len(files) == 3
-    table = markdown_table(files)
-    assert table.count("\n") > 10 and table in Path("docs/benchmarks.md").read_text()
+    for pattern, count in (("h200_run*.json", 3), ("h200_1204_run*.json", 4)):  # 2026-11-30, 2026-12-04
+        files = sorted(Path("docs/results/bench_gpu").glob(pattern))
+        assert len(files) == count
+        table = markdown_table(files)
+        assert table.count("\n") > 10 and table in Path("docs/benchmarks.md").read_text()
 
 
 def test_readme_compiled_and_quantized_rows_are_the_measured_ones():
     """The README's 2026-11-30 rows (compiled blocks, int8 base) are those of docs/results/bench_gpu's files."""
     from pathlib import Path
 
-    measured = {}
-    for path in sorted(Path("docs/results/bench_gpu").glob("h200_run*.json")):
+    measured = {}  # the 2026-11-30 files last: their rows are the README's where a later run repeated one
+    for path in sorted(Path("docs/results/bench_gpu").glob("h200_*run*.json")):
         for r in json.loads(path.read_text())["rows"]:
             measured[(r["batch"], r["checkpointing"], r["compiled"], r["quantize"] or "bf16")] = r
     rows = [line.strip("|").split("|") for line in Path("README.md").read_text().splitlines()
-            if re.match(r"^\| [14] \| (full|off) \| (eager|compiled) \|", line)]
+            if re.match(r"^\| [14] \| (full|off|(full|budget):[0-9.]+) \| (eager|compiled) \|", line)]
     checked = 0
     for batch, ckpt, blocks, base, step, mfu, peak in (map(str.strip, r) for r in rows):
         key = (int(batch), ckpt, blocks == "compiled", base)
@@ -184,4 +197,4 @@ def test_readme_compiled_and_quantized_rows_are_the_measured_ones():
             r = measured[key]
             assert (f"{r['step_s']:.2f}", f"{100 * r['mfu']:.1f}%", f"{r['peak_mem_gb']:.1f} GB") == (step, mfu, peak)
             checked += 1
-    assert checked == 5
+    assert checked == 8

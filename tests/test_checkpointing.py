@@ -275,3 +275,56 @@ def test_selective_policy_around_inductor_compiled_blocks_gives_full_checkpointi
     assert grads.keys() == full_grads.keys() and len(grads) > 0
     for name, grad in grads.items():
         torch.testing.assert_close(grad, full_grads[name], rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------- a share of the blocks
+def test_spread_blocks_picks_the_share_evenly_over_the_depth():
+    from cologen.model.checkpointing import spread_blocks
+
+    assert spread_blocks(57, 1.0) == list(range(57))
+    assert spread_blocks(57, 0.0) == []
+    assert spread_blocks(8, 0.25) == [0, 4]
+    quarter = spread_blocks(57, 0.25)
+    assert len(quarter) == 14 and len(set(quarter)) == 14 and max(quarter) >= 50  # reaches the deep blocks
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        spread_blocks(8, 1.5)
+
+
+def test_a_share_of_the_blocks_checkpoints_those_alone_with_the_same_gradients(model_and_inputs):
+    model, inputs = model_and_inputs
+    use(model, None)
+    _, expected = loss_and_grads(model, inputs)
+    calls: Counter = Counter()
+
+    def counting(function, *args):
+        block = function if isinstance(function, torch.nn.Module) else args[0]
+        calls[id(block)] += 1
+        return checkpoint(function, *args, use_reentrant=False)
+
+    blocks = [block for _, block in model._named_blocks()]
+    model.enable_gradient_checkpointing(True, counting, fraction=0.5)
+    _, grads = loss_and_grads(model, inputs)
+    use(model, None)
+    assert set(calls) == {id(blocks[0]), id(blocks[2])}  # 2 of 4 blocks, spread; each in both streams
+    assert all(n == 2 for n in calls.values())
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_module_options_for_a_share_of_the_blocks_and_the_memory_budget_are_checked(flux):
+    from cologen.model.presets import FluxDevPreset
+    from cologen.module import CoLoGenModule
+
+    preset = FluxDevPreset(str(flux), dtype="float32", text_max_length=16)
+    module = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8), gradient_checkpointing=True,
+                           checkpointing_blocks=0.5, load_text_encoder=False)
+    assert module.hparams["checkpointing_blocks"] == 0.5
+    assert module.model._checkpoint_fn is not checkpoint_function("full")  # only some blocks
+    assert module.model.transformer._gradient_checkpointing_func is module.model._checkpoint_fn
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        CoLoGenModule(preset=preset, gradient_checkpointing=True, checkpointing_blocks=2.0, load_text_encoder=False)
+    with pytest.raises(ValueError, match="needs compile_blocks"):
+        CoLoGenModule(preset=preset, activation_memory_budget=0.5, load_text_encoder=False)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        CoLoGenModule(preset=preset, compile_blocks=True, activation_memory_budget=-0.1, load_text_encoder=False)

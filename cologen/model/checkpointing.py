@@ -44,7 +44,7 @@ policy and the partitioner keeps what it saves). docs/memory.md, "Selective chec
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import torch
@@ -134,3 +134,19 @@ def some_blocks(checkpoint_fn: Callable[..., Any], blocks: list[torch.nn.Module]
         return checkpoint_fn(function, *args) if id(block) in chosen else function(*args)
 
     return checkpoint_some
+
+
+def with_memory_budget(function: Callable[..., Any], budget: float) -> Callable[..., Any]:
+    """A compiled `function` whose graphs keep only `budget` of what their backward pass reads and recompute the rest
+    in it, the cheapest ops first (torch's activation memory budget, read by the partitioner of the compiled forward
+    and backward: selective recompute inside the compiled region, where fused kernels are visible). It is set only
+    while `function` runs, when its graphs compile; 1 keeps what the default partitioner keeps."""
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"activation memory budget {budget}: expected a number in [0, 1]")
+
+    @wraps(function)
+    def run(*args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return function(*args, **kwargs)
+
+    return run

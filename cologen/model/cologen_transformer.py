@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
-from .checkpointing import checkpoint_function, some_blocks, spread_blocks
+from .checkpointing import checkpoint_function, some_blocks, spread_blocks, with_memory_budget
 from .config import PRWConfig
 from .experts import ExpertBank, GateContext, hard_gate_open, place_features
 from .gate_encoder import load_gate_encoder
@@ -263,15 +263,19 @@ class CoLoGenTransformer(nn.Module):
         else:
             self.transformer.disable_gradient_checkpointing()
 
-    def compile_repeated_blocks(self, **compile_kwargs) -> None:
+    def compile_repeated_blocks(self, activation_memory_budget: float | None = None, **compile_kwargs) -> None:
         """Regional compilation (as diffusers' `compile_repeated_blocks`): `torch.compile` each block's `forward`
         with `compile_kwargs`. Blocks of one class share their graphs (one per block class and pass, since nothing in
         a block call depends on which block it is: see `PRWContext`), so the compile cost does not grow with depth
         and FLUX.1-dev's 57 blocks stay far below Dynamo's recompile limit; routing decisions are tensors, so they
         never recompile. The block's `__call__` (and the forward pre-hook that binds each block's source state) stay
-        eager; compiling `__call__` itself (`block.compile()`) would trace that hook and key a graph on each name."""
+        eager; compiling `__call__` itself (`block.compile()`) would trace that hook and key a graph on each name.
+        `activation_memory_budget` (0-1): the compiled blocks keep that share of what their backward reads and
+        recompute the cheapest rest (`cologen.model.checkpointing.with_memory_budget`)."""
         for _, block in self._named_blocks():
-            block.forward = torch.compile(block.forward, **compile_kwargs)
+            compiled = torch.compile(block.forward, **compile_kwargs)
+            block.forward = (compiled if activation_memory_budget is None
+                             else with_memory_budget(compiled, activation_memory_budget))
 
     # --------------------------------------------------------------------------------------------- computation
     @property
