@@ -130,3 +130,69 @@ def test_the_command_writes_its_table_and_the_base_is_unchanged_by_forced_gates(
     # its copy is better than its drawing at every noise level
     assert all(r["kept"]["mean"] < r["changed"]["mean"] for r in learned)
     assert "gates forced on both" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ cologen eval gates
+def test_gate_accuracy_counts_what_the_hard_gates_open_against_the_changed_tokens(trained):
+    from cologen.eval.gate_accuracy import UNION, accuracy, gate_counts
+
+    module, _ = trained
+    banks = [m.attn.prw_experts for m in module.model.transformer.transformer_blocks] + \
+        [m.attn.prw_experts for m in module.model.transformer.single_transformer_blocks]
+    biases = [e.token_gate.bias for bank in banks for e in bank.experts]
+    saved = [b.detach().clone() for b in biases]
+    try:
+        for shift, recall in ((1e4, 1.0), (-1e4, 0.0)):  # every gate open / every gate shut
+            with torch.no_grad():
+                for b in biases:
+                    b.fill_(shift)
+            counts = gate_counts(module, [batch()])
+            assert UNION in counts and len(counts) == 1 + 2  # the union, then each of the 2 blocks
+            changed = counts[UNION]["changed"]
+            assert changed == 3 * (8 // 4) * (16 // 4)  # the overlay's 4 x 4-pixel tokens in each of 3 samples
+            for c in counts.values():
+                a = accuracy(c)
+                assert c["changed"] == changed and a["recall"] == recall
+                if recall:
+                    assert c["open"] == 3 * (32 // 4) ** 2 and a["precision"] == pytest.approx(changed / c["open"])
+                else:
+                    assert c["open"] == 0
+    finally:
+        with torch.no_grad():
+            for b, s in zip(biases, saved):
+                b.copy_(s)
+
+
+def test_the_gates_command_writes_its_table(shapeworld_dir, tmp_path, capsys, monkeypatch):
+    from cologen.commands import evaluate
+
+    ckpt = tmp_path / "gated.ckpt"
+    ckpt.write_bytes(b"")
+    monkeypatch.setattr(evaluate.checkpoints, "check", lambda path: None)  # the module below stands in for it
+    monkeypatch.setattr(evaluate, "load_module", lambda path: tiny_module() if path == str(ckpt) else None)
+    evaluate.main(["gates", "--ckpt", str(ckpt), "--data", str(shapeworld_dir), "--probes", "4", "--tasks",
+                   "inpainting", "grounding", "--out", str(tmp_path)])
+    table = (tmp_path / "gates.md").read_text()
+    assert "| inpainting | any block |" in table and "| grounding | any block |" in table
+    data = json.loads((tmp_path / "gates.json").read_text())
+    for task in ("inpainting", "grounding"):
+        union = data[task]["any block"]
+        assert union["changed"] > 0 and 0.0 <= union["recall"] <= 1.0
+        assert union["open_changed"] <= min(union["open"], union["changed"])
+    assert "any block" in capsys.readouterr().out
+
+
+def test_the_gates_command_refuses_a_model_without_token_gates_in_one_line(shapeworld_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    from cologen.commands import evaluate
+    from cologen.module import CoLoGenModule
+
+    ckpt = tmp_path / "ungated.ckpt"
+    ckpt.write_bytes(b"")
+    monkeypatch.setattr(evaluate.checkpoints, "check", lambda path: None)
+    monkeypatch.setattr(evaluate, "load_module", lambda path: CoLoGenModule())  # the tiny base: no token gates
+    with pytest.raises(SystemExit):
+        evaluate.main(["gates", "--ckpt", str(ckpt), "--data", str(shapeworld_dir), "--probes", "2", "--tasks",
+                       "grounding"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "cologen eval: this model's experts have no token gates on the target's grid (prw.token_gate)"

@@ -4,6 +4,7 @@
     cologen eval shapeworld --base --config experiments/tiny/curriculum.yaml --out runs/tiny/base_only
     cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --tasks grounding --routing-terms
     cologen eval denoising --ckpt runs/tiny/grounding_alone/last.ckpt --tasks grounding --oracle-gates both
+    cologen eval gates --ckpt runs/tiny/stage3/last.ckpt --tasks inpainting grounding editing --out runs/tiny/gates
     cologen eval dreambench --ckpt CKPT_OR_EXPORT --data data/eval/dreambench --clip CLIP --dino DINO --out OUT
     cologen eval multigen --condition canny --ckpt ... --data data/eval/multigen_canny_eval --clip CLIP --out OUT
 
@@ -12,7 +13,8 @@ noise seed) with 95% confidence intervals, with the routers' choice and with ora
 training config whose `data.init_args.builder` builds the probes; `--routing-terms` splits each block's routing
 margin (a task's own expert over its strongest rival) into the router's terms. `denoising` measures the one-step
 error of the clean-image estimate on the tokens a task changes and on those it keeps, by noise level, optionally with
-the token gates forced to the truth (`cologen.eval.denoising`). The benchmark protocols (`dreambench`,
+the token gates forced to the truth (`cologen.eval.denoising`); `gates`, how well the hard token gates find those
+changed tokens (recall and precision per block and for their union, `cologen.eval.gate_accuracy`). The benchmark protocols (`dreambench`,
 `magicbrush`, `emu_edit`, `gedit_bench`, `multigen`) read the evaluation shards the data_recipes commands write
 and take the metric networks from local paths (docs/metrics.md names the command for each paper table).
 
@@ -278,6 +280,30 @@ def run_denoising(args: argparse.Namespace) -> dict[str, list[dict]]:
     return summaries
 
 
+def run_gates(args: argparse.Namespace) -> dict[str, dict[str, dict[str, int]]]:
+    """Per task: how well the hard token gates find the changed tokens, per block and for their union."""
+    from cologen.eval.gate_accuracy import accuracy, gate_counts, gates_table
+
+    check_model_args(args)
+    datasets = val_datasets(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
+    module = load_module(args.ckpt)
+    try:
+        results = {task: gate_counts(module, (ds[i] for i in range(len(ds))), args.seed)
+                   for task, ds in datasets.items()}
+    except ValueError as err:  # no token gates, or a task without a source of the target's size
+        raise UsageError(str(err)) from None
+    table = gates_table(results)
+    print(table, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gates.md").write_text("# token gates against the changed tokens\n\n" + table)
+        (out / "gates.json").write_text(json.dumps(
+            {task: {name: {**c, **{k: _clean(v) for k, v in accuracy(c).items()}} for name, c in per_block.items()}
+             for task, per_block in results.items()}, indent=1) + "\n")
+    return results
+
+
 def _parser() -> argparse.ArgumentParser:
     from cologen.eval.protocols import PROTOCOLS
 
@@ -328,6 +354,17 @@ def _parser() -> argparse.ArgumentParser:
     dn.add_argument("--seed", type=int, default=0)
     dn.add_argument("--config", help="training config whose data.init_args.builder builds the examples")
     dn.add_argument("--out", help="folder for denoising.md and denoising.json")
+    gt = sub.add_parser("gates", help="ShapeWorld: how well the token gates find the tokens a task changes (recall "
+                                      "and precision per block and for their union)")
+    gt.add_argument("--ckpt", required=True, help="a cologen checkpoint whose experts have token gates")
+    gt.set_defaults(base=False)
+    gt.add_argument("--data", default=DEFAULT_DATA, help="ShapeWorld folder (default: %(default)s)")
+    gt.add_argument("--tasks", nargs="+", default=["inpainting", "grounding", "editing"],
+                    choices=list(CURRICULUM_TASKS), help="tasks with a source image (default: %(default)s)")
+    gt.add_argument("--probes", type=int, default=64, help="validation examples per task (default: %(default)s)")
+    gt.add_argument("--seed", type=int, default=0)
+    gt.add_argument("--config", help="training config whose data.init_args.builder builds the examples")
+    gt.add_argument("--out", help="folder for gates.md and gates.json")
     for name, protocol in PROTOCOLS.items():
         p = sub.add_parser(name, help=f"{protocol.table}: the {protocol.task} benchmark {name}")
         p.add_argument("--ckpt", required=True, help="a cologen checkpoint or an exported CoLoGenPipeline folder")
@@ -357,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.protocol == "denoising":
             run_denoising(args)
+        elif args.protocol == "gates":
+            run_gates(args)
         elif args.protocol == "shapeworld":
             table = run_shapeworld(args)
             width = max(len(k) for k in table) if table else 0
