@@ -6,6 +6,7 @@ counts; the module option reaches the model. And how selective checkpointing mee
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from collections import Counter
 
@@ -324,7 +325,23 @@ def test_module_options_for_a_share_of_the_blocks_and_the_memory_budget_are_chec
     assert module.model.transformer._gradient_checkpointing_func is module.model._checkpoint_fn
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         CoLoGenModule(preset=preset, gradient_checkpointing=True, checkpointing_blocks=2.0, load_text_encoder=False)
+    budgeted = CoLoGenModule(preset=preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8), compile_blocks=True,
+                             activation_memory_budget=0.5, load_text_encoder=False)
+    assert budgeted.hparams["activation_memory_budget"] == 0.5
+    for _, block in budgeted.model._named_blocks():  # each compiled forward runs under the budget
+        assert inspect.getclosurevars(block.__dict__["forward"]).nonlocals["budget"] == 0.5
     with pytest.raises(ValueError, match="needs compile_blocks"):
         CoLoGenModule(preset=preset, activation_memory_budget=0.5, load_text_encoder=False)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         CoLoGenModule(preset=preset, compile_blocks=True, activation_memory_budget=-0.1, load_text_encoder=False)
+
+
+def test_with_memory_budget_sets_the_budget_only_while_the_function_runs():
+    from cologen.model.checkpointing import with_memory_budget
+
+    seen = []
+    run = with_memory_budget(lambda x: seen.append(torch._functorch.config.activation_memory_budget) or x + 1, 0.3)
+    assert run(1) == 2 and seen == [0.3]
+    assert torch._functorch.config.activation_memory_budget == 1.0
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        with_memory_budget(lambda: None, 1.5)
