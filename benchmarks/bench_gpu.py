@@ -204,6 +204,11 @@ class Row:
     losses: list[float] | None = None  # per timed step (the quantized base's loss against bf16's, same batches)
 
 
+def budget_rows_last(variants: list[Variant]) -> list[Variant]:
+    """`variants` with the budget rows last (in order): each of them recompiles the blocks under its budget."""
+    return sorted(variants, key=lambda v: checkpointing_parts(v.checkpointing)[0] == "budget")
+
+
 def error_line(error: Exception) -> str:
     """A failed row's status: the error's type, its message's first line and, for a longer message (a compiler's,
     whose first line only names the backend), the last non-empty line, where the cause is."""
@@ -525,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
     def run_rows(selected: list[Variant]) -> None:
         for v in selected:
             kind, share = checkpointing_parts(v.checkpointing)
-            if kind == "budget":  # (the caller puts these last in a compiled phase)
+            if kind == "budget":  # (budget_rows_last puts these last in a compiled phase)
                 compile_blocks(model, device, args.compile_backend, share)
             rows.append(train_row(model, scale, v, steps, warmup, device, peak))
             _free(device)
@@ -561,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["compiled_vs_eager"] = {"eager_loss": eager_loss, "compiled_loss": compiled_loss}
         print(f"[bench-gpu] eval loss at batch 1, eager {eager_loss:.6f}, compiled {compiled_loss:.6f} "
               f"(relative difference {abs(compiled_loss - eager_loss) / abs(eager_loss):.2e})", flush=True)
-        run_rows(sorted(compiled, key=lambda v: checkpointing_parts(v.checkpointing)[0] == "budget"))
+        run_rows(budget_rows_last(compiled))
         if "compiled" in args.sampler:
             run_sampler("compiled")
         uncompile_blocks(model)
@@ -581,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
         sampler = mode == "float8" and "float8" in args.sampler
         if any(v.compiled for v in selected) or sampler:
             compile_blocks(model, device, args.compile_backend)
-        run_rows(sorted(selected, key=lambda v: checkpointing_parts(v.checkpointing)[0] == "budget"))
+        run_rows(budget_rows_last(selected))
         if sampler:
             run_sampler("float8")
         uncompile_blocks(model)

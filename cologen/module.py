@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .compat import set_attention_backend
 from .curriculum.spec import CurriculumStep
-from .model.checkpointing import checkpoint_function, spread_blocks
+from .model.checkpointing import check_share, checkpoint_function
 from .model.cologen_transformer import CoLoGenOutput, CoLoGenTransformer
 from .model.config import PRWConfig
 from .model.packing import SourcePositionConfig, pack_latents, target_ids, text_ids
@@ -141,11 +141,11 @@ class CoLoGenModule(L.LightningModule):
                              "prw.gate_prompt: true")
         check_quantize_base(quantize_base, train_base)
         checkpoint_fn = checkpoint_function(checkpointing_policy)  # ValueError naming the policies
-        spread_blocks(1, checkpointing_blocks)  # ValueError: a share in [0, 1]
-        if activation_memory_budget is not None and not compile_blocks:
-            raise ValueError("activation_memory_budget sets what compiled blocks keep: it needs compile_blocks: true")
-        if activation_memory_budget is not None and not 0.0 <= activation_memory_budget <= 1.0:
-            raise ValueError(f"activation_memory_budget {activation_memory_budget}: expected a number in [0, 1]")
+        check_share("checkpointing_blocks", checkpointing_blocks)
+        if activation_memory_budget is not None:
+            if not compile_blocks:
+                raise ValueError("activation_memory_budget sets what compiled blocks keep: it needs compile_blocks: true")
+            check_share("activation_memory_budget", activation_memory_budget)
         self.train_base = train_base
         # Plain data only: checkpoints load with torch.load(weights_only=True) and loggers show readable values.
         self.save_hyperparameters({

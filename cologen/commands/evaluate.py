@@ -256,13 +256,27 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     return table
 
 
+def examples_and_module(args: argparse.Namespace) -> tuple[dict, object]:
+    """The diagnostic protocols' validation datasets per task (`--data`, `--tasks`, `--probes`, `--seed`, `--config`)
+    and model (`--ckpt` / `--base`), the model's arguments checked first."""
+    check_model_args(args)
+    datasets = val_datasets(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
+    return datasets, load_module(args.ckpt)
+
+
+def write_table_and_json(folder: str, stem: str, title: str, table: str, data) -> None:
+    """`folder/stem.md` (a titled markdown table) and `folder/stem.json`."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(f"# {title}\n\n{table}")
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
 def run_denoising(args: argparse.Namespace) -> dict[str, list[dict]]:
     """Per task (and gate forcing): the one-step x0 error on changed and kept tokens by noise level."""
     from cologen.eval.denoising import denoising_errors, errors_table, summarize_errors
 
-    check_model_args(args)
-    datasets = val_datasets(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
-    module = load_module(args.ckpt)
+    datasets, module = examples_and_module(args)
     forcings = {"learned": ()} | {f"forced on {g}": (("source", "noisy") if g == "both" else (g,))
                                   for g in args.oracle_gates}
     summaries = {f"{task}, gates {label}": summarize_errors(denoising_errors(
@@ -271,12 +285,9 @@ def run_denoising(args: argparse.Namespace) -> dict[str, list[dict]]:
     table = errors_table(summaries)
     print(table, end="")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "denoising.md").write_text("# one-step denoising error (x0 estimate, mean squared, per token)\n\n" + table)
-        (out / "denoising.json").write_text(json.dumps(
-            {k: [{"t": r["t"], "changed": r["changed"].as_dict(), "kept": r["kept"].as_dict()} for r in v]
-             for k, v in summaries.items()}, indent=1) + "\n")
+        write_table_and_json(args.out, "denoising", "one-step denoising error (x0 estimate, mean squared, per token)",
+                             table, {k: [{"t": r["t"], "changed": r["changed"].as_dict(), "kept": r["kept"].as_dict()}
+                                         for r in v] for k, v in summaries.items()})
     return summaries
 
 
@@ -284,9 +295,7 @@ def run_gates(args: argparse.Namespace) -> dict[str, dict[str, dict[str, int]]]:
     """Per task: how well the hard token gates find the changed tokens, per block and for their union."""
     from cologen.eval.gate_accuracy import accuracy, gate_counts, gates_table
 
-    check_model_args(args)
-    datasets = val_datasets(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
-    module = load_module(args.ckpt)
+    datasets, module = examples_and_module(args)
     try:
         results = {task: gate_counts(module, (ds[i] for i in range(len(ds))), args.seed)
                    for task, ds in datasets.items()}
@@ -295,12 +304,9 @@ def run_gates(args: argparse.Namespace) -> dict[str, dict[str, dict[str, int]]]:
     table = gates_table(results)
     print(table, end="")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gates.md").write_text("# token gates against the changed tokens\n\n" + table)
-        (out / "gates.json").write_text(json.dumps(
-            {task: {name: {**c, **{k: _clean(v) for k, v in accuracy(c).items()}} for name, c in per_block.items()}
-             for task, per_block in results.items()}, indent=1) + "\n")
+        write_table_and_json(args.out, "gates", "token gates against the changed tokens", table,
+                             {task: {name: {**c, **{k: _clean(v) for k, v in accuracy(c).items()}}
+                                     for name, c in per_block.items()} for task, per_block in results.items()})
     return results
 
 

@@ -47,8 +47,8 @@ def gate_counts(module, batches: Iterable[dict], seed: int = 0) -> dict[str, dic
 
 
 def accuracy(counts: dict[str, int]) -> dict[str, float]:
-    """Recall (open changed / changed), precision (open changed / open) and the share of the changed tokens among
-    all the open ones' count (open / changed: 1 opens as many tokens as change)."""
+    """Recall (open changed / changed), precision (open changed / open) and open / changed (1: the gates open as
+    many tokens as change)."""
     changed, open_, both = counts["changed"], counts["open"], counts["open_changed"]
     nan = float("nan")
     return {"recall": both / changed if changed else nan, "precision": both / open_ if open_ else nan,

