@@ -173,10 +173,8 @@ class CoLoGenModule(L.LightningModule):
             self.text_encoder = backbone.text_encoder
         self.codec = backbone.codec
         self.model = CoLoGenTransformer(backbone.transformer, self.prw_config)
+        self.model.train_base = train_base  # kept through every curriculum step's freeze
         self.model.freeze_for_curriculum()
-        if train_base:
-            for p in self.model.base_parameters():
-                p.requires_grad_(True)
         if quantize_base is not None:
             quantize_frozen_base(self.model, quantize_base)
         self.model.enable_gradient_checkpointing(gradient_checkpointing, checkpoint_fn, checkpointing_blocks)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from cologen.curriculum.spec import CurriculumStep
 from cologen.model.config import PRWConfig
 from cologen.model.presets import FluxDevPreset, TinyPreset
 from cologen.module import CoLoGenModule
@@ -45,6 +46,23 @@ def test_a_few_dozen_steps_on_one_batch_reduce_the_loss(tiny_random_preset, trai
     last = float(fixed_step_loss(module, batch).detach())
     assert last < ratio * first, (first, last)
 
+
+
+@pytest.mark.parametrize("train_base", [False, True])
+def test_train_base_survives_each_curriculum_step(tiny_random_preset, train_base):
+    # entering a step freezes the veterans; it once froze the base too, so train_base silently trained experts alone
+    module = CoLoGenModule(preset=tiny_random_preset, prw=PRWConfig(num_experts=2, rank=4, alpha=8),
+                           train_base=train_base)
+    for index, task in enumerate(["inpainting", "editing"]):
+        step = CurriculumStep(name=task, mixture={task: 1.0}, steps=60, lr=1e-3, rho=1.0, alpha=0.0)
+        module.enter_curriculum_step(index, step, {task: index})
+        assert all(p.requires_grad == train_base for p in module.model.base_parameters())
+        assert [any(p.requires_grad for p in module.model.expert_parameters(e)) for e in range(2)] == \
+            [e == index for e in range(2)]
+    batch = synthetic_batch()
+    module.compute_losses(batch, train=True)["loss"].backward()
+    trained = [p.grad is not None for p in module.model.base_parameters()]
+    assert all(trained) if train_base else not any(trained)
 
 def test_text_encoder_encodes_each_prompt_once(tiny_random_preset):
     # without text dropout: a dropped prompt is replaced by the empty one (test_a_dropped_prompt_is_not_encoded)

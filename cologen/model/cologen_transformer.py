@@ -124,6 +124,8 @@ class CoLoGenTransformer(nn.Module):
         self.transformer = transformer
         self.prw = prw or PRWConfig(num_experts=0)
         self.num_active = 1 if self.prw.num_experts else 0
+        # whether the base trains too (the module's train_base): every freeze below keeps it trainable then
+        self.train_base = False
         dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.block_names: list[str] = []
         self.prw_block_names: list[str] = []
@@ -191,9 +193,10 @@ class CoLoGenTransformer(nn.Module):
         return self.num_active - 1
 
     def freeze_for_curriculum(self) -> None:
-        """Base frozen; only the newest expert and the routers train (the veterans are frozen)."""
+        """Base frozen (unless `train_base`); only the newest expert and the routers train (the veterans are
+        frozen)."""
         for p in self.base_parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(self.train_base)
         for e in range(self.prw.num_experts):
             for p in self.expert_parameters(e):
                 p.requires_grad_(e == self.newest_expert)

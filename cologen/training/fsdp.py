@@ -252,7 +252,7 @@ class CoLoGenFSDPStrategy(ModelParallelStrategy):
         load_full_state(module, {k: state[k] for k in wanted if k in state})
         # requires_grad is not part of a state dict: derive it from the restored active-expert count, or the
         # expert that trained before the restored one (the curriculum's setup activated it) would train on
-        if isinstance(getattr(module, "model", None), CoLoGenTransformer) and not getattr(module, "train_base", False):
+        if isinstance(getattr(module, "model", None), CoLoGenTransformer):
             module.model.freeze_for_curriculum()
 
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
