@@ -150,6 +150,29 @@ def test_gradients_reach_the_newest_expert_and_the_routers_through_the_quantized
     assert not copies, copies
 
 
+
+def test_compiled_blocks_train_through_the_quantized_base():
+    # A single-stream block returns its text and image halves as slices of one tensor; AOT autograd refuses aliased
+    # graph outputs beside tensor-subclass ones (the int8 weights saved for the backward), so before
+    # `unaliased_single_block_forward` every compiled training step over a quantized base failed to compile.
+    import torch._dynamo
+
+    model = tiny_model()
+    quantize_frozen_base(model, "int8_weight_only")
+    inputs = tiny_inputs()
+    seeded_loss(model, inputs).backward()
+    newest = model.expert_parameters(model.newest_expert)
+    eager = [p.grad.clone() for p in newest]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    try:
+        model.compile_repeated_blocks(backend="aot_eager", dynamic=False)
+        seeded_loss(model, inputs).backward()
+    finally:
+        torch._dynamo.reset()
+    for grad, expected in zip((p.grad for p in newest), eager):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
 def test_torchaos_own_linear_would_keep_a_dequantized_weight_copy():
     """The control of the saved-tensor check above: torchao's int8 weight-only linear, differentiated as it is,
     saves a full-precision copy of every weight (why the layers become QuantizedFrozenLinear)."""

@@ -11,6 +11,7 @@ block; the main pass appends every condition's keys/values. One condition is exa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -117,6 +118,15 @@ def small_effect(adapted: torch.Tensor, base: torch.Tensor, share: float) -> tor
     effect = (adapted.float() - base.float()).abs().mean(-1, keepdim=True)
     return effect <= share * effect.amax(1, keepdim=True)
 
+
+
+def unaliased_single_block_forward(forward, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A single-stream block's `forward` (its bound method) with outputs that do not share storage (what its compiled
+    graph runs). diffusers returns the text and image halves as slices of one tensor; AOT autograd refuses a graph
+    whose outputs alias one another once any output is a tensor subclass, which a quantized base's weights
+    (torchao), saved for the backward, are. The text half is copied: the shorter one."""
+    encoder, hidden = forward(*args, **kwargs)
+    return encoder.clone(), hidden
 
 class CoLoGenTransformer(nn.Module):
     def __init__(self, transformer: nn.Module, prw: PRWConfig | None = None):
@@ -275,8 +285,10 @@ class CoLoGenTransformer(nn.Module):
         eager; compiling `__call__` itself (`block.compile()`) would trace that hook and key a graph on each name.
         `activation_memory_budget` (0-1): the compiled blocks keep that share of what their backward reads and
         recompute the cheapest rest (`cologen.model.checkpointing.with_memory_budget`)."""
-        for _, block in self._named_blocks():
-            compiled = torch.compile(block.forward, **compile_kwargs)
+        single = torch.compile(unaliased_single_block_forward, **compile_kwargs)
+        for name, block in self._named_blocks():
+            compiled = (functools.partial(single, block.forward) if name.startswith("single")
+                        else torch.compile(block.forward, **compile_kwargs))
             block.forward = (compiled if activation_memory_budget is None
                              else with_memory_budget(compiled, activation_memory_budget))
 
