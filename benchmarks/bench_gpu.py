@@ -64,7 +64,7 @@ from cologen.model.packing import SourcePositionConfig
 from cologen.model.text_encoders import TextEmbeddings
 from cologen.sampling.sampler import FlowSampler, SamplerConfig
 from cologen.testing.flux import TINY_TRANSFORMER
-from cologen.training.flops import training_step_flops
+from cologen.training.flops import Workload, sampling_flops, training_step_flops
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched in order against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
@@ -283,9 +283,18 @@ def train_row(model, scale: Scale, variant: Variant, steps: int, warmup: int, de
     return row  # its inputs, activations and optimizer states are freed on return (the caller empties the cache)
 
 
-def sampler_times(model, scale: Scale, steps: int, device: torch.device, cache_off: bool = True) -> dict:
+# --sampler choices that compile the blocks in a torch.compile mode of their own (after the compiled rows): CUDA
+# graphs for the eval graphs (inductor's cudagraph trees: one replay per block call instead of its kernels' launches),
+# and inductor's GEMM autotuning without them
+SAMPLER_COMPILE_MODES = {"cudagraphs": "reduce-overhead", "autotune": "max-autotune-no-cudagraphs"}
+
+
+def sampler_times(model, scale: Scale, steps: int, device: torch.device, cache_off: bool = True,
+                  peak: float | None = None) -> dict:
     """Seconds for one 512 x 512 conditioned sample (batch 1) with the condition cache (and without it, unless
-    `cache_off` is False); `first_s`: the first request's (for a compiled model, with compilation)."""
+    `cache_off` is False); `first_s`: the first request's (for a compiled model, with compilation). With the cache,
+    also its model TFLOP/s (`cologen.training.flops.sampling_flops`, the request's source passes counted by the
+    sampler) and their share of `peak`."""
     model.eval()
     g = torch.Generator().manual_seed(0)
     text = TextEmbeddings(torch.randn(1, scale.text_tokens, scale.config["joint_attention_dim"], generator=g),
@@ -299,13 +308,22 @@ def sampler_times(model, scale: Scale, steps: int, device: torch.device, cache_o
             sampler = FlowSampler(model, codec, SourcePositionConfig(), bool(scale.config.get("guidance_embeds")),
                                   SamplerConfig(steps=steps, use_cache=use_cache))
 
+            source_passes: list[int] = []
+
             def run(sampler: FlowSampler = sampler) -> None:
-                sampler.sample(text, scale.resolution, scale.resolution, source, ["editing"], seed=0)
+                _, stats = sampler.sample(text, scale.resolution, scale.resolution, source, ["editing"], seed=0)
+                source_passes.append(stats.source_passes)
 
             first = clock.time(run)  # warmup
             if use_cache:
                 out["first_s"] = first
             out["cache_s" if use_cache else "no_cache_s"] = statistics.median(clock.time(run) for _ in range(3))
+            if use_cache:
+                work = Workload(1, scale.grid ** 2, scale.grid ** 2, scale.text_tokens)
+                flops = sampling_flops(scale.config, work, steps, source_passes[-1], scale.prw.rank,
+                                       scale.prw.num_experts, scale.prw.blocks)
+                out["tflops"] = flops / out["cache_s"] / 1e12
+                out["mfu"] = out["tflops"] / peak if peak else None
         if cache_off:
             out["speedup"] = out["no_cache_s"] / out["cache_s"]
     except torch.OutOfMemoryError:
@@ -389,18 +407,20 @@ def goals(rows: list[Row], tiny: bool) -> list[str]:
     return out
 
 
-def compile_blocks(model, device: torch.device, backend: str | None, budget: float | None = None) -> None:
+def compile_blocks(model, device: torch.device, backend: str | None, budget: float | None = None,
+                   mode: str | None = None) -> None:
     """Compile the blocks once for every row and the sampler: static shapes (one graph per block class, pass and
     shape), with room in Dynamo's per-function cache for this script's shapes (2 batch sizes x train/eval).
     `budget`: the compiled blocks' activation memory budget (a budget row's; the graphs compiled before are dropped,
-    since the budget is read when a graph compiles)."""
+    since the budget is read when a graph compiles); `mode`: a torch.compile mode (a `SAMPLER_COMPILE_MODES`
+    sampler's; the graphs before are dropped too)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    if budget is not None:
+    if budget is not None or mode is not None:
         uncompile_blocks(model)
         torch._dynamo.reset()
     model.compile_repeated_blocks(activation_memory_budget=budget, dynamic=False,
-                                  **({"backend": backend} if backend else {}))
+                                  **({"backend": backend} if backend else {}), **({"mode": mode} if mode else {}))
 
 
 def uncompile_blocks(model) -> None:
@@ -478,9 +498,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, the first one timed as the "
                         "cold start (3; --tiny: 1)")
     parser.add_argument("--sampler-steps", type=int, default=28)
-    parser.add_argument("--sampler", nargs="*", choices=["eager", "compiled", "float8"], default=["eager", "compiled"],
-                        help="sampler timings to run (none: skip the sampler); float8: compiled blocks over a float8 "
-                             "base (quantized after the other rows, as a float8 row's)")
+    parser.add_argument("--sampler", nargs="*", choices=["eager", "compiled", *SAMPLER_COMPILE_MODES, "float8"],
+                        default=["eager", "compiled"],
+                        help="sampler timings to run (none: skip the sampler); cudagraphs / autotune: the blocks "
+                             "compiled in torch.compile's reduce-overhead / max-autotune-no-cudagraphs mode (after "
+                             "the compiled rows); float8: compiled blocks over a float8 base (quantized after the "
+                             "other rows, as a float8 row's)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time the stock diffusers + peft LoRA baseline at the eager rows' settings")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
@@ -539,15 +562,16 @@ def main(argv: list[str] | None = None) -> dict:
             save()
 
     def run_sampler(label: str) -> None:
-        s = sampler_times(model, scale, args.sampler_steps, device, cache_off=label == "eager")
+        s = sampler_times(model, scale, args.sampler_steps, device, cache_off=label == "eager", peak=peak)
         results.setdefault("sampler", {})[label] = s
         save()
         if s.get("status"):
             print(f"[bench-gpu] sampler ({label}) {s['steps']} steps: {s['status']}")
         else:
             off = f", cache off {s['no_cache_s']:.3f} s, speedup {s['speedup']:.2f}x" if "no_cache_s" in s else ""
+            share = f", {s['mfu']:.1%} of peak" if s.get("mfu") is not None else ""
             print(f"[bench-gpu] sampler ({label}) {s['steps']} steps, batch 1: cache on {s['cache_s']:.3f} s{off}"
-                  f" (first request {s['first_s']:.2f} s)", flush=True)
+                  f" (first request {s['first_s']:.2f} s; {s['tflops']:.3g} TFLOP/s{share})", flush=True)
 
     # eager rows (and sampler), then compiled, then the quantized base (in place: last)
     print("[bench-gpu] " + format_rows([]))
@@ -570,6 +594,11 @@ def main(argv: list[str] | None = None) -> dict:
         if "compiled" in args.sampler:
             run_sampler("compiled")
         uncompile_blocks(model)
+    for label, mode in SAMPLER_COMPILE_MODES.items():
+        if label in args.sampler:
+            compile_blocks(model, device, args.compile_backend, mode=mode)
+            run_sampler(label)
+            uncompile_blocks(model)
     quantized = [v for v in variants if v.quantize]
     modes = list(dict.fromkeys([v.quantize for v in quantized] + (["float8"] if "float8" in args.sampler else [])))
     for mode in modes:

@@ -23,7 +23,10 @@ from benchmarks.flux_models import (
 from benchmarks.memory import activation_bytes, count_params
 from cologen.model.config import PRWConfig
 from cologen.testing.flux import TINY_TRANSFORMER
-from cologen.training.flops import Workload, flux_workload, training_step_flops
+from cologen.model.packing import SourcePositionConfig
+from cologen.model.text_encoders import TextEmbeddings
+from cologen.sampling.sampler import FlowSampler, SamplerConfig
+from cologen.training.flops import Workload, flux_workload, sampling_flops, training_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {**TINY_TRANSFORMER, "num_layers": 2, "num_single_layers": 3, "num_attention_heads": 4,
@@ -47,6 +50,28 @@ def test_flop_count_matches_flop_counter_mode(blocks, restore_attention_backend)
     # the frozen base costs no weight gradients: the backward is well under twice the forward
     assert count.backward < 1.5 * count.forward
 
+
+
+def test_sampling_flop_count_matches_flop_counter_mode(restore_attention_backend):
+    from benchmarks.bench_gpu import LatentStandIn
+
+    torch.manual_seed(0)
+    model = build_cologen(CONFIG, PRWConfig(num_experts=5, rank=4, alpha=8), dtype=torch.float32).eval()
+    model.transformer.set_attention_backend("_native_math")
+    g = torch.Generator().manual_seed(0)
+    text = TextEmbeddings(torch.randn(1, 8, CONFIG["joint_attention_dim"], generator=g),
+                          torch.randn(1, CONFIG["pooled_projection_dim"], generator=g))
+    source = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    sampler = FlowSampler(model, LatentStandIn(CONFIG["in_channels"] // 4), SourcePositionConfig(),
+                          CONFIG["guidance_embeds"], SamplerConfig(steps=5))
+    with FlopCounterMode(display=False) as counter:
+        _, stats = sampler.sample(text, 64, 64, source, ["editing"], seed=0)
+    assert stats.source_passes >= 2  # once per timestep bin the 5 steps visit
+    work = Workload(1, 16, 16, 8)  # 64 px: 4 x 4 packed tokens of 2 x 2 latent cells of 8 px
+    assert sampling_flops(CONFIG, work, 5, stats.source_passes, rank=4, num_experts=5) == counter.get_total_flops()
+    one_step = sampling_flops(CONFIG, work, 1, 0, rank=4, num_experts=5)
+    assert sampling_flops(CONFIG, work, 6, stats.source_passes, rank=4, num_experts=5) - one_step == \
+        counter.get_total_flops()  # linear in the steps
 
 def test_flux_dev_flops_per_step():
     work = flux_workload(512, 512, batch=1)
@@ -105,7 +130,8 @@ def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp
                 "1/full/int8"]
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_gpu", "--tiny", "--steps", "2", "--sampler-steps", "6",
-         "--peak-tflops", "0.5", "--compile-backend", "aot_eager", "--rows", *rows_arg, "--json", str(out)],
+         "--peak-tflops", "0.5", "--compile-backend", "aot_eager", "--rows", *rows_arg, "--json", str(out),
+         "--sampler", "eager", "compiled", "cudagraphs"],
         cwd=ROOT, capture_output=True, text=True, timeout=380, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
@@ -121,13 +147,16 @@ def test_tiny_mode_runs_the_gpu_code_path_on_the_cpu_and_prints_every_column(tmp
         assert r[8].endswith("%") and r[9].endswith("%") and r[10] == "n/a"  # no allocator statistics on the CPU
     eager = next(line for line in lines if "sampler (eager) 6 steps" in line)
     assert "cache on" in eager and "cache off" in eager and "speedup" in eager
-    assert any("sampler (compiled) 6 steps" in line and "cache on" in line for line in lines)
+    for label in ("compiled", "cudagraphs"):  # cudagraphs: recompiled in reduce-overhead mode (no graphs on a CPU)
+        assert any(f"sampler ({label}) 6 steps" in line and "cache on" in line and "of peak" in line for line in lines)
     assert any("eval loss at batch 1, eager" in line for line in lines)
     for goal in ("goal MFU >= 45% at batch 4 without checkpointing", "goal peak memory <= 40 GB",
                  "goal int8 base's loss within 2% of bf16's", "goal first compiled step <= 90 s"):
         assert any(goal in line for line in lines), goal
     results = json.loads(out.read_text())
     assert len(results["rows"]) == len(rows_arg) and results["sampler"]["eager"]["speedup"] > 0
+    for s in results["sampler"].values():  # the model FLOPs of a request over its time with the cache
+        assert s["tflops"] > 0 and s["mfu"] == pytest.approx(s["tflops"] / 0.5)
     assert all(r["status"] == "ok" for r in results["rows"])
     assert abs(results["compiled_vs_eager"]["compiled_loss"] / results["compiled_vs_eager"]["eager_loss"] - 1) < 1e-2
 

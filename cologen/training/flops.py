@@ -148,6 +148,23 @@ def training_step_flops(config: Mapping, work: Workload, rank: int, num_experts:
     return fc
 
 
+
+def sampling_flops(config: Mapping, work: Workload, steps: int, source_passes: int, rank: int, num_experts: int,
+                   prw_blocks: str = "both") -> float:
+    """Forward FLOPs of one sampling request with the condition cache: `steps` main passes (text + noisy tokens,
+    their queries over the cached source keys too; the experts on the source K/V only, as `training_step_flops`
+    counts them) and `source_passes` source passes (the sampler's `SampleStats.source_passes`: one per routing key,
+    e.g. per timestep bin). No router noise: it is drawn in training only."""
+    kinds = config["num_layers"] + config["num_single_layers"]
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    b, s_main = work.batch, work.text_tokens + work.noisy_tokens
+    alone = Workload(b, work.noisy_tokens, 0, work.text_tokens)
+    main = training_step_flops(config, alone, rank, num_experts, prw_blocks, noisy_router=False).forward
+    if work.source_tokens and num_experts:
+        main += kinds * b * 4.0 * s_main * work.source_tokens * d  # the main pass's queries over the source keys
+    both = training_step_flops(config, work, rank, num_experts, prw_blocks, noisy_router=False).forward
+    return steps * main + source_passes * (both - main)
+
 def flux_workload(height: int, width: int, batch: int, text_tokens: int = 512, source_height: int | None = None,
                   source_width: int | None = None, vae_factor: int = 8) -> Workload:
     """Token counts of FLUX at a pixel size: a packed token covers 2 x 2 latent cells of `vae_factor` pixels."""
