@@ -238,6 +238,31 @@ def test_condition_cache_is_exact_and_keyed_by_timestep_bin():
     assert (cache.hits, cache.misses) == (1, 2)
 
 
+
+def test_condition_cache_keeps_its_own_copy_of_a_source_state():
+    # compiled blocks under CUDA graphs write every replay's outputs into the same buffers: a cached state that
+    # shared them would change under the next source pass
+    model = CoLoGenTransformer(make_transformer(), PRWConfig(num_experts=2, rank=4, alpha=8)).eval()
+    randomize_experts(model)
+    x, (src, ids) = make_inputs(), make_source()
+    with torch.no_grad():
+        state = model.encode_source(src, ids, x["text"].pooled, torch.full((B,), 0.9))
+    cache = ConditionCache()
+    kept = cache.put(("c", 3), state)
+    assert cache.get(("c", 3)) is kept
+    expected = {name: (k.clone(), v.clone()) for name, (k, v) in state.kv.items()}
+    index = {name: r.index.clone() for name, r in state.routing.items()}
+    for k, v in state.kv.values():  # the producer reuses its buffers
+        k.zero_()
+        v.zero_()
+    for r in state.routing.values():
+        r.index.fill_(1 - r.index[0])
+    assert state.kv and state.routing
+    for name, (k, v) in kept.kv.items():
+        torch.testing.assert_close((k, v), expected[name], rtol=0, atol=0)
+    for name, r in kept.routing.items():
+        assert torch.equal(r.index, index[name])
+
 def test_per_sample_position_schemes_in_one_batch():
     model = CoLoGenTransformer(make_transformer(), PRWConfig(num_experts=1, rank=4, alpha=8)).eval()
     x = make_inputs()

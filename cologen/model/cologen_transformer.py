@@ -40,6 +40,16 @@ class SourceState:
     # the base's keys/values per block (no expert anywhere), kept for `prw.isolate_closed_tokens: output`
     base_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def copied(self) -> SourceState:
+        """The same state in tensors of its own: what produced it may reuse its buffers (compiled blocks under CUDA
+        graphs, `mode="reduce-overhead"`, write every replay's outputs into the same memory)."""
+        def pair(kv: dict) -> dict:
+            return {name: (k.clone(), v.clone()) for name, (k, v) in kv.items()}
+
+        return SourceState(pair(self.kv), {name: Routing(r.index.clone(), r.weight.clone(), r.probs.clone())
+                                           for name, r in self.routing.items()},
+                           {name: g.clone() for name, g in self.gates.items()}, pair(self.base_kv))
+
 
 Tokens = torch.Tensor | Sequence[torch.Tensor]  # one condition, or one tensor per condition
 
@@ -82,7 +92,9 @@ class ConditionCache:
         return state
 
     def put(self, key: tuple, state: SourceState) -> SourceState:
-        self.entries[key] = state
+        """Keep a copy of `state` (`SourceState.copied`: the cache outlives the buffers that produced it; one copy
+        per source pass, a small share of a request's memory traffic) and return it."""
+        state = self.entries[key] = state.copied()
         while self.max_entries is not None and len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
         return state
