@@ -197,3 +197,37 @@ def test_editing_objects_kept_reads_the_source_scene_from_the_record() -> None:
     given = dict(edit, object_rgbs=[BLUE])  # a sample's own colours win over the record's
     assert score_sample(given, circle_gone)["editing/objects_kept"] == 0.0
     assert "editing/objects_kept" not in score_sample(edit, edit["image"])  # no scene to read
+
+
+def test_probe_kinds_come_from_the_builders_and_split_the_summary(shapeworld_dir: Path) -> None:
+    """`cologen eval shapeworld --by-kind`: each task's probes carry the kind their builder drew, and the summary
+    adds a row per kind over that kind's probes alone."""
+    import webdataset as wds
+
+    from cologen.commands.evaluate import summarize
+    from cologen.data.builders import TaskBuilder
+    from cologen.data.records import decode_sample
+    from cologen.eval.shapeworld import probe_kind
+
+    builder = TaskBuilder(resolution=32, stratified=False)
+    kinds = {}
+    for task in ("inpainting", "grounding", "control", "customized", "editing"):
+        urls = sorted(str(p) for p in (Path(shapeworld_dir) / task).glob("val-*.tar"))
+        stream = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None)
+        kinds[task] = {probe_kind(builder(decode_sample(raw), task, np.random.default_rng(i)))
+                       for i, raw in enumerate(stream)}
+    assert kinds["customized"] == {None}
+    assert kinds["grounding"] <= {"box", "mask", "class_boxes"} and kinds["grounding"]
+    assert kinds["control"] <= {"canny", "depth", "seg"} and kinds["control"]
+    assert kinds["editing"] <= {"recolor", "remove", "add", "move", "resize"} and len(kinds["editing"]) > 1
+    assert None not in kinds["inpainting"]
+
+    lines = [{"task": "editing", "routing": "learned", "kind": k, "editing/edit_success": v}
+             for k, v in (("move", 0.2), ("move", 0.4), ("resize", 0.0))]
+    lines.append({"task": "customized", "routing": "learned", "customized/subject_score": 0.5})
+    table = summarize(lines, by_kind=True)
+    assert table["learned/editing/edit_success"]["mean"] == pytest.approx(0.2)
+    assert table["learned/editing[move]/edit_success"]["mean"] == pytest.approx(0.3)
+    assert table["learned/editing[resize]/edit_success"]["n"] == 1
+    assert "learned/customized/subject_score" in table and not any("customized[" in k for k in table)
+    assert not any("[" in k for k in summarize(lines))  # the kinds only when asked

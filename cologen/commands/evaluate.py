@@ -3,6 +3,7 @@
     cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --probes 64 --oracle --out runs/tiny/stage3/eval
     cologen eval shapeworld --base --config experiments/tiny/curriculum.yaml --out runs/tiny/base_only
     cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --tasks grounding --routing-terms
+    cologen eval shapeworld --ckpt runs/tiny/stage3/last.ckpt --tasks editing grounding --by-kind
     cologen eval denoising --ckpt runs/tiny/grounding_alone/last.ckpt --tasks grounding --oracle-gates both
     cologen eval gates --ckpt runs/tiny/stage3/last.ckpt --tasks inpainting grounding editing --out runs/tiny/gates
     cologen eval dreambench --ckpt CKPT_OR_EXPORT --data data/eval/dreambench --clip CLIP --dino DINO --out OUT
@@ -11,7 +12,8 @@
 `shapeworld` scores the validation probes of each task (the same ones SampleValidation uses, each with its own
 noise seed) with 95% confidence intervals, with the routers' choice and with oracle routing; `--config` takes a
 training config whose `data.init_args.builder` builds the probes; `--routing-terms` splits each block's routing
-margin (a task's own expert over its strongest rival) into the router's terms. `denoising` measures the one-step
+margin (a task's own expert over its strongest rival) into the router's terms; `--by-kind` scores each kind of probe
+apart too (an edit's operation, grounding's overlay, control's condition type, inpainting's mask shape). `denoising` measures the one-step
 error of the clean-image estimate on the tokens a task changes and on those it keeps, by noise level, optionally with
 the token gates forced to the truth (`cologen.eval.denoising`); `gates`, how well the hard token gates find those
 changed tokens (recall and precision per block and for their union, `cologen.eval.gate_accuracy`). The benchmark protocols (`dreambench`,
@@ -100,6 +102,7 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
     sampler = dict(sampler or {})
     from cologen.eval.probes import oracle_repeats_learned, own_expert_share, run_probes
     from cologen.eval.routing_terms import record_routing_terms, summarize_routing_terms
+    from cologen.eval.shapeworld import probe_kind
 
     module.eval()
     modes = [False, True] if oracle and module.model.num_active > 1 else [False]
@@ -117,13 +120,15 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
             own = module.task_experts.get(task)
             share = own_expert_share(run.routing, own) if own is not None and not forced else float("nan")
             for i, (p, row) in enumerate(zip(task_probes, run.rows)):
+                kind = probe_kind(p)
                 lines.append({"task": task, "index": i, "key": p["key"], "routing": "oracle" if forced else "learned",
-                              "own_expert": share, **row})
+                              **({"kind": kind} if kind is not None else {}), "own_expert": share, **row})
     return lines
 
 
-def summarize(lines: list[dict]) -> dict[str, dict]:
-    """`{routing}/{task}/{metric}` -> mean and 95% interval (bootstrap over probes)."""
+def summarize(lines: list[dict], by_kind: bool = False) -> dict[str, dict]:
+    """`{routing}/{task}/{metric}` -> mean and 95% interval (bootstrap over probes); with `by_kind`, also
+    `{routing}/{task}[{kind}]/{metric}` over the probes of each kind (`cologen.eval.shapeworld.probe_kind`)."""
     from cologen.metrics.stats import bootstrap_ci
 
     groups: dict[str, list[float]] = {}
@@ -131,6 +136,9 @@ def summarize(lines: list[dict]) -> dict[str, dict]:
         for key, value in line.items():
             if "/" in key and isinstance(value, (int, float)):
                 groups.setdefault(f"{line['routing']}/{key}", []).append(float(value))
+                if by_kind and "kind" in line:
+                    task, metric = key.split("/", 1)
+                    groups.setdefault(f"{line['routing']}/{task}[{line['kind']}]/{metric}", []).append(float(value))
     return {k: bootstrap_ci([v]).as_dict() for k, v in sorted(groups.items())}
 
 
@@ -236,7 +244,7 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
                 "effect_mask": args.effect_mask}
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms,
                      sampler=guidance)
-    table = summarize(lines)
+    table = summarize(lines, by_kind=args.by_kind)
     if terms is not None:
         print(routing_terms_table(terms))
     if args.out:
@@ -343,6 +351,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="print (and write to --out) what each block's routing rested on: the margin of a task's "
                          "own expert over its strongest rival, split into the source, prompt, timestep and "
                          "entry-offset terms")
+    sw.add_argument("--by-kind", action="store_true",
+                    help="also score each kind of probe apart: an edit's operation, grounding's overlay, control's "
+                         "condition type, inpainting's mask shape (rows task[kind]/metric)")
     sw.add_argument("--out", help="folder for scores.jsonl, metrics.json and table.md (and routing_terms.*)")
     dn = sub.add_parser("denoising", help="ShapeWorld: one-step x0 error on the tokens a task changes and on those "
                                           "it keeps, by noise level (where a model loses its copy)")
