@@ -296,7 +296,8 @@ class CoLoGenTransformer(nn.Module):
         never recompile. The block's `__call__` (and the forward pre-hook that binds each block's source state) stay
         eager; compiling `__call__` itself (`block.compile()`) would trace that hook and key a graph on each name.
         `activation_memory_budget` (0-1): the compiled blocks keep that share of what their backward reads and
-        recompute the cheapest rest (`cologen.model.checkpointing.with_memory_budget`)."""
+        recompute the cheapest rest (`cologen.model.checkpointing.with_memory_budget`). Single-stream blocks run
+        through `unaliased_single_block_forward`, so their graphs also compile over a quantized base."""
         single = torch.compile(unaliased_single_block_forward, **compile_kwargs)
         for name, block in self._named_blocks():
             compiled = (functools.partial(single, block.forward) if name.startswith("single")
