@@ -310,9 +310,9 @@ def sampler_times(model, scale: Scale, steps: int, device: torch.device, cache_o
 
             source_passes: list[int] = []
 
-            def run(sampler: FlowSampler = sampler) -> None:
+            def run(sampler: FlowSampler = sampler, passes: list[int] = source_passes) -> None:
                 _, stats = sampler.sample(text, scale.resolution, scale.resolution, source, ["editing"], seed=0)
-                source_passes.append(stats.source_passes)
+                passes.append(stats.source_passes)
 
             first = clock.time(run)  # warmup
             if use_cache:

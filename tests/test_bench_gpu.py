@@ -22,10 +22,10 @@ from benchmarks.flux_models import (
 )
 from benchmarks.memory import activation_bytes, count_params
 from cologen.model.config import PRWConfig
-from cologen.testing.flux import TINY_TRANSFORMER
 from cologen.model.packing import SourcePositionConfig
 from cologen.model.text_encoders import TextEmbeddings
 from cologen.sampling.sampler import FlowSampler, SamplerConfig
+from cologen.testing.flux import TINY_TRANSFORMER
 from cologen.training.flops import Workload, flux_workload, sampling_flops, training_step_flops
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -121,7 +121,6 @@ def _editing(sample: Sample, output: np.ndarray) -> dict[str, float]:
     return editing_scores(output, source, target, region, objects)
 
 
-
 # What kind of probe a sample is, where a task has kinds: an edit's operation, grounding's overlay, control's
 # condition type, inpainting's mask shape (the builders record each in the sample's meta.build)
 KIND_KEYS = ("operation", "overlay", "control_type", "mask_kind")
@@ -131,6 +130,7 @@ def probe_kind(sample: Sample) -> str | None:
     """The sample's kind (`KIND_KEYS`, the first its build records), None where its task has none."""
     build = _build(sample)
     return next((str(build[k]) for k in KIND_KEYS if k in build), None)
+
 
 def score_sample(sample: Sample, output: np.ndarray) -> dict[str, float]:
     """One sample's ShapeWorld scores, keyed ``{task}/{metric}``."""

@@ -131,7 +131,6 @@ def small_effect(adapted: torch.Tensor, base: torch.Tensor, share: float) -> tor
     return effect <= share * effect.amax(1, keepdim=True)
 
 
-
 def unaliased_single_block_forward(forward, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """A single-stream block's `forward` (its bound method) with outputs that do not share storage (what its compiled
     graph runs). diffusers returns the text and image halves as slices of one tensor; AOT autograd refuses a graph
@@ -139,6 +138,7 @@ def unaliased_single_block_forward(forward, *args, **kwargs) -> tuple[torch.Tens
     (torchao), saved for the backward, are. The text half is copied: the shorter one."""
     encoder, hidden = forward(*args, **kwargs)
     return encoder.clone(), hidden
+
 
 class CoLoGenTransformer(nn.Module):
     def __init__(self, transformer: nn.Module, prw: PRWConfig | None = None):
