@@ -4,5 +4,6 @@ from .sample_validation import SampleValidation
 from .stage_benchmark import StageEndBenchmark
 from .summary import MetricsSummary
 from .throughput import RunThroughput
+from .weight_average import EMAWeightAveraging
 
-__all__ = ["MetricsSummary", "RunThroughput", "SampleValidation", "StageEndBenchmark"]
+__all__ = ["EMAWeightAveraging", "MetricsSummary", "RunThroughput", "SampleValidation", "StageEndBenchmark"]
