@@ -3,6 +3,7 @@
 #   make stage1 / stage2 / stage3   the three curriculum stages (tiny preset; PRESET=flux_dev for FLUX.1-dev)
 #   make test                       the test suite
 #   make base                       retrain the tiny base model (about 1.8 h on 2 cores; a trained one is committed)
+#   make base-gpu                   the same base with ~24 times the samples, on one GPU
 #   make bench / bench-gpu          benchmarks (ratios against baselines run in the same process)
 #   make bench-docs                 the docs' CPU benchmark figures from make bench's results file
 #   make ablation / sweep / report  the tiny ablation, the gate-temperature sweep, the README's results tables
@@ -32,7 +33,7 @@ stage_configs = --config $(CFG)/curriculum.yaml $(if $(wildcard $(CFG)/data_stag
 	--config $(CFG)/stage$(1).yaml $(if $(STRATEGY),--config $(CFG)/$(STRATEGY).yaml) \
 	$(if $(filter flux_dev,$(PRESET)),--model.preset.init_args.path $(FLUX_PATH))
 
-.PHONY: install test lint data check-flux base base-continue gate-encoder stage1 stage2 stage3 cotrain no_pretrain multi-condition bench bench-docs sweep ablation report bench-gpu examples demo tiny-experts
+.PHONY: install test lint data check-flux base base-continue base-gpu gate-encoder stage1 stage2 stage3 cotrain no_pretrain multi-condition bench bench-docs sweep ablation report bench-gpu examples demo tiny-experts
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,7 +48,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 lint: install
-	$(VENV)/bin/ruff check cologen data_recipes tests benchmarks
+	$(VENV)/bin/ruff check cologen data_recipes tests benchmarks tools
 
 # ShapeWorld shards for the tiny preset (seconds; skipped when already there). flux_dev reads the shard folders
 # written by data_recipes (see docs/data.md).
@@ -66,6 +67,14 @@ base-continue: install
 	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 20000 --val 64 --tasks inpainting --seed 1 --if-missing
 	$(COLOGEN) fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/base.yaml --config experiments/tiny/base_continue.yaml $(ARGS)
 	$(PY) -m cologen.commands.save_base runs/tiny/base_continue/last.ckpt cologen/assets/tiny_base
+
+# the same base on one GPU with about 24 times make base's samples, over 400,000 scenes of its own
+# (experiments/tiny/base_gpu.yaml). The committed curriculum results and demo experts were trained on the base before
+# it: rerun make stage1 stage2 stage3, make tiny-experts and make ablation after replacing it.
+base-gpu: install
+	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base_large --train 400000 --val 64 --tasks inpainting --seed 1 --if-missing
+	$(COLOGEN) fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/base.yaml --config experiments/tiny/base_gpu.yaml $(ARGS)
+	$(PY) -m cologen.commands.save_base runs/tiny/base_gpu/last.ckpt cologen/assets/tiny_base
 
 # the frozen encoder the tiny preset's image-reading prompt gates can share (prw.gate_image_encoder: builtin), pretrained
 # on make base's scenes to tell each token's object class, size and colour (~4 min on 2 cores)

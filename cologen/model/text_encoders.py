@@ -141,11 +141,13 @@ class MiniLMTextEncoder(TextEncoder):
             buckets.setdefault(8 * (len(row) // 8 + 1), []).append(i)
         pad = self.tokenizer.pad_token_id or 0
         for width, rows in buckets.items():
-            batch = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
+            batch = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros_like(batch)
             for j, i in enumerate(rows):
                 batch[j, :len(ids[i])] = torch.tensor(ids[i])
                 mask[j, :len(ids[i])] = 1
+            # built on the host and moved once: row by row on a GPU is a copy (and a sync) per prompt
+            batch, mask = batch.to(self.device), mask.to(self.device)
             states = self.model(input_ids=batch, attention_mask=mask).last_hidden_state
             m = mask.unsqueeze(-1).to(states.dtype)
             tokens[rows, :min(width, self.max_length)] = (states * m)[:, :self.max_length].to(tokens.dtype)
