@@ -50,6 +50,28 @@ def test_print_config_resolves_interpolations_after_merging_the_stage_file():
     assert "LightningCLI's args parameter" not in proc.stderr  # the console script gives LightningCLI no args
 
 
+def test_the_gpu_base_config_is_base_yamls_recipe_with_more_samples_on_a_gpu():
+    """make base-gpu layers base_gpu.yaml after base.yaml: the same model and tasks from random weights, on a GPU in
+    bf16, its learning-rate horizon the run's length and its EMA started after the warm-up."""
+    proc = run("fit", "--config", "experiments/tiny/curriculum.yaml", "--config", "experiments/tiny/base.yaml",
+               "--config", "experiments/tiny/base_gpu.yaml", "--print_config")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = yaml.safe_load(proc.stdout)
+    base = yaml.safe_load((TINY / "base.yaml").read_text())
+    trainer, model, data = cfg["trainer"], cfg["model"], cfg["data"]["init_args"]
+    assert (trainer["accelerator"], trainer["precision"]) == ("gpu", "bf16-mixed")
+    assert model["preset"]["init_args"]["base"] is None and model["train_base"] and model["prw"]["num_experts"] == 0
+    assert set(data["train_shards"]) == {"t2i", "reconstruct"} and data["mixture"] == base["data"]["init_args"]["mixture"]
+    assert all("shapeworld_base_large" in v for v in data["train_shards"].values())
+    samples = trainer["max_steps"] * data["batch_size"]
+    assert samples >= 20 * base["trainer"]["max_steps"] * base["data"]["init_args"]["batch_size"]
+    assert model["optim"]["total_steps"] == trainer["max_steps"]
+    ema = next(c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("EMAWeightAveraging"))
+    assert model["optim"]["warmup_steps"] < ema["update_starting_at_step"] < trainer["max_steps"]
+    ckpt = next(c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("RunCheckpoint"))
+    assert ckpt["dirpath"] == trainer["default_root_dir"] == "runs/tiny/base_gpu" and ckpt["save_last"]
+
+
 def test_help_lists_every_command(capfd):
     from lightning.pytorch.cli import LightningCLI
 
