@@ -180,6 +180,24 @@ def test_cologen_eval_scores_the_base_and_names_missing_data(shapeworld_dir, tmp
     assert missing.stderr.strip().count("\n") == 0 and "make data" in missing.stderr
 
 
+def test_eval_base_takes_a_base_folder_and_names_one_without_weights(tmp_path):
+    """`--base FOLDER` scores a saved base (a `make base-gpu` run's, say) before it replaces the committed one."""
+    from cologen.commands.evaluate import load_module
+    from cologen.model.presets import TinyPreset, save_tiny_base
+
+    committed = load_module(None).model.transformer.state_dict()
+    other = TinyPreset(base=None, seed=3).build(load_text_encoder=False).transformer
+    save_tiny_base(other, tmp_path / "base")
+    loaded = load_module(None, str(tmp_path / "base")).model.transformer.state_dict()
+    expected = other.state_dict()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert not all(torch.equal(loaded[k], committed[k]) for k in expected)
+    missing = subprocess.run([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", str(tmp_path)],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0 and "holds no model.safetensors" in missing.stderr
+
+
 def test_eval_builds_probes_with_the_training_configs_builder(shapeworld_dir, tmp_path):
     """The base-only column must score the curriculum's own validation probes: same builder settings."""
     from cologen.commands.evaluate import builder_from_config, load_probes

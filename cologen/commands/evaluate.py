@@ -44,12 +44,14 @@ from cologen.errors import MissingInput, UsageError
 DEFAULT_DATA = "data/shapeworld"
 
 
-def load_module(checkpoint: str | None):
-    """A CoLoGenModule from a checkpoint, or the tiny preset's base with its (zero-initialised) first expert."""
+def load_module(checkpoint: str | None, base: str = "builtin"):
+    """A CoLoGenModule from a checkpoint, or a tiny base with its (zero-initialised) first expert: the committed
+    one ('builtin') or a base folder (what `make base` and `save_base` write)."""
+    from cologen.model.presets import TinyPreset
     from cologen.module import CoLoGenModule
 
     if checkpoint is None:
-        return CoLoGenModule()
+        return CoLoGenModule(preset=TinyPreset(base=base))
     checkpoints.verify(checkpoint)
     return CoLoGenModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
 
@@ -231,6 +233,9 @@ def check_model_args(args: argparse.Namespace) -> None:
         raise UsageError("give --ckpt or --base (not both)")
     if args.ckpt is not None:
         checkpoints.check(args.ckpt)
+    elif args.base != "builtin" and not (Path(args.base) / "model.safetensors").is_file():
+        raise MissingInput(f"--base {args.base} holds no model.safetensors: give a tiny base folder (make base, "
+                           "cologen.commands.save_base) or --base alone for the committed one")
 
 
 def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
@@ -238,7 +243,7 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
 
     check_model_args(args)
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
-    module = load_module(args.ckpt)
+    module = load_module(args.ckpt, args.base or "builtin")
     terms: dict | None = {} if args.routing_terms else None
     guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength,
                 "effect_mask": args.effect_mask}
@@ -269,7 +274,7 @@ def examples_and_module(args: argparse.Namespace) -> tuple[dict, object]:
     and model (`--ckpt` / `--base`), the model's arguments checked first."""
     check_model_args(args)
     datasets = val_datasets(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
-    return datasets, load_module(args.ckpt)
+    return datasets, load_module(args.ckpt, args.base or "builtin")
 
 
 def write_table_and_json(folder: str, stem: str, title: str, table: str, data) -> None:
@@ -325,7 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
     sw = sub.add_parser("shapeworld", help="ShapeWorld probes per task, with 95%% intervals (the tiny preset)")
     sw.add_argument("--ckpt", help="a cologen checkpoint (or --base)")
-    sw.add_argument("--base", action="store_true", help="evaluate the tiny base alone (no expert)")
+    sw.add_argument("--base", nargs="?", const="builtin", metavar="FOLDER",
+                    help="evaluate a tiny base alone (no expert): the committed one, or a base folder (make base's)")
     sw.add_argument("--data", default=DEFAULT_DATA, help="ShapeWorld folder (default: %(default)s)")
     sw.add_argument("--tasks", nargs="+", default=list(CURRICULUM_TASKS),
                     choices=(*CURRICULUM_TASKS, *MULTI_CONDITION_TASKS, "t2i"),
@@ -358,7 +364,8 @@ def _parser() -> argparse.ArgumentParser:
     dn = sub.add_parser("denoising", help="ShapeWorld: one-step x0 error on the tokens a task changes and on those "
                                           "it keeps, by noise level (where a model loses its copy)")
     dn.add_argument("--ckpt", help="a cologen checkpoint (or --base)")
-    dn.add_argument("--base", action="store_true", help="the tiny base alone (no expert)")
+    dn.add_argument("--base", nargs="?", const="builtin", metavar="FOLDER",
+                    help="a tiny base alone (no expert): the committed one, or a base folder (make base's)")
     dn.add_argument("--data", default=DEFAULT_DATA, help="ShapeWorld folder (default: %(default)s)")
     dn.add_argument("--tasks", nargs="+", default=["grounding"], choices=list(CURRICULUM_TASKS),
                     help="tasks with a source image (default: %(default)s)")
