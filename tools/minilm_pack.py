@@ -5,11 +5,12 @@ machine with a transfer limit, say), and rebuild it there.
     python -m tools.minilm_pack unpack PACKED OUT [--shards GLOB ...]
     cologen fit ... --model.preset.init_args.text_encoder OUT
 
-`pack` keeps the word-embedding rows of every token a ShapeWorld prompt can hold (every string of the given shards'
-records, and what the task builders add to them: `builder_strings`; the special tokens) and stores every weight in float16. `unpack` writes
-a transformers folder in float32 (the rows not kept are zero) that `TinyPreset(text_encoder=...)` loads, and fails
-if a prompt built from the given shards can hold a token that was not kept. Its encodings equal the package's up to float16
-rounding of the weights (tests/test_minilm_pack.py bounds the difference).
+`pack` keeps the word-embedding rows of every token a ShapeWorld prompt can hold (every string of the given
+shards' records, what the task builders add to them: `builder_strings`, and the special tokens) and stores every
+weight in float16. `unpack` writes a transformers folder in float32 (the rows not kept are zero) that
+`TinyPreset(text_encoder=...)` loads, and fails if a prompt built from the given shards can hold a token that was
+not kept. Its encodings equal the package's up to float16 rounding of the weights (tests/test_minilm_pack.py bounds
+the difference).
 """
 
 from __future__ import annotations
