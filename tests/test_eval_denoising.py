@@ -169,7 +169,8 @@ def test_the_gates_command_writes_its_table(shapeworld_dir, tmp_path, capsys, mo
     ckpt = tmp_path / "gated.ckpt"
     ckpt.write_bytes(b"")
     monkeypatch.setattr(evaluate.checkpoints, "check", lambda path: None)  # the module below stands in for it
-    monkeypatch.setattr(evaluate, "load_module", lambda path: tiny_module() if path == str(ckpt) else None)
+    monkeypatch.setattr(evaluate, "load_module",
+                        lambda path, base="builtin": tiny_module() if path == str(ckpt) else None)
     evaluate.main(["gates", "--ckpt", str(ckpt), "--data", str(shapeworld_dir), "--probes", "4", "--tasks",
                    "inpainting", "grounding", "--out", str(tmp_path)])
     table = (tmp_path / "gates.md").read_text()
@@ -190,7 +191,8 @@ def test_the_gates_command_refuses_a_model_without_token_gates_in_one_line(shape
     ckpt = tmp_path / "ungated.ckpt"
     ckpt.write_bytes(b"")
     monkeypatch.setattr(evaluate.checkpoints, "check", lambda path: None)
-    monkeypatch.setattr(evaluate, "load_module", lambda path: CoLoGenModule())  # the tiny base: no token gates
+    # the tiny base: no token gates
+    monkeypatch.setattr(evaluate, "load_module", lambda path, base="builtin": CoLoGenModule())
     with pytest.raises(SystemExit):
         evaluate.main(["gates", "--ckpt", str(ckpt), "--data", str(shapeworld_dir), "--probes", "2", "--tasks",
                        "grounding"])
