@@ -16,7 +16,6 @@ the difference).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import re
 import shutil
@@ -26,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+
+from cologen.data.shards import expand_shards
 
 WORD_ROWS = "embeddings.word_embeddings.weight"
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -45,15 +46,11 @@ def _strings(value) -> Iterator[str]:
 def shard_strings(patterns: Iterable[str]) -> set[str]:
     """Every string in the JSON records of the shards the glob patterns match."""
     out: set[str] = set()
-    for pattern in patterns:
-        paths = sorted(glob.glob(pattern))
-        if not paths:
-            raise FileNotFoundError(f"no shards match {pattern}")
-        for path in paths:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.name.endswith(".json"):
-                        out.update(_strings(json.load(tar.extractfile(member))))
+    for path in expand_shards(list(patterns), "--shards") if patterns else ():
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    out.update(_strings(json.load(tar.extractfile(member))))
     return out
 
 
