@@ -23,7 +23,7 @@ import torch.nn as nn
 from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
 from .checkpointing import checkpoint_function, some_blocks, spread_blocks, with_memory_budget
 from .config import PRWConfig
-from .experts import ExpertBank, GateContext, hard_gate_open, place_features
+from .experts import ConditionInputBank, ExpertBank, GateContext, hard_gate_open, place_features
 from .gate_encoder import load_gate_encoder
 from .router import NoisyTop1Router, Routing
 from .text_encoders import TextEmbeddings
@@ -181,6 +181,14 @@ class CoLoGenTransformer(nn.Module):
                                     r.granularity, prompt_dim, r.normalize_input, r.weighting)
                     if r.enabled else None)
                 self.prw_block_names.append(kind)
+        # prw.concat_condition: registered on the diffusers input embedding, whose output a forward hook extends in
+        # the adapted main pass (diffusers embeds the latents inside its forward; the keys read
+        # `x_embedder.prw_condition.experts.1.weight`, exported with the other adapters)
+        self._condition_input: torch.Tensor | None = None  # what the next x_embedder call adds (main pass only)
+        if self.prw.num_experts and self.prw.concat_condition:
+            transformer.x_embedder.prw_condition = ConditionInputBank(transformer.config.in_channels, dim,
+                                                                      self.prw.num_experts)
+            transformer.x_embedder.register_forward_hook(self._add_condition_input)
         self.register_buffer("entry_offset", torch.zeros(max(self.prw.num_experts, 1)), persistent=True)
         self.gradient_checkpointing = False
         self._checkpoint_fn = checkpoint_function("full")
@@ -195,10 +203,17 @@ class CoLoGenTransformer(nn.Module):
     def prw_modules(self) -> list[nn.Module]:
         return [block.attn for name, block in self._named_blocks() if name in self.prw_block_names]
 
+    @property
+    def condition_bank(self) -> ConditionInputBank | None:
+        return getattr(self.transformer.x_embedder, "prw_condition", None)
+
     def expert_parameters(self, expert: int | None = None) -> list[nn.Parameter]:
         out = []
-        for attn in self.prw_modules():
-            experts = attn.prw_experts.experts
+        banks = [attn.prw_experts for attn in self.prw_modules()]
+        if self.condition_bank is not None:
+            banks.append(self.condition_bank)
+        for bank in banks:
+            experts = bank.experts
             for e in range(len(experts)) if expert is None else [expert]:
                 out.extend(experts[e].parameters())
         return out
@@ -255,6 +270,8 @@ class CoLoGenTransformer(nn.Module):
             attn.prw_experts.init_expert(new, self.prw.init)
             if attn.prw_router is not None:
                 attn.prw_router.init_entry(new)
+        if self.condition_bank is not None:
+            self.condition_bank.init_expert(new, self.prw.init)
         self.entry_offset[new] = -self.prw.router.entry_offset
         self.num_active = new + 1
         self.freeze_for_curriculum()
@@ -459,7 +476,12 @@ class CoLoGenTransformer(nn.Module):
                                         states[0].gates.get(name))
         ctx = PRWContext(mode="main", sources=sources, num_active=self.num_active, use_gates=self.prw.noisy_gate,
                          text_len=text.tokens.shape[1])
-        sample = self._main_pass(latents, timestep, text, img_ids, txt_ids, guidance, ctx)
+        self._condition_input = self._condition_delta(states, conditions_of(source_tokens, source_ids), img_ids,
+                                                      latents)
+        try:
+            sample = self._main_pass(latents, timestep, text, img_ids, txt_ids, guidance, ctx)
+        finally:
+            self._condition_input = None
         gates = states[0].gates if states else {}
         closed = self._closed_tokens(gates, latents) if self.prw.isolate_closed_tokens == "output" else None
         if closed is not None:  # the tokens no gate opens: the base's velocity, with the base's source
@@ -471,6 +493,34 @@ class CoLoGenTransformer(nn.Module):
                 closed = closed | small_effect(sample, base, effect_mask)
             sample = torch.where(closed, base.to(sample.dtype), sample)
         return CoLoGenOutput(sample=sample, routing=routing, token_gates=gates)
+
+    def _condition_delta(self, states: list[SourceState], conditions, img_ids: torch.Tensor, latents: torch.Tensor
+                         ) -> torch.Tensor | None:
+        """(B, N, D) what `prw.concat_condition` adds to the noisy tokens' embedding: the first condition's tokens
+        through the expert the first PRW block routed each sample to, gated like the noisy stream (`noisy_gate`), for
+        the samples whose condition lies on the target's token grid (aligned positions; zero for the others, a
+        shifted subject reference). None without the option, a condition or a condition of the target's size."""
+        bank = self.condition_bank
+        if bank is None or not states or not self.prw_block_names:
+            return None
+        tokens, ids = conditions[0]
+        first = self.prw_block_names[0]
+        routing = states[0].routing.get(first)
+        if routing is None or tokens.shape[:2] != latents.shape[:2]:
+            return None
+        delta = bank(tokens.to(self.transformer.x_embedder.weight.dtype), routing.index, routing.weight)
+        aligned = (ids[..., 1:].to(img_ids.device) == img_ids[..., 1:]).all(-1).all(-1)  # () or (B,)
+        delta = delta * aligned.to(delta.dtype).reshape(-1, 1, 1)
+        gate = states[0].gates.get(first) if self.prw.noisy_gate else None
+        if gate is not None and gate.shape == latents.shape[:2]:
+            delta = delta * self.prw_modules()[0].prw_experts.gate(gate).to(delta.dtype)
+        return delta
+
+    def _add_condition_input(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the input embedding: adds `_condition_delta` in the adapted main pass (None elsewhere: the
+        source stream's embedding, the base's pass beside the adapted one)."""
+        delta = self._condition_input
+        return output if delta is None else output + delta.to(output.dtype)
 
     def _main_pass(self, latents, timestep, text: TextEmbeddings, img_ids, txt_ids, guidance, ctx: PRWContext):
         dtype = self.transformer.x_embedder.weight.dtype

@@ -13,7 +13,9 @@ options add capacity where K/V cannot reach (both ours, off in the paper's setti
   the first condition's gates to the noisy tokens at the same places; `gate_prompt` lets the gate read what the
   instruction names and where (`PromptGate`), which the source tokens alone cannot tell (an edit's object, its new
   place); `gate_words` and `gate_image` let it read the prompt word by word and a small CNN of the condition image
-  (both measured, off everywhere).
+  (both measured, off everywhere);
+- `concat_condition` (`ConditionInputBank`, on the model's input embedding) gives each expert a linear map from an
+  aligned condition's latent token to the noisy token at the same place, as channel concatenation does.
 
 All experts are allocated up front (one per curriculum step) so checkpoint and optimizer shapes never change; the
 router masks the inactive ones. Parameter names follow peft (`lora_A.weight`, `lora_B.weight`) so each expert is a
@@ -207,6 +209,34 @@ class Expert(nn.Module):
         self.prompt_gate = (PromptGate(dim, prompt_dim, gate_rank, word_dim, image_channels,
                                        own_image_encoder=own_image_encoder)
                             if token_gate and prompt_dim else None)
+
+
+class ConditionInputBank(nn.Module):
+    """`prw.concat_condition`: per expert, a linear map from a condition's latent token (C channels) to the noisy
+    token's input embedding (D) at the same place, zero at init (so the model starts as it was). Adding `W c` to
+    the embedding `W_x x` is channel concatenation `[W_x W] [x; c]`, as FLUX.1 Fill / Canny / Depth feed an aligned
+    condition; one map per expert keeps a frozen veteran's."""
+
+    def __init__(self, channels: int, dim: int, num_experts: int):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(channels, dim, bias=False) for _ in range(num_experts))
+        for expert in self.experts:
+            nn.init.zeros_(expert.weight)
+
+    def forward(self, tokens: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(B, N, D): each sample's routed expert (`index`, `weight`: (B,)) applied to its tokens (B, N, C)."""
+        stacked = torch.stack([e.weight for e in self.experts]).to(tokens.dtype)  # (E, D, C)
+        return torch.bmm(tokens, select(stacked, index).transpose(1, 2)) * weight.to(tokens.dtype)[:, None, None]
+
+    @torch.no_grad()
+    def init_expert(self, new: int, mode: str = "copy") -> None:
+        """Expert `new` as a copy of expert `new - 1` ('copy') or zero ('zero'), as `ExpertBank.init_expert`."""
+        if mode == "copy":
+            self.experts[new].weight.copy_(self.experts[new - 1].weight)
+        elif mode == "zero":
+            self.experts[new].weight.zero_()
+        else:
+            raise ValueError(f"unknown expert init {mode!r}; expected 'copy' or 'zero'")
 
 
 @dataclass
