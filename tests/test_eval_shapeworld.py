@@ -231,3 +231,36 @@ def test_probe_kinds_come_from_the_builders_and_split_the_summary(shapeworld_dir
     assert table["learned/editing[resize]/edit_success"]["n"] == 1
     assert "learned/customized/subject_score" in table and not any("customized[" in k for k in table)
     assert not any("[" in k for k in summarize(lines))  # the kinds only when asked
+
+
+def test_other_sources_samples_each_probe_with_the_next_ones_condition_and_scores_it_against_its_own(
+        shapeworld_dir, monkeypatch):
+    """`cologen eval shapeworld --other-sources`: what a model takes from its condition image shows as the drop from
+    its own condition to another probe's, each scored against its own target."""
+    import torch
+
+    from cologen.commands import evaluate as ev
+    from cologen.eval import probes as pr
+
+    probes = ev.load_probes(str(shapeworld_dir), ["control"], 4)
+    sampled, scored = [], []
+
+    def fake_sample(module, batch, **kwargs):
+        sampled.append([p["source"] for p in batch])
+        return [p["target"] for p in batch], [], 0, 0
+
+    def fake_score(batch, outputs, metrics="shapeworld"):
+        scored.append(list(batch))
+        return [{"control/ssim": float(torch.equal(p["target"], o))} for p, o in zip(batch, outputs)]
+
+    monkeypatch.setattr(pr, "sample_probes", fake_sample)
+    monkeypatch.setattr(pr, "score_probes", fake_score)
+    module = type("M", (), {"eval": lambda self: None, "model": type("X", (), {"num_active": 1})(),
+                            "task_experts": {}})()
+    ev.evaluate(module, probes, other_sources=True)
+    own = probes["control"]
+    assert all(torch.equal(s, own[(i + 1) % 4]["source"]) for i, s in enumerate(sampled[0]))
+    assert all(not torch.equal(s, p["source"]) for s, p in zip(sampled[0], own))  # another scene's map
+    assert [p["key"] for p in scored[0]] == [p["key"] for p in own]  # scored as the probes themselves
+    ev.evaluate(module, probes)
+    assert all(torch.equal(s, p["source"]) for s, p in zip(sampled[1], own))

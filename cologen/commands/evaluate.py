@@ -97,12 +97,19 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
 
 
 def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bool = False,
-             routing_terms: dict | None = None, sampler: dict | None = None) -> list[dict]:
+             routing_terms: dict | None = None, sampler: dict | None = None, other_sources: bool = False) -> list[dict]:
     """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task. A dict
     given as `routing_terms` receives, per task, what each block's learned routing rested on
-    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`, `effect_mask`)."""
+    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`, `effect_mask`).
+    `other_sources`: each probe is sampled with the next probe's condition image and scored against its own target
+    (`with_other_conditions`: what the model takes from its condition)."""
     sampler = dict(sampler or {})
-    from cologen.eval.probes import oracle_repeats_learned, own_expert_share, run_probes
+    from cologen.eval.probes import (
+        oracle_repeats_learned,
+        own_expert_share,
+        run_probes,
+        with_other_conditions,
+    )
     from cologen.eval.routing_terms import record_routing_terms, summarize_routing_terms
     from cologen.eval.shapeworld import probe_kind
 
@@ -111,6 +118,8 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
     lines = []
     for task, task_probes in probes.items():
         recording = record_routing_terms(module.model) if routing_terms is not None else contextlib.nullcontext({})
+        if other_sources:
+            sampler["sample_with"] = with_other_conditions(task_probes)
         with recording as records:
             learned = run_probes(module, task, task_probes, seed=seed, steps=steps, **sampler)
         if routing_terms is not None and task in module.task_experts:
@@ -248,7 +257,7 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength,
                 "effect_mask": args.effect_mask}
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms,
-                     sampler=guidance)
+                     sampler=guidance, other_sources=args.other_sources)
     table = summarize(lines, by_kind=args.by_kind)
     if terms is not None:
         print(routing_terms_table(terms))
@@ -352,6 +361,9 @@ def _parser() -> argparse.ArgumentParser:
                          "share of its largest (default: %(default)s, off; models with isolate_closed_tokens: "
                          "output)")
     sw.add_argument("--oracle", action="store_true", help="also score with oracle routing")
+    sw.add_argument("--other-sources", action="store_true",
+                    help="sample each probe with the next probe's condition image, scored against its own target: "
+                         "a model that reads its condition scores lower than with its own, one that ignores it the same")
     sw.add_argument("--config", help="training config whose data.init_args.builder builds the probes")
     sw.add_argument("--routing-terms", action="store_true",
                     help="print (and write to --out) what each block's routing rested on: the margin of a task's "

@@ -114,11 +114,29 @@ def score_probes(probes: Sequence[Probe], outputs: Sequence[torch.Tensor],
     return [score(p, to_uint8_rgb(o)) for p, o in zip(probes, outputs)]
 
 
+def with_other_conditions(probes: Sequence[Probe]) -> list[Probe]:
+    """Each probe with the condition images of the next probe of its `probe_group` (the last with the first's), its
+    prompt and target its own. Sampled with these and scored against their own targets, a model that reads its
+    condition scores lower than with its own; one that ignores it scores the same (`cologen eval shapeworld
+    --other-sources`)."""
+    out = list(probes)
+    for group in {probe_group(p) for p in probes}:
+        idx = [i for i, p in enumerate(probes) if probe_group(p) == group]
+        for i, j in zip(idx, idx[1:] + idx[:1]):
+            out[i] = {**probes[i], "source": probes[j]["source"], "extra_sources": probes[j].get("extra_sources")}
+    return out
+
+
 def run_probes(module, task: str, probes: Sequence[Probe], *, seed: int = 0, oracle: bool = False,
                batch_size: int = 64, ids: Sequence[int] | None = None, keep: Sequence[bool] | None = None,
-               metrics: str = "shapeworld", **sampler_overrides) -> ProbeRun:
-    """Sample and score `probes` (`sample_probes`); the run holds the kept probes only, in order."""
-    outputs, routing, hits, misses = sample_probes(module, probes, seed=seed, oracle=oracle, batch_size=batch_size,
+               metrics: str = "shapeworld", sample_with: Sequence[Probe] | None = None,
+               **sampler_overrides) -> ProbeRun:
+    """Sample and score `probes` (`sample_probes`); the run holds the kept probes only, in order. `sample_with`:
+    probes to sample instead, one per probe (e.g. `with_other_conditions`), scored as `probes`."""
+    sampled = probes if sample_with is None else sample_with
+    if len(sampled) != len(probes):
+        raise ValueError(f"sample_with holds {len(sampled)} probes for {len(probes)}")
+    outputs, routing, hits, misses = sample_probes(module, sampled, seed=seed, oracle=oracle, batch_size=batch_size,
                                                    ids=ids, keep=keep, **sampler_overrides)
     kept = [i for i, out in enumerate(outputs) if out is not None]
     images = [outputs[i] for i in kept]
