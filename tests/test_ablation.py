@@ -269,7 +269,8 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
     isolation = {v.name: _model_section(spec.configs + v.configs, "prw").get("isolate_closed_tokens", "none")
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
-    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "no_grounding_gates"}
+    since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "no_grounding_gates",
+             "no_concat"}
     assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
 
@@ -284,6 +285,7 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     edit, ground = ["inpainting", "editing"], ["inpainting", "editing", "grounding"]
     for name, gated, prompt_tasks in (("curriculum", ground, ["editing", "grounding"]),
+                                      ("no_concat", ground, ["editing", "grounding"]),
                                       ("no_grounding_gates", edit, ["editing"]), ("no_gate_encoder", edit, ["editing"]),
                                       ("prompt_gates", edit, None), ("prompt_gates_weight_all", edit, None)):
         assert prompt.pop(name) and veteran[name]["gate_prompt_tasks"] == prompt_tasks, name
@@ -301,13 +303,14 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
     curriculum = prw.pop("curriculum")
-    for with_encoder in (curriculum, prw.pop("no_grounding_gates")):  # no_grounding_gates was recorded with it
+    # no_concat and no_grounding_gates were recorded with it
+    for with_encoder in (curriculum, prw.pop("no_concat"), prw.pop("no_grounding_gates")):
         assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
     for section in (curriculum, *prw.values()):
         PRWConfig(**{k: v for k, v in section.items() if k != "router"})  # raises on a contradiction
     recorded = {p.parent.parent.name for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
-    assert "gate_encoder" not in recorded and {"curriculum", "no_gate_encoder"} <= recorded
+    assert "gate_encoder" not in recorded and {"no_concat", "no_gate_encoder"} <= recorded
 
 
 def test_the_variants_recorded_before_grounding_read_the_expression_still_train_with_its_gates_open():
@@ -320,6 +323,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     curriculum = veteran.pop("curriculum")
+    assert veteran.pop("no_concat") == curriculum  # the curriculum before its condition input
     assert curriculum["gate_tasks"] == ["inpainting", "editing", "grounding"]
     assert curriculum["gate_prompt_tasks"] == curriculum["gate_pos_weight_tasks"] == ["editing", "grounding"]
     for name, section in veteran.items():
@@ -333,6 +337,21 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     records = REPO / "docs" / "ablation_runs"
     done = {p.parent.parent.name: json.loads(p.read_text()) for p in records.glob("*/seed0/done.json")}
     assert "grounding_gates" not in done
-    assert done["curriculum"]["recorded_as"] == "grounding_gates"
+    assert done["no_concat"]["recorded_as"] == "grounding_gates"
     assert done["no_grounding_gates"]["recorded_as"] == "gate_encoder"
     assert all(d["variant"] == name for name, d in done.items()), done
+
+
+def test_the_variants_recorded_before_the_condition_input_still_train_without_it():
+    """The curriculum's experts also map an aligned condition's token to the noisy token at the same place since
+    2026-12-05 (`prw.concat_condition`); every variant recorded before layers no_concat.yaml first, so its records stay
+    what it trains, and the curriculum's records before then are no_concat's."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    concat = {v.name: _model_section(spec.configs + v.configs, "prw").get("concat_condition", False)
+              for v in spec.variants}
+    assert concat.pop("curriculum") is True
+    assert set(concat.values()) == {False}, concat
+    assert all(v.configs[0] == "experiments/ablation/no_concat.yaml" for v in spec.variants if v.name != "curriculum")
+    done = {p.parent.parent.name: json.loads(p.read_text())
+            for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
+    assert done["no_concat"]["variant"] == "no_concat"
