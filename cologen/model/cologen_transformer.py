@@ -499,7 +499,7 @@ class CoLoGenTransformer(nn.Module):
         """(B, N, D) what `prw.concat_condition` adds to the noisy tokens' embedding: the first condition's tokens
         through the expert the first PRW block routed each sample to, gated like the noisy stream (`noisy_gate`), for
         the samples whose condition lies on the target's token grid (aligned positions; zero for the others, a
-        shifted subject reference). None without the option, a condition or a condition of the target's size."""
+        shifted subject reference). None without the option or a condition, or for a condition of another size."""
         bank = self.condition_bank
         if bank is None or not states or not self.prw_block_names:
             return None
