@@ -1,7 +1,7 @@
 """`prw.isolate_closed_tokens`. 'source': the source tokens a hard gate closes keep the base's hidden states and
 keys/values in every block, so the open tokens' deltas cannot reach them through the source stream's self-attention
 (without it they do, from the second block on: the leak the option closes). 'output': the noisy tokens no gate opens
-also take the base's velocity."""
+also take the base's velocity; with `prw.open_rule` 'majority' (or 'all') those fewer blocks open do too."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cologen.eval.denoising import forced_token_gates
 from tests.test_eval_denoising import PRW, batch, expert_ups, outputs
 
 
-def module_with(isolate: str, open_gates: bool = False):
+def module_with(isolate: str, open_gates: bool = False, open_rule: str = "any"):
     from cologen.model.config import PRWConfig
     from cologen.model.presets import TinyPreset
     from cologen.module import CoLoGenModule
@@ -20,7 +20,7 @@ def module_with(isolate: str, open_gates: bool = False):
 
     torch.manual_seed(0)
     module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=2),
-                           prw=PRWConfig(**PRW, isolate_closed_tokens=isolate), veteran=VeteranConfig(gate_weight=0.1))
+                           prw=PRWConfig(**PRW, isolate_closed_tokens=isolate, open_rule=open_rule), veteran=VeteranConfig(gate_weight=0.1))
     with torch.no_grad():
         for p in expert_ups(module):
             p.normal_(0, 0.2)  # experts that act
@@ -161,3 +161,64 @@ def test_isolation_needs_hard_gates():
         PRWConfig(token_gate=True, isolate_closed_tokens="source")
     with pytest.raises(ValueError, match="isolate_closed_tokens must be one of"):
         PRWConfig(token_gate=True, hard_gate=True, isolate_closed_tokens="yes")
+
+
+def test_with_a_majority_rule_the_tokens_fewer_blocks_open_take_the_base_velocity_too():
+    module = module_with("output", open_rule="majority")
+    inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))
+    inputs = dict(inputs, timestep=torch.full_like(inputs["timestep"], 0.7))
+    with torch.no_grad():
+        out = module(inputs)
+        with forced_token_gates(module.model, torch.zeros(inputs["latents"].shape[:2]), ["source", "noisy"]):
+            base = module(inputs).sample
+    votes = torch.stack([g >= 0 for g in out.token_gates.values()]).sum(0)
+    assert len(out.token_gates) == 3 and ((votes == 1).any() and (votes >= 2).any()), \
+        "the test needs tokens one block opens and tokens two or more open"
+    torch.testing.assert_close(out.sample[votes < 2], base[votes < 2], rtol=0, atol=1e-6)
+    assert (out.sample[votes >= 2] - base[votes >= 2]).abs().amax(-1).min() > 1e-4  # each keeps the expert's
+    assert torch.equal(module.model.opened_tokens(out.token_gates), votes >= 2)
+
+
+def test_open_rule_all_needs_every_block_and_any_rule_but_any_needs_output_isolation():
+    module = module_with("output", open_rule="all")
+    inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gates = module(inputs).token_gates
+    votes = torch.stack([g >= 0 for g in gates.values()]).sum(0)
+    assert torch.equal(module.model.opened_tokens(gates), votes == 3)
+    module.model.prw.open_rule = "any"
+    assert torch.equal(module.model.opened_tokens(gates), votes >= 1)
+
+    from cologen.model.config import PRWConfig
+
+    with pytest.raises(ValueError, match="needs prw.isolate_closed_tokens: output"):
+        PRWConfig(**PRW, isolate_closed_tokens="source", open_rule="majority")
+    with pytest.raises(ValueError, match="open_rule"):
+        PRWConfig(**PRW, isolate_closed_tokens="output", open_rule="most")
+
+
+def test_the_gates_table_counts_the_tokens_the_vote_opens():
+    from cologen.eval.gate_accuracy import UNION, gate_counts
+
+    module = module_with("output", open_rule="majority")
+    counts = gate_counts(module, [batch()])
+    assert list(counts)[:2] == [UNION, "majority of blocks"]
+    inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gates = module(inputs).token_gates
+    votes = torch.stack([g >= 0 for g in gates.values()]).sum(0)
+    assert counts["majority of blocks"]["open"] == int((votes >= 2).sum()) < counts[UNION]["open"]
+
+
+def test_eval_samples_with_another_open_rule_and_refuses_a_model_it_does_not_apply_to_in_one_line():
+    """`cologen eval shapeworld --open-rule`: the rule a model samples with, other than the one it trained with."""
+    from cologen.commands import evaluate
+    from cologen.errors import UsageError
+
+    module = module_with("output")
+    evaluate.set_open_rule(module, "majority")
+    assert module.model.prw.open_rule == "majority"
+    args = evaluate._parser().parse_args(["shapeworld", "--base", "--open-rule", "all"])
+    assert args.open_rule == "all"
+    with pytest.raises(UsageError, match="--open-rule majority: .*needs prw.isolate_closed_tokens: output"):
+        evaluate.set_open_rule(module_with("source"), "majority")

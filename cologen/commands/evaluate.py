@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -247,12 +248,23 @@ def check_model_args(args: argparse.Namespace) -> None:
                            "cologen.commands.save_base) or --base alone for the committed one")
 
 
+def set_open_rule(module, rule: str) -> None:
+    """`--open-rule`: sample with another rule for which noisy tokens take the expert's velocity than the one the
+    model trained with (`prw.open_rule`); a model it does not apply to is one line."""
+    try:
+        module.model.prw = dataclasses.replace(module.model.prw, open_rule=rule)
+    except ValueError as err:
+        raise UsageError(f"--open-rule {rule}: {err}") from None
+
+
 def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     from cologen.eval.routing_terms import routing_terms_table
 
     check_model_args(args)
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt, args.base or "builtin")
+    if args.open_rule:
+        set_open_rule(module, args.open_rule)
     terms: dict | None = {} if args.routing_terms else None
     guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength,
                 "effect_mask": args.effect_mask}
@@ -360,6 +372,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="a token the gates open keeps the base's copy where the expert's effect is at most this "
                          "share of its largest (default: %(default)s, off; models with isolate_closed_tokens: "
                          "output)")
+    sw.add_argument("--open-rule", choices=["any", "majority", "all"],
+                    help="which noisy tokens take the expert's velocity: those any, most or all PRW blocks' gates "
+                         "open (default: the model's prw.open_rule; models with isolate_closed_tokens: output)")
     sw.add_argument("--oracle", action="store_true", help="also score with oracle routing")
     sw.add_argument("--other-sources", action="store_true",
                     help="sample each probe with the next probe's condition image, scored against its own target: "

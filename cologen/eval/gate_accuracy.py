@@ -1,5 +1,6 @@
-"""How well a model's token gates find the tokens its task changes: per block and for the union of the blocks (the
-noisy tokens no block opens keep the base's velocity with `prw.isolate_closed_tokens: output`), the share of the
+"""How well a model's token gates find the tokens its task changes: per block, for the union of the blocks (the
+noisy tokens no block opens keep the base's velocity with `prw.isolate_closed_tokens: output`) and, for a model with
+`prw.open_rule` 'majority' or 'all', for the tokens that many blocks open (those that take the expert's velocity), the share of the
 changed tokens the hard gates open (recall) and the share of the open tokens that change (precision), over a
 task's validation examples. A gate that misses changed tokens leaves them the base's copy of the source (an
 inpainting hole left grey); one that opens kept tokens lets the expert alter what should stay.
@@ -40,9 +41,12 @@ def gate_counts(module, batches: Iterable[dict], seed: int = 0) -> dict[str, dic
         if not gates:
             raise ValueError("this model's experts have no token gates on the target's grid (prw.token_gate)")
         opened = {name: hard_gate_open(g) for name, g in gates.items()}
+        add(UNION, torch.stack(list(opened.values())).any(0), changed)
+        rule = module.model.prw.open_rule
+        if rule != "any":  # the tokens that take the expert's velocity under the model's rule (prw.open_rule)
+            add(f"{rule} of blocks", module.model.opened_tokens(gates), changed)
         for name, open_ in opened.items():
             add(name, open_, changed)
-        add(UNION, torch.stack(list(opened.values())).any(0), changed)
     return counts
 
 
@@ -56,7 +60,7 @@ def accuracy(counts: dict[str, int]) -> dict[str, float]:
 
 
 def gates_table(results: dict[str, dict[str, dict[str, int]]]) -> str:
-    """Markdown: one row per task and block (the union first)."""
+    """Markdown: one row per task and block (the union first, then the model's vote when it has one)."""
     lines = ["| task | block | recall | precision | open / changed | changed tokens |", "|---|---|---|---|---|---|"]
     for task, per_block in results.items():
         for name in [UNION] + [n for n in per_block if n != UNION]:

@@ -535,10 +535,16 @@ class CoLoGenTransformer(nn.Module):
         keys, values = zip(*((state.base_kv if base else state.kv)[name] for state in states))
         return (keys[0], values[0]) if len(states) == 1 else (torch.cat(keys, 1), torch.cat(values, 1))
 
-    @staticmethod
-    def _closed_tokens(gates: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor | None:
-        """(B, N, 1): the noisy tokens no block's hard gate opens; None where the gates are not on the target's
-        token grid (a condition of another size) or there are none."""
+    def opened_tokens(self, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, N) bool: the noisy tokens that take the expert's velocity under `prw.open_rule` (`gates`: each PRW
+        block's logits on the target's grid): those any, more than half, or all of the blocks' hard gates open."""
+        votes = torch.stack([hard_gate_open(g) for g in gates.values()]).sum(0)
+        needed = {"any": 1, "majority": len(gates) // 2 + 1, "all": len(gates)}[self.prw.open_rule]
+        return votes >= needed
+
+    def _closed_tokens(self, gates: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor | None:
+        """(B, N, 1): the noisy tokens that keep the base's velocity (`opened_tokens`' complement); None where the
+        gates are not on the target's token grid (a condition of another size) or there are none."""
         if not gates or any(g.shape != latents.shape[:2] for g in gates.values()):
             return None
-        return ~torch.stack([hard_gate_open(g) for g in gates.values()]).any(0)[..., None]
+        return ~self.opened_tokens(gates)[..., None]

@@ -69,6 +69,11 @@ class PRWConfig:
         deltas cannot reach them through the source stream's self-attention. 'output': that, and the noisy tokens no
         block's gate opens take the base's velocity (a base forward beside the adapted one, without gradients, every
         step), so an expert changes exactly the tokens its gates open. Needs `hard_gate`.
+    open_rule: (ours) with `isolate_closed_tokens: output`, which noisy tokens take the expert's velocity: those
+        'any' PRW block's hard gate opens, those a 'majority' of the blocks' gates open (more than half), or those
+        'all' open. Each block's gate misses few changed tokens but opens kept ones too, each block other ones, so
+        the union opens the most kept tokens (the tiny curriculum's grounding: 3.0 open tokens per changed one for
+        the union, 1.6-2.7 for one block), where an expert redraws what the base would copy exactly.
     gate_prompt: (ours) each token gate also reads the pooled prompt and the token's place in its image (a
         bilinear term per expert of rank `gate_prompt_rank`, zero at init): an edit's object and its new place are
         named by the instruction, which the source tokens cannot see. Needs `token_gate`.
@@ -103,6 +108,7 @@ class PRWConfig:
     hard_gate: bool = False
     noisy_gate: bool = False
     isolate_closed_tokens: Literal["none", "source", "output"] = "none"
+    open_rule: Literal["any", "majority", "all"] = "any"
     gate_prompt: bool = False
     gate_prompt_rank: int = 16
     gate_words: bool = False
@@ -142,6 +148,9 @@ class PRWConfig:
         if self.isolate_closed_tokens != "none" and not self.hard_gate:
             raise ValueError("prw.isolate_closed_tokens keeps the tokens a hard gate closes as the base's: it needs "
                              "prw.hard_gate: true")
+        if self.open_rule != "any" and self.isolate_closed_tokens != "output":
+            raise ValueError("prw.open_rule decides which noisy tokens keep the base's velocity: it needs "
+                             "prw.isolate_closed_tokens: output")
         if self.noisy_gate and not (self.token_gate and self.noisy_targets):
             raise ValueError("prw.noisy_gate reuses the token gates on the noisy stream: it needs prw.token_gate: true "
                              "and prw.noisy_targets")
