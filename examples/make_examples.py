@@ -4,9 +4,9 @@
     python examples/make_examples.py figure [--ckpt CKPT]           # examples/results.png (`make examples`)
 
 `sources` takes the first validation probes of the default ShapeWorld dataset (seed 0; the same examples
-`make data` writes), one per task, in the forms the tiny model was trained on: an inpainting scene with its mask, a
-grounding scene with a referring prompt, a control map, a subject reference, a recolouring edit, and a caption for
-text-to-image. Every request gives its seed, steps and size.
+`make data` writes, built with the tiny curriculum's builder settings), one per task, in the forms the tiny model
+was trained on: an inpainting scene with its mask, a grounding scene with a referring prompt, a control map, a
+subject reference, a recolouring edit, and a caption for text-to-image. Every request gives its seed, steps and size.
 
 `figure` runs `cologen predict` on examples/requests.jsonl with the checkpoint (without one: the committed tiny
 base and no trained expert) and draws each request's condition and output, with its prompt, into
@@ -40,13 +40,14 @@ def _save(image, path: Path) -> str:
 
 
 def sources() -> list[dict]:
-    from cologen.commands.evaluate import load_probes
+    from cologen.commands.evaluate import builder_from_config, load_probes
     from data_recipes.shapeworld import ShapeWorldConfig, generate
 
     with tempfile.TemporaryDirectory() as tmp:
         generate(tmp, train=1, val=16, seed=0, config=ShapeWorldConfig(), workers=1, progress=False)
         tasks = ["inpainting", "grounding", "control", "customized", "editing"]
-        probes = load_probes(tmp, tasks, 16)
+        # built as the tiny curriculum builds its examples (its overlays and box outlines)
+        probes = load_probes(tmp, tasks, 16, builder=builder_from_config(str(ROOT / "experiments/tiny/curriculum.yaml")))
     requests = []
     first = probes["inpainting"][0]
     mask = (first["region"].astype(np.uint8) * 255)
@@ -93,7 +94,7 @@ def figure(ckpt: str | None) -> Path:
     from cologen import checkpoints
     from cologen.callbacks.grids import image_grid
     from cologen.cli import main as cologen
-    from cologen.predict import MASK_GREY
+    from cologen.inputs import MASK_GREY
 
     args = ["predict", "--config", str(ROOT / "experiments/tiny/curriculum.yaml"),
             "--config", str(ROOT / "experiments/tiny/predict.yaml"), "--data.requests", str(REQUESTS)]

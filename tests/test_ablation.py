@@ -270,7 +270,7 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
     since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "no_grounding_gates",
-             "no_concat"}
+             "no_concat", "any_block_opens"}
     assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
 
@@ -285,6 +285,7 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     edit, ground = ["inpainting", "editing"], ["inpainting", "editing", "grounding"]
     for name, gated, prompt_tasks in (("curriculum", ground, ["editing", "grounding"]),
+                                      ("any_block_opens", ground, ["editing", "grounding"]),
                                       ("no_concat", ground, ["editing", "grounding"]),
                                       ("no_grounding_gates", edit, ["editing"]), ("no_gate_encoder", edit, ["editing"]),
                                       ("prompt_gates", edit, None), ("prompt_gates_weight_all", edit, None)):
@@ -303,8 +304,8 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
     curriculum = prw.pop("curriculum")
-    # no_concat and no_grounding_gates were recorded with it
-    for with_encoder in (curriculum, prw.pop("no_concat"), prw.pop("no_grounding_gates")):
+    # any_block_opens, no_concat and no_grounding_gates were recorded with it
+    for with_encoder in (curriculum, prw.pop("any_block_opens"), prw.pop("no_concat"), prw.pop("no_grounding_gates")):
         assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
     for section in (curriculum, *prw.values()):
@@ -324,6 +325,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     curriculum = veteran.pop("curriculum")
     assert veteran.pop("no_concat") == curriculum  # the curriculum before its condition input
+    assert veteran.pop("any_block_opens") == curriculum  # ... and before its majority rule
     assert curriculum["gate_tasks"] == ["inpainting", "editing", "grounding"]
     assert curriculum["gate_prompt_tasks"] == curriculum["gate_pos_weight_tasks"] == ["editing", "grounding"]
     for name, section in veteran.items():
@@ -349,9 +351,26 @@ def test_the_variants_recorded_before_the_condition_input_still_train_without_it
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     concat = {v.name: _model_section(spec.configs + v.configs, "prw").get("concat_condition", False)
               for v in spec.variants}
-    assert concat.pop("curriculum") is True
+    assert concat.pop("curriculum") is True and concat.pop("any_block_opens") is True
     assert set(concat.values()) == {False}, concat
-    assert all(v.configs[0] == "experiments/ablation/no_concat.yaml" for v in spec.variants if v.name != "curriculum")
+    assert all(v.configs[1] == "experiments/ablation/no_concat.yaml" for v in spec.variants
+               if v.name not in ("curriculum", "any_block_opens"))
     done = {p.parent.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert done["no_concat"]["variant"] == "no_concat"
+
+
+def test_the_variants_recorded_before_the_majority_rule_still_train_with_any_block_opening_a_token():
+    """A noisy token takes the curriculum's expert velocity where a majority of the blocks' gates open it since
+    2026-12-05 (`prw.open_rule: majority`); every variant recorded before layers any_block_opens.yaml first, so its
+    records stay what it trains, and the curriculum's records before then are any_block_opens's."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    rule = {v.name: _model_section(spec.configs + v.configs, "prw").get("open_rule", "any") for v in spec.variants}
+    assert rule.pop("curriculum") == "majority"
+    assert set(rule.values()) == {"any"}, rule
+    assert all(v.configs[0] == "experiments/ablation/any_block_opens.yaml" for v in spec.variants
+               if v.name != "curriculum")
+    done = {p.parent.parent.name: json.loads(p.read_text())
+            for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
+    assert done["any_block_opens"]["variant"] == "any_block_opens"
+    assert done["any_block_opens"]["recorded_as"] == "curriculum"

@@ -200,3 +200,13 @@ def test_memory_tables_are_what_the_tool_computes():
 
     names = stale(ROOT / DOC, doc_sections(plan()))
     assert names == [], f"{DOC} sections {names} disagree with the tool: run `{COMMAND}`"
+
+
+def test_every_image_the_docs_show_is_committed():
+    """A README or docs page that shows a picture shows one the repository holds (paths relative to the page)."""
+    missing = []
+    for doc in DOCS:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", doc.read_text()):
+            if "://" not in target and not (doc.parent / target).is_file():
+                missing.append(f"{doc.relative_to(ROOT)}: {target}")
+    assert not missing, missing

@@ -191,3 +191,26 @@ def test_a_one_source_request_is_the_single_condition_sample(tmp_path):
                         tmp_path, patch=4, default_size=32)
     expected, _ = module.generate([req.prompt], req.sources[0][None], [req.task], 32, 32, seed=[3])
     assert torch.equal(predict_one(module, req)["image"], expected[0])
+
+
+def test_the_examples_figure_runs_predict_on_the_requests_and_draws_every_one(tmp_path, monkeypatch):
+    """`make examples` (examples/make_examples.py figure): the committed requests through `cologen predict` with the
+    committed base (no checkpoint), one condition and one output per request, in a figure that names its model."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import make_examples
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    examples = tmp_path / "examples"
+    shutil.copytree(ROOT / "examples", examples, ignore=shutil.ignore_patterns("*_outputs", "results.png"))
+    monkeypatch.setattr(make_examples, "EXAMPLES", examples)
+    monkeypatch.setattr(make_examples, "REQUESTS", examples / "requests.jsonl")
+    monkeypatch.setattr(make_examples, "FIGURE", examples / "results.png")
+    requests = [json.loads(line) for line in (examples / "requests.jsonl").read_text().splitlines() if line.strip()]
+    figure = Image.open(make_examples.figure(None))
+    results = (examples / "requests_outputs" / "results.jsonl").read_text().splitlines()
+    assert len(results) == len(requests) and all("error" not in json.loads(r) for r in results)
+    assert figure.width >= len(requests) * 32 and figure.height > 2 * 32  # a column per request, two image rows
