@@ -47,7 +47,8 @@ def sources() -> list[dict]:
         generate(tmp, train=1, val=16, seed=0, config=ShapeWorldConfig(), workers=1, progress=False)
         tasks = ["inpainting", "grounding", "control", "customized", "editing"]
         # built as the tiny curriculum builds its examples (its overlays and box outlines)
-        probes = load_probes(tmp, tasks, 16, builder=builder_from_config(str(ROOT / "experiments/tiny/curriculum.yaml")))
+        builder = builder_from_config(str(ROOT / "experiments/tiny/curriculum.yaml"))
+        probes = load_probes(tmp, tasks, 16, builder=builder)
     requests = []
     first = probes["inpainting"][0]
     mask = (first["region"].astype(np.uint8) * 255)

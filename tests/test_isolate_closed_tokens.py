@@ -20,7 +20,8 @@ def module_with(isolate: str, open_gates: bool = False, open_rule: str = "any"):
 
     torch.manual_seed(0)
     module = CoLoGenModule(preset=TinyPreset(base=None, width=32, heads=2, double_layers=1, single_layers=2),
-                           prw=PRWConfig(**PRW, isolate_closed_tokens=isolate, open_rule=open_rule), veteran=VeteranConfig(gate_weight=0.1))
+                           prw=PRWConfig(**PRW, isolate_closed_tokens=isolate, open_rule=open_rule),
+                           veteran=VeteranConfig(gate_weight=0.1))
     with torch.no_grad():
         for p in expert_ups(module):
             p.normal_(0, 0.2)  # experts that act

@@ -1,9 +1,9 @@
 """How well a model's token gates find the tokens its task changes: per block, for the union of the blocks (the
 noisy tokens no block opens keep the base's velocity with `prw.isolate_closed_tokens: output`) and, for a model with
-`prw.open_rule` 'majority' or 'all', for the tokens that many blocks open (those that take the expert's velocity), the share of the
-changed tokens the hard gates open (recall) and the share of the open tokens that change (precision), over a
-task's validation examples. A gate that misses changed tokens leaves them the base's copy of the source (an
-inpainting hole left grey); one that opens kept tokens lets the expert alter what should stay.
+`prw.open_rule` 'majority' or 'all', for the tokens that many blocks open (those that take the expert's velocity):
+the share of the changed tokens the hard gates open (recall) and the share of the open tokens that change
+(precision), over a task's validation examples. A gate that misses changed tokens leaves them the base's copy of the
+source (an inpainting hole left grey); one that opens kept tokens lets the expert alter what should stay.
 
 Used by `cologen eval gates` (README, "What the gates open").
 """
