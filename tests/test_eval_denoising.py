@@ -5,6 +5,7 @@ open where the model's own gates are open, nothing changes; forcing one stream l
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,6 +115,20 @@ def test_errors_split_by_the_changed_tokens_and_vanish_at_t0_for_any_model(train
     assert forced[0]["kept"] != rows[1]["kept"]
 
 
+def test_the_input_reference_is_what_a_model_that_leaves_x_t_as_it_is_scores(trained, monkeypatch):
+    module, _ = trained
+    rows = denoising_errors(module, [batch()], timesteps=(0.5, 1.0))
+    # x_t - x0 = t (n - x0): its error grows as t^2, the same noise at every t
+    for name in ("changed_input", "kept_input"):
+        assert rows[0][name] == pytest.approx([0.25 * e for e in rows[1][name]], rel=1e-5)
+    assert rows[0]["changed"] != rows[0]["changed_input"]  # the trained model denoises
+    # a model predicting zero velocity hands x_t back as its clean estimate: it scores the reference exactly
+    monkeypatch.setattr(module, "forward", lambda inputs: SimpleNamespace(sample=torch.zeros_like(inputs["latents"])))
+    still = denoising_errors(module, [batch()], timesteps=(0.5,))
+    for name in ("changed", "kept"):
+        assert still[0][name] == pytest.approx(still[0][name + "_input"], rel=1e-6)
+
+
 def test_the_command_writes_its_table_and_the_base_is_unchanged_by_forced_gates(shapeworld_dir, tmp_path, capsys):
     from cologen.commands.evaluate import main
 
@@ -129,6 +144,9 @@ def test_the_command_writes_its_table_and_the_base_is_unchanged_by_forced_gates(
     assert [r["kept"]["mean"] for r in forced] == pytest.approx([r["kept"]["mean"] for r in learned], abs=1e-9)
     # its copy is better than its drawing at every noise level
     assert all(r["kept"]["mean"] < r["changed"]["mean"] for r in learned)
+    # and every row carries x_t's own error beside the model's
+    assert all(r["changed_input"]["n"] == r["changed"]["n"] for r in learned)
+    assert "| x_t's on them |" in table
     assert "gates forced on both" in capsys.readouterr().out
 
 

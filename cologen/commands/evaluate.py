@@ -320,7 +320,7 @@ def run_denoising(args: argparse.Namespace) -> dict[str, list[dict]]:
     print(table, end="")
     if args.out:
         write_table_and_json(args.out, "denoising", "one-step denoising error (x0 estimate, mean squared, per token)",
-                             table, {k: [{"t": r["t"], "changed": r["changed"].as_dict(), "kept": r["kept"].as_dict()}
+                             table, {k: [{"t": r["t"], **{name: e.as_dict() for name, e in r.items() if name != "t"}}
                                          for r in v] for k, v in summaries.items()})
     return summaries
 

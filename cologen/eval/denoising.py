@@ -8,6 +8,10 @@ error grows with t, where x_t says least. `forced_token_gates` asks whether the 
 are what costs the copy: it scales every token's deltas by the truth (1 on the changed tokens, 0 on the kept) on
 the source stream, the noisy stream or both, the gate a perfect localiser would give.
 
+Beside each error stands the error of x_t itself (`changed_input`, `kept_input`: x0_hat = x_t, what a model that
+leaves its input as it is scores, t^2 E|n - x0|^2): at low t a model that has not learned to denoise what it draws
+scores near it, and its sampler then keeps the noise of the last steps (README, "Why the drawings are speckled").
+
 Used by `cologen eval denoising` (README, "Why grounding lags").
 """
 
@@ -68,10 +72,10 @@ def denoising_errors(module, batches: Iterable[dict], timesteps: Sequence[float]
                      gates: Sequence[str] = ()) -> list[dict]:
     """Per noise level t of `timesteps`: the per-sample mean squared error of x0_hat on the changed tokens and on
     the kept ones (`changed`, `kept`: lists over the samples of every batch of `batches` (collated, with sources)
-    that have such tokens), each batch's noise drawn from `seed` and shared by every t. `gates`: streams whose token
-    gates are forced to the truth (`forced_token_gates`)."""
+    that have such tokens), and that of x_t itself (`changed_input`, `kept_input`), each batch's noise drawn from
+    `seed` and shared by every t. `gates`: streams whose token gates are forced to the truth (`forced_token_gates`)."""
     module.eval()
-    rows = [{"t": float(t), "changed": [], "kept": []} for t in timesteps]
+    rows = [{"t": float(t), "changed": [], "kept": [], "changed_input": [], "kept_input": []} for t in timesteps]
     for batch in batches:
         inputs = module.prepare(batch, False, torch.Generator(device=module.device).manual_seed(seed))
         changed = inputs["changed"]
@@ -86,23 +90,29 @@ def denoising_errors(module, batches: Iterable[dict], timesteps: Sequence[float]
                 t = row["t"]
                 x_t = (1 - t) * x0 + t * noise
                 out = module(dict(inputs, latents=x_t, timestep=torch.full_like(inputs["timestep"], t))).sample
-                err = (x_t - t * out.float() - x0).pow(2).mean(-1)  # (B, N)
+                errors = {"": (x_t - t * out.float() - x0).pow(2).mean(-1),  # (B, N)
+                          "_input": (x_t - x0).pow(2).mean(-1)}
                 for name, where in (("changed", changed), ("kept", ~changed)):
                     count = where.sum(1)
-                    per_sample = (err * where).sum(1) / count.clamp(min=1)
-                    row[name] += [float(v) for v, c in zip(per_sample, count) if c > 0]
+                    for suffix, err in errors.items():
+                        per_sample = (err * where).sum(1) / count.clamp(min=1)
+                        row[name + suffix] += [float(v) for v, c in zip(per_sample, count) if c > 0]
     return rows
 
 
 def summarize_errors(rows: list[dict]) -> list[dict[str, float | Estimate]]:
-    """Per t: the mean error on changed and kept tokens with 95% intervals over the samples."""
-    return [{"t": r["t"], "changed": bootstrap_ci([r["changed"]]), "kept": bootstrap_ci([r["kept"]])} for r in rows]
+    """Per t: the mean error on changed and kept tokens, the model's and x_t's, with 95% intervals over the
+    samples."""
+    names = ("changed", "kept", "changed_input", "kept_input")
+    return [{"t": r["t"], **{name: bootstrap_ci([r[name]]) for name in names}} for r in rows]
 
 
 def errors_table(summaries: dict[str, list[dict]]) -> str:
-    """Markdown: one row per run label (e.g. 'grounding, gates forced on both') and t."""
-    lines = ["| run | t | error on changed tokens | error on kept tokens |", "|---|---|---|---|"]
+    """Markdown: one row per run label (e.g. 'grounding, gates forced on both') and t; beside each error, x_t's."""
+    lines = ["| run | t | error on changed tokens | x_t's on them | error on kept tokens | x_t's on them |",
+             "|---|---|---|---|---|---|"]
     for label, summary in summaries.items():
         for r in summary:
-            lines.append(f"| {label} | {r['t']:.2f} | {r['changed'].format(4)} | {r['kept'].format(4)} |")
+            lines.append(f"| {label} | {r['t']:.2f} | {r['changed'].format(4)} | {r['changed_input'].format(4)} | "
+                         f"{r['kept'].format(4)} | {r['kept_input'].format(4)} |")
     return "\n".join(lines) + "\n"
