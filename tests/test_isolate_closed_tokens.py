@@ -223,3 +223,56 @@ def test_eval_samples_with_another_open_rule_and_refuses_a_model_it_does_not_app
     assert args.open_rule == "all"
     with pytest.raises(UsageError, match="--open-rule majority: .*needs prw.isolate_closed_tokens: output"):
         evaluate.set_open_rule(module_with("source"), "majority")
+
+
+def test_gates_forced_on_the_noisy_stream_decide_which_tokens_take_the_expert_velocity():
+    """`forced_token_gates` with the noisy stream: the truth also opens the noisy tokens (a perfect localiser), so
+    the tokens it leaves shut take the base's velocity exactly and the others the expert's; forced on the source
+    stream alone, the gates that decide it stay the model's own."""
+    module = module_with("output", open_rule="majority")
+    inputs = module.prepare(batch(), False, torch.Generator().manual_seed(0))
+    inputs = dict(inputs, timestep=torch.full_like(inputs["timestep"], 0.7))
+    truth = torch.zeros(inputs["latents"].shape[:2], dtype=torch.bool)
+    truth[:, ::3] = True
+    with torch.no_grad():
+        learned = module(inputs).token_gates
+        with forced_token_gates(module.model, torch.zeros_like(truth), ["source", "noisy"]):
+            base = module(inputs).sample
+        with forced_token_gates(module.model, truth, ["source", "noisy"]):
+            forced = module(inputs)
+        with forced_token_gates(module.model, truth, ["source"]):
+            source_only = module(inputs).token_gates
+    assert torch.equal(module.model.opened_tokens(forced.token_gates), truth)
+    torch.testing.assert_close(forced.sample[~truth], base[~truth], rtol=0, atol=1e-6)
+    assert (forced.sample[truth] - base[truth]).abs().amax(-1).min() > 1e-4
+    assert not torch.equal(module.model.opened_tokens(learned), truth)
+    # the source stream's own gates, on its forced states: the first block's as learned (its input is the same)
+    first = next(iter(learned))
+    assert torch.equal(source_only[first], learned[first])
+    assert not torch.equal(module.model.opened_tokens(source_only), truth)
+
+
+def test_eval_samples_with_the_true_gates_and_scores_them_apart(shapeworld_dir):
+    """`cologen eval shapeworld --true-gates`: each task's probes sampled again with the gates forced to the tokens
+    each probe changes, rows `true_gates/...`; each chunk of the sampler gets its own probes' truth."""
+    from cologen.commands import evaluate
+    from cologen.errors import UsageError
+
+    module = module_with("output", open_rule="majority")
+    probes = evaluate.load_probes(str(shapeworld_dir), ["grounding"], 5)
+    lines = evaluate.evaluate(module, probes, steps=2, true_gates=True)
+    gated = [x for x in lines if x["routing"] == "true_gates"]
+    learned = [x for x in lines if x["routing"] == "learned"]
+    assert [x["index"] for x in gated] == [x["index"] for x in learned] == list(range(5))
+    assert any(x["grounding/psnr_out"] != y["grounding/psnr_out"] for x, y in zip(gated, learned))
+    # two sampler calls (chunks of 2, 2 and 1 probes), each forced to its own probes' truth: the same outputs
+    from cologen.eval.probes import run_probes_with_true_gates
+
+    whole = run_probes_with_true_gates(module, "grounding", probes["grounding"], steps=2)
+    chunked = run_probes_with_true_gates(module, "grounding", probes["grounding"], steps=2, batch_size=2)
+    for a, b in zip(whole.outputs, chunked.outputs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert "true_gates/grounding/psnr_out" in evaluate.summarize(lines)
+    args = evaluate._parser().parse_args(["shapeworld", "--base", "--true-gates", "--cfg-scale", "3"])
+    with pytest.raises(UsageError, match="--true-gates .* guidance doubles the batch"):
+        evaluate.run_shapeworld(args)

@@ -98,17 +98,21 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
 
 
 def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bool = False,
-             routing_terms: dict | None = None, sampler: dict | None = None, other_sources: bool = False) -> list[dict]:
+             routing_terms: dict | None = None, sampler: dict | None = None, other_sources: bool = False,
+             true_gates: bool = False) -> list[dict]:
     """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task. A dict
     given as `routing_terms` receives, per task, what each block's learned routing rested on
     (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`, `effect_mask`).
     `other_sources`: each probe is sampled with the next probe's condition image and scored against its own target
-    (`with_other_conditions`: what the model takes from its condition)."""
+    (`with_other_conditions`: what the model takes from its condition). `true_gates`: each task's probes are also
+    sampled with the token gates forced to the truth (`run_probes_with_true_gates`), lines `routing: true_gates`
+    (the routers' choice, a perfect localiser's gates)."""
     sampler = dict(sampler or {})
     from cologen.eval.probes import (
         oracle_repeats_learned,
         own_expert_share,
         run_probes,
+        run_probes_with_true_gates,
         with_other_conditions,
     )
     from cologen.eval.routing_terms import record_routing_terms, summarize_routing_terms
@@ -135,6 +139,12 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
                 kind = probe_kind(p)
                 lines.append({"task": task, "index": i, "key": p["key"], "routing": "oracle" if forced else "learned",
                               **({"kind": kind} if kind is not None else {}), "own_expert": share, **row})
+        gated = run_probes_with_true_gates(module, task, task_probes, seed=seed, steps=steps, **sampler) \
+            if true_gates and module.model.num_active else None
+        for i, (p, row) in enumerate(zip(task_probes, gated.rows if gated is not None else [])):
+            kind = probe_kind(p)
+            lines.append({"task": task, "index": i, "key": p["key"], "routing": "true_gates",
+                          **({"kind": kind} if kind is not None else {}), **row})
     return lines
 
 
@@ -261,6 +271,9 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     from cologen.eval.routing_terms import routing_terms_table
 
     check_model_args(args)
+    if args.true_gates and (args.cfg_scale != 1.0 or args.image_cfg_scale != 1.0):
+        raise UsageError("--true-gates forces one sampler batch's gates, and guidance doubles the batch: leave "
+                         "--cfg-scale and --image-cfg-scale at 1")
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt, args.base or "builtin")
     if args.open_rule:
@@ -269,7 +282,7 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength,
                 "effect_mask": args.effect_mask}
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms,
-                     sampler=guidance, other_sources=args.other_sources)
+                     sampler=guidance, other_sources=args.other_sources, true_gates=args.true_gates)
     table = summarize(lines, by_kind=args.by_kind)
     if terms is not None:
         print(routing_terms_table(terms))
@@ -376,6 +389,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="which noisy tokens take the expert's velocity: those any, most or all PRW blocks' gates "
                          "open (default: the model's prw.open_rule; models with isolate_closed_tokens: output)")
     sw.add_argument("--oracle", action="store_true", help="also score with oracle routing")
+    sw.add_argument("--true-gates", action="store_true",
+                    help="also score with every expert's token gates forced to the truth (the tokens each probe's "
+                         "target changes, on both streams): what a perfect localiser would give (rows true_gates/...)")
     sw.add_argument("--other-sources", action="store_true",
                     help="sample each probe with the next probe's condition image, scored against its own target: "
                          "a model that reads its condition scores lower than with its own, one that ignores it the same")

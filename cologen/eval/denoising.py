@@ -34,27 +34,37 @@ _NOISY_PREFIX = noisy_name("")
 def forced_token_gates(model: torch.nn.Module, changed: torch.Tensor, streams: Sequence[str]) -> Iterator[None]:
     """Within the block, every expert bank of `model` scales each token's deltas by `changed` (B, N) (1 where the
     target changes, 0 elsewhere) on the `streams` named ('source': the source pass's first condition, 'noisy': the
-    noisy tokens), whatever its own gates say; the other stream keeps the model's own gating. Passes whose tokens
-    are not the target's grid (a further condition) keep theirs too."""
+    noisy tokens), whatever its own gates say; the other stream keeps the model's own gating. Forced on the noisy
+    stream, the gates also decide which noisy tokens take the expert's velocity (`prw.isolate_closed_tokens:
+    output`): the changed ones. Passes whose tokens are not the target's grid (a further condition) keep theirs."""
     unknown = set(streams) - set(STREAMS)
     if unknown:
         raise ValueError(f"unknown streams {sorted(unknown)}; expected some of {STREAMS}")
     gate = changed.float()[..., None]
+    # hard-gate logits that open exactly the changed tokens (what the source pass hands to the noisy side)
+    truth = torch.where(changed.bool(), 20.0, -20.0)
     banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
 
     def forced(bank: ExpertBank, own):
         def forward(hidden, index, weight, num_active, names=("to_k", "to_v"), gate_from=None,
                     return_gate_logits=False, gate_logits=None, gate_context=None):
             stream = "noisy" if names[0].startswith(_NOISY_PREFIX) else "source"
-            if stream not in streams or hidden.shape[:2] != changed.shape:
-                return own(hidden, index, weight, num_active, names, gate_from, return_gate_logits, gate_logits,
-                           gate_context)
+            on_grid = hidden.shape[:2] == changed.shape
+            if stream not in streams or not on_grid:
+                out = own(hidden, index, weight, num_active, names, gate_from, return_gate_logits, gate_logits,
+                          gate_context)
+                if return_gate_logits and on_grid and "noisy" in streams and out[1] is not None:
+                    return out[0], truth.to(out[1].device, out[1].dtype)
+                return out
             deltas = bank._deltas(hidden, index, weight, num_active, names, gate.to(hidden.device, hidden.dtype))
             if not return_gate_logits:
                 return deltas
-            # the source pass also hands its own gate logits on (the noisy stream follows them when not forced)
+            # the source pass also hands gate logits on (the noisy stream follows them when not forced, and they
+            # decide which noisy tokens take the expert's velocity): the truth's where the noisy side is forced
             logits = (bank.gate_logits(gate_from, index, gate_context) if gate_from is not None and bank.has_token_gate
                       else None)
+            if logits is not None and "noisy" in streams:
+                logits = truth.to(logits.device, logits.dtype)
             return deltas, logits
         return forward
 

@@ -143,6 +143,44 @@ def run_probes(module, task: str, probes: Sequence[Probe], *, seed: int = 0, ora
     return ProbeRun(task, images, score_probes([probes[i] for i in kept], images, metrics), routing, hits, misses)
 
 
+def changed_probe_tokens(module, probes: Sequence[Probe]) -> torch.Tensor | None:
+    """(B, N) bool: the target tokens each probe changes against its source (`changed_tokens`, what the token gates'
+    supervision calls changed); None where a probe has no source of its target's size."""
+    from cologen.model.packing import pack_latents
+    from cologen.module import changed_tokens
+
+    if any(p["source"] is None or p["source"].shape != p["target"].shape for p in probes):
+        return None
+
+    def tokens(images):
+        return pack_latents(module.codec.encode(torch.stack(images).to(module.device)).float())
+
+    return changed_tokens(tokens([p["target"] for p in probes]), tokens([p["source"] for p in probes]), None)
+
+
+def run_probes_with_true_gates(module, task: str, probes: Sequence[Probe], *, seed: int = 0, batch_size: int = 64,
+                               **sampler_overrides) -> ProbeRun | None:
+    """`run_probes` with every expert's token gates forced to the truth on both streams (`forced_token_gates`: the
+    deltas and the noisy tokens that take the expert's velocity are those each probe's target changes): what a
+    perfect localiser would give. One sampler call per `batch_size` probes, each with its own truth; None where the
+    probes have no source of their target's size (nothing to localise)."""
+    from cologen.eval.denoising import forced_token_gates
+
+    if sampler_overrides.get("cfg_scale", 1.0) != 1.0 or sampler_overrides.get("image_cfg_scale", 1.0) != 1.0:
+        raise ValueError("sampling with the true gates forces one sampler batch's gates: guidance doubles the batch")
+    rows, images, routing = [], [], []
+    for start in range(0, len(probes), batch_size):
+        chunk = list(probes[start:start + batch_size])
+        changed = changed_probe_tokens(module, chunk)
+        if changed is None:
+            return None
+        with forced_token_gates(module.model, changed, ("source", "noisy")):
+            run = run_probes(module, task, chunk, seed=seed, batch_size=batch_size,
+                             ids=range(start, start + len(chunk)), **sampler_overrides)
+        rows, images, routing = rows + run.rows, images + run.outputs, routing + run.routing
+    return ProbeRun(task, images, rows, routing)
+
+
 def own_expert_share(routing: Sequence, own: int) -> float:
     """Share of the routing decisions (every block, step and probe) that chose expert `own`; NaN without any."""
     chosen = [index.flatten() for _, per_block in routing for index in per_block.values()]
