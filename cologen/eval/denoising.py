@@ -9,8 +9,8 @@ are what costs the copy: it scales every token's deltas by the truth (1 on the c
 the source stream, the noisy stream or both, the gate a perfect localiser would give.
 
 Beside each error stands the error of x_t itself (`changed_input`, `kept_input`: x0_hat = x_t, what a model that
-leaves its input as it is scores, t^2 E|n - x0|^2): at low t a model that has not learned to denoise what it draws
-scores near it, and its sampler then keeps the noise of the last steps (README, "Why the drawings are speckled").
+leaves its input as it is scores, t^2 E|n - x0|^2): a model near it at low t leaves the last steps' noise in what
+it draws (README, "Where the speckle is not": on ShapeWorld a few levels of 255).
 
 Used by `cologen eval denoising` (README, "Why grounding lags").
 """
