@@ -3,8 +3,9 @@
 - the tiny curriculum table, from `runs/tiny/stage{1,2,3}/validation/*/scores.jsonl` (written by `make stage1 stage2
   stage3`) and `runs/tiny/base_only/scores.jsonl` (`cologen eval shapeworld --base`, run here when missing): every task's
   headline metrics for the base alone, right after the task's own curriculum step, at the end of stage 3 with the
-  routers' choice and with oracle routing, as means with 95% bootstrap intervals over the probes, against the
-  goals;
+  routers' choice, with oracle routing and with the true gates (`runs/tiny/true_gates/`, `cologen eval shapeworld
+  --true-gates` on stage 3's `last.ckpt`, run here when missing), as means with 95% bootstrap intervals over the
+  probes, against the goals;
 - the ablation table, from `docs/ablation.json` (`make ablation`);
 - the gate-temperature sweep's table, from `runs/sweeps/gate_temperature/trials.csv` (`make sweep`), its plot copied
   to `docs/images/sweep_gate_temperature.png` (without the CSV, the README's sweep table stays as it is).
@@ -35,6 +36,7 @@ from cologen.eval.results import (
     read_eval,
     read_validations,
     score_base,
+    score_true_gates,
 )
 from cologen.metrics.stats import Estimate
 
@@ -55,7 +57,7 @@ def _digits(metric: str) -> int:
     return 1 if metric.startswith("psnr") else 2
 
 
-def curriculum_table(stage_dirs: list[Path], base_dir: Path) -> tuple[str, dict]:
+def curriculum_table(stage_dirs: list[Path], base_dir: Path, gates_dir: Path | None = None) -> tuple[str, dict]:
     validations = sorted((v for d in stage_dirs for v in read_validations(d)),
                          key=lambda v: (v.curriculum_step if v.curriculum_step is not None else -1, v.global_step))
     if not validations:
@@ -63,6 +65,7 @@ def curriculum_table(stage_dirs: list[Path], base_dir: Path) -> tuple[str, dict]
                                 "run `make stage1 stage2 stage3` first")
     final = validations[-1]
     base = read_eval(base_dir)
+    gated = read_eval(gates_dir) if gates_dir is not None else None
     rows, numbers = [], {}
     for task, metrics in HEADLINE_METRICS.items():
         own = after_own_step(validations, task)
@@ -71,26 +74,30 @@ def curriculum_table(stage_dirs: list[Path], base_dir: Path) -> tuple[str, dict]
             o = estimate([own], task, metric) if own else None
             f = estimate([final], task, metric)
             orc = estimate([final], task, metric, "oracle")
+            true = estimate([gated], task, metric, "true_gates") if gated else None
             goal = GOALS.get(f"{task}/{metric}")
             forget, route = ratio(f, o) if o else float("nan"), ratio(f, orc)
             d = _digits(metric)
             rows.append(f"| {task} {METRIC_LABELS[metric]} | {_fmt(b, d)} | {_fmt(o, d)} | **{_fmt(f, d)}** | "
-                        f"{_fmt(orc, d)} | {goal if goal is not None else ''} | {_ratio(forget)} | {_ratio(route)} |")
+                        f"{_fmt(orc, d)} | {_fmt(true, d)} | {goal if goal is not None else ''} | {_ratio(forget)} | "
+                        f"{_ratio(route)} |")
             numbers[f"{task}/{metric}"] = {"base_only": b.as_dict() if b else None,
                                            "after_own_step": o.as_dict() if o else None, "final": f.as_dict(),
-                                           "oracle": orc.as_dict(), "goal": goal, "forgetting_ratio": forget,
-                                           "routing_ratio": route}
+                                           "oracle": orc.as_dict(), "true_gates": true.as_dict() if true else None,
+                                           "goal": goal, "forgetting_ratio": forget, "routing_ratio": route}
     per_task = [len({line["index"] for line in final.lines if line["task"] == t}) for t in HEADLINE_METRICS]
     header = [_timing(stage_dirs)] if _timing(stage_dirs) else []
     header += [
         f"Final checkpoint of `make stage3` ({final.path}), {min(per_task)} probes per task, 16 sampler steps; mean ± half-width of the 95% bootstrap interval over probes. \"after its own "
         "step\": the validation that closed the curriculum step which trained the task's expert. \"oracle\": "
-        "every task routed to its own expert. Ratios: final / after its own step (forgetting, goal >= "
+        "every task routed to its own expert. \"true gates\": the final checkpoint with every expert's token gates "
+        "forced to the tokens each probe changes (`cologen eval shapeworld --true-gates`), what a perfect localiser "
+        "would give. Ratios: final / after its own step (forgetting, goal >= "
         f"{FORGETTING_GOAL}) and final / oracle (routing, goal >= {ROUTING_GOAL}).",
         "",
-        "| task metric | base only | after its own step | end of stage 3 | oracle routing | goal | forgetting | "
-        "routing |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task metric | base only | after its own step | end of stage 3 | oracle routing | true gates | goal | "
+        "forgetting | routing |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + rows) + "\n", numbers
 
@@ -210,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(ns.runs)
         base_dir = runs / "base_only"
         score_base(base_dir, ns.config)
+        gates_dir = runs / "true_gates"
+        score_true_gates(gates_dir, runs / "stage3" / "last.ckpt", ns.config)
         try:
-            curriculum, numbers = curriculum_table([runs / f"stage{i}" for i in (1, 2, 3)], base_dir)
+            curriculum, numbers = curriculum_table([runs / f"stage{i}" for i in (1, 2, 3)], base_dir, gates_dir)
         except FileNotFoundError as err:
             print(f"report: {err}", file=sys.stderr)
             return 2

@@ -60,6 +60,15 @@ def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
         {"task": t, "index": i, "routing": "learned", **{f"{t}/{m}": 0.1 for m in ms}})
         for t, ms in HEADLINE_METRICS.items() for i in range(3)) + "\n")
     stamp_committed_base(base)
+    # stage 3's checkpoint sampled with the true gates (already scored: its stamp names this checkpoint)
+    (runs / "stage3" / "last.ckpt").write_bytes(b"a checkpoint")
+    gates = runs / "true_gates"
+    gates.mkdir()
+    (gates / "scores.jsonl").write_text("\n".join(json.dumps(
+        {"task": t, "index": i, "routing": r, **{f"{t}/{m}": v for m in ms}})
+        for t, ms in HEADLINE_METRICS.items() for i in range(3) for r, v in (("learned", 0.8), ("true_gates", 0.95)))
+        + "\n")
+    stamp_checkpoint(gates, runs / "stage3" / "last.ckpt")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:curriculum -->\nold\n<!-- /results:curriculum -->\nmiddle\n"
                       "<!-- results:ablation -->\nold\n<!-- /results:ablation -->\n"
@@ -79,6 +88,9 @@ def test_report_builds_the_curriculum_table_from_the_run_files(tmp_path):
     assert numbers["grounding/hit@0.5"]["after_own_step"]["mean"] == pytest.approx(0.615)
     row = next(line for line in text.splitlines() if line.startswith("| inpainting PSNR outside"))
     assert row.startswith("| inpainting PSNR outside the mask (dB) | 0.1 ± 0.0 | 0.9 ± ") and "| 35.0 |" in row
+    assert "| 0.9 ± 0.0 | 35.0 |" in row  # the true gates' column (0.95 on every probe), before the goal
+    assert cell["true_gates"]["mean"] == pytest.approx(0.95)
+    assert "| oracle routing | true gates | goal |" in text
     assert "no ablation results yet" in text
     kept = next(line for line in text.splitlines() if line.startswith("| editing objects kept"))
     assert kept.startswith("| editing objects kept outside the edit | n/a | 0.50 ± ") and "| **0.50 ± " in kept
@@ -220,6 +232,35 @@ def stamp_committed_base(folder) -> None:
     from cologen.model.presets import TINY_BASE_DIR
 
     (folder / BASE_STAMP).write_text((TINY_BASE_DIR / "sha256").read_text())
+
+
+def stamp_checkpoint(folder, checkpoint) -> None:
+    """Mark a folder's true-gate scores as `checkpoint`'s (score_true_gates samples any other again)."""
+    from cologen.eval.results import CHECKPOINT_STAMP
+    from cologen.model.presets import file_sha256
+
+    (folder / CHECKPOINT_STAMP).write_text(file_sha256(checkpoint) + "\n")
+
+
+def test_the_true_gates_are_sampled_again_for_another_checkpoint_and_not_without_one(tmp_path, monkeypatch):
+    from cologen.eval import results
+    from cologen.eval.results import score_true_gates
+
+    folder, ckpt = tmp_path / "true_gates", tmp_path / "last.ckpt"
+    calls = []
+    monkeypatch.setattr(results.subprocess, "check_call", lambda cmd: calls.append(cmd))
+    assert score_true_gates(folder, ckpt, "experiments/tiny/curriculum.yaml") is None and calls == []  # no ckpt
+    ckpt.write_bytes(b"one")
+    folder.mkdir()
+    (folder / "scores.jsonl").write_text(json.dumps({"task": "grounding", "index": 0, "routing": "true_gates"}) + "\n")
+    stamp_checkpoint(folder, ckpt)
+    assert score_true_gates(folder, ckpt, "experiments/tiny/curriculum.yaml") is not None and calls == []
+    ckpt.write_bytes(b"another")  # a new staged run
+    score_true_gates(folder, ckpt, "experiments/tiny/curriculum.yaml")
+    assert calls[-1][calls[-1].index("shapeworld"):][:4] == ["shapeworld", "--ckpt", str(ckpt), "--true-gates"]
+    assert len(calls) == 1
+    score_true_gates(folder, ckpt, "experiments/tiny/curriculum.yaml")  # now stamped with this one's digest
+    assert len(calls) == 1
 
 
 def test_the_base_is_scored_again_when_the_committed_base_changed(tmp_path, monkeypatch):

@@ -103,6 +103,30 @@ def score_base(folder: str | Path, config: str) -> Validation:
     return read_eval(folder)
 
 
+CHECKPOINT_STAMP = "checkpoint.sha256"  # beside a checkpoint's true-gate scores: the checkpoint they were scored on
+
+
+def score_true_gates(folder: str | Path, checkpoint: str | Path, config: str) -> Validation | None:
+    """`checkpoint` sampled on `config`'s validation probes with its token gates forced to the truth (`cologen eval
+    shapeworld --true-gates`: what a perfect localiser would give) into `folder`, run only when the folder has no
+    scores of this checkpoint yet; None without the checkpoint."""
+    from cologen.model.presets import file_sha256
+
+    if not Path(checkpoint).is_file():
+        return None
+    digest = file_sha256(Path(checkpoint))
+    stamp = Path(folder) / CHECKPOINT_STAMP
+    found = read_eval(folder)
+    if found is not None and stamp.is_file() and stamp.read_text().strip() == digest:
+        return found
+    print(f"[results] sampling {checkpoint} with the true gates into {folder} (cologen eval shapeworld --true-gates)",
+          flush=True)
+    subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--ckpt", str(checkpoint),
+                           "--true-gates", "--config", config, "--out", str(folder)])
+    stamp.write_text(digest + "\n")
+    return read_eval(folder)
+
+
 def task_experts(validations: Sequence[Validation]) -> dict[str, int]:
     """Task -> the curriculum step (expert) that introduced it, as the run's last validation recorded it."""
     for v in reversed(validations):
