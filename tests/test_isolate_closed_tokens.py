@@ -276,3 +276,6 @@ def test_eval_samples_with_the_true_gates_and_scores_them_apart(shapeworld_dir):
     args = evaluate._parser().parse_args(["shapeworld", "--base", "--true-gates", "--cfg-scale", "3"])
     with pytest.raises(UsageError, match="--true-gates .* guidance doubles the batch"):
         evaluate.run_shapeworld(args)
+    args = evaluate._parser().parse_args(["shapeworld", "--base", "--true-gates", "--other-sources"])
+    with pytest.raises(UsageError, match="does not combine with --other-sources"):
+        evaluate.run_shapeworld(args)

@@ -274,6 +274,9 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     if args.true_gates and (args.cfg_scale != 1.0 or args.image_cfg_scale != 1.0):
         raise UsageError("--true-gates forces one sampler batch's gates, and guidance doubles the batch: leave "
                          "--cfg-scale and --image-cfg-scale at 1")
+    if args.true_gates and args.other_sources:
+        raise UsageError("--true-gates takes the truth from each probe's own condition: it does not combine with "
+                         "--other-sources")
     probes = load_probes(args.data, args.tasks, args.probes, args.seed, builder_from_config(args.config))
     module = load_module(args.ckpt, args.base or "builtin")
     if args.open_rule:
