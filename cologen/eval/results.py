@@ -85,22 +85,28 @@ def read_eval(folder: str | Path) -> Validation | None:
 BASE_STAMP = "base.sha256"  # beside the base's scores: the committed base they were scored on
 
 
+def _scored_once(folder: str | Path, stamp_name: str, digest: str, eval_args: list[str], what: str) -> Validation:
+    """`cologen eval shapeworld EVAL_ARGS --out folder`, run only when the folder has no scores stamped with `digest`
+    yet (the sha256 of what they scored, in `folder/stamp_name`)."""
+    stamp = Path(folder) / stamp_name
+    found = read_eval(folder)
+    if found is not None and stamp.is_file() and stamp.read_text().strip() == digest:
+        return found
+    print(f"[results] {what} into {folder} (cologen eval shapeworld {' '.join(eval_args)})", flush=True)
+    subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", *eval_args,
+                           "--out", str(folder)])
+    stamp.write_text(digest + "\n")
+    return read_eval(folder)
+
+
 def score_base(folder: str | Path, config: str) -> Validation:
     """The committed tiny base alone scored on `config`'s validation probes (`cologen eval shapeworld --base`) into
     `folder`, run only when the folder has no scores of this base yet (`make base` or `make base-continue` may have
     replaced it since)."""
     from cologen.model.presets import TINY_BASE_DIR, recorded_sha256
 
-    digest = recorded_sha256(TINY_BASE_DIR)
-    stamp = Path(folder) / BASE_STAMP
-    found = read_eval(folder)
-    if found is not None and stamp.is_file() and stamp.read_text().strip() == digest:
-        return found
-    print(f"[results] scoring the base alone into {folder} (cologen eval shapeworld --base)", flush=True)
-    subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--base", "--config", config,
-                           "--out", str(folder)])
-    stamp.write_text(digest + "\n")
-    return read_eval(folder)
+    return _scored_once(folder, BASE_STAMP, recorded_sha256(TINY_BASE_DIR), ["--base", "--config", config],
+                        "scoring the base alone")
 
 
 CHECKPOINT_STAMP = "checkpoint.sha256"  # beside a checkpoint's true-gate scores: the checkpoint they were scored on
@@ -114,17 +120,9 @@ def score_true_gates(folder: str | Path, checkpoint: str | Path, config: str) ->
 
     if not Path(checkpoint).is_file():
         return None
-    digest = file_sha256(Path(checkpoint))
-    stamp = Path(folder) / CHECKPOINT_STAMP
-    found = read_eval(folder)
-    if found is not None and stamp.is_file() and stamp.read_text().strip() == digest:
-        return found
-    print(f"[results] sampling {checkpoint} with the true gates into {folder} (cologen eval shapeworld --true-gates)",
-          flush=True)
-    subprocess.check_call([sys.executable, "-m", "cologen.cli", "eval", "shapeworld", "--ckpt", str(checkpoint),
-                           "--true-gates", "--config", config, "--out", str(folder)])
-    stamp.write_text(digest + "\n")
-    return read_eval(folder)
+    return _scored_once(folder, CHECKPOINT_STAMP, file_sha256(Path(checkpoint)),
+                        ["--ckpt", str(checkpoint), "--true-gates", "--config", config],
+                        "sampling the checkpoint with the true gates")
 
 
 def task_experts(validations: Sequence[Validation]) -> dict[str, int]:
