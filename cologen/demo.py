@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cologen.errors import UsageError
-from cologen.inputs import SINGLE_CONDITION_TASKS, fit, masked_source
+from cologen.inputs import SINGLE_CONDITION_TASKS, fit, mask_array, masked_source
 
 TINY_EXPERTS = Path(__file__).parent / "assets" / "tiny_experts"
 # the phrasing each task was trained with (ShapeWorld's prompt templates, docs/data.md)
@@ -51,6 +51,7 @@ class DemoRequest:
     steps: int
     guidance: float
     size: int
+    mask: np.ndarray | None = None  # inpainting: (size, size) bool, the drawn region; the sampler keeps the rest
 
 
 @dataclass
@@ -150,7 +151,7 @@ class DemoModel:
         if task == "t2i":
             if rgb is not None:
                 raise DemoError("source: text-to-image takes no source image (clear it, or pick the image's task)")
-            source = None
+            source = mask = None
         else:
             if rgb is None:
                 raise DemoError(f"source: task {task} needs a source image (upload one or click an example)")
@@ -158,16 +159,18 @@ class DemoModel:
                 raise DemoError(f"mask: only inpainting takes a drawn mask (this is {task}); erase the strokes")
             source = fit(rgb, size, size)
             if mask is not None:
-                drawn = fit(np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2), size, size)
-                source = masked_source(source, drawn.mean(-1) > 127)
+                mask = mask_array(np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2), size, size)
+                source = masked_source(source, mask)
         return DemoRequest(task, prompt.strip(), source, int(seed), steps,
-                           float(self.pipe.sampler_config.cfg_scale if guidance is None else guidance), size)
+                           float(self.pipe.sampler_config.cfg_scale if guidance is None else guidance), size,
+                           mask)
 
     def run(self, req: DemoRequest) -> DemoResult:
         guidance = {"guidance_scale": req.guidance} if self.pipe.guidance_embeds else {"cfg_scale": req.guidance}
         start = time.perf_counter()
+        # the source is already greyed where the mask is: the pipeline greys it again (the same) and keeps the rest
         out = self.pipe(req.prompt, image=req.source, task=req.task, height=req.size, width=req.size,
-                        num_inference_steps=req.steps, seed=req.seed, progress=True, **guidance)
+                        num_inference_steps=req.steps, seed=req.seed, progress=True, mask_image=req.mask, **guidance)
         seconds = time.perf_counter() - start
         stats = out.stats
         routing, chosen = self._routing(req.task, stats)

@@ -92,6 +92,16 @@ def masked_source(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def mask_array(image: ImageInput | np.ndarray, width: int, height: int, what: str = "mask") -> np.ndarray:
+    """(height, width) bool of an inpainting mask given as an image (white: the region to fill), fitted to the size
+    as its source is; a 2-D bool array of that size is kept as it is."""
+    if isinstance(image, np.ndarray) and image.ndim == 2:
+        if image.shape != (height, width):
+            raise UsageError(f"{what}: a 2-D mask must be {height}x{width}, got {image.shape[0]}x{image.shape[1]}")
+        return image.astype(bool)
+    return fit(to_rgb(image, what), width, height).mean(-1) > 127
+
+
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """(3, H, W) float in [-1, 1] of an (H, W, 3) uint8 image."""
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 127.5 - 1

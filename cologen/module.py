@@ -302,9 +302,11 @@ class CoLoGenModule(L.LightningModule):
     def generate(self, prompts: list[str], sources: torch.Tensor | list[torch.Tensor] | None = None,
                  tasks: list[str] | None = None,
                  height: int | None = None, width: int | None = None, seed: int | list[int] = 0,
-                 oracle_routing: bool = False, **sampler_overrides) -> tuple[torch.Tensor, SampleStats]:
+                 oracle_routing: bool = False, mask: torch.Tensor | None = None,
+                 **sampler_overrides) -> tuple[torch.Tensor, SampleStats]:
         """Images (B, 3, H, W) in [-1, 1] for `prompts` (and condition images `sources`: a (B, 3, Hs, Ws) batch, or
-        a list of them, one per condition), eval-mode routing.
+        a list of them, one per condition), eval-mode routing. `mask` (B, 1, H, W), 1 where to paint: the rest is
+        kept from the first condition image at every step (`FlowSampler.sample`; inpainting).
         `oracle_routing` sends every sample to its task's own expert (`own_experts`) instead of the routers'
         choice (an evaluation of what the routers lose)."""
         was_training = self.training
@@ -320,7 +322,8 @@ class CoLoGenModule(L.LightningModule):
                 if tasks is None:
                     raise ValueError("oracle routing needs the tasks of the prompts")
                 experts = self.own_experts(tasks)
-            return self.sampler(**sampler_overrides).sample(text, height, width, sources, tasks, seed, experts)
+            return self.sampler(**sampler_overrides).sample(text, height, width, sources, tasks, seed, experts,
+                                                            mask=mask)
         finally:
             self.train(was_training)
 

@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cologen.errors import UsageError
-from cologen.inputs import ImageInput, check_task, condition_tensor, image_size
+from cologen.inputs import MASK_GREY, ImageInput, check_task, condition_tensor, image_size, mask_array
 from cologen.model.cologen_transformer import CoLoGenTransformer, ConditionCache
 from cologen.model.config import PRWConfig
 from cologen.model.packing import SourcePositionConfig
@@ -159,7 +159,8 @@ class CoLoGenPipeline(DiffusionPipeline):
                  task: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  cfg_scale: float | None = None, image_cfg_scale: float | None = None, strength: float | None = None,
-                 effect_mask: float | None = None, seed: int | list[int] = 0, output_type: str = "pil", progress: bool = True) -> CoLoGenPipelineOutput:
+                 effect_mask: float | None = None, mask_image: ImageInput | list[ImageInput] | None = None,
+                 seed: int | list[int] = 0, output_type: str = "pil", progress: bool = True) -> CoLoGenPipelineOutput:
         """Generate one image per prompt.
 
         image: the condition image(s): a path, a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor in
@@ -173,6 +174,9 @@ class CoLoGenPipeline(DiffusionPipeline):
             level and run that share of the steps (1 = off; the condition must have the output's size).
         effect_mask: (editing) a token the gates open keeps the base's copy where the expert's effect on it is at
             most this share of its largest (`SamplerConfig.effect_mask`; 0 = off).
+        mask_image: (inpainting) the region to fill, white on black, one for all prompts or one per prompt, as in
+            diffusers' inpainting pipelines: the condition image is greyed there (as training builds inpainting
+            sources) and kept everywhere else at every step (exactly, with a pixel codec).
         progress: a progress bar over the denoising steps (`set_progress_bar_config` styles it, as in diffusers).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -200,6 +204,10 @@ class CoLoGenPipeline(DiffusionPipeline):
         sources = None if conditions is None else [
             torch.stack([condition_tensor(per[i], width, height) for per in conditions])
             for i in range(len(conditions[0]))]
+        mask = None
+        if mask_image is not None:
+            mask = self._inpainting_mask(mask_image, tasks, sources, width, height)
+            sources[0] = torch.where(mask.bool(), MASK_GREY / 127.5 - 1, sources[0])  # `masked_source` in [-1, 1]
         if sources is not None and len(sources) == 1:
             sources = sources[0]
         device = next(self.model.parameters()).device
@@ -213,13 +221,26 @@ class CoLoGenPipeline(DiffusionPipeline):
         if progress:
             with self.progress_bar(total=config.steps) as bar:
                 out, stats = sampler.sample(text, height, width, sources, tasks, seed,
-                                            on_step=lambda n: bar.update(), cache=self.condition_cache)
+                                            on_step=lambda n: bar.update(), cache=self.condition_cache, mask=mask)
         else:
-            out, stats = sampler.sample(text, height, width, sources, tasks, seed, cache=self.condition_cache)
+            out, stats = sampler.sample(text, height, width, sources, tasks, seed, cache=self.condition_cache,
+                                        mask=mask)
         if output_type == "pt":
             return CoLoGenPipelineOutput(images=out, stats=stats)
         arr = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return CoLoGenPipelineOutput(images=[Image.fromarray(a) for a in arr], stats=stats)
+
+    @staticmethod
+    def _inpainting_mask(mask_image, tasks: list[str], sources: list[torch.Tensor] | None, width: int,
+                         height: int) -> torch.Tensor:
+        """(B, 1, height, width) float mask of `mask_image` (one for all prompts or one per prompt)."""
+        if sources is None or any(t != "inpainting" for t in tasks):
+            raise UsageError("mask_image: only inpainting takes a mask (with its image)")
+        masks = mask_image if isinstance(mask_image, list) else [mask_image] * len(tasks)
+        if len(masks) != len(tasks):
+            raise UsageError(f"mask_image: {len(masks)} masks for {len(tasks)} prompts")
+        return torch.stack([torch.from_numpy(mask_array(m, width, height, "mask_image")) for m in masks]
+                           ).float()[:, None].to(sources[0].device)
 
 
 def per_prompt_conditions(image, prompts: int) -> list[list[ImageInput]] | None:

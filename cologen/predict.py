@@ -7,7 +7,7 @@ One request per line:
 
 `task` is one of the five tasks or `t2i`; `source` (an image path, relative to the JSONL file) is required except
 for `t2i`; `mask` (inpainting only; white = the region to fill) turns a full image into the inpainting source (the
-masked area greyed as in training); `control: "canny"` (control only) computes the canny map of `source`.
+masked area greyed as in training), and the sampler keeps the image outside it at every step (`FlowSampler.sample`); `control: "canny"` (control only) computes the canny map of `source`.
 Several conditions (each its own source stream, docs/multi_condition.md): `"sources": ["subject.png",
 {"image": "depth.png", "role": "depth"}]` instead of `source`, paths or objects with a `role` (one of
 CONDITION_ROLES; recorded in results.jsonl), in the order the model was trained with.
@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from cologen.data.control import canny
 from cologen.data.records import CONDITION_ROLES
 from cologen.errors import MissingInput, UsageError, one_line
-from cologen.inputs import GENERATION_TASKS, check_task, fit, masked_source, read_rgb, to_tensor
+from cologen.inputs import GENERATION_TASKS, check_task, fit, mask_array, masked_source, read_rgb, to_tensor
 
 PREDICT_TASKS = GENERATION_TASKS
 FIELDS = ("id", "task", "prompt", "instruction", "source", "sources", "mask", "control", "seed", "steps", "width",
@@ -68,6 +68,7 @@ class Request:
     overrides: dict[str, float] = field(default_factory=dict)
     sources: list[torch.Tensor] = field(default_factory=list)  # per condition (3, H, W) in [-1, 1]
     roles: list[str] = field(default_factory=list)
+    mask: np.ndarray | None = None  # inpainting: (H, W) bool, the region to fill; the sampler keeps the rest
 
 
 def _int(raw: dict[str, Any], name: str, default: int | None, minimum: int, multiple: int = 1) -> int | None:
@@ -143,7 +144,8 @@ def parse_request(raw: Any, line: int, base: Path, patch: int, default_size: int
     if raw.get("mask") is not None:
         if task != "inpainting":
             raise BadRequest(f"mask: only inpainting requests take a mask (this one is {task})")
-        rgb = masked_source(rgb, fit(_image(base, raw, "mask"), width, height).mean(-1) > 127)
+        req.mask = mask_array(_image(base, raw, "mask"), width, height)
+        rgb = masked_source(rgb, req.mask)
     if raw.get("control") is not None:
         if raw["control"] != "canny" or task != "control":
             raise BadRequest(f"control: only 'canny', on control requests, got {raw['control']!r} on {task}")
@@ -313,8 +315,9 @@ def predict_one(module, req: Request) -> dict[str, Any]:
     start = time.perf_counter()
     sources = [s[None] for s in req.sources] or None
     try:
+        mask = None if req.mask is None else torch.from_numpy(req.mask).float()[None, None]
         images, stats = module.generate([req.prompt], sources, [req.task], req.height, req.width, seed=[req.seed],
-                                        **overrides)
+                                        mask=mask, **overrides)
     except Exception as err:  # noqa: BLE001 - one request's failure must not end the others
         return {"request": req, "error": f"generation failed: {type(err).__name__}: {one_line(err)}"}
     return {"request": req, "image": images[0], "seconds": time.perf_counter() - start,

@@ -49,7 +49,7 @@ def test_requests_are_checked_with_one_line_errors(model):
         assert "\n" not in str(err.value)
 
 
-def test_a_drawn_mask_greys_the_inpainting_source(model):
+def test_a_drawn_mask_greys_the_inpainting_source_and_the_rest_is_kept(model):
     rgb = np.full((32, 32, 3), 200, np.uint8)
     stroke = np.zeros((32, 32, 4), np.uint8)
     stroke[8:16, 4:20, 3] = 255  # ink on the brush layer
@@ -57,6 +57,10 @@ def test_a_drawn_mask_greys_the_inpainting_source(model):
     assert (got == rgb).all() and mask.sum() == 8 * 16
     req = model.request("inpainting", {"background": rgb, "layers": [stroke]}, "a red circle", size=32)
     assert (req.source[8:16, 4:20] == 128).all() and (req.source[:8] == 200).all()
+    # the sampler keeps the source outside the drawn mask exactly (the committed model, the pixel codec)
+    assert req.mask.sum() == 8 * 16
+    result = np.asarray(model.run(req).image)
+    assert (result[~req.mask] == 200).all() and not (result[req.mask] == 128).all()
     with pytest.raises(DemoError, match="mask: only inpainting takes a drawn mask"):
         model.request("editing", {"background": rgb, "layers": [stroke]}, "x", size=32)
 

@@ -3,6 +3,7 @@
 import json
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from cologen.commands.export import export
 from cologen.errors import MissingInput, UsageError
-from cologen.inputs import condition_tensor
+from cologen.inputs import condition_tensor, masked_source, to_rgb
 from cologen.model.config import PRWConfig, RouterConfig
 from cologen.model.presets import TinyPreset
 from cologen.module import CoLoGenModule
@@ -109,6 +110,27 @@ def test_the_pipeline_takes_paths_pil_images_arrays_and_tensors_and_checks_tasks
     # without a size, an image's own size; without an image, the model's sample size
     assert pipe("make it blue", image=rgb, task="editing", progress=False).images[0].size == (48, 40)
     assert pipe("a red circle", progress=False).images[0].size == (32, 32)
+
+    # mask_image (diffusers' inpainting argument): the image greyed there as training builds inpainting sources, and
+    # kept exactly everywhere else; one mask for all prompts or one per prompt, as a path, an array or a PIL image
+    hole = np.zeros((32, 32), np.uint8)
+    hole[4:16, 10:30] = 255
+    Image.fromarray(hole).save(tmp_path / "hole.png")
+    inpaint = dict(kwargs, task="inpainting")
+    filled = pipe(["a red square", "a blue circle"], image=exact, mask_image=str(tmp_path / "hole.png"),
+                  **inpaint).images
+    keep = torch.from_numpy(hole == 0).expand(3, -1, -1)
+    for image in filled:
+        assert torch.equal(image[keep], exact[keep]) and not torch.equal(image, exact)
+    torch.testing.assert_close(pipe(["a red square", "a blue circle"], image=exact, mask_image=[hole > 0, Image.open(
+        tmp_path / "hole.png")], **inpaint).images, filled, rtol=0, atol=0)
+    greyed = condition_tensor(masked_source(to_rgb(exact), hole > 0), 32, 32)
+    torch.testing.assert_close(pipe(["a red square", "a blue circle"], image=greyed, mask_image=hole > 0,
+                                    **inpaint).images, filled, rtol=0, atol=0)  # the greyed source is the model's
+    with pytest.raises(UsageError, match="mask_image: only inpainting takes a mask"):
+        pipe("make it blue", image=exact, mask_image=hole > 0, **kwargs)
+    with pytest.raises(UsageError, match="mask_image: 3 masks for 2 prompts"):
+        pipe(["a", "b"], image=exact, mask_image=[hole > 0] * 3, **inpaint)
 
     with pytest.raises(UsageError, match=r"unknown task 'grnding' \(did you mean 'grounding'\? known tasks: "
                                          r"inpainting, grounding, control, customized, editing, t2i, "

@@ -93,6 +93,13 @@ def test_predict_writes_images_and_one_error_line_per_bad_request(tmp_path, capf
     assert ok["two"]["roles"] == ["image", "layout"] and "roles" not in ok["edit"]  # two conditions, two streams
     for rid in ok:
         assert Image.open(out / f"{rid}.png").size == (32, 32)
+    # the inpainting request keeps its (fitted) image outside the mask exactly, the sampler's mask
+    from cologen.inputs import fit, read_rgb
+
+    scene, hole = fit(read_rgb(tmp_path / "scene.png"), 32, 32), np.zeros((32, 32), bool)
+    hole[8:20, 8:20] = True
+    inpainted = np.asarray(Image.open(out / "inpaint.png"))
+    assert np.array_equal(inpainted[~hole], scene[~hole]) and not np.array_equal(inpainted, scene)
     errors = {r["line"]: r["error"] for r in rows if r["status"] == "error"}
     for line, (_, expected) in enumerate(REQUESTS, start=1):
         if expected is not None:

@@ -229,3 +229,106 @@ def test_eval_guidance_options_reach_the_sampler(monkeypatch):
         assert not all(torch.allclose(a, b) for a, b in zip(images, plain.outputs))
     args = evaluate_command._parser().parse_args(["shapeworld", "--base", "--cfg-scale", "2.5", "--strength", "0.8"])
     assert (args.cfg_scale, args.image_cfg_scale, args.strength) == (2.5, 1.0, 0.8)
+
+
+def test_a_mask_keeps_the_source_outside_it_at_every_step(monkeypatch):
+    """Inpainting with a mask (diffusers' FluxInpaintPipeline blending): the model sees the kept region as the source
+    noised to exactly the level of the step it is called at, the output keeps it exactly (pixel codec), and an
+    all-paint mask samples as no mask."""
+    from cologen.model.packing import pack_latents
+
+    module = make_module()
+    src = sources(2)
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, :, 8:20, 4:28] = 1
+    mask[1, :, 0:5, 0:3] = 1  # 5 x 3 pixels: cuts through latent cells and tokens
+    free, _ = module.generate(["a", "b"], src, ["inpainting"] * 2, seed=[1, 2], steps=5)
+    painted, _ = module.generate(["a", "b"], src, ["inpainting"] * 2, seed=[1, 2], steps=5, mask=mask)
+    kept = mask.expand(-1, 3, -1, -1) == 0
+    assert torch.equal(painted[kept], src.clamp(-1, 1)[kept])
+    assert (painted - free)[~kept].abs().max() > 0  # inside, the model paints (with the kept context)
+    everything, _ = module.generate(["a", "b"], src, ["inpainting"] * 2, seed=[1, 2], steps=5,
+                                    mask=torch.ones(2, 1, 32, 32))
+    assert torch.equal(everything, free)
+
+    seen, original = [], type(module.model).forward
+
+    def record(self, latents, timestep, *args, **kwargs):
+        seen.append((latents.clone(), timestep.clone()))
+        return original(self, latents, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(type(module.model), "forward", record)
+    module.generate(["a", "b"], src, ["inpainting"] * 2, seed=[1, 2], steps=5, mask=mask)
+    noise = pack_latents(torch.stack([torch.randn(12, 16, 16, generator=torch.Generator().manual_seed(s))
+                                      for s in (1, 2)]))
+    keep_tokens = pack_latents(module.codec.encode_mask(mask)) == 0
+    source_tokens = pack_latents(module.codec.encode(src))
+    assert len(seen) == 5
+    for latents, timestep in seen[1:]:  # the first step starts from pure noise, as diffusers' does at strength 1
+        sigma = timestep[:, None, None]
+        expected = sigma * noise + (1 - sigma) * source_tokens
+        torch.testing.assert_close(latents[keep_tokens], expected[keep_tokens], rtol=0, atol=1e-6)
+
+
+def test_a_mask_needs_its_shape_and_a_source_of_the_outputs_size():
+    module = make_module()
+    with pytest.raises(ValueError, match=r"mask: expected shape \(1, 1, 32, 32\)"):
+        module.generate(["x"], sources(1), ["inpainting"], steps=2, mask=torch.ones(1, 32, 32))
+    with pytest.raises(ValueError, match="kept from the first condition image, which must have the output's size"):
+        module.generate(["x"], None, height=32, width=32, steps=2, mask=torch.ones(1, 1, 32, 32))
+
+
+def test_a_latent_cell_is_painted_when_any_of_its_pixels_is():
+    """A VAE-like codec (8 x 8 pixels per latent cell): one masked pixel repaints its whole cell, so no pixel of the
+    region is kept from the greyed source; the pixel codec maps each pixel's mask exactly."""
+    from cologen.model.codecs import LatentCodec, PixelCodec
+
+    class Cells(LatentCodec):
+        latent_channels, downsample = 16, 8
+
+        def encode(self, images):
+            return images
+
+        def decode(self, latents):
+            return latents
+
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[0, 0, 9, 17] = 1
+    cells = Cells().encode_mask(mask)
+    assert cells.shape == (1, 16, 4, 4)
+    expected = torch.zeros(4, 4)
+    expected[1, 2] = 1
+    assert torch.equal(cells[0, 0], expected) and torch.equal(cells[0, 15], expected)
+    exact = PixelCodec(2)
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    # painting = where the mask is: the codec's latents of (image * mask) equal (its latents) * (latent mask)
+    torch.testing.assert_close(exact.encode(image * mask), exact.encode(image) * exact.encode_mask(mask))
+
+
+def test_eval_keep_unmasked_keeps_each_inpainting_probes_source_outside_its_region():
+    """`cologen eval shapeworld --keep-unmasked`: each inpainting probe is sampled with its own region as the mask
+    (its source kept exactly outside it); probes of other tasks in the same call paint everywhere."""
+    import numpy as np
+
+    from cologen.commands import evaluate as evaluate_command
+    from cologen.eval.probes import inpainting_mask, run_probes
+
+    module = make_module(timestep_bins=0).eval()
+    src = sources(2)
+    regions = [np.zeros((32, 32), bool), np.zeros((32, 32), bool)]
+    regions[0][4:12, 4:12] = True
+    regions[1][20:30, 2:9] = True
+    probes = [{"prompt": "a red square", "source": s, "target": s, "task": "inpainting", "key": str(i), "region": r}
+              for i, (s, r) in enumerate(zip(src, regions))]
+    run = run_probes(module, "inpainting", probes, metrics="none", steps=3, keep_unmasked=True)
+    for image, s, r in zip(run.outputs, src, regions):
+        assert torch.equal(image[:, ~torch.from_numpy(r)], s.clamp(-1, 1)[:, ~torch.from_numpy(r)])
+        assert not torch.equal(image, s)
+    plain = run_probes(module, "inpainting", probes, metrics="none", steps=3)
+    assert not torch.equal(plain.outputs[0][:, ~torch.from_numpy(regions[0])], src[0][:, ~torch.from_numpy(regions[0])])
+
+    mixed = inpainting_mask([probes[0], {**probes[1], "task": "editing"}])
+    assert torch.equal(mixed[0, 0], torch.from_numpy(regions[0]).float()) and bool((mixed[1] == 1).all())
+    assert inpainting_mask([{**probes[0], "task": "editing"}]) is None
+    args = evaluate_command._parser().parse_args(["shapeworld", "--base", "--keep-unmasked"])
+    assert args.keep_unmasked

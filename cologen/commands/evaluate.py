@@ -102,7 +102,8 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
              true_gates: bool = False) -> list[dict]:
     """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task. A dict
     given as `routing_terms` receives, per task, what each block's learned routing rested on
-    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`, `effect_mask`).
+    (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`, `effect_mask`) and
+    `keep_unmasked` (`sample_probes`).
     `other_sources`: each probe is sampled with the next probe's condition image and scored against its own target
     (`with_other_conditions`: what the model takes from its condition). `true_gates`: each task's probes are also
     sampled with the token gates forced to the truth (`run_probes_with_true_gates`), lines `routing: true_gates`
@@ -283,7 +284,7 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
         set_open_rule(module, args.open_rule)
     terms: dict | None = {} if args.routing_terms else None
     guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength,
-                "effect_mask": args.effect_mask}
+                "effect_mask": args.effect_mask, "keep_unmasked": args.keep_unmasked}
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms,
                      sampler=guidance, other_sources=args.other_sources, true_gates=args.true_gates)
     table = summarize(lines, by_kind=args.by_kind)
@@ -388,6 +389,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="a token the gates open keeps the base's copy where the expert's effect is at most this "
                          "share of its largest (default: %(default)s, off; models with isolate_closed_tokens: "
                          "output)")
+    sw.add_argument("--keep-unmasked", action="store_true",
+                    help="inpainting: keep the source outside each probe's mask at every sampler step, as diffusers' "
+                         "FluxInpaintPipeline does for a model without mask channels (exact with the tiny preset's "
+                         "pixel codec; other tasks are sampled as without it)")
     sw.add_argument("--open-rule", choices=["any", "majority", "all"],
                     help="which noisy tokens take the expert's velocity: those any, most or all PRW blocks' gates "
                          "open (default: the model's prw.open_rule; models with isolate_closed_tokens: output)")

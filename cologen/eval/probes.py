@@ -64,14 +64,26 @@ def probe_group(probe: Probe) -> tuple[bool, int, int, int]:
     return probe["source"] is None, int(h), int(w), len(probe.get("extra_sources") or ())
 
 
+def inpainting_mask(probes: Sequence[Probe]) -> torch.Tensor | None:
+    """(B, 1, H, W) sampler mask of a call's probes: an inpainting probe's `region` (1: paint), 1 everywhere for
+    the others (nothing kept); None when no probe is an inpainting one with a region."""
+    if not any(p["task"] == "inpainting" and p.get("region") is not None for p in probes):
+        return None
+    h, w = probes[0]["target"].shape[-2:]
+    return torch.stack([
+        torch.as_tensor(np.asarray(p["region"]), dtype=torch.float32) if p["task"] == "inpainting"
+        and p.get("region") is not None else torch.ones(h, w) for p in probes])[:, None]
+
+
 def sample_probes(module, probes: Sequence[Probe], *, seed: int = 0, oracle: bool = False, batch_size: int = 64,
-                  ids: Sequence[int] | None = None, keep: Sequence[bool] | None = None,
+                  ids: Sequence[int] | None = None, keep: Sequence[bool] | None = None, keep_unmasked: bool = False,
                   **sampler_overrides) -> tuple[list[torch.Tensor | None], list, int, int]:
     """Outputs in probe order (probe i uses noise seed `seed + ids[i]`, `ids` defaulting to 0, 1, ...: a probe's
     place in the whole probe set when this is a share of it). Probes go in calls of up to `batch_size` per
     `probe_group` (groups in sorted order, so ranks holding equal group counts make the same calls: FSDP needs it).
     A probe with `keep[i]` False is a filler that only keeps such ranks in step: its output is None and its
-    routing is dropped. Returns (outputs, routing steps, cache hits, cache misses)."""
+    routing is dropped. `keep_unmasked`: inpainting probes keep their source outside their `region` at every step
+    (`inpainting_mask`). Returns (outputs, routing steps, cache hits, cache misses)."""
     ids = list(range(len(probes))) if ids is None else list(ids)
     keep = [True] * len(probes) if keep is None else list(keep)
     outputs: list[torch.Tensor | None] = [None] * len(probes)
@@ -89,7 +101,9 @@ def sample_probes(module, probes: Sequence[Probe], *, seed: int = 0, oracle: boo
             images, stats = module.generate([probes[i]["prompt"] for i in chunk], sources,
                                             [probes[i]["task"] for i in chunk], height=h, width=w,
                                             seed=[seed + ids[i] for i in chunk],
-                                            oracle_routing=oracle and not without_source, **sampler_overrides)
+                                            oracle_routing=oracle and not without_source,
+                                            mask=inpainting_mask([probes[i] for i in chunk]) if keep_unmasked else None,
+                                            **sampler_overrides)
             kept = torch.tensor([keep[i] for i in chunk])
             for j, i in enumerate(chunk):
                 outputs[i] = images[j].float().cpu() if keep[i] else None

@@ -30,6 +30,13 @@ class LatentCodec(nn.Module, ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
+    def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A pixel mask (B, 1, H, W) (1: repaint) as a latent mask (B, C, H/f, W/f) of 0s and 1s: a latent cell is
+        repainted when any of its pixels is, so no pixel of the region is kept from the source (diffusers'
+        inpainting pipelines resize the mask by nearest neighbour, which can keep a cell the region covers)."""
+        cells = F.max_pool2d((mask > 0.5).float(), self.downsample)
+        return cells.expand(-1, self.latent_channels, -1, -1)
+
 
 class PixelCodec(LatentCodec):
     """Exact, weight-free codec of the tiny preset: pixel-unshuffle by `factor` (and pixel-shuffle back).
@@ -48,6 +55,10 @@ class PixelCodec(LatentCodec):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(latents, self.factor)
+
+    def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Exact per pixel: each latent channel is one pixel of one colour, so it takes that pixel's mask."""
+        return F.pixel_unshuffle((mask > 0.5).float().expand(-1, 3, -1, -1), self.factor)
 
 
 class VAECodec(LatentCodec):

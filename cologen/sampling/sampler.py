@@ -108,7 +108,8 @@ class FlowSampler:
                sources: torch.Tensor | Sequence[torch.Tensor] | None = None,
                tasks: list[str] | None = None, seed: int | list[int] = 0,
                experts: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None,
-               cache: ConditionCache | None = None) -> tuple[torch.Tensor, SampleStats]:
+               cache: ConditionCache | None = None, mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, SampleStats]:
         """Generate images (B, 3, height, width) in [-1, 1].
 
         text: prompt embeddings (B, ...); sources: condition images (B, 3, Hs, Ws) in [-1, 1], a list of such
@@ -117,7 +118,10 @@ class FlowSampler:
         sample in every PRW block (oracle routing, for evaluation; None: the routers decide); on_step: called with
         the number of denoising steps done after each one (a progress bar); cache: a condition cache kept across
         requests (keyed by each condition's content: a request that repeats a condition reuses its stream; None: one
-        cache for this request).
+        cache for this request); mask: (B, 1, height, width), 1 where to paint (inpainting): after every step the
+        latents outside it are the first condition image's, noised to the next step's level (its clean latents after
+        the last), as diffusers' `FluxInpaintPipeline` does for a model without mask channels, so what the mask
+        leaves is kept (exactly, with a pixel codec; None: the model decides what to keep).
         """
         cfg, model, codec = self.config, self.model, self.codec
         device = next(model.parameters()).device
@@ -134,6 +138,7 @@ class FlowSampler:
             torch.randn(codec.latent_channels, 2 * rows, 2 * cols, generator=torch.Generator().manual_seed(s))
             for s in seeds]).to(device)
         latents = pack_latents(noise)
+        noise_tokens = latents
 
         conditions = [] if sources is None else [sources] if isinstance(sources, torch.Tensor) else list(sources)
         tasks = tasks or ["editing"] * b
@@ -162,6 +167,9 @@ class FlowSampler:
         guidance = torch.full((b * nb,), cfg.guidance, device=device) if self.guidance_embeds else None
 
         scheduler, timesteps = self._timesteps(latents.shape[1], device)
+        paint = self._paint_tokens(mask, b, height, width, src_tokens, latents, device) if mask is not None else None
+        # sigma after each step (the last: 0), for the kept region's noising; indexed on the device, no host read
+        next_sigmas = scheduler.sigmas[len(scheduler.sigmas) - len(timesteps):].to(device)
         if cfg.strength < 1:
             if not src_tokens or src_tokens[0].shape != latents.shape:
                 raise ValueError("sampler.strength < 1 starts from the condition image: it needs one of the output's "
@@ -200,6 +208,10 @@ class FlowSampler:
                 full, img_only, none = v
                 velocity = none + cfg.image_cfg_scale * (img_only - none) + cfg.cfg_scale * (full - img_only)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if paint is not None:
+                sigma = next_sigmas[len(routing) - 1].to(latents.dtype)
+                kept = sigma * noise_tokens + (1 - sigma) * src_tokens[0]
+                latents = paint * latents + (1 - paint) * kept
             if on_step is not None:
                 on_step(len(routing))
         stats.routing = [(float(t) / 1000, {k: index.cpu() for k, index in step.items()})
@@ -211,3 +223,15 @@ class FlowSampler:
             stats.source_passes = len(timesteps) * len(src_b)
         images = codec.decode(unpack_latents(latents.float(), 2 * rows, 2 * cols))
         return images.clamp(-1, 1), stats
+
+    def _paint_tokens(self, mask: torch.Tensor, b: int, height: int, width: int, src_tokens: list[torch.Tensor],
+                      latents: torch.Tensor, device) -> torch.Tensor:
+        """The packed latent mask (B, N, C) of `mask` (1: paint), checked against the batch and the first
+        condition, whose latents are what the rest keeps."""
+        if tuple(mask.shape) != (b, 1, height, width):
+            raise ValueError(f"mask: expected shape {(b, 1, height, width)} (batch, 1, height, width), got "
+                             f"{tuple(mask.shape)}")
+        if not src_tokens or src_tokens[0].shape != latents.shape:
+            raise ValueError("mask: the region outside it is kept from the first condition image, which must have "
+                             "the output's size")
+        return pack_latents(self.codec.encode_mask(mask.to(device))).to(latents.dtype)
