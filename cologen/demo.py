@@ -52,6 +52,7 @@ class DemoRequest:
     guidance: float
     size: int
     mask: np.ndarray | None = None  # inpainting: (size, size) bool, the drawn region; the sampler keeps the rest
+    unmasked: np.ndarray | None = None  # inpainting with a mask: the source before the region was greyed
 
 
 @dataclass
@@ -151,25 +152,26 @@ class DemoModel:
         if task == "t2i":
             if rgb is not None:
                 raise DemoError("source: text-to-image takes no source image (clear it, or pick the image's task)")
-            source = mask = None
+            source = mask = unmasked = None
         else:
             if rgb is None:
                 raise DemoError(f"source: task {task} needs a source image (upload one or click an example)")
             if mask is not None and task != "inpainting":
                 raise DemoError(f"mask: only inpainting takes a drawn mask (this is {task}); erase the strokes")
-            source = fit(rgb, size, size)
+            source = unmasked = fit(rgb, size, size)
             if mask is not None:
                 mask = mask_array(np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2), size, size)
                 source = masked_source(source, mask)
         return DemoRequest(task, prompt.strip(), source, int(seed), steps,
                            float(self.pipe.sampler_config.cfg_scale if guidance is None else guidance), size,
-                           mask)
+                           mask, unmasked if mask is not None else None)
 
     def run(self, req: DemoRequest) -> DemoResult:
         guidance = {"guidance_scale": req.guidance} if self.pipe.guidance_embeds else {"cfg_scale": req.guidance}
         start = time.perf_counter()
-        # the source is already greyed where the mask is: the pipeline greys it again (the same) and keeps the rest
-        out = self.pipe(req.prompt, image=req.source, task=req.task, height=req.size, width=req.size,
+        # with a mask, the pipeline greys the source there itself and keeps the rest of the unmasked source
+        image = req.unmasked if req.mask is not None else req.source
+        out = self.pipe(req.prompt, image=image, task=req.task, height=req.size, width=req.size,
                         num_inference_steps=req.steps, seed=req.seed, progress=True, mask_image=req.mask, **guidance)
         seconds = time.perf_counter() - start
         stats = out.stats

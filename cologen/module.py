@@ -303,10 +303,10 @@ class CoLoGenModule(L.LightningModule):
                  tasks: list[str] | None = None,
                  height: int | None = None, width: int | None = None, seed: int | list[int] = 0,
                  oracle_routing: bool = False, mask: torch.Tensor | None = None,
-                 **sampler_overrides) -> tuple[torch.Tensor, SampleStats]:
+                 keep_image: torch.Tensor | None = None, **sampler_overrides) -> tuple[torch.Tensor, SampleStats]:
         """Images (B, 3, H, W) in [-1, 1] for `prompts` (and condition images `sources`: a (B, 3, Hs, Ws) batch, or
         a list of them, one per condition), eval-mode routing. `mask` (B, 1, H, W), 1 where to paint: the rest is
-        kept from the first condition image at every step (`FlowSampler.sample`; inpainting).
+        kept from `keep_image` (default: the first condition image) at every step (`FlowSampler.sample`; inpainting).
         `oracle_routing` sends every sample to its task's own expert (`own_experts`) instead of the routers'
         choice (an evaluation of what the routers lose)."""
         was_training = self.training
@@ -323,7 +323,7 @@ class CoLoGenModule(L.LightningModule):
                     raise ValueError("oracle routing needs the tasks of the prompts")
                 experts = self.own_experts(tasks)
             return self.sampler(**sampler_overrides).sample(text, height, width, sources, tasks, seed, experts,
-                                                            mask=mask)
+                                                            mask=mask, keep_image=keep_image)
         finally:
             self.train(was_training)
 

@@ -204,9 +204,10 @@ class CoLoGenPipeline(DiffusionPipeline):
         sources = None if conditions is None else [
             torch.stack([condition_tensor(per[i], width, height) for per in conditions])
             for i in range(len(conditions[0]))]
-        mask = None
+        mask = keep_image = None
         if mask_image is not None:
             mask = self._inpainting_mask(mask_image, tasks, sources, width, height)
+            keep_image = sources[0]  # a VAE's cells near the mask keep the image's, not the grey's
             sources[0] = torch.where(mask.bool(), MASK_GREY / 127.5 - 1, sources[0])  # `masked_source` in [-1, 1]
         if sources is not None and len(sources) == 1:
             sources = sources[0]
@@ -221,10 +222,11 @@ class CoLoGenPipeline(DiffusionPipeline):
         if progress:
             with self.progress_bar(total=config.steps) as bar:
                 out, stats = sampler.sample(text, height, width, sources, tasks, seed,
-                                            on_step=lambda n: bar.update(), cache=self.condition_cache, mask=mask)
+                                            on_step=lambda n: bar.update(), cache=self.condition_cache, mask=mask,
+                                            keep_image=keep_image)
         else:
             out, stats = sampler.sample(text, height, width, sources, tasks, seed, cache=self.condition_cache,
-                                        mask=mask)
+                                        mask=mask, keep_image=keep_image)
         if output_type == "pt":
             return CoLoGenPipelineOutput(images=out, stats=stats)
         arr = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -69,6 +69,7 @@ class Request:
     sources: list[torch.Tensor] = field(default_factory=list)  # per condition (3, H, W) in [-1, 1]
     roles: list[str] = field(default_factory=list)
     mask: np.ndarray | None = None  # inpainting: (H, W) bool, the region to fill; the sampler keeps the rest
+    keep_image: torch.Tensor | None = None  # inpainting with a mask: (3, H, W), the image before it was greyed
 
 
 def _int(raw: dict[str, Any], name: str, default: int | None, minimum: int, multiple: int = 1) -> int | None:
@@ -145,6 +146,7 @@ def parse_request(raw: Any, line: int, base: Path, patch: int, default_size: int
         if task != "inpainting":
             raise BadRequest(f"mask: only inpainting requests take a mask (this one is {task})")
         req.mask = mask_array(_image(base, raw, "mask"), width, height)
+        req.keep_image = to_tensor(rgb)  # what the sampler keeps outside the mask (not the grey)
         rgb = masked_source(rgb, req.mask)
     if raw.get("control") is not None:
         if raw["control"] != "canny" or task != "control":
@@ -316,8 +318,9 @@ def predict_one(module, req: Request) -> dict[str, Any]:
     sources = [s[None] for s in req.sources] or None
     try:
         mask = None if req.mask is None else torch.from_numpy(req.mask).float()[None, None]
+        keep = None if req.keep_image is None else req.keep_image[None]
         images, stats = module.generate([req.prompt], sources, [req.task], req.height, req.width, seed=[req.seed],
-                                        mask=mask, **overrides)
+                                        mask=mask, keep_image=keep, **overrides)
     except Exception as err:  # noqa: BLE001 - one request's failure must not end the others
         return {"request": req, "error": f"generation failed: {type(err).__name__}: {one_line(err)}"}
     return {"request": req, "image": images[0], "seconds": time.perf_counter() - start,

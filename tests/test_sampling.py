@@ -270,6 +270,22 @@ def test_a_mask_keeps_the_source_outside_it_at_every_step(monkeypatch):
         torch.testing.assert_close(latents[keep_tokens], expected[keep_tokens], rtol=0, atol=1e-6)
 
 
+def test_keep_image_is_what_the_mask_leaves():
+    """`keep_image` (the image before its masked area was greyed, which a VAE's cells near the mask need) is what the
+    output keeps outside the mask; it needs the output's shape, and then no condition of the output's size."""
+    module = make_module()
+    src, other = sources(1), sources(1, seed=5)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 10:22, 6:18] = 1
+    out, _ = module.generate(["x"], src, ["inpainting"], seed=1, steps=3, mask=mask, keep_image=other)
+    kept = mask.expand(-1, 3, -1, -1) == 0
+    assert torch.equal(out[kept], other.clamp(-1, 1)[kept])
+    with pytest.raises(ValueError, match=r"keep_image: expected shape \(1, 3, 32, 32\)"):
+        module.generate(["x"], src, ["inpainting"], steps=2, mask=mask, keep_image=other[:, :, :16])
+    t2i, _ = module.generate(["x"], None, height=32, width=32, steps=2, mask=mask, keep_image=other)
+    assert torch.equal(t2i[kept], other.clamp(-1, 1)[kept])
+
+
 def test_a_mask_needs_its_shape_and_a_source_of_the_outputs_size():
     module = make_module()
     with pytest.raises(ValueError, match=r"mask: expected shape \(1, 1, 32, 32\)"):

@@ -108,8 +108,8 @@ class FlowSampler:
                sources: torch.Tensor | Sequence[torch.Tensor] | None = None,
                tasks: list[str] | None = None, seed: int | list[int] = 0,
                experts: torch.Tensor | None = None, on_step: Callable[[int], None] | None = None,
-               cache: ConditionCache | None = None, mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, SampleStats]:
+               cache: ConditionCache | None = None, mask: torch.Tensor | None = None,
+               keep_image: torch.Tensor | None = None) -> tuple[torch.Tensor, SampleStats]:
         """Generate images (B, 3, height, width) in [-1, 1].
 
         text: prompt embeddings (B, ...); sources: condition images (B, 3, Hs, Ws) in [-1, 1], a list of such
@@ -119,9 +119,11 @@ class FlowSampler:
         the number of denoising steps done after each one (a progress bar); cache: a condition cache kept across
         requests (keyed by each condition's content: a request that repeats a condition reuses its stream; None: one
         cache for this request); mask: (B, 1, height, width), 1 where to paint (inpainting): after every step the
-        latents outside it are the first condition image's, noised to the next step's level (its clean latents after
-        the last), as diffusers' `FluxInpaintPipeline` does for a model without mask channels, so what the mask
-        leaves is kept (exactly, with a pixel codec; None: the model decides what to keep).
+        latents outside it are `keep_image`'s (B, 3, height, width; default: the first condition image), noised to
+        the next step's level (its clean latents after the last), as diffusers' `FluxInpaintPipeline` does for a
+        model without mask channels, so what the mask leaves is kept (exactly, with a pixel codec; None: the model
+        decides what to keep). Give the image before its masked area was greyed as `keep_image` where a VAE's cells
+        near the mask would otherwise carry the grey.
         """
         cfg, model, codec = self.config, self.model, self.codec
         device = next(model.parameters()).device
@@ -167,7 +169,8 @@ class FlowSampler:
         guidance = torch.full((b * nb,), cfg.guidance, device=device) if self.guidance_embeds else None
 
         scheduler, timesteps = self._timesteps(latents.shape[1], device)
-        paint = self._paint_tokens(mask, b, height, width, src_tokens, latents, device) if mask is not None else None
+        paint, kept_tokens = self._paint_tokens(mask, keep_image, b, height, width, src_tokens, latents, device) \
+            if mask is not None else (None, None)
         # sigma after each step (the last: 0), for the kept region's noising; indexed on the device, no host read
         next_sigmas = scheduler.sigmas[len(scheduler.sigmas) - len(timesteps):].to(device)
         if cfg.strength < 1:
@@ -210,7 +213,7 @@ class FlowSampler:
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
             if paint is not None:
                 sigma = next_sigmas[len(routing) - 1].to(latents.dtype)
-                kept = sigma * noise_tokens + (1 - sigma) * src_tokens[0]
+                kept = sigma * noise_tokens + (1 - sigma) * kept_tokens
                 latents = paint * latents + (1 - paint) * kept
             if on_step is not None:
                 on_step(len(routing))
@@ -224,14 +227,21 @@ class FlowSampler:
         images = codec.decode(unpack_latents(latents.float(), 2 * rows, 2 * cols))
         return images.clamp(-1, 1), stats
 
-    def _paint_tokens(self, mask: torch.Tensor, b: int, height: int, width: int, src_tokens: list[torch.Tensor],
-                      latents: torch.Tensor, device) -> torch.Tensor:
-        """The packed latent mask (B, N, C) of `mask` (1: paint), checked against the batch and the first
-        condition, whose latents are what the rest keeps."""
+    def _paint_tokens(self, mask: torch.Tensor, keep_image: torch.Tensor | None, b: int, height: int, width: int,
+                      src_tokens: list[torch.Tensor], latents: torch.Tensor, device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the packed latent mask (B, N, C) of `mask`, 1: paint; the packed latents the rest keeps), checked
+        against the batch and the output's size."""
         if tuple(mask.shape) != (b, 1, height, width):
             raise ValueError(f"mask: expected shape {(b, 1, height, width)} (batch, 1, height, width), got "
                              f"{tuple(mask.shape)}")
-        if not src_tokens or src_tokens[0].shape != latents.shape:
+        if keep_image is not None:
+            if tuple(keep_image.shape) != (b, 3, height, width):
+                raise ValueError(f"keep_image: expected shape {(b, 3, height, width)}, got {tuple(keep_image.shape)}")
+            kept = pack_latents(self.codec.encode(keep_image.to(device)).float())
+        elif not src_tokens or src_tokens[0].shape != latents.shape:
             raise ValueError("mask: the region outside it is kept from the first condition image, which must have "
                              "the output's size")
-        return pack_latents(self.codec.encode_mask(mask.to(device))).to(latents.dtype)
+        else:
+            kept = src_tokens[0]
+        return pack_latents(self.codec.encode_mask(mask.to(device))).to(latents.dtype), kept.to(latents.dtype)
