@@ -127,8 +127,8 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_denoising_loop_never_reads_device_values_on_the_host(use_cache):
+@pytest.mark.parametrize("use_cache,masked", [(True, False), (False, False), (True, True)])
+def test_denoising_loop_never_reads_device_values_on_the_host(use_cache, masked):
     module = make_module(timestep_bins=4)  # time-aware routing: the cache key changes with the step's bin
     model, steps_done = module.model, []
     original = type(model).forward
@@ -148,7 +148,8 @@ def test_denoising_loop_never_reads_device_values_on_the_host(use_cache):
             module.eval()
             text = module.encode_text({"prompt": ["make the red square blue"]})
             sampler = module.sampler(steps=8, use_cache=use_cache)
-            _, stats = sampler.sample(text, 32, 32, sources(1), ["editing"], seed=1, on_step=on_step)
+            mask = torch.zeros(1, 1, 32, 32).index_fill_(2, torch.arange(8, 20), 1.0) if masked else None
+            _, stats = sampler.sample(text, 32, 32, sources(1), ["editing"], seed=1, on_step=on_step, mask=mask)
     finally:
         type(model).forward = original
     assert steps_done == list(range(1, 9)) and len(stats.routing) == 8

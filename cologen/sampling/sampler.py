@@ -169,10 +169,11 @@ class FlowSampler:
         guidance = torch.full((b * nb,), cfg.guidance, device=device) if self.guidance_embeds else None
 
         scheduler, timesteps = self._timesteps(latents.shape[1], device)
-        paint, kept_tokens = self._paint_tokens(mask, keep_image, b, height, width, src_tokens, latents, device) \
-            if mask is not None else (None, None)
-        # sigma after each step (the last: 0), for the kept region's noising; indexed on the device, no host read
-        next_sigmas = scheduler.sigmas[len(scheduler.sigmas) - len(timesteps):].to(device)
+        paint = None
+        if mask is not None:
+            paint, kept_tokens = self._paint_tokens(mask, keep_image, b, height, width, src_tokens, latents, device)
+            # sigma after each step (the last: 0), for the kept region's noising; indexed on the device, no host read
+            next_sigmas = scheduler.sigmas[len(scheduler.sigmas) - len(timesteps):].to(device)
         if cfg.strength < 1:
             if not src_tokens or src_tokens[0].shape != latents.shape:
                 raise ValueError("sampler.strength < 1 starts from the condition image: it needs one of the output's "
