@@ -279,3 +279,11 @@ def test_eval_samples_with_the_true_gates_and_scores_them_apart(shapeworld_dir):
     args = evaluate._parser().parse_args(["shapeworld", "--base", "--true-gates", "--other-sources"])
     with pytest.raises(UsageError, match="does not combine with --other-sources"):
         evaluate.run_shapeworld(args)
+    # --skip-learned (make report's): the true gates' rows alone, the same as beside the learned ones
+    alone = evaluate.evaluate(module, probes, steps=2, true_gates=True, learned=False)
+    assert [x["routing"] for x in alone] == ["true_gates"] * 5
+    assert [x["grounding/psnr_out"] for x in alone] == pytest.approx([x["grounding/psnr_out"] for x in gated])
+    for argv, match in ((["--skip-learned"], "give --true-gates too"),
+                        (["--true-gates", "--skip-learned", "--oracle"], "which --oracle and --routing-terms need")):
+        with pytest.raises(UsageError, match=match):
+            evaluate.run_shapeworld(evaluate._parser().parse_args(["shapeworld", "--base", *argv]))

@@ -99,7 +99,7 @@ def load_probes(data: str, tasks: list[str], n: int, seed: int = 0, builder: dic
 
 def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bool = False,
              routing_terms: dict | None = None, sampler: dict | None = None, other_sources: bool = False,
-             true_gates: bool = False) -> list[dict]:
+             true_gates: bool = False, learned: bool = True) -> list[dict]:
     """Per-probe score lines (`task`, `index`, `key`, `routing`, `{task}/{metric}`...) for every task. A dict
     given as `routing_terms` receives, per task, what each block's learned routing rested on
     (`cologen.eval.routing_terms`). `sampler`: further sampler settings (`cfg_scale`, `image_cfg_scale`, `strength`, `effect_mask`) and
@@ -107,7 +107,8 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
     `other_sources`: each probe is sampled with the next probe's condition image and scored against its own target
     (`with_other_conditions`: what the model takes from its condition). `true_gates`: each task's probes are also
     sampled with the token gates forced to the truth (`run_probes_with_true_gates`), lines `routing: true_gates`
-    (the routers' choice, a perfect localiser's gates)."""
+    (the routers' choice, a perfect localiser's gates). `learned` False skips the routers' own (and the oracle's)
+    sampling: the true gates' lines alone, for a checkpoint whose learned scores exist already."""
     sampler = dict(sampler or {})
     from cologen.eval.probes import (
         oracle_repeats_learned,
@@ -120,19 +121,21 @@ def evaluate(module, probes: dict, *, steps: int = 16, seed: int = 0, oracle: bo
     from cologen.eval.shapeworld import probe_kind
 
     module.eval()
-    modes = [False, True] if oracle and module.model.num_active > 1 else [False]
+    modes = ([False, True] if oracle and module.model.num_active > 1 else [False]) if learned else []
     lines = []
     for task, task_probes in probes.items():
         recording = record_routing_terms(module.model) if routing_terms is not None else contextlib.nullcontext({})
         if other_sources:
             sampler["sample_with"] = with_other_conditions(task_probes)
-        with recording as records:
-            learned = run_probes(module, task, task_probes, seed=seed, steps=steps, **sampler)
-        if routing_terms is not None and task in module.task_experts:
-            routing_terms[task] = summarize_routing_terms(records, module.task_experts[task], module.model.num_active)
+        if learned:
+            with recording as records:
+                routed = run_probes(module, task, task_probes, seed=seed, steps=steps, **sampler)
+            if routing_terms is not None and task in module.task_experts:
+                routing_terms[task] = summarize_routing_terms(records, module.task_experts[task],
+                                                              module.model.num_active)
         for forced in modes:
             # the learned run is exactly the oracle's when every decision already chose the task's own expert
-            run = learned if not forced or oracle_repeats_learned(module, task, learned) else run_probes(
+            run = routed if not forced or oracle_repeats_learned(module, task, routed) else run_probes(
                 module, task, task_probes, seed=seed, oracle=True, steps=steps, **sampler)
             own = module.task_experts.get(task)
             share = own_expert_share(run.routing, own) if own is not None and not forced else float("nan")
@@ -275,6 +278,10 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     if args.true_gates and (args.cfg_scale != 1.0 or args.image_cfg_scale != 1.0):
         raise UsageError("--true-gates forces one sampler batch's gates, and guidance doubles the batch: leave "
                          "--cfg-scale and --image-cfg-scale at 1")
+    if args.skip_learned and not args.true_gates:
+        raise UsageError("--skip-learned leaves the true gates' rows alone: give --true-gates too")
+    if args.skip_learned and (args.oracle or args.routing_terms):
+        raise UsageError("--skip-learned skips the routers' own sampling, which --oracle and --routing-terms need")
     if args.true_gates and args.other_sources:
         raise UsageError("--true-gates takes the truth from each probe's own condition: it does not combine with "
                          "--other-sources")
@@ -286,7 +293,8 @@ def run_shapeworld(args: argparse.Namespace) -> dict[str, dict]:
     guidance = {"cfg_scale": args.cfg_scale, "image_cfg_scale": args.image_cfg_scale, "strength": args.strength,
                 "effect_mask": args.effect_mask, "keep_unmasked": args.keep_unmasked}
     lines = evaluate(module, probes, steps=args.steps, seed=args.seed, oracle=args.oracle, routing_terms=terms,
-                     sampler=guidance, other_sources=args.other_sources, true_gates=args.true_gates)
+                     sampler=guidance, other_sources=args.other_sources, true_gates=args.true_gates,
+                     learned=not args.skip_learned)
     table = summarize(lines, by_kind=args.by_kind)
     if terms is not None:
         print(routing_terms_table(terms))
@@ -400,6 +408,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--true-gates", action="store_true",
                     help="also score with every expert's token gates forced to the truth (the tokens each probe's "
                          "target changes, on both streams): what a perfect localiser would give (rows true_gates/...)")
+    sw.add_argument("--skip-learned", action="store_true",
+                    help="with --true-gates: only the true gates' rows, without the routers' own sampling (make "
+                         "report's, for a checkpoint whose validation holds the learned scores)")
     sw.add_argument("--other-sources", action="store_true",
                     help="sample each probe with the next probe's condition image, scored against its own target: "
                          "a model that reads its condition scores lower than with its own, one that ignores it the same")

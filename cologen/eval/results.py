@@ -114,14 +114,15 @@ CHECKPOINT_STAMP = "checkpoint.sha256"  # beside a checkpoint's true-gate scores
 
 def score_true_gates(folder: str | Path, checkpoint: str | Path, config: str) -> Validation | None:
     """`checkpoint` sampled on `config`'s validation probes with its token gates forced to the truth (`cologen eval
-    shapeworld --true-gates`: what a perfect localiser would give) into `folder`, run only when the folder has no
+    shapeworld --true-gates --skip-learned`: what a perfect localiser would give; the learned rows are the final
+    validation's) into `folder`, run only when the folder has no
     scores of this checkpoint yet; None without the checkpoint."""
     from cologen.model.presets import file_sha256
 
     if not Path(checkpoint).is_file():
         return None
     return _scored_once(folder, CHECKPOINT_STAMP, file_sha256(Path(checkpoint)),
-                        ["--ckpt", str(checkpoint), "--true-gates", "--config", config],
+                        ["--ckpt", str(checkpoint), "--true-gates", "--skip-learned", "--config", config],
                         "sampling the checkpoint with the true gates")
 
 
