@@ -33,7 +33,7 @@ stage_configs = --config $(CFG)/curriculum.yaml $(if $(wildcard $(CFG)/data_stag
 	--config $(CFG)/stage$(1).yaml $(if $(STRATEGY),--config $(CFG)/$(STRATEGY).yaml) \
 	$(if $(filter flux_dev,$(PRESET)),--model.preset.init_args.path $(FLUX_PATH))
 
-.PHONY: install test lint data check-flux base base-continue base-gpu gate-encoder stage1 stage2 stage3 cotrain no_pretrain multi-condition bench bench-docs sweep ablation report bench-gpu examples demo tiny-experts
+.PHONY: install test lint data check-flux base base-continue base-gpu gate-encoder gate-referrer stage1 stage2 stage3 cotrain no_pretrain multi-condition bench bench-docs sweep ablation report bench-gpu examples demo tiny-experts
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,12 @@ base-gpu: install
 gate-encoder: install
 	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 20000 --val 64 --tasks inpainting --seed 1 --if-missing
 	$(PY) -m cologen.commands.pretrain_gate_encoder --out cologen/assets/tiny_gate_encoder $(ARGS)
+
+# the frozen map of where a prompt changes its condition that the tiny preset's prompt gates can read
+# (prw.gate_referrer: builtin), pretrained on grounding's training examples and the committed gate encoder's features
+# (~2 min on 2 cores); rerun it after make gate-encoder
+gate-referrer: data
+	$(PY) -m cologen.commands.pretrain_gate_referrer --out cologen/assets/tiny_gate_referrer $(ARGS)
 
 # flux_dev: a FLUX_PATH that is not a FLUX.1 folder is refused before anything starts (one line, no traceback)
 FLUX_FOLDER := model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/

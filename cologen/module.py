@@ -564,8 +564,8 @@ class CoLoGenModule(L.LightningModule):
 
     def frozen_state_keys(self) -> set[str]:
         """State-dict keys restored from the preset rather than stored: the frozen base and the encoders (the text
-        encoder, the codec and the gates' pretrained image encoder)."""
-        restored = ("text_encoder.", "codec.", "model.gate_image_encoder.")
+        encoder, the codec, and the gates' pretrained image encoder and referrer)."""
+        restored = ("text_encoder.", "codec.", "model.gate_image_encoder.", "model.gate_referrer.")
         if self.train_base:
             return {k for k in self.state_dict() if k.startswith(restored)}
         base = {id(p) for p in self.model.base_parameters()}

@@ -24,7 +24,9 @@ from .attention import BlockSource, PRWAttnProcessor, PRWContext, bind_block
 from .checkpointing import checkpoint_function, some_blocks, spread_blocks, with_memory_budget
 from .config import PRWConfig
 from .experts import ConditionInputBank, ExpertBank, GateContext, hard_gate_open, place_features
-from .gate_encoder import load_gate_encoder
+from .gate_encoder import gate_encoder_dir, load_gate_encoder
+from .gate_referrer import load_gate_referrer
+from .presets import file_sha256
 from .router import NoisyTop1Router, Routing
 from .text_encoders import TextEmbeddings
 
@@ -157,6 +159,13 @@ class CoLoGenTransformer(nn.Module):
         self.gate_image_encoder = (load_gate_encoder(self.prw.gate_image_encoder, transformer.config.in_channels)
                                    if self.prw.gate_image_encoder and self.prw.num_experts else None)
         shared = self.gate_image_encoder
+        # ...and one frozen, pretrained map of where the prompt will change the condition (prw.gate_referrer), which
+        # reads the encoder's features and each gate reads through a convolution of its own
+        self.gate_referrer = (load_gate_referrer(self.prw.gate_referrer, shared.embed.out_features,
+                                                 transformer.config.pooled_projection_dim,
+                                                 file_sha256(gate_encoder_dir(self.prw.gate_image_encoder)
+                                                             / "model.safetensors"))
+                              if self.prw.gate_referrer and shared is not None else None)
         image_channels = (0 if not self.prw.gate_image else shared.embed.out_features if shared is not None
                           else transformer.config.in_channels)
         for kind, block in self._named_blocks():
@@ -173,7 +182,8 @@ class CoLoGenTransformer(nn.Module):
                                                     self.prw.gate_prompt_rank,
                                                     transformer.config.joint_attention_dim if self.prw.gate_words
                                                     else 0,
-                                                    image_channels, own_image_encoder=shared is None)
+                                                    image_channels, own_image_encoder=shared is None,
+                                                    referred=self.gate_referrer is not None)
                 r = self.prw.router
                 prompt_dim = pooled_dim if r.prompt_input else 0
                 block.attn.prw_router = (
@@ -398,6 +408,17 @@ class CoLoGenTransformer(nn.Module):
         with torch.no_grad():
             return self.gate_image_encoder(source_tokens)
 
+    def _gate_context(self, source_tokens: torch.Tensor, source_ids: torch.Tensor, pooled: torch.Tensor,
+                      words: torch.Tensor | None) -> GateContext:
+        """What the prompt gates read beside the token states (`GateContext`), computed once per source pass."""
+        place = place_features(source_ids)
+        image = self._gate_image(source_tokens) if self.prw.gate_image else None
+        referred = None
+        if self.gate_referrer is not None:
+            with torch.no_grad():
+                referred = self.gate_referrer(image, pooled.float(), place.to(image.device))
+        return GateContext(pooled.float(), place, words if self.prw.gate_words else None, image, referred)
+
     def encode_source(self, source_tokens: torch.Tensor, source_ids: torch.Tensor, pooled: torch.Tensor,
                       timestep: torch.Tensor, guidance: torch.Tensor | None = None,
                       experts: torch.Tensor | None = None, words: torch.Tensor | None = None) -> SourceState:
@@ -417,8 +438,7 @@ class CoLoGenTransformer(nn.Module):
         state = SourceState({}, {})
         prompt = pooled.float() if self.prw.router.prompt_input else None
         # Experts that hold their prompt terms at zero (all of them before an asked task's step) skip computing them.
-        gate_context = (GateContext(pooled.float(), place_features(source_ids), words if self.prw.gate_words else None,
-                                    self._gate_image(source_tokens) if self.prw.gate_image else None)
+        gate_context = (self._gate_context(source_tokens, source_ids, pooled, words)
                         if self.prompt_gates_live() else None)
         forced = experts.to(hidden.device).long() if experts is not None else None
         if forced is not None and int(forced.max()) >= max(self.num_active, 1):

@@ -87,6 +87,11 @@ class PRWConfig:
         instead of training a CNN of its own: a folder written by `make gate-encoder`, or 'builtin' (the tiny
         preset's, pretrained on ShapeWorld to tell each token's object class, size and colour; cologen/model/
         gate_encoder.py). None: each expert's own CNN.
+    gate_referrer: (ours) with `gate_image_encoder`, every prompt gate also reads the map of one pretrained, frozen
+        `GateReferrer` (where the prompt will change the condition, from the gate encoder's features, the pooled
+        prompt and each token's place, with neighbouring tokens deciding together) through a 3 x 3 convolution of
+        its own that starts at zero: a folder written by `make gate-referrer`, or 'builtin' (the tiny preset's,
+        pretrained on ShapeWorld grounding's training examples; cologen/model/gate_referrer.py). None: no map.
     concat_condition: (ours) each expert also maps the condition's latent token to the noisy token at the same place:
         a zero-initialised linear map (latent channels -> width) whose output is added to the noisy tokens'
         input embedding in the main pass, for samples whose first condition lies on the target's token grid
@@ -114,6 +119,7 @@ class PRWConfig:
     gate_words: bool = False
     gate_image: bool = False
     gate_image_encoder: str | None = None
+    gate_referrer: str | None = None
     concat_condition: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
 
@@ -141,6 +147,9 @@ class PRWConfig:
         if self.gate_image_encoder and not self.gate_image:
             raise ValueError("prw.gate_image_encoder is what the image-reading gates read: it needs prw.gate_image: "
                              "true")
+        if self.gate_referrer and not self.gate_image_encoder:
+            raise ValueError("prw.gate_referrer reads the shared gate encoder's features: it needs "
+                             "prw.gate_image_encoder")
         if self.gate_words and not self.gate_prompt:
             raise ValueError("prw.gate_words adds the prompt's words to the prompt gates: it needs prw.gate_prompt: true")
         if self.gate_prompt and self.gate_prompt_rank <= 0:

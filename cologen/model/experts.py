@@ -97,11 +97,15 @@ class PromptGate(nn.Module):
     `own_image_encoder=False` (`prw.gate_image_encoder`) the gate has no E: it reads features (B, N, image_channels)
     that one pretrained, frozen encoder computes for every gate.
 
+    With `referred` (`prw.gate_referrer`) a sixth term is a 3 x 3 convolution, over the token grid, of the map of
+    one pretrained, frozen `GateReferrer` (where the prompt will change the image), weights and bias starting at
+    zero: each expert learns how far to trust it and where around it to open (a box's outline beside its object).
+
     `is_live` tells from host state alone (no device sync) whether the terms can be non-zero, so a model whose
     experts all hold them at zero (`veteran.gate_prompt_tasks`) skips computing them."""
 
     def __init__(self, dim: int, prompt_dim: int, rank: int, word_dim: int = 0, image_channels: int = 0,
-                 image_width: int = 32, own_image_encoder: bool = True):
+                 image_width: int = 32, own_image_encoder: bool = True, referred: bool = False):
         super().__init__()
         self.token_down = nn.Linear(dim, rank, bias=False)
         self.place_down = nn.Linear(PLACE_DIM, rank, bias=False)
@@ -120,6 +124,8 @@ class PromptGate(nn.Module):
             self.image_down = nn.Linear(image_width if own_image_encoder else image_channels, rank, bias=False)
             self.image_prompt = nn.Linear(prompt_dim, rank, bias=False)
             downs.append(self.image_down)
+        if referred:
+            self.referred = nn.Conv2d(1, 1, 3, padding=1)
         for down in downs:
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
         self.may_be_nonzero = False  # host mirror of "the prompt side has a non-zero weight"
@@ -134,21 +140,29 @@ class PromptGate(nn.Module):
     def reads_image(self) -> bool:
         return hasattr(self, "image_prompt")
 
-    def _prompt_side(self) -> tuple[nn.Linear, ...]:
+    @property
+    def reads_referred(self) -> bool:
+        return hasattr(self, "referred")
+
+    def _prompt_side(self) -> tuple[nn.Module, ...]:
         words = (self.word_value,) if self.reads_words else ()
         image = (self.image_prompt,) if self.reads_image else ()
-        return self.token_prompt, self.place_prompt, self.prompt_bias, *words, *image
+        referred = (self.referred,) if self.reads_referred else ()
+        return self.token_prompt, self.place_prompt, self.prompt_bias, *words, *image, *referred
+
+    def _prompt_side_tensors(self) -> list[torch.Tensor]:
+        return [t for m in self._prompt_side() for t in (m.weight, m.bias) if t is not None]
 
     @torch.no_grad()
     def zero_prompt_side(self) -> None:
-        for m in self._prompt_side():
-            m.weight.zero_()
+        for t in self._prompt_side_tensors():
+            t.zero_()
         self.may_be_nonzero = False
 
     @torch.no_grad()
     def check_weights(self) -> None:
         """Read whether the prompt side is non-zero (a device sync: on loads and curriculum steps, never per step)."""
-        self.may_be_nonzero = any(any_nonzero(m.weight) for m in self._prompt_side())
+        self.may_be_nonzero = any(any_nonzero(t) for t in self._prompt_side_tensors())
 
     def is_live(self) -> bool:
         """Whether the terms can be non-zero: the prompt side was seen non-zero, or the gate trains (or may), which
@@ -196,7 +210,8 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, rank: int, targets: Sequence[str] = ("to_k", "to_v"),
                  noisy_targets: Sequence[str] = (), token_gate: bool = False, prompt_dim: int = 0,
-                 gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0, own_image_encoder: bool = True):
+                 gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0, own_image_encoder: bool = True,
+                 referred: bool = False):
         super().__init__()
         for t in targets:
             self.add_module(t, LoRA(dim, dim, rank))
@@ -207,7 +222,7 @@ class Expert(nn.Module):
             nn.init.zeros_(self.token_gate.weight)
             nn.init.zeros_(self.token_gate.bias)
         self.prompt_gate = (PromptGate(dim, prompt_dim, gate_rank, word_dim, image_channels,
-                                       own_image_encoder=own_image_encoder)
+                                       own_image_encoder=own_image_encoder, referred=referred)
                             if token_gate and prompt_dim else None)
 
 
@@ -250,6 +265,8 @@ class GateContext:
     words: torch.Tensor | None = None
     # for gates that read the image: the condition's tokens (B, N, C), or the shared encoder's features of them
     image: torch.Tensor | None = None
+    # for gates that read the referrer (`prw.gate_referrer`): its map (B, N) of where the prompt changes the image
+    referred: torch.Tensor | None = None
 
 
 def hard_gate_open(logits: torch.Tensor) -> torch.Tensor:
@@ -263,7 +280,7 @@ class ExpertBank(nn.Module):
     def __init__(self, dim: int, num_experts: int, rank: int, alpha: float, targets: Sequence[str] = ("to_k", "to_v"),
                  noisy_targets: Sequence[str] = (), token_gate: bool = False, hard_gate: bool = False,
                  prompt_dim: int = 0, gate_rank: int = 16, word_dim: int = 0, image_channels: int = 0,
-                 own_image_encoder: bool = True):
+                 own_image_encoder: bool = True, referred: bool = False):
         super().__init__()
         self.rank = rank
         self.hard_gate = hard_gate
@@ -271,7 +288,8 @@ class ExpertBank(nn.Module):
         self.targets = tuple(targets)
         self.noisy_targets = tuple(noisy_targets)
         self.experts = nn.ModuleList(Expert(dim, rank, targets, noisy_targets, token_gate, prompt_dim, gate_rank,
-                                            word_dim, image_channels, own_image_encoder) for _ in range(num_experts))
+                                            word_dim, image_channels, own_image_encoder, referred)
+                                     for _ in range(num_experts))
 
     @property
     def num_experts(self) -> int:
@@ -336,7 +354,24 @@ class ExpertBank(nn.Module):
             if context.image is None:
                 raise ValueError("prw.gate_image: the gates read the condition image, but none was given")
             logits = logits + self._image_logits(gates, index, context.image, prompt, routed)
+        if gates[0].reads_referred:
+            if context.referred is None:
+                raise ValueError("prw.gate_referrer: the gates read the referrer's map, but none was given")
+            logits = logits + self._referred_logits(gates, index, context.referred)
         return logits
+
+    @staticmethod
+    def _referred_logits(gates, index: torch.Tensor, referred: torch.Tensor) -> torch.Tensor:
+        """The referrer's term (B, N): the routed expert's 3 x 3 convolution of the map (B, N) over the token grid.
+        Every expert's kernel runs as one convolution with E output channels, and each sample keeps its own's."""
+        b, n = referred.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"prw.gate_referrer reads a square condition's token grid; got {n} tokens")
+        weight = torch.cat([g.referred.weight for g in gates]).float()  # (E, 1, 3, 3)
+        bias = torch.cat([g.referred.bias for g in gates]).float()  # (E,)
+        every = F.conv2d(referred.float().reshape(b, 1, side, side), weight, bias, padding=1).flatten(2)  # (B, E, N)
+        return torch.gather(every, 1, index.long()[:, None, None].expand(b, 1, n))[:, 0]
 
     @staticmethod
     def _image_logits(gates, index, image: torch.Tensor, prompt: torch.Tensor, routed) -> torch.Tensor:
