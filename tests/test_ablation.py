@@ -270,7 +270,7 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
     since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "no_grounding_gates",
-             "no_concat", "any_block_opens"}
+             "no_concat", "any_block_opens", "no_gate_referrer"}
     assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
 
@@ -285,6 +285,7 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     edit, ground = ["inpainting", "editing"], ["inpainting", "editing", "grounding"]
     for name, gated, prompt_tasks in (("curriculum", ground, ["editing", "grounding"]),
+                                      ("no_gate_referrer", ground, ["editing", "grounding"]),
                                       ("any_block_opens", ground, ["editing", "grounding"]),
                                       ("no_concat", ground, ["editing", "grounding"]),
                                       ("no_grounding_gates", edit, ["editing"]), ("no_gate_encoder", edit, ["editing"]),
@@ -304,8 +305,9 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
     curriculum = prw.pop("curriculum")
-    # any_block_opens, no_concat and no_grounding_gates were recorded with it
-    for with_encoder in (curriculum, prw.pop("any_block_opens"), prw.pop("no_concat"), prw.pop("no_grounding_gates")):
+    # no_gate_referrer, any_block_opens, no_concat and no_grounding_gates were recorded with it
+    for with_encoder in (curriculum, prw.pop("no_gate_referrer"), prw.pop("any_block_opens"), prw.pop("no_concat"),
+                         prw.pop("no_grounding_gates")):
         assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
     for section in (curriculum, *prw.values()):
@@ -324,7 +326,8 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     curriculum = veteran.pop("curriculum")
-    assert veteran.pop("no_concat") == curriculum  # the curriculum before its condition input
+    assert veteran.pop("no_gate_referrer") == curriculum  # the curriculum before its referrer
+    assert veteran.pop("no_concat") == curriculum  # ... before its condition input
     assert veteran.pop("any_block_opens") == curriculum  # ... and before its majority rule
     assert curriculum["gate_tasks"] == ["inpainting", "editing", "grounding"]
     assert curriculum["gate_prompt_tasks"] == curriculum["gate_pos_weight_tasks"] == ["editing", "grounding"]
@@ -352,9 +355,10 @@ def test_the_variants_recorded_before_the_condition_input_still_train_without_it
     concat = {v.name: _model_section(spec.configs + v.configs, "prw").get("concat_condition", False)
               for v in spec.variants}
     assert concat.pop("curriculum") is True and concat.pop("any_block_opens") is True
+    assert concat.pop("no_gate_referrer") is True
     assert set(concat.values()) == {False}, concat
-    assert all(v.configs[1] == "experiments/ablation/no_concat.yaml" for v in spec.variants
-               if v.name not in ("curriculum", "any_block_opens"))
+    assert all(v.configs[2] == "experiments/ablation/no_concat.yaml" for v in spec.variants
+               if v.name not in ("curriculum", "any_block_opens", "no_gate_referrer"))
     done = {p.parent.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert done["no_concat"]["variant"] == "no_concat"
@@ -366,11 +370,27 @@ def test_the_variants_recorded_before_the_majority_rule_still_train_with_any_blo
     records stay what it trains, and the curriculum's records before then are any_block_opens's."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     rule = {v.name: _model_section(spec.configs + v.configs, "prw").get("open_rule", "any") for v in spec.variants}
-    assert rule.pop("curriculum") == "majority"
+    assert rule.pop("curriculum") == rule.pop("no_gate_referrer") == "majority"
     assert set(rule.values()) == {"any"}, rule
-    assert all(v.configs[0] == "experiments/ablation/any_block_opens.yaml" for v in spec.variants
-               if v.name != "curriculum")
+    assert all(v.configs[1] == "experiments/ablation/any_block_opens.yaml" for v in spec.variants
+               if v.name not in ("curriculum", "no_gate_referrer"))
     done = {p.parent.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert done["any_block_opens"]["variant"] == "any_block_opens"
     assert done["any_block_opens"]["recorded_as"] == "curriculum"
+
+
+def test_the_variants_recorded_before_the_referrer_still_train_without_it():
+    """The curriculum's prompt gates read the pretrained, frozen referrer's map since 2026-12-05 (evening;
+    `prw.gate_referrer: builtin`); every variant recorded before layers no_gate_referrer.yaml first, so its records
+    stay what it trains, and the curriculum's records before then are no_gate_referrer's."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    referrer = {v.name: _model_section(spec.configs + v.configs, "prw").get("gate_referrer") for v in spec.variants}
+    assert referrer.pop("curriculum") == "builtin"
+    assert set(referrer.values()) == {None}, referrer
+    assert all(v.configs[0] == "experiments/ablation/no_gate_referrer.yaml" for v in spec.variants
+               if v.name != "curriculum")
+    done = {p.parent.name: json.loads(p.read_text())
+            for p in (REPO / "docs" / "ablation_runs" / "no_gate_referrer").glob("seed*/done.json")}
+    assert sorted(done) == ["seed0", "seed1", "seed2"]
+    assert all(d["variant"] == "no_gate_referrer" and d["recorded_as"] == "curriculum" for d in done.values()), done
