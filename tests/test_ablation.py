@@ -381,7 +381,7 @@ def test_the_variants_recorded_before_the_majority_rule_still_train_with_any_blo
 
 
 def test_the_variants_recorded_before_the_referrer_still_train_without_it():
-    """The curriculum's prompt gates read the pretrained, frozen referrer's map since 2026-12-05 (evening;
+    """The curriculum's prompt gates read the pretrained, frozen referrer's map since 2026-12-05 (afternoon;
     `prw.gate_referrer: builtin`); every variant recorded before layers no_gate_referrer.yaml first, so its records
     stay what it trains, and the curriculum's records before then are no_gate_referrer's."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
