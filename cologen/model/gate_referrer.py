@@ -17,14 +17,13 @@ encoder's sha256 it was trained on, the tasks and its held-out precision and rec
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .presets import check_recorded_sha256, file_sha256
+from .gate_encoder import load_frozen_weights, read_frozen_config, save_frozen_module
 
 BUILTIN_GATE_REFERRER = Path(__file__).resolve().parent.parent / "assets" / "tiny_gate_referrer"
 
@@ -61,31 +60,17 @@ def gate_referrer_dir(spec: str) -> Path:
 
 def save_gate_referrer(referrer: GateReferrer, folder: Path, extra: dict | None = None) -> str:
     """Write the referrer's weights, its config (plus `extra`) and their sha256 into `folder`; returns the digest."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in referrer.state_dict().items()},
-              str(folder / "model.safetensors"))
     config = {"feature_dim": referrer.features.in_features, "prompt_dim": referrer.prompt.in_features,
               "place_dim": referrer.place.in_features, "width": referrer.features.out_features,
               "convs": len(referrer.convs), **(extra or {})}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    digest = file_sha256(folder / "model.safetensors")
-    (folder / "sha256").write_text(digest + "\n")
-    return digest
+    return save_frozen_module(referrer, folder, config)
 
 
 def load_gate_referrer(spec: str, feature_dim: int, prompt_dim: int, encoder_sha256: str | None) -> GateReferrer:
     """The referrer of `prw.gate_referrer`, frozen, for gate encoder features of `feature_dim` and pooled prompts of
     `prompt_dim`; `encoder_sha256` is the loaded gate encoder's, which must be the one it was trained on."""
-    from safetensors.torch import load_file
-
     folder = gate_referrer_dir(spec)
-    weights, config_file = folder / "model.safetensors", folder / "config.json"
-    if not weights.is_file() or not config_file.is_file():
-        raise FileNotFoundError(f"prw.gate_referrer: {folder} has no model.safetensors and config.json (write one "
-                                "with `make gate-referrer`)")
-    config = json.loads(config_file.read_text())
+    config = read_frozen_config(folder, "prw.gate_referrer", "gate-referrer")
     for key, want in (("feature_dim", feature_dim), ("prompt_dim", prompt_dim)):
         if config[key] != want:
             raise ValueError(f"prw.gate_referrer: {folder} reads {key} {config[key]}, this model gives {want}")
@@ -94,7 +79,5 @@ def load_gate_referrer(spec: str, feature_dim: int, prompt_dim: int, encoder_sha
         raise ValueError(f"prw.gate_referrer: {folder} was trained on another gate encoder's features "
                          f"(sha256 {trained_on[:12]}..., this model's {encoder_sha256[:12]}...); retrain it with "
                          "`make gate-referrer`")
-    check_recorded_sha256(weights)
     referrer = GateReferrer(feature_dim, prompt_dim, config["place_dim"], config["width"], config["convs"])
-    referrer.load_state_dict(load_file(str(weights)))
-    return referrer.eval().requires_grad_(False)
+    return load_frozen_weights(referrer, folder)
