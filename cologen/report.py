@@ -26,6 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from cologen.ablation import steps_label
 from cologen.eval.results import (
     DETAIL_METRICS,
     HEADLINE_METRICS,
@@ -125,15 +126,15 @@ def ablation_table(path: Path) -> str:
     table = json.loads(path.read_text())
     cols = [(t, ms[0]) for t, ms in HEADLINE_METRICS.items()] + [("customized", "prompt_fidelity"),
                                                                   ("editing", "preservation")]
-    lines = ["| variant | seeds | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in cols) + " | min per run |",
-             "|---|---|" + "---|" * len(cols) + "---|"]
+    lines = ["| variant | seeds | steps | " + " | ".join(f"{t} {METRIC_LABELS[m]}" for t, m in cols) + " | min per run |",
+             "|---|---|---|" + "---|" * len(cols) + "---|"]
     for name, row in table.items():
         cells = []
         for t, m in cols:
             d = row["metrics"][f"{t}/{m}"]["final"]
             cells.append(Estimate(d["mean"], d["low"], d["high"], d["n"]).format(_digits(m)))
         minutes = f"{row['seconds'] / 60:.0f}" if row.get("seconds") is not None else ""  # none for a reference row
-        lines.append(f"| {name} | {row['seeds'] or ''} | " + " | ".join(cells) + f" | {minutes} |")
+        lines.append(f"| {name} | {row['seeds'] or ''} | {steps_label(row)} | " + " | ".join(cells) + f" | {minutes} |")
     return (f"From `{path}` (`make ablation`; the full table with every metric, the forgetting and routing "
             "ratios and the plot: docs/ablation.md).\n\n" + "\n".join(lines) + "\n")
 

@@ -14,7 +14,8 @@ import yaml
 
 from cologen import ablation
 from cologen import report as report_module
-from cologen.eval.results import HEADLINE_METRICS
+from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
+from cologen.eval.results import HEADLINE_METRICS, read_validations
 from cologen.model.config import PRWConfig
 from cologen.training.config import OptimConfig, VeteranConfig
 
@@ -104,12 +105,13 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     # the table, its numbers and the plot
     report = toy_ablation / "docs" / "ablation.md"
     text = report.read_text()
-    assert "| curriculum | 1 |" in text and "| cotrain | 1 |" in text and "do not edit by hand" in text
+    assert "| curriculum | 1 | 4 |" in text and "| cotrain | 1 | 4 |" in text and "do not edit by hand" in text
     assert "Not finished yet" in text and "curriculum (1 of 2 seeds)" in text  # a partial table says so
     table = json.loads(report.with_suffix(".json").read_text())
     cell = table["curriculum"]["metrics"]["inpainting/psnr_out"]
     assert cell["final"]["n"] == 3 and cell["oracle"]["n"] == 3 and cell["after_own_step"]["n"] == 3
     assert table["cotrain"]["metrics"]["grounding/hit@0.5"]["final"]["n"] == 3
+    assert table["curriculum"]["steps"] == table["cotrain"]["steps"] == [4]  # the optimizer steps its seeds trained
     assert set(table["curriculum"]["metrics"]) == {f"{t}/{m}" for t, ms in HEADLINE_METRICS.items() for m in ms}
     assert report.with_suffix(".png").stat().st_size > 0
 
@@ -119,7 +121,8 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert table["cotrain, snapshot"]["snapshot"] and table["cotrain, snapshot"]["seconds"] == 60.0
     assert table["cotrain, snapshot"]["metrics"]["grounding/box_iou"]["routing_ratio"] == 1.0  # its estimates' ratio
     assert table["base only"]["metrics"]["inpainting/psnr_out"]["final"]["mean"] == pytest.approx(0.25)
-    assert "| cotrain, snapshot | 1 | 0.50 ± 0.10 |" in text and "Rows named '..., snapshot'" in text
+    # a snapshot row's steps were not recorded
+    assert "| cotrain, snapshot | 1 |  | 0.50 ± 0.10 |" in text and "Rows named '..., snapshot'" in text
 
     # the reference rows: the base alone and the first variant with oracle routing (scores, no runtime)
     base = table["base only"]
@@ -128,7 +131,7 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert oracle["reference"] and oracle["seeds"] == 1
     assert oracle["metrics"]["grounding/box_iou"]["final"] == table["curriculum"]["metrics"]["grounding/box_iou"]["oracle"]
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert any(r.startswith("| base only |  | 0.25 ± 0.00 |") and r.endswith("|  |") for r in rows)
+    assert any(r.startswith("| base only |  |  | 0.25 ± 0.00 |") and r.endswith("|  |") for r in rows)
     ratios = text.split("Forgetting")[1].split("Variants:")[0]
     assert "| curriculum |" in ratios and "base only" not in ratios and "oracle routing |" not in ratios
     readme_rows = report_module.ablation_table(report.with_suffix(".json")).splitlines()
@@ -214,6 +217,14 @@ def _model_section(files: list[str], section: str) -> dict:
     return merged
 
 
+def _curriculum(files: list[str]) -> CurriculumSpec:
+    """curriculum.spec as the layered configs set it (a later file's steps replace an earlier one's)."""
+    merged: dict = {}
+    for f in files:
+        merged.update(yaml.safe_load((REPO / f).read_text()).get("curriculum", {}).get("spec", {}))
+    return CurriculumSpec(steps=[CurriculumStep(**s) for s in merged["steps"]], run_steps=None)
+
+
 def _optim(files: list[str]) -> OptimConfig:
     return OptimConfig(**_model_section(files, "optim"))
 
@@ -270,7 +281,7 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
                  for v in spec.variants}
     assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
     since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "no_grounding_gates",
-             "no_concat", "any_block_opens", "no_gate_referrer"}
+             "no_concat", "any_block_opens", "no_gate_referrer", "grounding_1000"}
     assert {isolation.pop(name) for name in since} == {"output"}
     assert set(isolation.values()) == {"none"}, isolation
 
@@ -285,6 +296,7 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     edit, ground = ["inpainting", "editing"], ["inpainting", "editing", "grounding"]
     for name, gated, prompt_tasks in (("curriculum", ground, ["editing", "grounding"]),
+                                      ("grounding_1000", ground, ["editing", "grounding"]),
                                       ("no_gate_referrer", ground, ["editing", "grounding"]),
                                       ("any_block_opens", ground, ["editing", "grounding"]),
                                       ("no_concat", ground, ["editing", "grounding"]),
@@ -305,9 +317,9 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
     curriculum = prw.pop("curriculum")
-    # no_gate_referrer, any_block_opens, no_concat and no_grounding_gates were recorded with it
-    for with_encoder in (curriculum, prw.pop("no_gate_referrer"), prw.pop("any_block_opens"), prw.pop("no_concat"),
-                         prw.pop("no_grounding_gates")):
+    # grounding_1000, no_gate_referrer, any_block_opens, no_concat and no_grounding_gates were recorded with it
+    for with_encoder in (curriculum, prw.pop("grounding_1000"), prw.pop("no_gate_referrer"),
+                         prw.pop("any_block_opens"), prw.pop("no_concat"), prw.pop("no_grounding_gates")):
         assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
     for section in (curriculum, *prw.values()):
@@ -326,7 +338,8 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     curriculum = veteran.pop("curriculum")
-    assert veteran.pop("no_gate_referrer") == curriculum  # the curriculum before its referrer
+    assert veteran.pop("grounding_1000") == curriculum  # the curriculum before grounding's 2,000 steps
+    assert veteran.pop("no_gate_referrer") == curriculum  # ... before its referrer
     assert veteran.pop("no_concat") == curriculum  # ... before its condition input
     assert veteran.pop("any_block_opens") == curriculum  # ... and before its majority rule
     assert curriculum["gate_tasks"] == ["inpainting", "editing", "grounding"]
@@ -355,10 +368,10 @@ def test_the_variants_recorded_before_the_condition_input_still_train_without_it
     concat = {v.name: _model_section(spec.configs + v.configs, "prw").get("concat_condition", False)
               for v in spec.variants}
     assert concat.pop("curriculum") is True and concat.pop("any_block_opens") is True
-    assert concat.pop("no_gate_referrer") is True
+    assert concat.pop("no_gate_referrer") is True and concat.pop("grounding_1000") is True
     assert set(concat.values()) == {False}, concat
-    assert all(v.configs[2] == "experiments/ablation/no_concat.yaml" for v in spec.variants
-               if v.name not in ("curriculum", "any_block_opens", "no_gate_referrer"))
+    assert all(v.configs[3] == "experiments/ablation/no_concat.yaml" for v in spec.variants
+               if v.name not in ("curriculum", "any_block_opens", "no_gate_referrer", "grounding_1000"))
     done = {p.parent.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert done["no_concat"]["variant"] == "no_concat"
@@ -370,10 +383,10 @@ def test_the_variants_recorded_before_the_majority_rule_still_train_with_any_blo
     records stay what it trains, and the curriculum's records before then are any_block_opens's."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     rule = {v.name: _model_section(spec.configs + v.configs, "prw").get("open_rule", "any") for v in spec.variants}
-    assert rule.pop("curriculum") == rule.pop("no_gate_referrer") == "majority"
+    assert rule.pop("curriculum") == rule.pop("no_gate_referrer") == rule.pop("grounding_1000") == "majority"
     assert set(rule.values()) == {"any"}, rule
-    assert all(v.configs[1] == "experiments/ablation/any_block_opens.yaml" for v in spec.variants
-               if v.name not in ("curriculum", "no_gate_referrer"))
+    assert all(v.configs[2] == "experiments/ablation/any_block_opens.yaml" for v in spec.variants
+               if v.name not in ("curriculum", "no_gate_referrer", "grounding_1000"))
     done = {p.parent.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert done["any_block_opens"]["variant"] == "any_block_opens"
@@ -386,11 +399,33 @@ def test_the_variants_recorded_before_the_referrer_still_train_without_it():
     stay what it trains, and the curriculum's records before then are no_gate_referrer's."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     referrer = {v.name: _model_section(spec.configs + v.configs, "prw").get("gate_referrer") for v in spec.variants}
-    assert referrer.pop("curriculum") == "builtin"
+    assert referrer.pop("curriculum") == referrer.pop("grounding_1000") == "builtin"
     assert set(referrer.values()) == {None}, referrer
-    assert all(v.configs[0] == "experiments/ablation/no_gate_referrer.yaml" for v in spec.variants
-               if v.name != "curriculum")
+    assert all(v.configs[1] == "experiments/ablation/no_gate_referrer.yaml" for v in spec.variants
+               if v.name not in ("curriculum", "grounding_1000"))
     done = {p.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs" / "no_gate_referrer").glob("seed*/done.json")}
     assert sorted(done) == ["seed0", "seed1", "seed2"]
     assert all(d["variant"] == "no_gate_referrer" and d["recorded_as"] == "curriculum" for d in done.values()), done
+
+
+def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their_3200():
+    """Grounding's curriculum step trains 2,000 optimizer steps since 2026-12-05 (evening; 4,200 in all, and the
+    co-training and no-pretraining baselines the same budget); every variant recorded before layers
+    grounding_1000.yaml first (and cotrain and no_pretrain their 3,200-step files last), so its records stay what it
+    trains, and the curriculum's records before then are grounding_1000's, at 3,200 steps."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    budget = {v.name: _curriculum(spec.configs + v.configs).total_steps() for v in spec.variants}
+    grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
+                 for v in spec.variants}
+    assert budget.pop("curriculum") == 4200 and grounding.pop("curriculum") == [2000]
+    assert set(budget.values()) == {3200}, budget
+    assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
+    assert set(map(tuple, grounding.values())) == {(1000,)}, grounding
+    assert all(v.configs[0] == "experiments/ablation/grounding_1000.yaml" for v in spec.variants
+               if v.name != "curriculum")
+    records = REPO / "docs" / "ablation_runs" / "grounding_1000"
+    done = {p.parent.name: json.loads(p.read_text()) for p in records.glob("seed*/done.json")}
+    assert sorted(done) == ["seed0", "seed1", "seed2"]
+    assert all(d["variant"] == "grounding_1000" and d["recorded_as"] == "curriculum" for d in done.values()), done
+    assert all(read_validations(p.parent)[-1].global_step == 3200 for p in records.glob("seed*/done.json"))

@@ -139,14 +139,14 @@ def test_report_rewrites_only_the_tables_asked_for(tmp_path):
     blocks = {name: f"<!-- results:{name} -->\nold {name} table\n<!-- /results:{name} -->" for name in report.TABLES}
     readme.write_text("# x\n\n" + "\n\n".join(blocks.values()) + "\n\nthe rest\n")
     est = {"mean": 0.5, "low": 0.4, "high": 0.6, "n": 64}
-    (tmp_path / "ablation.json").write_text(json.dumps({"curriculum": {"seeds": 2, "seconds": 600.0, "metrics": {
+    (tmp_path / "ablation.json").write_text(json.dumps({"curriculum": {"seeds": 2, "steps": [4200], "seconds": 600.0, "metrics": {
         f"{t}/{m}": {"final": est} for t, ms in HEADLINE_METRICS.items() for m in ms}}}))
     out = tmp_path / "docs" / "results.md"
     assert report.main(["--tables", "ablation", "--runs", str(tmp_path / "no_runs"), "--readme", str(readme),
                         "--ablation", str(tmp_path / "ablation.json"), "--out", str(out)]) == 0
     text = readme.read_text()
     assert "old curriculum table" in text and "old sweep table" in text and "old ablation table" not in text
-    assert "| curriculum | 2 | 0.5 ± 0.1 | 0.50 ± 0.10 |" in text and text.endswith("the rest\n")
+    assert "| curriculum | 2 | 4200 | 0.5 ± 0.1 | 0.50 ± 0.10 |" in text and text.endswith("the rest\n")
     assert not (tmp_path / "no_runs").exists() and not out.with_suffix(".json").exists()
     results = out.read_text()
     assert "old curriculum table" in results and "| curriculum | 2 |" in results and "old sweep table" in results
