@@ -4,7 +4,9 @@ Trains every variant of the ablation file with every seed (each run is one `colo
 validated with >= 64 probes per task after every curriculum step, with learned and oracle routing), then writes the
 table (`report`, markdown: mean ± 95% bootstrap interval per task metric, over probes and seeds, the optimizer steps
 the seeds trained and the runtime), its numbers as JSON and a plot. Resumable: a finished run is skipped, an
-interrupted one continues from its `last.ckpt`; rerunning only re-aggregates. `--report-only` skips training.
+interrupted one continues from its `last.ckpt`; rerunning only re-aggregates. `--report-only` skips training. A run
+finished from another tiny base than its variant loads now (the base was replaced) is set aside, kept as a row of
+its own, and the seed trained again.
 
 With `records`, every finished run also leaves a compact record there (its validations' metrics and per-probe scores,
 gzipped, and its runtime with the machine it ran on; ~100 KB), meant to be committed: the table is built from the
@@ -20,6 +22,8 @@ The ablation file:
     report: docs/ablation.md                       # also {stem}.json and {stem}.png
     base: runs/ablation/base_only                  # optional: the base alone, scored here when missing
     records: docs/ablation_runs                    # optional: each finished run's record: {records}/{variant}/seed{seed}
+                                                   # ({records}/{variant}/base-{sha256 prefix}/seed{seed}: a run
+                                                   # trained from another tiny base, set aside and kept)
     snapshot: docs/ablation_runs/snapshot.json     # optional: an earlier report's JSON, its rows shown marked
     variants:                                      # name -> configs layered on top, a description
       curriculum: {configs: [], description: ...}
@@ -118,6 +122,17 @@ class AblationSpec:
             return None
         return save_record(run, record) if record is not None else run
 
+    def set_aside_dir(self, root: str, variant: str, seed: int, base: str) -> Path:
+        """Where a finished run trained from another base than its variant's configs load now is kept (`root`: the
+        records or the run folders): {root}/{variant}/base-{sha256 prefix}/seed{seed}."""
+        return Path(root) / variant / f"base-{base_label(base)}" / f"seed{seed}"
+
+    def set_aside(self, variant: str, seed: int) -> list[Path]:
+        """The finished runs of (variant, seed) set aside by `set_aside_run` (records when the ablation keeps them,
+        else run folders), one per base they trained from."""
+        root = Path(self.records or self.out) / variant
+        return sorted(p.parent for p in root.glob(f"base-*/seed{seed}/{DONE}"))
+
 
 # --------------------------------------------------------------------------------------------------- bases
 def base_digest(base: str | None) -> str:
@@ -193,11 +208,33 @@ def run_command(spec: AblationSpec, variant: Variant, seed: int) -> list[str]:
     return cmd
 
 
+def set_aside_run(spec: AblationSpec, variant: str, seed: int, base: str) -> None:
+    """Move a finished run trained from `base` (its record and its run folder, checkpoints included) to its
+    base's folder beside the seeds, so the seed trains again from the base its configs load now while the run
+    stays in the table as a row of its own (a replaced tiny base: `make base-continue`, `make base-gpu`)."""
+    for root, folder in ((spec.records, spec.record_dir(variant, seed)), (spec.out, spec.run_dir(variant, seed))):
+        if root is None or folder is None or not (folder / DONE).is_file():
+            continue
+        target = spec.set_aside_dir(root, variant, seed, base)
+        if target.exists():
+            raise FileExistsError(f"{folder} trained from base {base_label(base)}, and {target} already holds a run "
+                                  "of that base: move one of them away")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder.rename(target)
+
+
 def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
-    """Train one (variant, seed) unless it is done; returns its done record (seconds, exit code)."""
+    """Train one (variant, seed) unless it is done from the base it trains from now; returns its done record
+    (seconds, exit code). A run finished from another base is set aside (kept) and the seed trained again."""
     finished = spec.finished(variant.name, seed)
     if finished is not None:
-        return json.loads((finished / DONE).read_text())
+        done = json.loads((finished / DONE).read_text())
+        trained_from, current = done.get("base", EARLIER_BASE), configured_base(spec, variant)
+        if trained_from == current:
+            return done
+        set_aside_run(spec, variant.name, seed, trained_from)
+        print(f"[ablation] {variant.name} seed {seed} trained from base {base_label(trained_from)}, not "
+              f"{base_label(current)}: kept under base-{base_label(trained_from)}/, training it again", flush=True)
     run_dir = spec.run_dir(variant.name, seed)
     done_file = run_dir / DONE
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,11 +270,11 @@ def aggregate(spec: AblationSpec) -> dict[str, Any]:
         current = configured_base(spec, v)
         by_base: dict[str, list[tuple[list[Validation], dict]]] = {}
         for seed in spec.seeds:
-            folder = spec.finished(v.name, seed)
-            validations = read_validations(folder) if folder is not None else []
-            if validations:
-                done = json.loads((folder / DONE).read_text())
-                by_base.setdefault(done.get("base", EARLIER_BASE), []).append((validations, done))
+            for folder in [spec.finished(v.name, seed), *spec.set_aside(v.name, seed)]:
+                validations = read_validations(folder) if folder is not None else []
+                if validations:
+                    done = json.loads((folder / DONE).read_text())
+                    by_base.setdefault(done.get("base", EARLIER_BASE), []).append((validations, done))
         for base in sorted(by_base, key=lambda b: b != current):
             name = v.name if base == current else f"{v.name}, base {base_label(base)}"
             table[name] = _aggregate_runs(v, by_base[base]) | ({} if base == current else {"base": base})

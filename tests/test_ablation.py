@@ -190,6 +190,34 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert ablation.main([config, "--seeds", "0", "--configs", "cotrain"]) == 0
     assert (run / "done.json").is_file()
 
+    # a run finished from another base than its variant loads now (the base was replaced) is set aside, record and
+    # run folder with its checkpoints, the seed trains again, and both stay in the table, each a row of its own
+    record, run = spec.record_dir("curriculum", 0), spec.run_dir("curriculum", 0)
+    shutil.copytree(spec.run_dir("cotrain", 0), run)  # the run folder removed above, now back with its checkpoint
+    old = {**json.loads((record / "done.json").read_text()), "base": "cd" * 32}
+    for folder in (record, run):
+        (folder / "done.json").write_text(json.dumps(old) + "\n")
+    trained = []
+
+    def retrain(cmd):
+        trained.append(cmd)
+        out = Path(cmd[cmd.index("--trainer.default_root_dir") + 1])
+        assert "--ckpt_path" not in cmd and not list(out.iterdir())  # a fresh start, not the old base's run resumed
+        shutil.copytree(spec.set_aside_dir(spec.out, "curriculum", 0, "cd" * 32) / "validation", out / "validation")
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", retrain)
+    assert ablation.main([config, "--seeds", "0", "--configs", "curriculum"]) == 0
+    assert len(trained) == 1
+    kept = spec.set_aside("curriculum", 0)
+    assert kept == [spec.set_aside_dir(spec.records, "curriculum", 0, "cd" * 32)]
+    assert json.loads((kept[0] / "done.json").read_text())["base"] == "cd" * 32
+    assert (spec.set_aside_dir(spec.out, "curriculum", 0, "cd" * 32) / "last.ckpt").is_file()
+    assert json.loads((record / "done.json").read_text())["base"] == "random"  # the seed's new record
+    rows = ablation.aggregate(spec)
+    assert rows["curriculum"]["seeds"] == 1 and rows["curriculum, base cdcdcdcd"]["seeds"] == 1
+    assert ablation.main([config, "--seeds", "0", "--configs", "curriculum"]) == 0 and len(trained) == 1  # done now
+
 
 def test_ablation_file_errors_name_the_problem(tmp_path):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"variants": {"x": {"configs": ["missing.yaml"]}}}))
