@@ -375,7 +375,8 @@ def markdown(table: dict[str, Any], spec: AblationSpec, command: str) -> str:
     pending = [f"{v.name} ({len(spec.seeds) - table.get(v.name, {}).get('seeds', 0)} of {len(spec.seeds)} seeds)"
                for v in spec.variants if table.get(v.name, {}).get("seeds", 0) < len(spec.seeds)]
     if pending:
-        lines += ["", "Not finished yet (`make ablation` trains them; finished runs are kept): "
+        lines += ["", "Seeds not yet trained from the base the variants load now (`make ablation` trains them; "
+                  "finished runs are kept, and those from another base stay rows of their own): "
                   + ", ".join(pending) + "."]
     return "\n".join(lines) + "\n"
 

@@ -106,7 +106,7 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     report = toy_ablation / "docs" / "ablation.md"
     text = report.read_text()
     assert "| curriculum | 1 | 4 |" in text and "| cotrain | 1 | 4 |" in text and "do not edit by hand" in text
-    assert "Not finished yet" in text and "curriculum (1 of 2 seeds)" in text  # a partial table says so
+    assert "Seeds not yet trained" in text and "curriculum (1 of 2 seeds)" in text  # a partial table says so
     table = json.loads(report.with_suffix(".json").read_text())
     cell = table["curriculum"]["metrics"]["inpainting/psnr_out"]
     assert cell["final"]["n"] == 3 and cell["oracle"]["n"] == 3 and cell["after_own_step"]["n"] == 3
