@@ -62,7 +62,8 @@ base: install
 	$(COLOGEN) fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/base.yaml $(ARGS)
 	$(PY) -m cologen.commands.save_base runs/tiny/base/last.ckpt cologen/assets/tiny_base
 
-# more pretraining for the committed base (10,000 steps from its weights; ~50-65 min on 2 AVX-512 cores)
+# more pretraining for the committed base (10,000 steps from its weights; ~50-65 min on 2 AVX-512 cores). The committed
+# base is make base followed by one make base-continue (its config.json's provenance says so).
 base-continue: install
 	$(PY) -m data_recipes.shapeworld --out data/shapeworld_base --train 20000 --val 64 --tasks inpainting --seed 1 --if-missing
 	$(COLOGEN) fit --config experiments/tiny/curriculum.yaml --config experiments/tiny/base.yaml --config experiments/tiny/base_continue.yaml $(ARGS)

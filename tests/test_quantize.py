@@ -6,9 +6,9 @@ capability >= 8.9 (`torch._scaled_mm`), so here the CPU test checks its error an
 Tolerances, measured with torchao 0.18 and torch 2.13 (int8 per output channel rounds each weight by at most
 absmax(row) / 254). Each bound was also measured against 4-bit per-row rounding (absmax(row) / 14), which fails it:
 - the worst quantized layer's output: 0.43% off (relative L2) on the tiny model; bound 1% (4 bits: 8%).
-- the prediction of the tiny preset's pretrained base (52 quantized layers): 0.36% off; bound 1.5% (4 bits: 7.1%).
+- the prediction of the tiny preset's pretrained base (52 quantized layers): 0.43% off; bound 1.5% (4 bits: 7.4%).
 - the newest expert's gradient: 0.8% off; bound 3% (4 bits: 13%).
-- the training loss over 4 steps on the same batches: at most 0.023% off per step; bound 0.3% (4 bits: 0.8%). The
+- the training loss over 4 steps on the same batches: at most 0.10% off per step; bound 0.3% (4 bits: 1.8%). The
   loss is mostly the noise no model predicts, so it is the least sensitive check; the issue's bound at FLUX scale
   is 2% over 50 steps.
 """
@@ -239,7 +239,7 @@ def test_the_pretrained_tiny_base_predicts_nearly_the_same():
     quantized, full = module("int8_weight_only").eval(), module(None).eval()
     inputs = full.prepare(batch(99, b=4), train=False, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        assert 0 < relative(quantized(inputs).sample, full(inputs).sample) < 0.015  # measured 0.36%
+        assert 0 < relative(quantized(inputs).sample, full(inputs).sample) < 0.015  # measured 0.43%
 
 
 def test_module_switch_quantizes_the_base_and_trains_like_the_unquantized_module():
@@ -254,7 +254,7 @@ def test_module_switch_quantizes_the_base_and_trains_like_the_unquantized_module
     assert not any(k.endswith(".attn.to_q.weight") for k in checkpoint["state_dict"])
 
     quantized, full = train_losses(m, 4), train_losses(module(None), 4)
-    # the same batches, noise and router draws: measured at most 0.023% apart per step
+    # the same batches, noise and router draws: measured at most 0.10% apart per step
     assert all(abs(q - f) / f < 0.003 for q, f in zip(quantized, full)), (quantized, full)
     assert quantized != full  # the base did change
     m.model.activate_next_expert()  # a curriculum step re-freezes the (quantized) base
