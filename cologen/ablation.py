@@ -163,6 +163,11 @@ def configured_base(spec: AblationSpec, variant: Variant) -> str:
     return base_digest(base)
 
 
+def trained_base(done: dict[str, Any]) -> str:
+    """The base a finished run's done.json says it trained from (EARLIER_BASE when it predates naming one)."""
+    return done.get("base", EARLIER_BASE)
+
+
 def base_label(digest: str) -> str:
     return digest[:8] if len(digest) == 64 else digest
 
@@ -229,7 +234,7 @@ def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
     finished = spec.finished(variant.name, seed)
     if finished is not None:
         done = json.loads((finished / DONE).read_text())
-        trained_from, current = done.get("base", EARLIER_BASE), configured_base(spec, variant)
+        trained_from, current = trained_base(done), configured_base(spec, variant)
         if trained_from == current:
             return done
         set_aside_run(spec, variant.name, seed, trained_from)
@@ -274,7 +279,7 @@ def aggregate(spec: AblationSpec) -> dict[str, Any]:
                 validations = read_validations(folder) if folder is not None else []
                 if validations:
                     done = json.loads((folder / DONE).read_text())
-                    by_base.setdefault(done.get("base", EARLIER_BASE), []).append((validations, done))
+                    by_base.setdefault(trained_base(done), []).append((validations, done))
         for base in sorted(by_base, key=lambda b: b != current):
             name = v.name if base == current else f"{v.name}, base {base_label(base)}"
             table[name] = _aggregate_runs(v, by_base[base]) | ({} if base == current else {"base": base})
