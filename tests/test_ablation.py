@@ -21,6 +21,9 @@ from cologen.training.config import OptimConfig, VeteranConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("inpainting", "grounding")
+# the shipped variants that change one thing on today's curriculum (the "recorded before" tests below find the
+# curriculum's settings in them); every other variant layers an earlier curriculum back
+ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -236,6 +239,47 @@ def test_the_shipped_ablation_file_has_the_asked_variants():
     assert len(spec.seeds) >= 3 and all(v.description for v in spec.variants)
 
 
+def _layered(files: list[str]) -> dict:
+    """The configs merged as LightningCLI's repeated `--config` does: mappings key by key, lists replaced."""
+    def merge(into: dict, update: dict) -> dict:
+        for key, value in update.items():
+            into[key] = merge(dict(into.get(key) or {}), value) if isinstance(value, dict) else value
+        return into
+
+    merged: dict = {}
+    for f in files:
+        merge(merged, yaml.safe_load((REPO / f).read_text()))
+    return merged
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key in set(a) | set(b):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys |= _differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculum():
+    """paper_routing and cotrain are today's curriculum with the paper's routing or one co-trained expert, on its
+    budget; the rows recorded on earlier curricula were relabelled (their records say under which name they ran)."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    files = {v.name: spec.configs + v.configs for v in spec.variants}
+    curriculum = _layered(files["curriculum"])
+    assert _differing_keys(curriculum, _layered(files["paper_routing"])) == {
+        "model.prw.router.prompt_input", "model.prw.router.normalize_input", "model.prw.router.weighting",
+        "model.veteran.task_weight", "model.veteran.teacher_forcing"}
+    assert _differing_keys(curriculum, _layered(files["cotrain"])) == {
+        "curriculum.spec.steps", "trainer.default_root_dir"}
+    assert _curriculum(files["cotrain"]).total_steps() == _curriculum(files["curriculum"]).total_steps()
+    for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain")):
+        done = [json.loads(p.read_text()) for p in (REPO / "docs" / "ablation_runs" / old).glob("**/done.json")]
+        assert len(done) >= 3 and all(d["variant"] == old and d["recorded_as"] == name for d in done), old
+
+
 def _model_section(files: list[str], section: str) -> dict:
     """model.<section> as the layered configs set it (later files override earlier ones key by key, as `--config`
     does)."""
@@ -295,7 +339,8 @@ def test_the_variants_recorded_on_the_earlier_curriculum_still_train_it():
     assert settings["curriculum"] == (True, "zero")
     assert settings["learned_routing"] == (False, "zero")
     assert settings["copied_experts"] == (True, "copy")
-    for name in ("learned_routing_copied_experts", "constant_lr", "keep_dropped_sources", "paper_routing",
+    assert settings["paper_routing"] == (False, "zero")  # today's curriculum, routed by the routers in training
+    for name in ("learned_routing_copied_experts", "constant_lr", "keep_dropped_sources", "paper_routing_1202",
                  "task_balance", "skip_dropped_sources", "cosine_steps", "change_weight4"):
         assert settings[name] == (False, "copy"), name
 
@@ -307,7 +352,8 @@ def test_the_variants_recorded_before_isolation_still_train_without_it():
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     isolation = {v.name: _model_section(spec.configs + v.configs, "prw").get("isolate_closed_tokens", "none")
                  for v in spec.variants}
-    assert isolation.pop("curriculum") == "output" and isolation.pop("isolate_source") == "source"
+    assert {isolation.pop(name) for name in ON_TODAYS_CURRICULUM} == {"output"}
+    assert isolation.pop("isolate_source") == "source"
     since = {"no_prompt_gates", "prompt_gates", "prompt_gates_weight_all", "no_gate_encoder", "no_grounding_gates",
              "no_concat", "any_block_opens", "no_gate_referrer", "grounding_1000"}
     assert {isolation.pop(name) for name in since} == {"output"}
@@ -323,7 +369,7 @@ def test_the_variants_recorded_before_editing_read_the_instruction_still_train_w
     prompt = {name: _model_section(f, "prw").get("gate_prompt", False) for name, f in files.items()}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     edit, ground = ["inpainting", "editing"], ["inpainting", "editing", "grounding"]
-    for name, gated, prompt_tasks in (("curriculum", ground, ["editing", "grounding"]),
+    for name, gated, prompt_tasks in (*((name, ground, ["editing", "grounding"]) for name in ON_TODAYS_CURRICULUM),
                                       ("grounding_1000", ground, ["editing", "grounding"]),
                                       ("no_gate_referrer", ground, ["editing", "grounding"]),
                                       ("any_block_opens", ground, ["editing", "grounding"]),
@@ -346,7 +392,7 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
     curriculum = prw.pop("curriculum")
     # grounding_1000, no_gate_referrer, any_block_opens, no_concat and no_grounding_gates were recorded with it
-    for with_encoder in (curriculum, prw.pop("grounding_1000"), prw.pop("no_gate_referrer"),
+    for with_encoder in (curriculum, prw.pop("paper_routing"), prw.pop("cotrain"), prw.pop("grounding_1000"), prw.pop("no_gate_referrer"),
                          prw.pop("any_block_opens"), prw.pop("no_concat"), prw.pop("no_grounding_gates")):
         assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
@@ -366,6 +412,9 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     curriculum = veteran.pop("curriculum")
+    assert veteran.pop("cotrain") == curriculum
+    assert {**veteran.pop("paper_routing"), "task_weight": None, "teacher_forcing": None} == {
+        **curriculum, "task_weight": None, "teacher_forcing": None}  # its routing alone differs
     assert veteran.pop("grounding_1000") == curriculum  # the curriculum before grounding's 2,000 steps
     assert veteran.pop("no_gate_referrer") == curriculum  # ... before its referrer
     assert veteran.pop("no_concat") == curriculum  # ... before its condition input
@@ -395,11 +444,11 @@ def test_the_variants_recorded_before_the_condition_input_still_train_without_it
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     concat = {v.name: _model_section(spec.configs + v.configs, "prw").get("concat_condition", False)
               for v in spec.variants}
-    assert concat.pop("curriculum") is True and concat.pop("any_block_opens") is True
+    assert all(concat.pop(name) is True for name in ON_TODAYS_CURRICULUM) and concat.pop("any_block_opens") is True
     assert concat.pop("no_gate_referrer") is True and concat.pop("grounding_1000") is True
     assert set(concat.values()) == {False}, concat
     assert all(v.configs[3] == "experiments/ablation/no_concat.yaml" for v in spec.variants
-               if v.name not in ("curriculum", "any_block_opens", "no_gate_referrer", "grounding_1000"))
+               if v.name not in (*ON_TODAYS_CURRICULUM, "any_block_opens", "no_gate_referrer", "grounding_1000"))
     done = {p.parent.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert done["no_concat"]["variant"] == "no_concat"
@@ -411,10 +460,10 @@ def test_the_variants_recorded_before_the_majority_rule_still_train_with_any_blo
     records stay what it trains, and the curriculum's records before then are any_block_opens's."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     rule = {v.name: _model_section(spec.configs + v.configs, "prw").get("open_rule", "any") for v in spec.variants}
-    assert rule.pop("curriculum") == rule.pop("no_gate_referrer") == rule.pop("grounding_1000") == "majority"
+    assert {rule.pop(name) for name in (*ON_TODAYS_CURRICULUM, "no_gate_referrer", "grounding_1000")} == {"majority"}
     assert set(rule.values()) == {"any"}, rule
     assert all(v.configs[2] == "experiments/ablation/any_block_opens.yaml" for v in spec.variants
-               if v.name not in ("curriculum", "no_gate_referrer", "grounding_1000"))
+               if v.name not in (*ON_TODAYS_CURRICULUM, "no_gate_referrer", "grounding_1000"))
     done = {p.parent.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs").glob("*/seed*/done.json")}
     assert done["any_block_opens"]["variant"] == "any_block_opens"
@@ -427,10 +476,10 @@ def test_the_variants_recorded_before_the_referrer_still_train_without_it():
     stay what it trains, and the curriculum's records before then are no_gate_referrer's."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     referrer = {v.name: _model_section(spec.configs + v.configs, "prw").get("gate_referrer") for v in spec.variants}
-    assert referrer.pop("curriculum") == referrer.pop("grounding_1000") == "builtin"
+    assert {referrer.pop(name) for name in (*ON_TODAYS_CURRICULUM, "grounding_1000")} == {"builtin"}
     assert set(referrer.values()) == {None}, referrer
     assert all(v.configs[1] == "experiments/ablation/no_gate_referrer.yaml" for v in spec.variants
-               if v.name not in ("curriculum", "grounding_1000"))
+               if v.name not in (*ON_TODAYS_CURRICULUM, "grounding_1000"))
     done = {p.parent.name: json.loads(p.read_text())
             for p in (REPO / "docs" / "ablation_runs" / "no_gate_referrer").glob("seed*/done.json")}
     assert sorted(done) == ["seed0", "seed1", "seed2"]
@@ -446,12 +495,13 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     budget = {v.name: _curriculum(spec.configs + v.configs).total_steps() for v in spec.variants}
     grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
                  for v in spec.variants}
-    assert budget.pop("curriculum") == 4200 and grounding.pop("curriculum") == [2000]
+    assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM} == {4200}
+    assert grounding.pop("curriculum") == grounding.pop("paper_routing") == [2000] and grounding.pop("cotrain") == []
     assert set(budget.values()) == {3200}, budget
-    assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
+    assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain") == []
     assert set(map(tuple, grounding.values())) == {(1000,)}, grounding
     assert all(v.configs[0] == "experiments/ablation/grounding_1000.yaml" for v in spec.variants
-               if v.name != "curriculum")
+               if v.name not in ON_TODAYS_CURRICULUM)
     records = REPO / "docs" / "ablation_runs" / "grounding_1000"
     done = {p.parent.name: json.loads(p.read_text()) for p in records.glob("seed*/done.json")}
     assert sorted(done) == ["seed0", "seed1", "seed2"]
