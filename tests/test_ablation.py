@@ -281,20 +281,14 @@ def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculu
 
 
 def _model_section(files: list[str], section: str) -> dict:
-    """model.<section> as the layered configs set it (later files override earlier ones key by key, as `--config`
-    does)."""
-    merged: dict = {}
-    for f in files:
-        merged.update(yaml.safe_load((REPO / f).read_text()).get("model", {}).get(section, {}))
-    return merged
+    """model.<section> as the layered configs set it."""
+    return _layered(files).get("model", {}).get(section, {})
 
 
 def _curriculum(files: list[str]) -> CurriculumSpec:
     """curriculum.spec as the layered configs set it (a later file's steps replace an earlier one's)."""
-    merged: dict = {}
-    for f in files:
-        merged.update(yaml.safe_load((REPO / f).read_text()).get("curriculum", {}).get("spec", {}))
-    return CurriculumSpec(steps=[CurriculumStep(**s) for s in merged["steps"]], run_steps=None)
+    spec = _layered(files)["curriculum"]["spec"]
+    return CurriculumSpec(steps=[CurriculumStep(**s) for s in spec["steps"]], run_steps=None)
 
 
 def _optim(files: list[str]) -> OptimConfig:
@@ -390,10 +384,10 @@ def test_the_variants_recorded_before_the_gate_encoder_still_train_without_it():
     layered prw section is a valid config."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     prw = {v.name: _model_section(spec.configs + v.configs, "prw") for v in spec.variants}
-    curriculum = prw.pop("curriculum")
+    curriculum = prw["curriculum"]
     # grounding_1000, no_gate_referrer, any_block_opens, no_concat and no_grounding_gates were recorded with it
-    for with_encoder in (curriculum, prw.pop("paper_routing"), prw.pop("cotrain"), prw.pop("grounding_1000"), prw.pop("no_gate_referrer"),
-                         prw.pop("any_block_opens"), prw.pop("no_concat"), prw.pop("no_grounding_gates")):
+    for with_encoder in [prw.pop(name) for name in (*ON_TODAYS_CURRICULUM, "grounding_1000", "no_gate_referrer",
+                                                     "any_block_opens", "no_concat", "no_grounding_gates")]:
         assert with_encoder["gate_image"] and with_encoder["gate_image_encoder"] == "builtin"
     assert all(not p["gate_image"] and p["gate_image_encoder"] is None for p in prw.values()), prw
     for section in (curriculum, *prw.values()):
