@@ -39,10 +39,20 @@ def test_tiny_curriculum_and_stages_cover_the_five_steps_once():
 
 @pytest.mark.parametrize("baseline", ["cotrain", "no_pretrain"])
 def test_ablation_baselines_have_the_curriculum_budget(baseline):
+    """Same budget, and each step ends on a validation (SampleValidation samples there and refuses a run that
+    would miss one: a 2,100-step split of 4,200 against validation every 200 steps failed at setup)."""
     full = load_spec("experiments/tiny/curriculum.yaml")
     spec = load_spec("experiments/tiny/curriculum.yaml", f"experiments/tiny/{baseline}.yaml")
     spec.validate(num_experts=5)
     assert spec.total_steps() == full.total_steps()
+    interval = yaml.safe_load((ROOT / "experiments/tiny/curriculum.yaml").read_text())["trainer"]["val_check_interval"]
+    assert [end % interval for end in spec.step_ends()] == [0] * len(spec.steps), spec.step_ends()
+
+
+def test_step_ends_count_the_selected_steps_from_the_run_start():
+    spec = CurriculumSpec([step(steps=400), step(steps=2000), step(steps=600)])
+    assert spec.step_ends() == [400, 2400, 3000]
+    assert CurriculumSpec(spec.steps, run_steps=[1, 2]).step_ends() == [2000, 2600]
 
 
 def step(**kw):

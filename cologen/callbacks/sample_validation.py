@@ -127,11 +127,7 @@ class SampleValidation(Callback):
         interval = trainer.val_check_interval
         if curriculum is None or not isinstance(interval, int):
             return
-        ends, total = [], 0
-        for i in curriculum.spec.selected():
-            total += curriculum.spec.steps[i].steps
-            ends.append(total)
-        missed = [e for e in ends if e % interval]
+        missed = [e for e in curriculum.spec.step_ends() if e % interval]
         if missed:
             raise ValueError(f"SampleValidation(scope='curriculum') samples at the end of each curriculum step, but "
                              f"steps {missed} of this run are not multiples of trainer.val_check_interval ({interval})")

@@ -7,6 +7,7 @@ shorter than the router's entry warm-up needs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 
 from cologen.data.tasks import TASKS
 from cologen.errors import UsageError
@@ -124,3 +125,7 @@ class CurriculumSpec:
 
     def total_steps(self) -> int:
         return sum(self.steps[i].steps for i in self.selected())
+
+    def step_ends(self) -> list[int]:
+        """The run's optimizer step at the end of each selected curriculum step (where a run samples and swaps)."""
+        return list(accumulate(self.steps[i].steps for i in self.selected()))
