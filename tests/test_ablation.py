@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 TASKS = ("inpainting", "grounding")
 # the shipped variants that change one thing on today's curriculum (the "recorded before" tests below find the
 # curriculum's settings in them); every other variant layers an earlier curriculum back
-ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain")
+ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -264,18 +264,24 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
 
 
 def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculum():
-    """paper_routing and cotrain are today's curriculum with the paper's routing or one co-trained expert, on its
-    budget; the rows recorded on earlier curricula were relabelled (their records say under which name they ran)."""
+    """The issue's named rows are today's curriculum with one change each (the paper's routing, one co-trained
+    expert, stage 3 alone, no veteran loss, no replay) on its budget; the rows recorded on earlier curricula were
+    relabelled (their records say under which name they ran)."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     curriculum = _layered(files["curriculum"])
     assert _differing_keys(curriculum, _layered(files["paper_routing"])) == {
         "model.prw.router.prompt_input", "model.prw.router.normalize_input", "model.prw.router.weighting",
         "model.veteran.task_weight", "model.veteran.teacher_forcing"}
-    assert _differing_keys(curriculum, _layered(files["cotrain"])) == {
-        "curriculum.spec.steps", "trainer.default_root_dir"}
-    assert _curriculum(files["cotrain"]).total_steps() == _curriculum(files["curriculum"]).total_steps()
-    for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain")):
+    for baseline in ("cotrain", "no_pretrain"):
+        assert _differing_keys(curriculum, _layered(files[baseline])) == {
+            "curriculum.spec.steps", "trainer.default_root_dir"}, baseline
+        assert _curriculum(files[baseline]).total_steps() == _curriculum(files["curriculum"]).total_steps()
+    assert [s.stage for s in _curriculum(files["no_pretrain"]).steps] == [3, 3]
+    assert _differing_keys(curriculum, _layered(files["alpha0"])) == {"curriculum.spec.veteran_alpha"}
+    assert _differing_keys(curriculum, _layered(files["no_replay"])) == {"curriculum.spec.replay"}
+    for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain"),
+                      ("no_pretrain_1203", "no_pretrain"), ("alpha0_1203", "alpha0"), ("no_replay_1203", "no_replay")):
         done = [json.loads(p.read_text()) for p in (REPO / "docs" / "ablation_runs" / old).glob("**/done.json")]
         assert len(done) >= 3 and all(d["variant"] == old and d["recorded_as"] == name for d in done), old
 
@@ -406,7 +412,8 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     curriculum = veteran.pop("curriculum")
-    assert veteran.pop("cotrain") == curriculum
+    assert veteran.pop("cotrain") == veteran.pop("no_pretrain") == curriculum
+    assert veteran.pop("alpha0") == veteran.pop("no_replay") == curriculum
     assert {**veteran.pop("paper_routing"), "task_weight": None, "teacher_forcing": None} == {
         **curriculum, "task_weight": None, "teacher_forcing": None}  # its routing alone differs
     assert veteran.pop("grounding_1000") == curriculum  # the curriculum before grounding's 2,000 steps
@@ -483,16 +490,17 @@ def test_the_variants_recorded_before_the_referrer_still_train_without_it():
 def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their_3200():
     """Grounding's curriculum step trains 2,000 optimizer steps since 2026-12-05 (evening; 4,200 in all, and the
     co-training and no-pretraining baselines the same budget); every variant recorded before layers
-    grounding_1000.yaml first (and cotrain and no_pretrain their 3,200-step files last), so its records stay what it
+    grounding_1000.yaml first (and cotrain_1203 and no_pretrain_1203 their 3,200-step files last), so its records stay what it
     trains, and the curriculum's records before then are grounding_1000's, at 3,200 steps."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     budget = {v.name: _curriculum(spec.configs + v.configs).total_steps() for v in spec.variants}
     grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
                  for v in spec.variants}
     assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM} == {4200}
-    assert grounding.pop("curriculum") == grounding.pop("paper_routing") == [2000] and grounding.pop("cotrain") == []
+    assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay")] == [[2000]] * 4
+    assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
-    assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain") == []
+    assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
     assert set(map(tuple, grounding.values())) == {(1000,)}, grounding
     assert all(v.configs[0] == "experiments/ablation/grounding_1000.yaml" for v in spec.variants
                if v.name not in ON_TODAYS_CURRICULUM)
