@@ -97,6 +97,23 @@ def test_every_n_val_and_validate_always_samples():
     assert cb._due(SimpleNamespace(sanity_checking=False, state=SimpleNamespace(fn=TrainerFn.VALIDATING)))
 
 
+def test_a_curriculum_whose_step_ends_miss_the_validation_grid_fails_at_setup():
+    """Samples are taken at each curriculum step's end, so a step that does not end on a validation is refused
+    before training (no_pretrain's 2,100-step halves of 4,200 against validation every 200 steps were)."""
+    from cologen.curriculum.callback import CurriculumCallback
+    from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
+
+    def trainer(*steps: int) -> SimpleNamespace:
+        spec = CurriculumSpec([CurriculumStep(name=f"s{i}", mixture={"customized": 1.0}, steps=n)
+                               for i, n in enumerate(steps)])
+        return SimpleNamespace(callbacks=[CurriculumCallback(spec)], val_check_interval=200)
+
+    sampling = SampleValidation(scope="curriculum")
+    sampling.setup(trainer(2000, 2200), None, "fit")  # both ends (2,000 and 4,200) on the grid
+    with pytest.raises(ValueError, match=r"steps \[2100\] of this run are not multiples of trainer.val_check_interval"):
+        sampling.setup(trainer(2100, 2100), None, "fit")
+
+
 def test_merged_dataloader_keys():
     merged = merge_task_keys({"val/loss/inpainting": 1.0, "val/loss/grounding": 3.0, "val/x/control": 5.0,
                               "val/x": 4.0, "train/loss_task/control": 2.0, "val/loss/notatask": 7.0})
