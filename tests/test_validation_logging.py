@@ -27,6 +27,8 @@ from cologen.callbacks.routing import (
     write_usage_tables,
 )
 from cologen.callbacks.summary import merge_task_keys
+from cologen.curriculum.callback import CurriculumCallback
+from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
 from cologen.data import MixtureDataModule
 from cologen.model.config import PRWConfig
 from cologen.model.presets import TinyPreset
@@ -100,9 +102,6 @@ def test_every_n_val_and_validate_always_samples():
 def test_a_curriculum_whose_step_ends_miss_the_validation_grid_fails_at_setup():
     """Samples are taken at each curriculum step's end, so a step that does not end on a validation is refused
     before training (no_pretrain's 2,100-step halves of 4,200 against validation every 200 steps were)."""
-    from cologen.curriculum.callback import CurriculumCallback
-    from cologen.curriculum.spec import CurriculumSpec, CurriculumStep
-
     def trainer(*steps: int) -> SimpleNamespace:
         spec = CurriculumSpec([CurriculumStep(name=f"s{i}", mixture={"customized": 1.0}, steps=n)
                                for i, n in enumerate(steps)])

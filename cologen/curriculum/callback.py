@@ -61,11 +61,9 @@ class CurriculumCallback(Callback):
     def mixture_schedule(self, accumulate: int = 1) -> list[tuple[int, dict[str, float]]]:
         """(first batch of this fit, mixture) per curriculum step of the run: the data switches at exactly the
         optimizer step where the callback switches experts."""
-        schedule, start = [], 0
-        for i in self.spec.selected():
-            schedule.append((start * accumulate, dict(self.spec.steps[i].mixture)))
-            start += self.spec.steps[i].steps
-        return schedule
+        starts = [0, *self.spec.step_ends()[:-1]]
+        return [(start * accumulate, dict(self.spec.steps[i].mixture))
+                for start, i in zip(starts, self.spec.selected(), strict=True)]
 
     def _enter(self, trainer: L.Trainer, module, index: int) -> None:
         """Start curriculum step `index`: the module activates its expert and applies its settings."""
@@ -138,7 +136,7 @@ class CurriculumCallback(Callback):
         if index == run[-1] and done >= self.spec.steps[index].steps:
             names = ", ".join(f"{i} {self.spec.steps[i].name}" for i in run)
             return (f"{checkpoint} has already finished this run (curriculum steps {names}; "
-                    f"{sum(self.spec.steps[i].steps for i in run)} optimizer steps): nothing to resume")
+                    f"{self.spec.total_steps()} optimizer steps): nothing to resume")
         return None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: Any, batch_idx: int) -> None:
