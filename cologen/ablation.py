@@ -4,7 +4,9 @@ Trains every variant of the ablation file with every seed (each run is one `colo
 validated with >= 64 probes per task after every curriculum step, with learned and oracle routing), then writes the
 table (`report`, markdown: mean ± 95% bootstrap interval per task metric, over probes and seeds, the optimizer steps
 the seeds trained and the runtime), its numbers as JSON and a plot. Resumable: a finished run is skipped, an
-interrupted one continues from its `last.ckpt`; rerunning only re-aggregates. `--report-only` skips training. A run
+interrupted one continues from its `last.ckpt`; rerunning only re-aggregates. `--report-only` skips training.
+Stopping the driver (Ctrl-C, `kill`) stops the training attempt with it and still adds the attempt's time to the
+run's runtime. A run
 finished from another tiny base than its variant loads now (the base was replaced) is set aside, kept as a row of
 its own, and the seed trained again.
 
@@ -36,9 +38,12 @@ import gzip
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +233,40 @@ def set_aside_run(spec: AblationSpec, variant: str, seed: int, base: str) -> Non
         folder.rename(target)
 
 
+@contextmanager
+def _terminate_raises():
+    """SIGTERM (`kill`, a scheduler's preemption) raises SystemExit here instead of ending the process on the spot,
+    so `finally` blocks run. Only the main thread may install signal handlers; elsewhere this changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _attempt(cmd: list[str]) -> int:
+    """Run one training attempt; when the driver is stopped (SIGTERM, Ctrl-C) the attempt is stopped with it."""
+    proc = subprocess.Popen(cmd)
+    try:
+        with _terminate_raises():
+            return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
     """Train one (variant, seed) unless it is done from the base it trains from now; returns its done record
     (seconds, exit code). A run finished from another base is set aside (kept) and the seed trained again."""
@@ -248,9 +287,11 @@ def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
     cmd = run_command(spec, variant, seed)
     print(f"[ablation] {variant.name} seed {seed}: {' '.join(cmd)}", flush=True)
     start = time.monotonic()
-    code = subprocess.call(cmd)
-    spent += time.monotonic() - start
-    timing.write_text(json.dumps({"seconds": spent}))
+    try:
+        code = _attempt(cmd)
+    finally:  # a stopped driver still counts the attempt's time; the next invocation resumes from last.ckpt
+        spent += time.monotonic() - start
+        timing.write_text(json.dumps({"seconds": spent}))
     record = {"variant": variant.name, "seed": seed, "seconds": round(spent, 1), "returncode": code,
               "machine": describe_machine(), "base": configured_base(spec, variant)}
     if code == 0:

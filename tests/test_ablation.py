@@ -222,6 +222,41 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     assert ablation.main([config, "--seeds", "0", "--configs", "curriculum"]) == 0 and len(trained) == 1  # done now
 
 
+def test_a_stopped_driver_stops_its_attempt_and_still_counts_its_time(tmp_path, monkeypatch):
+    """`kill` on the driver (SIGTERM) ends the training attempt with it and adds the attempt's seconds to the run's
+    running total, so a run stopped and resumed records its whole training time."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"variants": {"x": {}}, "out": str(tmp_path / "runs")}))
+    spec = ablation.AblationSpec.load(tmp_path / "a.yaml")
+    child_pid = tmp_path / "child.pid"
+    script = f"import os, time; open({str(child_pid)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    monkeypatch.setattr(ablation, "run_command", lambda spec, variant, seed: [sys.executable, "-c", script])
+    timing = spec.run_dir("x", 0) / "seconds.json"
+    timing.parent.mkdir(parents=True)
+    timing.write_text(json.dumps({"seconds": 100.0}))  # an earlier attempt's
+
+    def stop_when_training():
+        while not child_pid.is_file() or not child_pid.read_text():
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_training, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        ablation.run_one(spec, spec.variants[0], 0)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert 100.5 <= json.loads(timing.read_text())["seconds"] < 160  # this attempt's time added, not lost
+    assert not (spec.run_dir("x", 0) / "done.json").exists()  # unfinished: the next invocation resumes it
+    with pytest.raises(ProcessLookupError):  # the attempt was stopped with its driver
+        os.kill(int(child_pid.read_text()), 0)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the driver's only while it trains
+
+
 def test_ablation_file_errors_name_the_problem(tmp_path):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"variants": {"x": {"configs": ["missing.yaml"]}}}))
     assert ablation.main([str(tmp_path / "a.yaml")]) == 2
