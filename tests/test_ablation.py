@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 TASKS = ("inpainting", "grounding")
 # the shipped variants that change one thing on today's curriculum (the "recorded before" tests below find the
 # curriculum's settings in them); every other variant layers an earlier curriculum back
-ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay")
+ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
+                        "grounding_replay10")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -315,6 +316,13 @@ def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculu
     assert [s.stage for s in _curriculum(files["no_pretrain"]).steps] == [3, 3]
     assert _differing_keys(curriculum, _layered(files["alpha0"])) == {"curriculum.spec.veteran_alpha"}
     assert _differing_keys(curriculum, _layered(files["no_replay"])) == {"curriculum.spec.replay"}
+    # grounding_replay10: grounding's step alone replays less (its mixture and rho); every other step is the curriculum's
+    replay10, today = _curriculum(files["grounding_replay10"]).steps, _curriculum(files["curriculum"]).steps
+    assert _differing_keys(curriculum, _layered(files["grounding_replay10"])) == {"curriculum.spec.steps"}
+    assert [s for s in replay10 if s.name != "grounding"] == [s for s in today if s.name != "grounding"]
+    grounding = next(s for s in replay10 if s.name == "grounding")
+    assert grounding.mixture == {"grounding": 0.9, "inpainting": 0.1} and grounding.rho == 0.9
+    assert grounding.steps == next(s for s in today if s.name == "grounding").steps
     for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain"),
                       ("no_pretrain_1203", "no_pretrain"), ("alpha0_1203", "alpha0"), ("no_replay_1203", "no_replay")):
         done = [json.loads(p.read_text()) for p in (REPO / "docs" / "ablation_runs" / old).glob("**/done.json")]
@@ -448,7 +456,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     curriculum = veteran.pop("curriculum")
     assert veteran.pop("cotrain") == veteran.pop("no_pretrain") == curriculum
-    assert veteran.pop("alpha0") == veteran.pop("no_replay") == curriculum
+    assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay10") == curriculum
     assert {**veteran.pop("paper_routing"), "task_weight": None, "teacher_forcing": None} == {
         **curriculum, "task_weight": None, "teacher_forcing": None}  # its routing alone differs
     assert veteran.pop("grounding_1000") == curriculum  # the curriculum before grounding's 2,000 steps
@@ -532,7 +540,8 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
                  for v in spec.variants}
     assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM} == {4200}
-    assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay")] == [[2000]] * 4
+    assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay10")
+            ] == [[2000]] * 5
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
     assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
