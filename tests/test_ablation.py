@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -177,7 +176,7 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError(f"a finished run was started again: {args}")
 
-    monkeypatch.setattr(subprocess, "call", no_training)
+    monkeypatch.setattr(ablation, "_attempt", no_training)
     assert ablation.main([config, "--seeds", "0"]) == 0
     assert json.loads(report.with_suffix(".json").read_text()) == table
     monkeypatch.undo()
@@ -210,7 +209,7 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
         shutil.copytree(spec.set_aside_dir(spec.out, "curriculum", 0, "cd" * 32) / "validation", out / "validation")
         return 0
 
-    monkeypatch.setattr(subprocess, "call", retrain)
+    monkeypatch.setattr(ablation, "_attempt", retrain)
     assert ablation.main([config, "--seeds", "0", "--configs", "curriculum"]) == 0
     assert len(trained) == 1
     kept = spec.set_aside("curriculum", 0)
