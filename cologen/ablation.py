@@ -251,22 +251,6 @@ def _terminate_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _attempt(cmd: list[str]) -> int:
-    """Run one training attempt; when the driver is stopped (SIGTERM, Ctrl-C) the attempt is stopped with it."""
-    proc = subprocess.Popen(cmd)
-    try:
-        with _terminate_raises():
-            return proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
     """Train one (variant, seed) unless it is done from the base it trains from now; returns its done record
     (seconds, exit code). A run finished from another base is set aside (kept) and the seed trained again."""
@@ -288,7 +272,8 @@ def run_one(spec: AblationSpec, variant: Variant, seed: int) -> dict[str, Any]:
     print(f"[ablation] {variant.name} seed {seed}: {' '.join(cmd)}", flush=True)
     start = time.monotonic()
     try:
-        code = _attempt(cmd)
+        with _terminate_raises():
+            code = subprocess.call(cmd)  # which kills the attempt on any exception, a stopped driver's included
     finally:  # a stopped driver still counts the attempt's time; the next invocation resumes from last.ckpt
         spent += time.monotonic() - start
         timing.write_text(json.dumps({"seconds": spent}))

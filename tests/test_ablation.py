@@ -5,7 +5,13 @@ runs into the README's tables."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -176,7 +182,7 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError(f"a finished run was started again: {args}")
 
-    monkeypatch.setattr(ablation, "_attempt", no_training)
+    monkeypatch.setattr(subprocess, "call", no_training)
     assert ablation.main([config, "--seeds", "0"]) == 0
     assert json.loads(report.with_suffix(".json").read_text()) == table
     monkeypatch.undo()
@@ -209,7 +215,7 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
         shutil.copytree(spec.set_aside_dir(spec.out, "curriculum", 0, "cd" * 32) / "validation", out / "validation")
         return 0
 
-    monkeypatch.setattr(ablation, "_attempt", retrain)
+    monkeypatch.setattr(subprocess, "call", retrain)
     assert ablation.main([config, "--seeds", "0", "--configs", "curriculum"]) == 0
     assert len(trained) == 1
     kept = spec.set_aside("curriculum", 0)
@@ -225,12 +231,6 @@ def test_ablation_trains_skips_resumes_and_reports(toy_ablation, monkeypatch):
 def test_a_stopped_driver_stops_its_attempt_and_still_counts_its_time(tmp_path, monkeypatch):
     """`kill` on the driver (SIGTERM) ends the training attempt with it and adds the attempt's seconds to the run's
     running total, so a run stopped and resumed records its whole training time."""
-    import os
-    import signal
-    import sys
-    import threading
-    import time
-
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"variants": {"x": {}}, "out": str(tmp_path / "runs")}))
     spec = ablation.AblationSpec.load(tmp_path / "a.yaml")
     child_pid = tmp_path / "child.pid"
