@@ -26,10 +26,11 @@ from cologen.training.config import OptimConfig, VeteranConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("inpainting", "grounding")
-# the shipped variants that change one thing on today's curriculum (the "recorded before" tests below find the
-# curriculum's settings in them); every other variant layers an earlier curriculum back
+# the shipped variants that change one thing on today's curriculum or on grounding_replay25 (the curriculum until
+# 2026-12-06, whose steps differ only in grounding's replay share), so the "recorded before" tests below find the
+# curriculum's model settings in them; every other variant layers an earlier curriculum back
 ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
-                        "grounding_replay10")
+                        "grounding_replay25")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -299,13 +300,14 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
 
 
 def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculum():
-    """The issue's named rows are today's curriculum with one change each (the paper's routing, one co-trained
-    expert, stage 3 alone, no veteran loss, no replay) on its budget; the rows recorded on earlier curricula were
+    """The issue's named rows are today's curriculum with one change each (one co-trained expert, stage 3 alone), or
+    the curriculum until 2026-12-06 (grounding_replay25: grounding's step replays a quarter) with one change each (the
+    paper's routing, no veteran loss, no replay), on its budget; the rows recorded on earlier curricula were
     relabelled (their records say under which name they ran)."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     files = {v.name: spec.configs + v.configs for v in spec.variants}
-    curriculum = _layered(files["curriculum"])
-    assert _differing_keys(curriculum, _layered(files["paper_routing"])) == {
+    curriculum, quarter = _layered(files["curriculum"]), _layered(files["grounding_replay25"])
+    assert _differing_keys(quarter, _layered(files["paper_routing"])) == {
         "model.prw.router.prompt_input", "model.prw.router.normalize_input", "model.prw.router.weighting",
         "model.veteran.task_weight", "model.veteran.teacher_forcing"}
     for baseline in ("cotrain", "no_pretrain"):
@@ -313,15 +315,8 @@ def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculu
             "curriculum.spec.steps", "trainer.default_root_dir"}, baseline
         assert _curriculum(files[baseline]).total_steps() == _curriculum(files["curriculum"]).total_steps()
     assert [s.stage for s in _curriculum(files["no_pretrain"]).steps] == [3, 3]
-    assert _differing_keys(curriculum, _layered(files["alpha0"])) == {"curriculum.spec.veteran_alpha"}
-    assert _differing_keys(curriculum, _layered(files["no_replay"])) == {"curriculum.spec.replay"}
-    # grounding_replay10: grounding's step alone replays less (its mixture and rho); every other step is the curriculum's
-    replay10, today = _curriculum(files["grounding_replay10"]).steps, _curriculum(files["curriculum"]).steps
-    assert _differing_keys(curriculum, _layered(files["grounding_replay10"])) == {"curriculum.spec.steps"}
-    assert [s for s in replay10 if s.name != "grounding"] == [s for s in today if s.name != "grounding"]
-    grounding = next(s for s in replay10 if s.name == "grounding")
-    assert grounding.mixture == {"grounding": 0.9, "inpainting": 0.1} and grounding.rho == 0.9
-    assert grounding.steps == next(s for s in today if s.name == "grounding").steps
+    assert _differing_keys(quarter, _layered(files["alpha0"])) == {"curriculum.spec.veteran_alpha"}
+    assert _differing_keys(quarter, _layered(files["no_replay"])) == {"curriculum.spec.replay"}
     for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain"),
                       ("no_pretrain_1203", "no_pretrain"), ("alpha0_1203", "alpha0"), ("no_replay_1203", "no_replay")):
         done = [json.loads(p.read_text()) for p in (REPO / "docs" / "ablation_runs" / old).glob("**/done.json")]
@@ -455,7 +450,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     veteran = {name: _model_section(f, "veteran") for name, f in files.items()}
     curriculum = veteran.pop("curriculum")
     assert veteran.pop("cotrain") == veteran.pop("no_pretrain") == curriculum
-    assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay10") == curriculum
+    assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay25") == curriculum
     assert {**veteran.pop("paper_routing"), "task_weight": None, "teacher_forcing": None} == {
         **curriculum, "task_weight": None, "teacher_forcing": None}  # its routing alone differs
     assert veteran.pop("grounding_1000") == curriculum  # the curriculum before grounding's 2,000 steps
@@ -539,7 +534,7 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
                  for v in spec.variants}
     assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM} == {4200}
-    assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay10")
+    assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25")
             ] == [[2000]] * 5
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
@@ -552,3 +547,28 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     assert sorted(done) == ["seed0", "seed1", "seed2"]
     assert all(d["variant"] == "grounding_1000" and d["recorded_as"] == "curriculum" for d in done.values()), done
     assert all(read_validations(p.parent)[-1].global_step == 3200 for p in records.glob("seed*/done.json"))
+
+
+def test_the_variants_recorded_before_grounding_replayed_a_tenth_still_replay_a_quarter():
+    """Grounding's curriculum step replays a tenth of inpainting since 2026-12-06 (mixture 0.9 / 0.1, rho 0.9); every
+    variant recorded on today's settings before then layers grounding_replay25.yaml first (its steps differ from the
+    curriculum's in grounding's mixture and rho alone), so its records stay what it trains; the curriculum's records
+    before then are grounding_replay25's, and the curriculum's are the ones recorded as grounding_replay10."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    files = {v.name: spec.configs + v.configs for v in spec.variants}
+    today, quarter = _curriculum(files["curriculum"]).steps, _curriculum(files["grounding_replay25"]).steps
+    assert _differing_keys(_layered(files["curriculum"]), _layered(files["grounding_replay25"])) == {
+        "curriculum.spec.steps"}
+    assert [s for s in quarter if s.name != "grounding"] == [s for s in today if s.name != "grounding"]
+    (tenth,), (quarter_step,) = ([s for s in steps if s.name == "grounding"] for steps in (today, quarter))
+    assert (tenth.mixture, tenth.rho) == ({"grounding": 0.9, "inpainting": 0.1}, 0.9)
+    assert (quarter_step.mixture, quarter_step.rho) == ({"grounding": 0.75, "inpainting": 0.25}, 0.75)
+    assert tenth.steps == quarter_step.steps == 2000
+    layers_quarter = {v.name for v in spec.variants if v.configs[:1] == ["experiments/ablation/grounding_replay25.yaml"]}
+    assert layers_quarter == {"grounding_replay25", "paper_routing", "alpha0", "no_replay"}
+    records = REPO / "docs" / "ablation_runs"
+    for variant, recorded_as in (("curriculum", "grounding_replay10"), ("grounding_replay25", "curriculum")):
+        done = {p.parent.name: json.loads(p.read_text()) for p in (records / variant).glob("seed*/done.json")}
+        assert sorted(done) == ["seed0", "seed1", "seed2"], variant
+        assert all(d["variant"] == variant and d["recorded_as"] == recorded_as for d in done.values()), done
+    assert not (records / "grounding_replay10").exists()
