@@ -30,7 +30,7 @@ TASKS = ("inpainting", "grounding")
 # 2026-12-06, whose steps differ only in grounding's replay share), so the "recorded before" tests below find the
 # curriculum's model settings in them; every other variant layers an earlier curriculum back
 ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
-                        "grounding_replay25")
+                        "grounding_replay25", "replay10")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -451,6 +451,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     curriculum = veteran.pop("curriculum")
     assert veteran.pop("cotrain") == veteran.pop("no_pretrain") == curriculum
     assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay25") == curriculum
+    assert veteran.pop("replay10") == curriculum
     assert {**veteran.pop("paper_routing"), "task_weight": None, "teacher_forcing": None} == {
         **curriculum, "task_weight": None, "teacher_forcing": None}  # its routing alone differs
     assert veteran.pop("grounding_1000") == curriculum  # the curriculum before grounding's 2,000 steps
@@ -534,8 +535,8 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
                  for v in spec.variants}
     assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM} == {4200}
-    assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25")
-            ] == [[2000]] * 5
+    assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25",
+                                             "replay10")] == [[2000]] * 6
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
     assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
@@ -572,3 +573,20 @@ def test_the_variants_recorded_before_grounding_replayed_a_tenth_still_replay_a_
         assert sorted(done) == ["seed0", "seed1", "seed2"], variant
         assert all(d["variant"] == variant and d["recorded_as"] == recorded_as for d in done.values()), done
     assert not (records / "grounding_replay10").exists()
+
+
+def test_replay10_gives_every_later_step_a_tenth_of_replay_and_changes_nothing_else():
+    """replay10: the steps after grounding's replay a tenth too (the new task 0.9, rho 0.9), split between the same
+    earlier tasks as the curriculum's; names, lengths, learning rates and veteran weights as the curriculum's."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    files = {v.name: spec.configs + v.configs for v in spec.variants}
+    assert _differing_keys(_layered(files["curriculum"]), _layered(files["replay10"])) == {"curriculum.spec.steps"}
+    today, tenth = _curriculum(files["curriculum"]).steps, _curriculum(files["replay10"]).steps
+    assert tenth[:2] == today[:2]
+    for ours, theirs in zip(tenth[2:], today[2:], strict=True):
+        assert (ours.name, ours.steps, ours.lr, ours.alpha) == (theirs.name, theirs.steps, theirs.lr, theirs.alpha)
+        assert ours.mixture[ours.name] == ours.rho == 0.9 and set(ours.mixture) == set(theirs.mixture)
+        assert sum(ours.mixture.values()) == pytest.approx(1.0)
+        replayed = [w for task, w in ours.mixture.items() if task != ours.name]
+        assert max(replayed) - min(replayed) < 1e-3  # split evenly
+    assert _curriculum(files["replay10"]).task_experts(4) == _curriculum(files["curriculum"]).task_experts(4)
