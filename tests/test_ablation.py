@@ -30,7 +30,7 @@ TASKS = ("inpainting", "grounding")
 # 2026-12-06, whose steps differ only in grounding's replay share), so the "recorded before" tests below find the
 # curriculum's model settings in them; every other variant layers an earlier curriculum back
 ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
-                        "grounding_replay25", "replay10")
+                        "grounding_replay25", "alpha0_replay25", "no_replay_replay25", "replay10")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -300,9 +300,9 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
 
 
 def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculum():
-    """The issue's named rows are today's curriculum with one change each (one co-trained expert, stage 3 alone), or
-    the curriculum until 2026-12-06 (grounding_replay25: grounding's step replays a quarter) with one change each (the
-    paper's routing, no veteran loss, no replay), on its budget; the rows recorded on earlier curricula were
+    """The issue's named rows are today's curriculum with one change each (one co-trained expert, stage 3 alone, no
+    veteran loss, no replay), or the curriculum until 2026-12-06 (grounding_replay25: grounding's step replays a
+    quarter) with one change (the paper's routing), on its budget; the rows recorded on earlier curricula were
     relabelled (their records say under which name they ran)."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     files = {v.name: spec.configs + v.configs for v in spec.variants}
@@ -315,10 +315,12 @@ def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculu
             "curriculum.spec.steps", "trainer.default_root_dir"}, baseline
         assert _curriculum(files[baseline]).total_steps() == _curriculum(files["curriculum"]).total_steps()
     assert [s.stage for s in _curriculum(files["no_pretrain"]).steps] == [3, 3]
-    assert _differing_keys(quarter, _layered(files["alpha0"])) == {"curriculum.spec.veteran_alpha"}
-    assert _differing_keys(quarter, _layered(files["no_replay"])) == {"curriculum.spec.replay"}
+    for name, key in (("alpha0", "curriculum.spec.veteran_alpha"), ("no_replay", "curriculum.spec.replay")):
+        assert _differing_keys(curriculum, _layered(files[name])) == {key}
+        assert _differing_keys(quarter, _layered(files[f"{name}_replay25"])) == {key}
     for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain"),
-                      ("no_pretrain_1203", "no_pretrain"), ("alpha0_1203", "alpha0"), ("no_replay_1203", "no_replay")):
+                      ("no_pretrain_1203", "no_pretrain"), ("alpha0_1203", "alpha0"), ("no_replay_1203", "no_replay"),
+                      ("alpha0_replay25", "alpha0"), ("no_replay_replay25", "no_replay")):
         done = [json.loads(p.read_text()) for p in (REPO / "docs" / "ablation_runs" / old).glob("**/done.json")]
         assert len(done) >= 3 and all(d["variant"] == old and d["recorded_as"] == name for d in done), old
 
@@ -451,6 +453,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     curriculum = veteran.pop("curriculum")
     assert veteran.pop("cotrain") == veteran.pop("no_pretrain") == curriculum
     assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay25") == curriculum
+    assert veteran.pop("alpha0_replay25") == veteran.pop("no_replay_replay25") == curriculum
     assert veteran.pop("replay10") == curriculum
     assert {**veteran.pop("paper_routing"), "task_weight": None, "teacher_forcing": None} == {
         **curriculum, "task_weight": None, "teacher_forcing": None}  # its routing alone differs
@@ -536,7 +539,7 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
                  for v in spec.variants}
     assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM} == {4200}
     assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25",
-                                             "replay10")] == [[2000]] * 6
+                                             "alpha0_replay25", "no_replay_replay25", "replay10")] == [[2000]] * 8
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
     assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
@@ -566,7 +569,7 @@ def test_the_variants_recorded_before_grounding_replayed_a_tenth_still_replay_a_
     assert (quarter_step.mixture, quarter_step.rho) == ({"grounding": 0.75, "inpainting": 0.25}, 0.75)
     assert tenth.steps == quarter_step.steps == 2000
     layers_quarter = {v.name for v in spec.variants if v.configs[:1] == ["experiments/ablation/grounding_replay25.yaml"]}
-    assert layers_quarter == {"grounding_replay25", "paper_routing", "alpha0", "no_replay"}
+    assert layers_quarter == {"grounding_replay25", "paper_routing", "alpha0_replay25", "no_replay_replay25"}
     records = REPO / "docs" / "ablation_runs"
     for variant, recorded_as in (("curriculum", "grounding_replay10"), ("grounding_replay25", "curriculum")):
         done = {p.parent.name: json.loads(p.read_text()) for p in (records / variant).glob("seed*/done.json")}
