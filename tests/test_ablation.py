@@ -30,7 +30,8 @@ TASKS = ("inpainting", "grounding")
 # 2026-12-06, whose steps differ only in grounding's replay share), so the "recorded before" tests below find the
 # curriculum's model settings in them; every other variant layers an earlier curriculum back
 ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
-                        "grounding_replay25", "alpha0_replay25", "no_replay_replay25", "replay10")
+                        "grounding_replay25", "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
+                        "replay10")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -300,16 +301,17 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
 
 
 def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculum():
-    """The issue's named rows are today's curriculum with one change each (one co-trained expert, stage 3 alone, no
-    veteran loss, no replay), or the curriculum until 2026-12-06 (grounding_replay25: grounding's step replays a
-    quarter) with one change (the paper's routing), on its budget; the rows recorded on earlier curricula were
-    relabelled (their records say under which name they ran)."""
+    """The issue's named rows are today's curriculum with one change each (the paper's routing, one co-trained
+    expert, stage 3 alone, no veteran loss, no replay), on its budget; the `_replay25` rows are the same changes to the
+    curriculum until 2026-12-06 (grounding_replay25: grounding's step replays a quarter), and the rows recorded on
+    earlier curricula were relabelled (their records say under which name they ran)."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     files = {v.name: spec.configs + v.configs for v in spec.variants}
     curriculum, quarter = _layered(files["curriculum"]), _layered(files["grounding_replay25"])
-    assert _differing_keys(quarter, _layered(files["paper_routing"])) == {
-        "model.prw.router.prompt_input", "model.prw.router.normalize_input", "model.prw.router.weighting",
-        "model.veteran.task_weight", "model.veteran.teacher_forcing"}
+    papers_routing = {"model.prw.router.prompt_input", "model.prw.router.normalize_input", "model.prw.router.weighting",
+                      "model.veteran.task_weight", "model.veteran.teacher_forcing"}
+    assert _differing_keys(curriculum, _layered(files["paper_routing"])) == papers_routing
+    assert _differing_keys(quarter, _layered(files["paper_routing_replay25"])) == papers_routing
     for baseline in ("cotrain", "no_pretrain"):
         assert _differing_keys(curriculum, _layered(files[baseline])) == {
             "curriculum.spec.steps", "trainer.default_root_dir"}, baseline
@@ -320,7 +322,8 @@ def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculu
         assert _differing_keys(quarter, _layered(files[f"{name}_replay25"])) == {key}
     for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain"),
                       ("no_pretrain_1203", "no_pretrain"), ("alpha0_1203", "alpha0"), ("no_replay_1203", "no_replay"),
-                      ("alpha0_replay25", "alpha0"), ("no_replay_replay25", "no_replay")):
+                      ("paper_routing_replay25", "paper_routing"), ("alpha0_replay25", "alpha0"),
+                      ("no_replay_replay25", "no_replay")):
         done = [json.loads(p.read_text()) for p in (REPO / "docs" / "ablation_runs" / old).glob("**/done.json")]
         assert len(done) >= 3 and all(d["variant"] == old and d["recorded_as"] == name for d in done), old
 
@@ -378,7 +381,8 @@ def test_the_variants_recorded_on_the_earlier_curriculum_still_train_it():
     assert settings["curriculum"] == (True, "zero")
     assert settings["learned_routing"] == (False, "zero")
     assert settings["copied_experts"] == (True, "copy")
-    assert settings["paper_routing"] == (False, "zero")  # today's curriculum, routed by the routers in training
+    for name in ("paper_routing", "paper_routing_replay25"):  # routed by the routers in training, zero-init experts
+        assert settings[name] == (False, "zero"), name
     for name in ("learned_routing_copied_experts", "constant_lr", "keep_dropped_sources", "paper_routing_1202",
                  "task_balance", "skip_dropped_sources", "cosine_steps", "change_weight4"):
         assert settings[name] == (False, "copy"), name
@@ -455,8 +459,9 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay25") == curriculum
     assert veteran.pop("alpha0_replay25") == veteran.pop("no_replay_replay25") == curriculum
     assert veteran.pop("replay10") == curriculum
-    assert {**veteran.pop("paper_routing"), "task_weight": None, "teacher_forcing": None} == {
-        **curriculum, "task_weight": None, "teacher_forcing": None}  # its routing alone differs
+    for name in ("paper_routing", "paper_routing_replay25"):
+        assert {**veteran.pop(name), "task_weight": None, "teacher_forcing": None} == {
+            **curriculum, "task_weight": None, "teacher_forcing": None}, name  # its routing alone differs
     assert veteran.pop("grounding_1000") == curriculum  # the curriculum before grounding's 2,000 steps
     assert veteran.pop("no_gate_referrer") == curriculum  # ... before its referrer
     assert veteran.pop("no_concat") == curriculum  # ... before its condition input
@@ -539,7 +544,8 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
                  for v in spec.variants}
     assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM} == {4200}
     assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25",
-                                             "alpha0_replay25", "no_replay_replay25", "replay10")] == [[2000]] * 8
+                                             "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
+                                             "replay10")] == [[2000]] * 9
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
     assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
@@ -569,7 +575,7 @@ def test_the_variants_recorded_before_grounding_replayed_a_tenth_still_replay_a_
     assert (quarter_step.mixture, quarter_step.rho) == ({"grounding": 0.75, "inpainting": 0.25}, 0.75)
     assert tenth.steps == quarter_step.steps == 2000
     layers_quarter = {v.name for v in spec.variants if v.configs[:1] == ["experiments/ablation/grounding_replay25.yaml"]}
-    assert layers_quarter == {"grounding_replay25", "paper_routing", "alpha0_replay25", "no_replay_replay25"}
+    assert layers_quarter == {"grounding_replay25", "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25"}
     records = REPO / "docs" / "ablation_runs"
     for variant, recorded_as in (("curriculum", "grounding_replay10"), ("grounding_replay25", "curriculum")):
         done = {p.parent.name: json.loads(p.read_text()) for p in (records / variant).glob("seed*/done.json")}
