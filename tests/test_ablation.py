@@ -4,6 +4,7 @@ runs into the README's tables."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,7 @@ TASKS = ("inpainting", "grounding")
 # curriculum's model settings in them; every other variant layers an earlier curriculum back
 ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
                         "grounding_replay25", "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
-                        "replay10")
+                        "replay10", "control_1400")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -458,7 +460,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     assert veteran.pop("cotrain") == veteran.pop("no_pretrain") == curriculum
     assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay25") == curriculum
     assert veteran.pop("alpha0_replay25") == veteran.pop("no_replay_replay25") == curriculum
-    assert veteran.pop("replay10") == curriculum
+    assert veteran.pop("replay10") == veteran.pop("control_1400") == curriculum
     for name in ("paper_routing", "paper_routing_replay25"):
         assert {**veteran.pop(name), "task_weight": None, "teacher_forcing": None} == {
             **curriculum, "task_weight": None, "teacher_forcing": None}, name  # its routing alone differs
@@ -542,10 +544,11 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     budget = {v.name: _curriculum(spec.configs + v.configs).total_steps() for v in spec.variants}
     grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
                  for v in spec.variants}
-    assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM} == {4200}
+    assert budget.pop("control_1400") == 5000  # control's step 1,400 steps, not 600
+    assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM if name != "control_1400"} == {4200}
     assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25",
                                              "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
-                                             "replay10")] == [[2000]] * 9
+                                             "replay10", "control_1400")] == [[2000]] * 10
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
     assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
@@ -599,3 +602,16 @@ def test_replay10_gives_every_later_step_a_tenth_of_replay_and_changes_nothing_e
         replayed = [w for task, w in ours.mixture.items() if task != ours.name]
         assert max(replayed) - min(replayed) < 1e-3  # split evenly
     assert _curriculum(files["replay10"]).task_experts(4) == _curriculum(files["curriculum"]).task_experts(4)
+
+
+def test_control_1400_lengthens_controls_step_alone():
+    """control_1400: control's step 1,400 optimizer steps, not 600; every step's name, mixture, rho, learning rate and
+    veteran weight, the other steps' lengths and the model as the curriculum's, and every step's end on a validation."""
+    spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
+    files = {v.name: spec.configs + v.configs for v in spec.variants}
+    assert _differing_keys(_layered(files["curriculum"]), _layered(files["control_1400"])) == {"curriculum.spec.steps"}
+    today, longer = _curriculum(files["curriculum"]).steps, _curriculum(files["control_1400"]).steps
+    assert [s.steps for s in longer] == [1400 if s.name == "control" else s.steps for s in today]
+    assert [replace(s, steps=0) for s in longer] == [replace(s, steps=0) for s in today]
+    interval = _layered(files["control_1400"])["trainer"]["val_check_interval"]
+    assert all(end % interval == 0 for end in itertools.accumulate(s.steps for s in longer))
