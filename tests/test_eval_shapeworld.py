@@ -46,7 +46,8 @@ def examples() -> list[dict]:
     reference = np.full((32, 32, 3), BG, np.uint8)
     reference[10:22, 10:22] = RED
     return [
-        {"key": "inp", "task": "inpainting", "source": inpaint_source, "image": scene, "mask": hole},
+        {"key": "inp", "task": "inpainting", "source": inpaint_source, "image": scene, "mask": hole,
+         "object_rgbs": [RED, BLUE]},
         {
             "key": "gro",
             "task": "grounding",
@@ -78,6 +79,7 @@ def test_target_scores_perfect_on_every_task(tmp_path: Path) -> None:
     out = run_protocol(examples(), lambda s: s["image"], ShapeWorldScorer(), batch_size=2, jsonl_path=tmp_path / "sw.jsonl")
     assert out["num_samples"] == 5
     assert out["inpainting/psnr_in"] == PSNR_CAP_DB and out["inpainting/ssim_in"] == pytest.approx(1.0)
+    assert out["inpainting/object_iou_in"] == 1.0 and out["inpainting/hole_kept"] == 0.0
     assert out["grounding/box_iou"] == 1.0 and out["grounding/hit@0.5"] == 1.0
     assert out["grounding/psnr_out"] == PSNR_CAP_DB
     assert out["control/edge_f1"] == 1.0
@@ -93,7 +95,9 @@ def test_target_scores_perfect_on_every_task(tmp_path: Path) -> None:
 
 def test_blank_output_is_clearly_worse() -> None:
     blank = run_protocol(examples(), lambda s: np.zeros((48, 48, 3), np.uint8), ShapeWorldScorer())
-    assert blank["inpainting/psnr_in"] < 15
+    assert blank["inpainting/psnr_in"] < 15 and blank["inpainting/object_iou_in"] == 0.0
+    copied = run_protocol(examples()[:1], lambda s: s["source"], ShapeWorldScorer())
+    assert copied["inpainting/hole_kept"] == 1.0 and copied["inpainting/object_iou_in"] == 0.0
     assert blank["grounding/box_iou"] == 0.0 and blank["grounding/psnr_out"] < 15
     assert blank["control/edge_f1"] == 0.0
     assert blank["customized/subject_ncc"] == 0.0 and blank["customized/prompt_fidelity"] == 0.0
@@ -127,7 +131,7 @@ def test_builder_examples_from_generated_shards_score_perfect(shapeworld_dir: Pa
             perfect = run_protocol(examples[:12], lambda ex: ex["target"], ShapeWorldScorer())
             blank = run_protocol(examples[:12], lambda ex: np.zeros_like(ex["target"]), ShapeWorldScorer())
             for name, value in perfect.items():
-                if name == "num_samples" or name.endswith("edit_l1"):
+                if name == "num_samples" or name.endswith(("edit_l1", "hole_kept")):  # no best value
                     continue
                 best = PSNR_CAP_DB if "psnr" in name else 1.0
                 assert value == pytest.approx(best, abs=1e-6), (resolution, name, value)

@@ -84,6 +84,30 @@ def test_inpainting_ground_truth_is_perfect_and_wrong_fills_are_worse() -> None:
     assert out["psnr_in"] == PSNR_CAP_DB and out["psnr_out"] < 25 and out["ssim_out"] < 0.95
 
 
+def test_inpainting_hole_diagnostics_tell_a_kept_hole_a_colour_fill_and_the_object_apart() -> None:
+    target = scene()
+    mask = np.zeros((64, 64), bool)
+    mask[4:28, 2:30] = True  # 672 pixels; the red square (16 x 16) inside
+    source = target.copy()
+    source[mask] = (128, 128, 128)  # the hole as the model sees it
+    colours = [RED, BLUE, GREEN]
+
+    def diagnostics(output: np.ndarray) -> tuple[float, float]:
+        s = inpainting_scores(output, target, mask, source=source, object_rgbs=colours)
+        return s["hole_kept"], s["object_iou_in"]
+
+    assert diagnostics(target) == pytest.approx((0.0, 1.0))  # BG and red: neither is the fill's grey
+    assert diagnostics(source) == pytest.approx((1.0, 0.0))
+    filled = target.copy()
+    filled[mask] = RED  # the hole filled with the hidden object's colour: right colour, not its shape
+    assert diagnostics(filled) == pytest.approx((0.0, 256 / 672))
+    # without the inputs the diagnostics are not reported; a hole that hides no object has no object IoU
+    assert set(inpainting_scores(target, target, mask)) == {"psnr_in", "psnr_out", "ssim_in", "ssim_out"}
+    empty = np.zeros((64, 64), bool)
+    empty[40:60, 2:12] = True
+    assert math.isnan(inpainting_scores(target, target, empty, object_rgbs=colours)["object_iou_in"])
+
+
 def test_inpainting_accepts_model_tensors_and_box_masks() -> None:
     target = scene()
     as_tensor = torch.from_numpy(target).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]

@@ -6,7 +6,8 @@ so does a plain dict with the keys below (these win over ``meta``). Scores are r
 ``{task}/{metric}``, so one run over a mixed set gives every task's numbers.
 
 - all: ``task``, ``source`` (the condition image), ``image`` or ``target``, optional ``key``.
-- ``inpainting``: ``mask`` or ``region`` (the hole).
+- ``inpainting``: ``mask`` or ``region`` (the hole); for the hole's diagnostics the ``source`` (the hole as
+  the model saw it) and the scene's object colours (``object_rgbs``, else ``meta["record"]``'s ``objects``).
 - ``grounding``: ``overlay_rgb`` and ``box`` (one ``[x0, y0, x1, y1]``) or ``boxes`` (every
   instance); from ``meta["build"]``: ``rgb``, ``box`` (the record's box of the object, also for a
   ``mask`` overlay, whose painted pixels lie inside it), and ``boxes`` when ``overlay`` is
@@ -126,6 +127,14 @@ def _editing(sample: Sample, output: np.ndarray) -> dict[str, float]:
 KIND_KEYS = ("operation", "overlay", "control_type", "mask_kind")
 
 
+def _object_rgbs(sample: Sample) -> list:
+    """The scene's object colours: ``object_rgbs``, else those of ``meta["record"]``'s ``objects``."""
+    rgbs = sample.get("object_rgbs")
+    if rgbs is None:
+        rgbs = [o["rgb"] for o in ((sample.get("meta") or {}).get("record") or {}).get("objects") or []]
+    return list(rgbs)
+
+
 def probe_kind(sample: Sample) -> str | None:
     """The sample's kind (`KIND_KEYS`, the first its build records), None where its task has none."""
     build = _build(sample)
@@ -137,7 +146,8 @@ def score_sample(sample: Sample, output: np.ndarray) -> dict[str, float]:
     task = sample["task"]
     target = _first(sample, "image", "target")
     if task == "inpainting":
-        scores = inpainting_scores(output, target, _first(sample, "mask", "region"))
+        scores = inpainting_scores(output, target, _first(sample, "mask", "region"), source=sample.get("source"),
+                                   object_rgbs=_object_rgbs(sample))
     elif task == "grounding":
         scores = _grounding(sample, output)
     elif task == "control":
@@ -156,10 +166,7 @@ def score_sample(sample: Sample, output: np.ndarray) -> dict[str, float]:
         if build.get("subject_rgbs") and _first(sample, "mask", "region") is not None:
             scores["layout_iou"] = layout_iou(output, _first(sample, "mask", "region"), build["subject_rgbs"])
     elif task == "t2i":
-        rgbs = sample.get("object_rgbs")
-        if rgbs is None:
-            rgbs = [o["rgb"] for o in ((sample.get("meta") or {}).get("record") or {}).get("objects") or []]
-        scores = t2i_scores(output, target, rgbs)
+        scores = t2i_scores(output, target, _object_rgbs(sample))
     else:
         raise ValueError(f"unknown ShapeWorld task {task!r}: expected one of {TASKS}")
     return {f"{task}/{k}": v for k, v in scores.items()}

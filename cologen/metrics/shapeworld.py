@@ -33,17 +33,39 @@ NCC_SCALES = (0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.4, 1.7, 2.0)
 # ----------------------------------------------------------------------------- inpainting
 
 
-def inpainting_scores(output: ImageLike, target: ImageLike, mask: MaskLike) -> dict[str, float]:
+def inpainting_scores(output: ImageLike, target: ImageLike, mask: MaskLike, source: ImageLike | None = None,
+                      object_rgbs: Sequence[RGB] = (), tolerance: int = COLOR_TOLERANCE) -> dict[str, float]:
     """PSNR (dB) and SSIM of ``output`` against ``target`` inside the mask (the hole that was
-    filled) and outside it (what should have been kept)."""
+    filled) and outside it (what should have been kept).
+
+    Two diagnostics of the hole say why its PSNR is what it is. With ``source`` (the image with the hole):
+    ``hole_kept``, the share of the hole's pixels the output leaves as the source shows them (every channel
+    within ``tolerance``; a copy of the source scores 1). With ``object_rgbs`` (the scene's object colours):
+    ``object_iou_in``, per object colour the target shows in the hole, the IoU within the hole of the output's
+    pixels of that colour with the target's (mean over those colours; NaN when the hole hides none), so an
+    object drawn where and as the scene has it scores 1 and the hole filled with its colour scores its share of
+    the hole."""
     out, tgt = to_uint8_rgb(output), to_uint8_rgb(target)
     region = to_mask(mask, out.shape[:2])
-    return {
+    scores = {
         "psnr_in": psnr(out, tgt, region),
         "psnr_out": psnr(out, tgt, ~region),
         "ssim_in": ssim(out, tgt, region),
         "ssim_out": ssim(out, tgt, ~region),
     }
+    if source is not None:
+        src = to_uint8_rgb(source)
+        kept = np.abs(out.astype(np.int16) - src.astype(np.int16)).max(axis=2) <= tolerance
+        scores["hole_kept"] = float(kept[region].mean()) if region.any() else float("nan")
+    if len(object_rgbs):
+        ious = []
+        for rgb in sorted({tuple(int(c) for c in rgb) for rgb in object_rgbs}):
+            true = color_mask(tgt, rgb, tolerance) & region
+            if true.any():
+                drawn = color_mask(out, rgb, tolerance) & region
+                ious.append(float((drawn & true).sum() / (drawn | true).sum()))
+        scores["object_iou_in"] = float(np.mean(ious)) if ious else float("nan")
+    return scores
 
 
 # ----------------------------------------------------------------------------- text-to-image (the base)
