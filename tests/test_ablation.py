@@ -32,7 +32,7 @@ TASKS = ("inpainting", "grounding")
 # curriculum's model settings in them; every other variant layers an earlier curriculum back
 ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
                         "grounding_replay25", "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
-                        "replay10", "control_1400")
+                        "replay10", "control_1400", "customized_2000")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -459,7 +459,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     assert veteran.pop("cotrain") == veteran.pop("no_pretrain") == curriculum
     assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay25") == curriculum
     assert veteran.pop("alpha0_replay25") == veteran.pop("no_replay_replay25") == curriculum
-    assert veteran.pop("replay10") == veteran.pop("control_1400") == curriculum
+    assert veteran.pop("replay10") == veteran.pop("control_1400") == veteran.pop("customized_2000") == curriculum
     for name in ("paper_routing", "paper_routing_replay25"):
         assert {**veteran.pop(name), "task_weight": None, "teacher_forcing": None} == {
             **curriculum, "task_weight": None, "teacher_forcing": None}, name  # its routing alone differs
@@ -544,10 +544,11 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
                  for v in spec.variants}
     assert budget.pop("control_1400") == 5000  # control's step 1,400 steps, not 600
-    assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM if name != "control_1400"} == {4200}
+    assert budget.pop("customized_2000") == 5600  # customized's step 2,000 steps, not 600
+    assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM if name not in ("control_1400", "customized_2000")} == {4200}
     assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25",
                                              "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
-                                             "replay10", "control_1400")] == [[2000]] * 10
+                                             "replay10", "control_1400", "customized_2000")] == [[2000]] * 11
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
     assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
@@ -603,15 +604,18 @@ def test_replay10_gives_every_later_step_a_tenth_of_replay_and_changes_nothing_e
     assert _curriculum(files["replay10"]).task_experts(4) == _curriculum(files["curriculum"]).task_experts(4)
 
 
-def test_control_1400_lengthens_controls_step_alone():
-    """control_1400: control's step 1,400 optimizer steps, not 600; every step's name, mixture, rho, learning rate and
-    veteran weight, the other steps' lengths and the model as the curriculum's, and every step's end on a validation."""
+@pytest.mark.parametrize(("variant", "task", "steps"), [("control_1400", "control", 1400),
+                                                     ("customized_2000", "customized", 2000)])
+def test_a_longer_step_variant_lengthens_that_step_alone(variant: str, task: str, steps: int):
+    """control_1400 / customized_2000: one task's step longer than the curriculum's 600 optimizer steps; every step's
+    name, mixture, rho, learning rate and veteran weight, the other steps' lengths and the model as the curriculum's,
+    and every step's end on a validation."""
     spec = ablation.AblationSpec.load(REPO / "experiments" / "ablation" / "tiny.yaml")
     files = {v.name: spec.configs + v.configs for v in spec.variants}
-    assert _differing_keys(_layered(files["curriculum"]), _layered(files["control_1400"])) == {"curriculum.spec.steps"}
-    spec_today, spec_longer = _curriculum(files["curriculum"]), _curriculum(files["control_1400"])
+    assert _differing_keys(_layered(files["curriculum"]), _layered(files[variant])) == {"curriculum.spec.steps"}
+    spec_today, spec_longer = _curriculum(files["curriculum"]), _curriculum(files[variant])
     today, longer = spec_today.steps, spec_longer.steps
-    assert [s.steps for s in longer] == [1400 if s.name == "control" else s.steps for s in today]
+    assert [s.steps for s in longer] == [steps if s.name == task else s.steps for s in today]
     assert [replace(s, steps=0) for s in longer] == [replace(s, steps=0) for s in today]
-    interval = _layered(files["control_1400"])["trainer"]["val_check_interval"]
+    interval = _layered(files[variant])["trainer"]["val_check_interval"]
     assert all(end % interval == 0 for end in spec_longer.step_ends())  # SampleValidation's own check
