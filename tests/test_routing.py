@@ -75,6 +75,22 @@ def test_straight_through_weight_is_one_with_the_probability_gradient():
     assert router.gate.bias.grad.abs().sum() > 0  # the chosen expert's probability still trains the gate
 
 
+def test_a_detached_router_input_trains_the_gate_and_nothing_before_it():
+    """detach_input: the same logits, the gate's gradient kept, none reaching the pooled source features."""
+    grads = {}
+    for detach in (False, True):
+        router = NoisyTop1Router(dim=8, num_experts=3, timestep_bins=0, noisy=False, detach_input=detach)
+        with torch.no_grad():
+            router.gate.weight.copy_(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
+        hidden = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        r = router(hidden, 3, torch.zeros(3))
+        task_routing_loss({"block": r}, torch.tensor([0, 1, 2, 0]))[0].backward()
+        grads[detach] = (r.probs.detach(), router.gate.weight.grad.clone(), hidden.grad)
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    torch.testing.assert_close(grads[True][1], grads[False][1])
+    assert grads[False][2].abs().sum() > 0 and grads[True][2] is None
+
+
 def test_forced_routing_picks_the_given_experts_at_weight_one():
     router = NoisyTop1Router(dim=8, num_experts=3, timestep_bins=0).eval()
     r = router(torch.randn(3, 5, 8), 3, torch.zeros(3), forced=torch.tensor([2, 0, 1]))

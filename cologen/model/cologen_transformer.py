@@ -188,7 +188,7 @@ class CoLoGenTransformer(nn.Module):
                 prompt_dim = pooled_dim if r.prompt_input else 0
                 block.attn.prw_router = (
                     NoisyTop1Router(dim, self.prw.num_experts, r.temperature, r.noisy, r.timestep_bins,
-                                    r.granularity, prompt_dim, r.normalize_input, r.weighting)
+                                    r.granularity, prompt_dim, r.normalize_input, r.weighting, r.detach_input)
                     if r.enabled else None)
                 self.prw_block_names.append(kind)
         # prw.concat_condition: registered on the diffusers input embedding, whose output a forward hook extends in

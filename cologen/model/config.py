@@ -26,6 +26,9 @@ class RouterConfig:
     weighting: 'prob' scales the chosen expert by its softmax probability (the paper); 'straight_through' (ours)
         by exactly 1 with the probability's gradient, so the output depends only on the choice (a copied
         expert tying its original changes nothing: the entry anneal is then invisible).
+    detach_input: (ours) stop the gradients of the router's logits at its input (the pooled source features): the
+        routing losses then train the gate alone, not the newest expert and the blocks whose outputs the gate pools,
+        which would otherwise be asked to make the tasks separable as well as to denoise.
     """
 
     enabled: bool = True
@@ -38,6 +41,7 @@ class RouterConfig:
     prompt_input: bool = False
     normalize_input: bool = False
     weighting: Literal["prob", "straight_through"] = "prob"
+    detach_input: bool = False
 
     def __post_init__(self):
         check_choices(self, "prw.router")

@@ -38,12 +38,14 @@ class NoisyTop1Router(nn.Module):
     - `normalize`: layer-norm the pooled source features before the gate (their scale grows block by block);
     - `weighting`: 'prob' scales the chosen expert by its softmax probability (the paper); 'straight_through'
       scales it by exactly 1 in the forward pass with the probability's gradient (`p / sg(p)`), so the output
-      depends only on which expert is chosen: a copied expert that ties its original changes nothing.
+      depends only on which expert is chosen: a copied expert that ties its original changes nothing;
+    - `detach_input`: the logits' gradients stop at the pooled source features, so whatever trains the gate (the
+      routing losses, the chosen expert's weight) does not reach the experts and blocks that produced them.
     """
 
     def __init__(self, dim: int, num_experts: int, temperature: float = 1.0, noisy: bool = True,
                  timestep_bins: int = 4, granularity: str = "sample", prompt_dim: int = 0, normalize: bool = False,
-                 weighting: str = "prob"):
+                 weighting: str = "prob", detach_input: bool = False):
         super().__init__()
         if granularity not in ("sample", "token"):
             raise ValueError(f"router granularity must be 'sample' or 'token', got {granularity!r}")
@@ -55,6 +57,7 @@ class NoisyTop1Router(nn.Module):
         self.granularity = granularity
         self.normalize = normalize
         self.weighting = weighting
+        self.detach_input = detach_input
         self.gate = nn.Linear(dim, num_experts)
         self.noise = nn.Linear(dim, num_experts, bias=False) if noisy else None
         self.time_bias = nn.Embedding(timestep_bins, num_experts) if timestep_bins > 0 else None
@@ -73,6 +76,8 @@ class NoisyTop1Router(nn.Module):
         """The logits' terms, each (B, E) or (B, N, E): 'source' (the gate on the pooled source features),
         'prompt', 'noise' (training only) and 'timestep' (the bin's bias), those the router has. They sum to
         `logits`; apart they show what a routing decision rests on (`cologen eval shapeworld --routing-terms`)."""
+        if self.detach_input:
+            hidden = hidden.detach()
         x = hidden.float().mean(1) if self.granularity == "sample" else hidden.float()
         if self.normalize:
             x = F.layer_norm(x, x.shape[-1:])
