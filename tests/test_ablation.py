@@ -32,7 +32,7 @@ TASKS = ("inpainting", "grounding")
 # curriculum's model settings in them; every other variant layers an earlier curriculum back
 ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
                         "grounding_replay25", "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
-                        "replay10", "control_1400", "customized_2000")
+                        "replay10", "control_1400", "customized_2000", "detached_router")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -321,6 +321,7 @@ def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculu
     for name, key in (("alpha0", "curriculum.spec.veteran_alpha"), ("no_replay", "curriculum.spec.replay")):
         assert _differing_keys(curriculum, _layered(files[name])) == {key}
         assert _differing_keys(quarter, _layered(files[f"{name}_replay25"])) == {key}
+    assert _differing_keys(curriculum, _layered(files["detached_router"])) == {"model.prw.router.detach_input"}
     for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain"),
                       ("no_pretrain_1203", "no_pretrain"), ("alpha0_1203", "alpha0"), ("no_replay_1203", "no_replay"),
                       ("paper_routing_replay25", "paper_routing"), ("alpha0_replay25", "alpha0"),
@@ -460,6 +461,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay25") == curriculum
     assert veteran.pop("alpha0_replay25") == veteran.pop("no_replay_replay25") == curriculum
     assert veteran.pop("replay10") == veteran.pop("control_1400") == veteran.pop("customized_2000") == curriculum
+    assert veteran.pop("detached_router") == curriculum
     for name in ("paper_routing", "paper_routing_replay25"):
         assert {**veteran.pop(name), "task_weight": None, "teacher_forcing": None} == {
             **curriculum, "task_weight": None, "teacher_forcing": None}, name  # its routing alone differs
@@ -548,7 +550,8 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM if name not in ("control_1400", "customized_2000")} == {4200}
     assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25",
                                              "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
-                                             "replay10", "control_1400", "customized_2000")] == [[2000]] * 11
+                                             "replay10", "control_1400", "customized_2000", "detached_router")
+            ] == [[2000]] * 12
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
     assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
