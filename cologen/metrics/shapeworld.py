@@ -58,14 +58,24 @@ def inpainting_scores(output: ImageLike, target: ImageLike, mask: MaskLike, sour
         kept = np.abs(out.astype(np.int16) - src.astype(np.int16)).max(axis=2) <= tolerance
         scores["hole_kept"] = float(kept[region].mean()) if region.any() else float("nan")
     if len(object_rgbs):
-        ious = []
-        for rgb in sorted({tuple(int(c) for c in rgb) for rgb in object_rgbs}):
-            true = color_mask(tgt, rgb, tolerance) & region
-            if true.any():
-                drawn = color_mask(out, rgb, tolerance) & region
-                ious.append(float((drawn & true).sum() / (drawn | true).sum()))
+        ious = [both / either for both, either, true in color_overlaps(out, tgt, object_rgbs, tolerance, region) if true]
         scores["object_iou_in"] = float(np.mean(ious)) if ious else float("nan")
     return scores
+
+
+def color_overlaps(output: ImageLike, target: ImageLike, object_rgbs: Sequence[RGB], tolerance: int = COLOR_TOLERANCE,
+                   within: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+    """Per distinct colour of ``object_rgbs`` (sorted): the pixel counts of output-and-target, output-or-target and
+    target in that colour, within the bool mask ``within`` (every pixel without it). An IoU is the first over the
+    second."""
+    out, tgt = to_uint8_rgb(output), to_uint8_rgb(target)
+    counts = []
+    for rgb in sorted({tuple(int(c) for c in rgb) for rgb in object_rgbs}):
+        drawn, true = color_mask(out, rgb, tolerance), color_mask(tgt, rgb, tolerance)
+        if within is not None:
+            drawn, true = drawn & within, true & within
+        counts.append((int((drawn & true).sum()), int((drawn | true).sum()), int(true.sum())))
+    return counts
 
 
 # ----------------------------------------------------------------------------- text-to-image (the base)
@@ -78,12 +88,8 @@ def t2i_scores(output: ImageLike, target: ImageLike, object_rgbs: Sequence[RGB],
     are where the caption's objects of that colour lie, so position, size and shape all count and a blob of the
     right colour in the wrong place scores 0), and ``psnr`` against the target. The scene's own caption is the
     prompt, so the target is one of the images it describes (objects' exact positions within a named region vary)."""
-    colours = {tuple(int(c) for c in rgb) for rgb in object_rgbs}
-    ious = []
-    for rgb in sorted(colours):
-        drawn, true = color_mask(output, rgb, tolerance), color_mask(target, rgb, tolerance)
-        union = (drawn | true).sum()
-        ious.append(float((drawn & true).sum() / union) if union else 1.0)
+    ious = [both / either if either else 1.0 for both, either, _ in color_overlaps(output, target, object_rgbs,
+                                                                                  tolerance)]
     return {"object_iou": float(np.mean(ious)) if ious else float("nan"),
             "psnr": psnr(to_uint8_rgb(output), to_uint8_rgb(target))}
 
