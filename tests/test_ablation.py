@@ -32,7 +32,7 @@ TASKS = ("inpainting", "grounding")
 # curriculum's model settings in them; every other variant layers an earlier curriculum back
 ON_TODAYS_CURRICULUM = ("curriculum", "paper_routing", "cotrain", "no_pretrain", "alpha0", "no_replay",
                         "grounding_replay25", "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
-                        "replay10", "control_1400", "customized_2000", "detached_router")
+                        "replay10", "control_1400", "customized_2000", "detached_router", "customized_2000_detached")
 
 
 def shrink(shapeworld_dir: Path, steps: list[dict]) -> dict:
@@ -322,6 +322,8 @@ def test_the_papers_baselines_change_only_their_own_settings_on_todays_curriculu
         assert _differing_keys(curriculum, _layered(files[name])) == {key}
         assert _differing_keys(quarter, _layered(files[f"{name}_replay25"])) == {key}
     assert _differing_keys(curriculum, _layered(files["detached_router"])) == {"model.prw.router.detach_input"}
+    assert _differing_keys(_layered(files["customized_2000"]), _layered(files["customized_2000_detached"])) == {
+        "model.prw.router.detach_input"}
     for old, name in (("paper_routing_1202", "paper_routing"), ("cotrain_1203", "cotrain"),
                       ("no_pretrain_1203", "no_pretrain"), ("alpha0_1203", "alpha0"), ("no_replay_1203", "no_replay"),
                       ("paper_routing_replay25", "paper_routing"), ("alpha0_replay25", "alpha0"),
@@ -461,7 +463,7 @@ def test_the_variants_recorded_before_grounding_read_the_expression_still_train_
     assert veteran.pop("alpha0") == veteran.pop("no_replay") == veteran.pop("grounding_replay25") == curriculum
     assert veteran.pop("alpha0_replay25") == veteran.pop("no_replay_replay25") == curriculum
     assert veteran.pop("replay10") == veteran.pop("control_1400") == veteran.pop("customized_2000") == curriculum
-    assert veteran.pop("detached_router") == curriculum
+    assert veteran.pop("detached_router") == veteran.pop("customized_2000_detached") == curriculum
     for name in ("paper_routing", "paper_routing_replay25"):
         assert {**veteran.pop(name), "task_weight": None, "teacher_forcing": None} == {
             **curriculum, "task_weight": None, "teacher_forcing": None}, name  # its routing alone differs
@@ -546,12 +548,14 @@ def test_the_variants_recorded_before_grounding_got_2000_steps_still_train_their
     grounding = {v.name: [s.steps for s in _curriculum(spec.configs + v.configs).steps if s.name == "grounding"]
                  for v in spec.variants}
     assert budget.pop("control_1400") == 5000  # control's step 1,400 steps, not 600
-    assert budget.pop("customized_2000") == 5600  # customized's step 2,000 steps, not 600
-    assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM if name not in ("control_1400", "customized_2000")} == {4200}
+    assert budget.pop("customized_2000") == budget.pop("customized_2000_detached") == 5600  # customized's 2,000
+    assert {budget.pop(name) for name in ON_TODAYS_CURRICULUM
+            if name not in ("control_1400", "customized_2000", "customized_2000_detached")} == {4200}
     assert [grounding.pop(name) for name in ("curriculum", "paper_routing", "alpha0", "no_replay", "grounding_replay25",
                                              "paper_routing_replay25", "alpha0_replay25", "no_replay_replay25",
-                                             "replay10", "control_1400", "customized_2000", "detached_router")
-            ] == [[2000]] * 12
+                                             "replay10", "control_1400", "customized_2000", "detached_router",
+                                             "customized_2000_detached")
+            ] == [[2000]] * 13
     assert grounding.pop("cotrain") == grounding.pop("no_pretrain") == []
     assert set(budget.values()) == {3200}, budget
     assert grounding.pop("grounding_budget") == [1400] and grounding.pop("cotrain_1203") == grounding.pop("no_pretrain_1203") == []
