@@ -49,6 +49,21 @@ def test_ablation_baselines_have_the_curriculum_budget(baseline):
     assert [end % interval for end in spec.step_ends()] == [0] * len(spec.steps), spec.step_ends()
 
 
+def test_customized_step_file_is_the_curriculums_customized_step_alone_and_longer():
+    """experiments/tiny/customized_step.yaml (docs/findings.md, "Why customized learns less inside the curriculum"):
+    the curriculum's steps before customized unchanged (stage 2's checkpoint holds their experts), customized's step
+    2,000 steps of customized alone with no veteran loss, and only that step run, ending on a validation."""
+    full = load_spec("experiments/tiny/curriculum.yaml")
+    spec = load_spec("experiments/tiny/curriculum.yaml", "experiments/tiny/customized_step.yaml")
+    spec.validate(num_experts=5)
+    assert spec.steps[:3] == full.steps[:3] and spec.steps[4] == full.steps[4]
+    ours = spec.steps[3]
+    assert (ours.name, ours.mixture, ours.steps, ours.rho, ours.alpha) == ("customized", {"customized": 1.0}, 2000, 1.0, 0.0)
+    assert ours.lr == full.steps[3].lr and spec.run_steps == [3]
+    interval = yaml.safe_load((ROOT / "experiments/tiny/curriculum.yaml").read_text())["trainer"]["val_check_interval"]
+    assert [end % interval for end in spec.step_ends()] == [0]
+
+
 def test_step_ends_count_the_selected_steps_from_the_run_start():
     spec = CurriculumSpec([step(steps=400), step(steps=2000), step(steps=600)])
     assert spec.step_ends() == [400, 2400, 3000]
