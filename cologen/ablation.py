@@ -424,19 +424,23 @@ def plot(table: dict[str, Any], path: Path) -> Path | None:
         return None
     cols = _metrics()
     names = list(table)
-    fig = Figure(figsize=(3.0 * 5, 2.6 * 2 + 0.6), layout="constrained")
+    # one horizontal bar per row, named once in the first column: ~50 rows stay legible
+    fig = Figure(figsize=(3.0 * 5 + 2.5, 2 * (0.8 + 0.12 * len(names)) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 5, squeeze=False)
+    axes = fig.subplots(2, 5, squeeze=False, sharey=True)
+    rows = range(len(names))
     for k, (task, metric) in enumerate(cols):
         ax = axes[k % 2][k // 2]
         ests = [_est(table[n]["metrics"][f"{task}/{metric}"]["final"]) for n in names]
         means = [e.mean if math.isfinite(e.mean) else 0.0 for e in ests]
         err = [[max(e.mean - e.low, 0) if math.isfinite(e.low) else 0 for e in ests],
                [max(e.high - e.mean, 0) if math.isfinite(e.high) else 0 for e in ests]]
-        ax.bar(range(len(names)), means, yerr=err, capsize=2, color=[f"C{i}" for i in range(len(names))])
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+        ax.barh(rows, means, xerr=err, capsize=1.5, color=[f"C{i}" for i in rows])
         ax.set_title(f"{task}: {METRIC_LABELS[metric]}", fontsize=8)
-        ax.tick_params(axis="y", labelsize=6)
+        ax.tick_params(labelsize=6)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(rows, names)  # shared: every panel's rows, named in the first column
+    axes[0][0].invert_yaxis()  # the table's order, top to bottom
     fig.suptitle("tiny ablation: final scores, mean and 95% interval over seeds and probes", fontsize=9)
     fig.savefig(path, dpi=110)
     return path
