@@ -19,6 +19,11 @@ def load_spec(*files: str) -> CurriculumSpec:
     return CurriculumSpec(steps=steps, run_steps=merged.get("run_steps"))
 
 
+def validation_interval() -> int:
+    """The tiny curriculum's validation interval: every step's end must fall on one (SampleValidation samples there)."""
+    return yaml.safe_load((ROOT / "experiments/tiny/curriculum.yaml").read_text())["trainer"]["val_check_interval"]
+
+
 def test_tiny_curriculum_and_stages_cover_the_five_steps_once():
     full = load_spec("experiments/tiny/curriculum.yaml")
     full.validate(num_experts=5)
@@ -45,7 +50,7 @@ def test_ablation_baselines_have_the_curriculum_budget(baseline):
     spec = load_spec("experiments/tiny/curriculum.yaml", f"experiments/tiny/{baseline}.yaml")
     spec.validate(num_experts=5)
     assert spec.total_steps() == full.total_steps()
-    interval = yaml.safe_load((ROOT / "experiments/tiny/curriculum.yaml").read_text())["trainer"]["val_check_interval"]
+    interval = validation_interval()
     assert [end % interval for end in spec.step_ends()] == [0] * len(spec.steps), spec.step_ends()
 
 
@@ -60,7 +65,7 @@ def test_customized_step_file_is_the_curriculums_customized_step_alone_and_longe
     ours = spec.steps[3]
     assert (ours.name, ours.mixture, ours.steps, ours.rho, ours.alpha) == ("customized", {"customized": 1.0}, 2000, 1.0, 0.0)
     assert ours.lr == full.steps[3].lr and spec.run_steps == [3]
-    interval = yaml.safe_load((ROOT / "experiments/tiny/curriculum.yaml").read_text())["trainer"]["val_check_interval"]
+    interval = validation_interval()
     assert [end % interval for end in spec.step_ends()] == [0]
 
 
